@@ -1,0 +1,298 @@
+// Leapfrog (second-order) stack on the CPU:
+//   Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 act(Y_j K_j^T + b_j) K_j,   outputs (Y_N, Y_{N-1}).
+// States per layer: [Y_j, P_j]. The reversible backward rebuilds them from the
+// outputs with Y_{j-1} = 2 Y_j - Y_{j+1} - h^2 act(P_j) K_j.
+//
+// Backward, with lam = dL/dY_{j+1} and the pair (a, c) = (dL/dY_{j+1}, dL/dY_j):
+//   G = (-h^2 lam K_j^T) * act'(P_j)
+//   dK_j = -h^2 act(P_j)^T lam + G^T Y_j,  db_j = sum_rows G
+//   (a, c) <- (c + 2 lam + G K_j, -lam)
+#include <torch/library.h>
+
+#include "stablenets/kernels.h"
+#include "tile.h"
+
+namespace stablenets {
+namespace cpu_detail {
+namespace {
+
+template <typename T, Act A>
+void forward_narrow(const T* y, const T* yprev, const T* K, const T* b, T h, int64_t N,
+                    int64_t B, int64_t d, T* out, T* out_prev, T* states) {
+  const T mh2 = -h * h;
+  for_tiles(B, [&](int64_t, int64_t row0, int64_t rows) {
+    std::vector<T> buf(3 * d * kTile);
+    T* Y = buf.data();
+    T* Yp = Y + d * kTile;
+    T* P = Yp + d * kTile;
+    load_tile(y + row0 * d, rows, d, Y);
+    load_tile(yprev + row0 * d, rows, d, Yp);
+    for (int64_t j = 0; j < N; ++j) {
+      const T* Kj = K + j * d * d;
+      tile_gemm<T, false>(Kj, d, b + j * d, Y, P, T(1), false);
+      if (states) {
+        store_tile(Y, rows, d, states + ((j * 2 + 0) * B + row0) * d);
+        store_tile(P, rows, d, states + ((j * 2 + 1) * B + row0) * d);
+      }
+#pragma omp simd
+      for (int64_t e = 0; e < d * kTile; ++e) {
+        P[e] = act_f<A, T>(P[e]);
+        Yp[e] = T(2) * Y[e] - Yp[e];
+      }
+      tile_gemm<T, true>(Kj, d, nullptr, P, Yp, mh2, true);  // Yp = 2Y - Yp - h^2 act(P) K
+      std::swap(Y, Yp);
+    }
+    store_tile(Y, rows, d, out + row0 * d);
+    store_tile(Yp, rows, d, out_prev + row0 * d);
+  });
+}
+
+// Reversible: `states` is null and (y_hi, y_lo) = (Y_N, Y_{N-1}) seed the reconstruction.
+template <typename T, Act A, bool Reversible>
+void backward_narrow(const T* ga_in, const T* gc_in, const T* states, const T* y_hi,
+                     const T* y_lo, const T* K, const T* b, T h, int64_t N, int64_t B, int64_t d,
+                     T* gy, T* gyprev, Partials<T>& part) {
+  const T mh2 = -h * h;
+  for_tiles(B, [&](int64_t c, int64_t row0, int64_t rows) {
+    std::vector<T> buf(7 * d * kTile);
+    T* a = buf.data();
+    T* cc = a + d * kTile;
+    T* Y = cc + d * kTile;
+    T* P = Y + d * kTile;
+    T* Act_ = P + d * kTile;
+    T* G = Act_ + d * kTile;
+    T* Yn = G + d * kTile;  // Y_{j+1} (reversible only)
+    load_tile(ga_in + row0 * d, rows, d, a);
+    load_tile(gc_in + row0 * d, rows, d, cc);
+    if (Reversible) {
+      load_tile(y_hi + row0 * d, rows, d, Yn);
+      load_tile(y_lo + row0 * d, rows, d, Y);
+    }
+    for (int64_t j = N - 1; j >= 0; --j) {
+      const T* Kj = K + j * d * d;
+      if (Reversible) {
+        tile_gemm<T, false>(Kj, d, b + j * d, Y, P, T(1), false);
+      } else {
+        load_tile(states + ((j * 2 + 0) * B + row0) * d, rows, d, Y);
+        load_tile(states + ((j * 2 + 1) * B + row0) * d, rows, d, P);
+      }
+      tile_gemm<T, false>(Kj, d, nullptr, a, G, mh2, false);  // G = -h^2 lam K^T
+#pragma omp simd
+      for (int64_t e = 0; e < d * kTile; ++e) {
+        Act_[e] = act_f<A, T>(P[e]);
+        G[e] *= act_g<A, T>(P[e]);
+        cc[e] += T(2) * a[e];
+      }
+      T* dw = part.dw(c, j, d);
+      tile_outer(Act_, a, d, rows, mh2, dw);
+      tile_outer(G, Y, d, rows, T(1), dw);
+      tile_rowsum(G, d, rows, part.db(c, j, d));
+      tile_gemm<T, true>(Kj, d, nullptr, G, cc, T(1), true);  // cc = c + 2 lam + G K
+#pragma omp simd
+      for (int64_t e = 0; e < d * kTile; ++e) a[e] = -a[e];
+      std::swap(a, cc);
+      if (Reversible && j > 0) {
+#pragma omp simd
+        for (int64_t e = 0; e < d * kTile; ++e) Yn[e] = T(2) * Y[e] - Yn[e];
+        tile_gemm<T, true>(Kj, d, nullptr, Act_, Yn, mh2, true);  // Y_{j-1}
+        std::swap(Y, Yn);
+      }
+    }
+    store_tile(a, rows, d, gy + row0 * d);
+    store_tile(cc, rows, d, gyprev + row0 * d);
+  });
+}
+
+template <typename T, Act A>
+void forward_wide(const at::Tensor& y, const at::Tensor& yprev, const at::Tensor& K,
+                  const at::Tensor& b, T h, at::Tensor& Y, at::Tensor& Yp, at::Tensor& states,
+                  bool store) {
+  const int64_t N = K.size(0);
+  Y.copy_(y);
+  Yp.copy_(yprev);
+  at::Tensor P = at::empty_like(Y), Av = at::empty_like(Y);
+  for (int64_t j = 0; j < N; ++j) {
+    if (store) {
+      slot(states, j, 0).copy_(Y);
+      P = slot(states, j, 1);
+    }
+    at::addmm_out(P, b[j], Y, K[j].t());
+    T* ap = Av.data_ptr<T>();
+    T* ypp = Yp.data_ptr<T>();
+    const T* yp = Y.data_ptr<T>();
+    const T* pp = P.data_ptr<T>();
+    ew(Y.numel(), [&](int64_t e0, int64_t e1) {
+#pragma omp simd
+      for (int64_t e = e0; e < e1; ++e) {
+        ap[e] = act_f<A, T>(pp[e]);
+        ypp[e] = T(2) * yp[e] - ypp[e];
+      }
+    });
+    Yp.addmm_(Av, K[j], 1.0, -static_cast<double>(h) * h);
+    std::swap(Y, Yp);
+  }
+}
+
+template <typename T, Act A, bool Reversible>
+void backward_wide(const at::Tensor& ga, const at::Tensor& gc, const at::Tensor& states,
+                   const at::Tensor& y_hi, const at::Tensor& y_lo, const at::Tensor& K,
+                   const at::Tensor& b, T h, at::Tensor& a, at::Tensor& c, at::Tensor& gw,
+                   at::Tensor& gb) {
+  const int64_t N = K.size(0);
+  const double mh2 = -static_cast<double>(h) * h;
+  a.copy_(ga);
+  c.copy_(gc);
+  at::Tensor G = at::empty_like(a), Av = at::empty_like(a);
+  at::Tensor Y, Yn, P;
+  if (Reversible) {
+    Y = y_lo.clone();
+    Yn = y_hi.clone();
+    P = at::empty_like(a);
+  }
+  for (int64_t j = N - 1; j >= 0; --j) {
+    if (Reversible) {
+      at::addmm_out(P, b[j], Y, K[j].t());
+    } else {
+      Y = slot(states, j, 0);
+      P = slot(states, j, 1);
+    }
+    at::mm_out(G, a, K[j].t());
+    {
+      T* gp = G.data_ptr<T>();
+      T* ap = Av.data_ptr<T>();
+      T* cp = c.data_ptr<T>();
+      const T* lp = a.data_ptr<T>();
+      const T* pp = P.data_ptr<T>();
+      const T m = static_cast<T>(mh2);
+      ew(G.numel(), [&](int64_t e0, int64_t e1) {
+#pragma omp simd
+        for (int64_t e = e0; e < e1; ++e) {
+          ap[e] = act_f<A, T>(pp[e]);
+          gp[e] *= m * act_g<A, T>(pp[e]);
+          cp[e] += T(2) * lp[e];
+        }
+      });
+    }
+    at::Tensor gwj = gw[j];
+    at::mm_out(gwj, G.t(), Y);
+    gwj.addmm_(Av.t(), a, 1.0, mh2);
+    at::Tensor gbj = gb[j];
+    at::sum_out(gbj, G, {0});
+    c.addmm_(G, K[j]);
+    a.neg_();
+    std::swap(a, c);
+    if (Reversible && j > 0) {
+      Yn.mul_(-1).add_(Y, 2).addmm_(Av, K[j], 1.0, mh2);
+      std::swap(Y, Yn);
+    }
+  }
+}
+
+template <bool Reversible>
+T4 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& states_in,
+            const at::Tensor& yhi_in, const at::Tensor& ylo_in, const at::Tensor& K_in,
+            const at::Tensor& b_in, double step, Act act) {
+  const at::Tensor ga = ga_in.contiguous(), gc = gc_in.contiguous(), K = K_in.contiguous(),
+                   b = b_in.contiguous();
+  const at::Tensor states = Reversible ? at::Tensor() : states_in.contiguous();
+  const at::Tensor yhi = Reversible ? yhi_in.contiguous() : at::Tensor();
+  const at::Tensor ylo = Reversible ? ylo_in.contiguous() : at::Tensor();
+  const int64_t N = K.size(0), B = ga.size(0), d = ga.size(1);
+  at::Tensor gy = at::empty({B, d}, ga.options()), gyp = at::empty({B, d}, ga.options());
+  at::Tensor gw, gb;
+  AT_DISPATCH_FLOATING_TYPES(ga.scalar_type(), "leapfrog_backward", [&] {
+    const scalar_t h = static_cast<scalar_t>(step);
+    SN_DISPATCH_ACT(act, [&] {
+      if (narrow(d)) {
+        Partials<scalar_t> part(num_chunks(B), N, d, ga.options());
+        backward_narrow<scalar_t, kAct, Reversible>(
+            ga.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
+            Reversible ? nullptr : states.data_ptr<scalar_t>(),
+            Reversible ? yhi.data_ptr<scalar_t>() : nullptr,
+            Reversible ? ylo.data_ptr<scalar_t>() : nullptr, K.data_ptr<scalar_t>(),
+            b.data_ptr<scalar_t>(), h, N, B, d, gy.data_ptr<scalar_t>(),
+            gyp.data_ptr<scalar_t>(), part);
+        std::tie(gw, gb) = part.sum(num_chunks(B));
+      } else {
+        gw = at::empty({N, d, d}, ga.options());
+        gb = at::empty({N, d}, ga.options());
+        at::Tensor a = at::empty({B, d}, ga.options()), c = at::empty({B, d}, ga.options());
+        backward_wide<scalar_t, kAct, Reversible>(ga, gc, states, yhi, ylo, K, b, h, a, c, gw,
+                                                  gb);
+        gy = a;
+        gyp = c;
+      }
+    });
+  });
+  return {gy, gyp, gw, gb};
+}
+
+}  // namespace
+}  // namespace cpu_detail
+
+namespace cpu {
+
+T3 leapfrog_forward(const at::Tensor& y_in, const at::Tensor& yprev_in, const at::Tensor& weight,
+                    const at::Tensor& bias, double step, c10::string_view activation,
+                    bool store) {
+  using namespace cpu_detail;
+  check_stack(y_in, weight, bias);
+  check_like(yprev_in, "y_prev", y_in);
+  check_step(step);
+  const Act act = parse_activation(activation);
+  const at::Tensor y = y_in.contiguous(), yprev = yprev_in.contiguous(), K = weight.contiguous(),
+                   b = bias.contiguous();
+  const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
+  at::Tensor out = at::empty({B, d}, y.options()), out_prev = at::empty({B, d}, y.options());
+  at::Tensor states = empty_states(y, store ? N : 0, 2);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "leapfrog_forward", [&] {
+    const scalar_t h = static_cast<scalar_t>(step);
+    SN_DISPATCH_ACT(act, [&] {
+      if (narrow(d)) {
+        forward_narrow<scalar_t, kAct>(
+            y.data_ptr<scalar_t>(), yprev.data_ptr<scalar_t>(), K.data_ptr<scalar_t>(),
+            b.data_ptr<scalar_t>(), h, N, B, d, out.data_ptr<scalar_t>(),
+            out_prev.data_ptr<scalar_t>(), store ? states.data_ptr<scalar_t>() : nullptr);
+      } else {
+        at::Tensor Y = at::empty({B, d}, y.options()), Yp = at::empty({B, d}, y.options());
+        forward_wide<scalar_t, kAct>(y, yprev, K, b, h, Y, Yp, states, store);
+        out = Y;
+        out_prev = Yp;
+      }
+    });
+  });
+  return {out, out_prev, states};
+}
+
+T4 leapfrog_backward(const at::Tensor& grad_y, const at::Tensor& grad_y_prev,
+                     const at::Tensor& states, const at::Tensor& weight, const at::Tensor& bias,
+                     double step, c10::string_view activation) {
+  check_stack(grad_y, weight, bias);
+  check_like(grad_y_prev, "grad_y_prev", grad_y);
+  check_states(states, 2, grad_y, weight);
+  check_step(step);
+  return cpu_detail::backward<false>(grad_y, grad_y_prev, states, {}, {}, weight, bias, step,
+                                     parse_activation(activation));
+}
+
+T4 leapfrog_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad_y_prev,
+                                const at::Tensor& y, const at::Tensor& y_prev,
+                                const at::Tensor& weight, const at::Tensor& bias, double step,
+                                c10::string_view activation) {
+  check_stack(grad_y, weight, bias);
+  check_like(grad_y_prev, "grad_y_prev", grad_y);
+  check_like(y, "y", grad_y);
+  check_like(y_prev, "y_prev", grad_y);
+  check_step(step);
+  return cpu_detail::backward<true>(grad_y, grad_y_prev, {}, y, y_prev, weight, bias, step,
+                                    parse_activation(activation));
+}
+
+}  // namespace cpu
+}  // namespace stablenets
+
+TORCH_LIBRARY_IMPL(stablenets, CPU, m) {
+  m.impl("leapfrog_forward", &stablenets::cpu::leapfrog_forward);
+  m.impl("leapfrog_backward", &stablenets::cpu::leapfrog_backward);
+  m.impl("leapfrog_backward_reversible", &stablenets::cpu::leapfrog_backward_reversible);
+}

@@ -1,0 +1,178 @@
+// Forward-Euler ResNet stack on the CPU: Y <- Y + h act(Y K_j^T + b_j).
+// States per layer: [Y_j, P_j]. The antisymmetric stack reuses these kernels
+// with its transformed weights (antisymmetric.cpp).
+#include <torch/library.h>
+
+#include "resnet_impl.h"
+#include "stablenets/kernels.h"
+#include "tile.h"
+
+namespace stablenets {
+namespace cpu_detail {
+namespace {
+
+template <typename T, Act A>
+void forward_narrow(const T* y, const T* K, const T* b, T h, int64_t N, int64_t B, int64_t d,
+                    T* out, T* states) {
+  for_tiles(B, [&](int64_t, int64_t row0, int64_t rows) {
+    std::vector<T> buf(2 * d * kTile);
+    T* Y = buf.data();
+    T* P = Y + d * kTile;
+    load_tile(y + row0 * d, rows, d, Y);
+    for (int64_t j = 0; j < N; ++j) {
+      tile_gemm<T, false>(K + j * d * d, d, b + j * d, Y, P, T(1), false);
+      if (states) {
+        store_tile(Y, rows, d, states + ((j * 2 + 0) * B + row0) * d);
+        store_tile(P, rows, d, states + ((j * 2 + 1) * B + row0) * d);
+      }
+#pragma omp simd
+      for (int64_t e = 0; e < d * kTile; ++e) Y[e] += h * act_f<A, T>(P[e]);
+    }
+    store_tile(Y, rows, d, out + row0 * d);
+  });
+}
+
+template <typename T, Act A>
+void backward_narrow(const T* gout, const T* states, const T* K, T h, int64_t N, int64_t B,
+                     int64_t d, T* gy, Partials<T>& part) {
+  for_tiles(B, [&](int64_t c, int64_t row0, int64_t rows) {
+    std::vector<T> buf(3 * d * kTile);
+    T* L = buf.data();
+    T* Y = L + d * kTile;
+    T* G = Y + d * kTile;
+    load_tile(gout + row0 * d, rows, d, L);
+    for (int64_t j = N - 1; j >= 0; --j) {
+      load_tile(states + ((j * 2 + 0) * B + row0) * d, rows, d, Y);
+      load_tile(states + ((j * 2 + 1) * B + row0) * d, rows, d, G);
+#pragma omp simd
+      for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * L[e] * act_g<A, T>(G[e]);
+      tile_outer(G, Y, d, rows, T(1), part.dw(c, j, d));
+      tile_rowsum(G, d, rows, part.db(c, j, d));
+      tile_gemm<T, true>(K + j * d * d, d, nullptr, G, L, T(1), true);  // L += G K_j
+    }
+    store_tile(L, rows, d, gy + row0 * d);
+  });
+}
+
+template <typename T, Act A>
+void forward_wide(const at::Tensor& y, const at::Tensor& K, const at::Tensor& b, T h,
+                  at::Tensor& out, at::Tensor& states, bool store) {
+  const int64_t N = K.size(0);
+  out.copy_(y);
+  at::Tensor P = store ? at::Tensor() : at::empty_like(out);
+  for (int64_t j = 0; j < N; ++j) {
+    if (store) {
+      slot(states, j, 0).copy_(out);
+      P = slot(states, j, 1);
+    }
+    at::addmm_out(P, b[j], out, K[j].t());
+    T* yp = out.data_ptr<T>();
+    const T* pp = P.data_ptr<T>();
+    ew(out.numel(), [&](int64_t e0, int64_t e1) {
+#pragma omp simd
+      for (int64_t e = e0; e < e1; ++e) yp[e] += h * act_f<A, T>(pp[e]);
+    });
+  }
+}
+
+template <typename T, Act A>
+void backward_wide(const at::Tensor& gout, const at::Tensor& states, const at::Tensor& K, T h,
+                   at::Tensor& gy, at::Tensor& gw, at::Tensor& gb) {
+  const int64_t N = K.size(0);
+  gy.copy_(gout);
+  at::Tensor G = at::empty_like(gy);
+  for (int64_t j = N - 1; j >= 0; --j) {
+    const T* pp = slot(states, j, 1).data_ptr<T>();
+    const T* lp = gy.data_ptr<T>();
+    T* gp = G.data_ptr<T>();
+    ew(G.numel(), [&](int64_t e0, int64_t e1) {
+#pragma omp simd
+      for (int64_t e = e0; e < e1; ++e) gp[e] = h * lp[e] * act_g<A, T>(pp[e]);
+    });
+    at::Tensor gwj = gw[j];
+    at::mm_out(gwj, G.t(), slot(states, j, 0));
+    at::Tensor gbj = gb[j];
+    at::sum_out(gbj, G, {0});
+    gy.addmm_(G, K[j]);
+  }
+}
+
+}  // namespace
+
+T2 resnet_forward_impl(const at::Tensor& y_in, const at::Tensor& K_in, const at::Tensor& b_in,
+                       double step, Act act, bool store) {
+  const at::Tensor y = y_in.contiguous(), K = K_in.contiguous(), b = b_in.contiguous();
+  const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
+  at::Tensor out = at::empty({B, d}, y.options());
+  at::Tensor states = empty_states(y, store ? N : 0, 2);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "resnet_forward", [&] {
+    const scalar_t h = static_cast<scalar_t>(step);
+    SN_DISPATCH_ACT(act, [&] {
+      if (narrow(d)) {
+        forward_narrow<scalar_t, kAct>(y.data_ptr<scalar_t>(), K.data_ptr<scalar_t>(),
+                                       b.data_ptr<scalar_t>(), h, N, B, d,
+                                       out.data_ptr<scalar_t>(),
+                                       store ? states.data_ptr<scalar_t>() : nullptr);
+      } else {
+        forward_wide<scalar_t, kAct>(y, K, b, h, out, states, store);
+      }
+    });
+  });
+  return {out, states};
+}
+
+T3 resnet_backward_impl(const at::Tensor& gout_in, const at::Tensor& states_in,
+                        const at::Tensor& K_in, double step, Act act) {
+  const at::Tensor gout = gout_in.contiguous(), states = states_in.contiguous(),
+                   K = K_in.contiguous();
+  const int64_t N = K.size(0), B = gout.size(0), d = gout.size(1);
+  at::Tensor gy = at::empty({B, d}, gout.options());
+  at::Tensor gw, gb;
+  AT_DISPATCH_FLOATING_TYPES(gout.scalar_type(), "resnet_backward", [&] {
+    const scalar_t h = static_cast<scalar_t>(step);
+    SN_DISPATCH_ACT(act, [&] {
+      if (narrow(d)) {
+        Partials<scalar_t> part(num_chunks(B), N, d, gout.options());
+        backward_narrow<scalar_t, kAct>(gout.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
+                                        K.data_ptr<scalar_t>(), h, N, B, d,
+                                        gy.data_ptr<scalar_t>(), part);
+        std::tie(gw, gb) = part.sum(num_chunks(B));
+      } else {
+        gw = at::empty({N, d, d}, gout.options());
+        gb = at::empty({N, d}, gout.options());
+        backward_wide<scalar_t, kAct>(gout, states, K, h, gy, gw, gb);
+      }
+    });
+  });
+  return {gy, gw, gb};
+}
+
+}  // namespace cpu_detail
+
+namespace cpu {
+
+T2 resnet_forward(const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias,
+                  double step, c10::string_view activation, bool store) {
+  check_stack(y, weight, bias);
+  check_step(step);
+  return cpu_detail::resnet_forward_impl(y, weight, bias, step, parse_activation(activation),
+                                         store);
+}
+
+T3 resnet_backward(const at::Tensor& grad_out, const at::Tensor& states,
+                   const at::Tensor& weight, const at::Tensor& bias, double step,
+                   c10::string_view activation) {
+  check_stack(grad_out, weight, bias);
+  check_states(states, 2, grad_out, weight);
+  check_step(step);
+  return cpu_detail::resnet_backward_impl(grad_out, states, weight, step,
+                                          parse_activation(activation));
+}
+
+}  // namespace cpu
+}  // namespace stablenets
+
+TORCH_LIBRARY_IMPL(stablenets, CPU, m) {
+  m.impl("resnet_forward", &stablenets::cpu::resnet_forward);
+  m.impl("resnet_backward", &stablenets::cpu::resnet_backward);
+}

@@ -1,0 +1,148 @@
+// CPU building blocks shared by the four stacks.
+//
+// Narrow stacks (d <= kNarrowMax) run tile by tile: kTile rows at a time are
+// transposed into feature-major buffers (d x kTile), so every operation is a
+// loop over rows that the compiler vectorises, and a tile walks all N layers
+// while it sits in L1. Wide stacks call ATen's GEMM per layer and fuse the rest
+// into one elementwise pass (see the `ew_*` helpers).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "stablenets/activation.h"
+#include "stablenets/checks.h"
+
+namespace stablenets {
+namespace cpu_detail {
+
+constexpr int64_t kTile = 64;      // rows per tile: 8 AVX2 float vectors
+constexpr int64_t kNarrowMax = 32; // widest stack run by the tile kernels
+
+inline bool narrow(int64_t d) { return d <= kNarrowMax; }
+
+inline int64_t num_tiles(int64_t batch) { return (batch + kTile - 1) / kTile; }
+
+// One chunk of whole tiles per thread (fewer when the batch is small).
+inline int64_t num_chunks(int64_t batch) {
+  return std::max<int64_t>(1, std::min<int64_t>(num_tiles(batch), at::get_num_threads()));
+}
+
+// fn(chunk, row0, rows) for every tile; the tiles of a chunk run in order on one thread.
+template <typename F>
+inline void for_tiles(int64_t batch, const F& fn) {
+  const int64_t tiles = num_tiles(batch), chunks = num_chunks(batch);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t tile = c * tiles / chunks; tile < (c + 1) * tiles / chunks; ++tile) {
+        const int64_t row0 = tile * kTile;
+        fn(c, row0, std::min<int64_t>(kTile, batch - row0));
+      }
+  });
+}
+
+// Row-major (rows x d) block at src  ->  feature-major d x kTile at dst; tail zeroed.
+template <typename T>
+inline void load_tile(const T* src, int64_t rows, int64_t d, T* dst) {
+  for (int64_t i = 0; i < d; ++i) {
+    T* out = dst + i * kTile;
+    for (int64_t t = 0; t < rows; ++t) out[t] = src[t * d + i];
+    for (int64_t t = rows; t < kTile; ++t) out[t] = T(0);
+  }
+}
+
+template <typename T>
+inline void store_tile(const T* src, int64_t rows, int64_t d, T* dst) {
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t i = 0; i < d; ++i) dst[t * d + i] = src[i * kTile + t];
+}
+
+// out[i][:] = beta*out[i][:] + bias[i] + alpha * sum_k M(i,k) in[k][:]
+// with M(i,k) = K[i][k], or K[k][i] when Trans. Row-major K (d x d).
+template <typename T, bool Trans>
+inline void tile_gemm(const T* K, int64_t d, const T* bias, const T* in, T* out, T alpha,
+                      bool accumulate) {
+  for (int64_t i = 0; i < d; ++i) {
+    T acc[kTile];
+    T* o = out + i * kTile;
+    const T b0 = bias ? bias[i] : T(0);
+#pragma omp simd
+    for (int64_t t = 0; t < kTile; ++t) acc[t] = (accumulate ? o[t] : T(0)) + b0;
+    for (int64_t k = 0; k < d; ++k) {
+      const T m = alpha * (Trans ? K[k * d + i] : K[i * d + k]);
+      const T* x = in + k * kTile;
+#pragma omp simd
+      for (int64_t t = 0; t < kTile; ++t) acc[t] += m * x[t];
+    }
+#pragma omp simd
+    for (int64_t t = 0; t < kTile; ++t) o[t] = acc[t];
+  }
+}
+
+// dW[i][k] += alpha * sum_{t<rows} a[i][t] * b[k][t]   (a, b feature-major tiles)
+template <typename T>
+inline void tile_outer(const T* a, const T* b, int64_t d, int64_t rows, T alpha, T* dW) {
+  for (int64_t i = 0; i < d; ++i) {
+    const T* ai = a + i * kTile;
+    for (int64_t k = 0; k < d; ++k) {
+      const T* bk = b + k * kTile;
+      T s = T(0);
+#pragma omp simd reduction(+ : s)
+      for (int64_t t = 0; t < rows; ++t) s += ai[t] * bk[t];
+      dW[i * d + k] += alpha * s;
+    }
+  }
+}
+
+// db[i] += sum_{t<rows} g[i][t]
+template <typename T>
+inline void tile_rowsum(const T* g, int64_t d, int64_t rows, T* db) {
+  for (int64_t i = 0; i < d; ++i) {
+    const T* gi = g + i * kTile;
+    T s = T(0);
+#pragma omp simd reduction(+ : s)
+    for (int64_t t = 0; t < rows; ++t) s += gi[t];
+    db[i] += s;
+  }
+}
+
+// Per-chunk partial gradients of weight and bias, summed at the end.
+template <typename T>
+struct Partials {
+  at::Tensor w, b;  // (chunks, N, d, d), (chunks, N, d)
+  Partials(int64_t chunks, int64_t n, int64_t d, const at::TensorOptions& opt)
+      : w(at::zeros({chunks, n, d, d}, opt)), b(at::zeros({chunks, n, d}, opt)) {}
+  T* dw(int64_t chunk, int64_t layer, int64_t d) {
+    return w.data_ptr<T>() + (chunk * w.size(1) + layer) * d * d;
+  }
+  T* db(int64_t chunk, int64_t layer, int64_t d) {
+    return b.data_ptr<T>() + (chunk * b.size(1) + layer) * d;
+  }
+  std::tuple<at::Tensor, at::Tensor> sum(int64_t chunks) {
+    return {w.narrow(0, 0, chunks).sum(0), b.narrow(0, 0, chunks).sum(0)};
+  }
+};
+
+// ----------------------------------------------------------------- wide path
+
+// Parallel elementwise loop over n elements; fn(begin, end) gets a contiguous range.
+template <typename F>
+inline void ew(int64_t n, const F& fn) {
+  at::parallel_for(0, n, 16384, fn);
+}
+
+// Layer j's (B, d) slot s of a states tensor (N, S, B, d).
+inline at::Tensor slot(const at::Tensor& states, int64_t j, int64_t s) {
+  return states.select(0, j).select(0, s);
+}
+
+inline at::Tensor empty_states(const at::Tensor& y, int64_t layers, int64_t slots) {
+  return at::empty({layers, slots, y.size(0), y.size(1)}, y.options());
+}
+
+}  // namespace cpu_detail
+}  // namespace stablenets

@@ -1,0 +1,293 @@
+// Verlet (Hamiltonian) stack on the CPU:
+//   Z_{j+1/2} = Z_{j-1/2} - h act(Y_j K_j + b_j),   Y_{j+1} = Y_j + h act(Z_{j+1/2} K_j^T + b_j)
+// outputs (Y_N, Z_{N-1/2}). States per layer: [Y_j, P1_j, Z_{j+1/2}, P2_j].
+// The reversible backward runs the two half steps backwards from the outputs.
+//
+// Backward with (ly, lz) = (dL/dY_{j+1}, dL/dZ_{j+1/2}):
+//   G2 = h ly * act'(P2);   lz += G2 K;    dK += G2^T Z;   db += sum G2
+//   G1 = -h lz * act'(P1);  ly += G1 K^T;  dK += Y^T G1;   db += sum G1
+#include <torch/library.h>
+
+#include "stablenets/kernels.h"
+#include "tile.h"
+
+namespace stablenets {
+namespace cpu_detail {
+namespace {
+
+template <typename T>
+T* slot_ptr(T* states, int64_t j, int64_t s, int64_t B, int64_t row0, int64_t d) {
+  return states + ((j * 4 + s) * B + row0) * d;
+}
+
+template <typename T, Act A>
+void forward_narrow(const T* y, const T* z, const T* K, const T* b, T h, int64_t N, int64_t B,
+                    int64_t d, T* out_y, T* out_z, T* states) {
+  for_tiles(B, [&](int64_t, int64_t row0, int64_t rows) {
+    std::vector<T> buf(3 * d * kTile);
+    T* Y = buf.data();
+    T* Z = Y + d * kTile;
+    T* P = Z + d * kTile;
+    load_tile(y + row0 * d, rows, d, Y);
+    load_tile(z + row0 * d, rows, d, Z);
+    for (int64_t j = 0; j < N; ++j) {
+      const T* Kj = K + j * d * d;
+      const T* bj = b + j * d;
+      if (states) store_tile(Y, rows, d, slot_ptr(states, j, 0, B, row0, d));
+      tile_gemm<T, true>(Kj, d, bj, Y, P, T(1), false);  // P1 = Y K + b
+      if (states) store_tile(P, rows, d, slot_ptr(states, j, 1, B, row0, d));
+#pragma omp simd
+      for (int64_t e = 0; e < d * kTile; ++e) Z[e] -= h * act_f<A, T>(P[e]);
+      tile_gemm<T, false>(Kj, d, bj, Z, P, T(1), false);  // P2 = Z K^T + b
+      if (states) {
+        store_tile(Z, rows, d, slot_ptr(states, j, 2, B, row0, d));
+        store_tile(P, rows, d, slot_ptr(states, j, 3, B, row0, d));
+      }
+#pragma omp simd
+      for (int64_t e = 0; e < d * kTile; ++e) Y[e] += h * act_f<A, T>(P[e]);
+    }
+    store_tile(Y, rows, d, out_y + row0 * d);
+    store_tile(Z, rows, d, out_z + row0 * d);
+  });
+}
+
+template <typename T, Act A, bool Reversible>
+void backward_narrow(const T* gy_in, const T* gz_in, const T* states, const T* y_out,
+                     const T* z_out, const T* K, const T* b, T h, int64_t N, int64_t B,
+                     int64_t d, T* gy, T* gz, Partials<T>& part) {
+  for_tiles(B, [&](int64_t c, int64_t row0, int64_t rows) {
+    std::vector<T> buf(7 * d * kTile);
+    T* ly = buf.data();
+    T* lz = ly + d * kTile;
+    T* Y = lz + d * kTile;
+    T* Z = Y + d * kTile;
+    T* P1 = Z + d * kTile;
+    T* P2 = P1 + d * kTile;
+    T* G = P2 + d * kTile;
+    load_tile(gy_in + row0 * d, rows, d, ly);
+    load_tile(gz_in + row0 * d, rows, d, lz);
+    if (Reversible) {
+      load_tile(y_out + row0 * d, rows, d, Y);  // Y_{j+1}
+      load_tile(z_out + row0 * d, rows, d, Z);  // Z_{j+1/2}
+    }
+    for (int64_t j = N - 1; j >= 0; --j) {
+      const T* Kj = K + j * d * d;
+      const T* bj = b + j * d;
+      if (Reversible) {
+        tile_gemm<T, false>(Kj, d, bj, Z, P2, T(1), false);
+#pragma omp simd
+        for (int64_t e = 0; e < d * kTile; ++e) Y[e] -= h * act_f<A, T>(P2[e]);
+        tile_gemm<T, true>(Kj, d, bj, Y, P1, T(1), false);
+      } else {
+        load_tile(slot_ptr(states, j, 0, B, row0, d), rows, d, Y);
+        load_tile(slot_ptr(states, j, 1, B, row0, d), rows, d, P1);
+        load_tile(slot_ptr(states, j, 2, B, row0, d), rows, d, Z);
+        load_tile(slot_ptr(states, j, 3, B, row0, d), rows, d, P2);
+      }
+      T* dw = part.dw(c, j, d);
+      T* db = part.db(c, j, d);
+#pragma omp simd
+      for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * ly[e] * act_g<A, T>(P2[e]);
+      tile_gemm<T, true>(Kj, d, nullptr, G, lz, T(1), true);  // lz += G2 K
+      tile_outer(G, Z, d, rows, T(1), dw);
+      tile_rowsum(G, d, rows, db);
+#pragma omp simd
+      for (int64_t e = 0; e < d * kTile; ++e) G[e] = -h * lz[e] * act_g<A, T>(P1[e]);
+      tile_gemm<T, false>(Kj, d, nullptr, G, ly, T(1), true);  // ly += G1 K^T
+      tile_outer(Y, G, d, rows, T(1), dw);
+      tile_rowsum(G, d, rows, db);
+      if (Reversible) {
+#pragma omp simd
+        for (int64_t e = 0; e < d * kTile; ++e) Z[e] += h * act_f<A, T>(P1[e]);
+      }
+    }
+    store_tile(ly, rows, d, gy + row0 * d);
+    store_tile(lz, rows, d, gz + row0 * d);
+  });
+}
+
+// out += alpha * act(p), elementwise over whole tensors.
+template <typename T, Act A>
+void add_act(at::Tensor& out, const at::Tensor& p, T alpha) {
+  T* o = out.data_ptr<T>();
+  const T* pp = p.data_ptr<T>();
+  ew(out.numel(), [&](int64_t e0, int64_t e1) {
+#pragma omp simd
+    for (int64_t e = e0; e < e1; ++e) o[e] += alpha * act_f<A, T>(pp[e]);
+  });
+}
+
+// g = alpha * l * act'(p)
+template <typename T, Act A>
+void grad_act(at::Tensor& g, const at::Tensor& l, const at::Tensor& p, T alpha) {
+  T* gp = g.data_ptr<T>();
+  const T* lp = l.data_ptr<T>();
+  const T* pp = p.data_ptr<T>();
+  ew(g.numel(), [&](int64_t e0, int64_t e1) {
+#pragma omp simd
+    for (int64_t e = e0; e < e1; ++e) gp[e] = alpha * lp[e] * act_g<A, T>(pp[e]);
+  });
+}
+
+template <typename T, Act A>
+void forward_wide(const at::Tensor& K, const at::Tensor& b, T h, at::Tensor& Y, at::Tensor& Z,
+                  at::Tensor& states, bool store) {
+  const int64_t N = K.size(0);
+  at::Tensor P1 = at::empty_like(Y), P2 = at::empty_like(Y);
+  for (int64_t j = 0; j < N; ++j) {
+    if (store) {
+      slot(states, j, 0).copy_(Y);
+      P1 = slot(states, j, 1);
+      P2 = slot(states, j, 3);
+    }
+    at::addmm_out(P1, b[j], Y, K[j]);
+    add_act<T, A>(Z, P1, -h);
+    at::addmm_out(P2, b[j], Z, K[j].t());
+    if (store) slot(states, j, 2).copy_(Z);
+    add_act<T, A>(Y, P2, h);
+  }
+}
+
+template <typename T, Act A, bool Reversible>
+void backward_wide(const at::Tensor& states, const at::Tensor& K, const at::Tensor& b, T h,
+                   at::Tensor& ly, at::Tensor& lz, at::Tensor& Y, at::Tensor& Z, at::Tensor& gw,
+                   at::Tensor& gb) {
+  const int64_t N = K.size(0);
+  at::Tensor G = at::empty_like(ly), P1, P2;
+  if (Reversible) {
+    P1 = at::empty_like(ly);
+    P2 = at::empty_like(ly);
+  }
+  for (int64_t j = N - 1; j >= 0; --j) {
+    if (Reversible) {
+      at::addmm_out(P2, b[j], Z, K[j].t());
+      add_act<T, A>(Y, P2, -h);
+      at::addmm_out(P1, b[j], Y, K[j]);
+    } else {
+      Y = slot(states, j, 0);
+      P1 = slot(states, j, 1);
+      Z = slot(states, j, 2);
+      P2 = slot(states, j, 3);
+    }
+    at::Tensor gwj = gw[j], gbj = gb[j];
+    grad_act<T, A>(G, ly, P2, h);
+    lz.addmm_(G, K[j]);
+    at::mm_out(gwj, G.t(), Z);
+    at::sum_out(gbj, G, {0});
+    grad_act<T, A>(G, lz, P1, -h);
+    ly.addmm_(G, K[j].t());
+    gwj.addmm_(Y.t(), G);
+    gbj.add_(G.sum(0));
+    if (Reversible) add_act<T, A>(Z, P1, h);
+  }
+}
+
+template <bool Reversible>
+T4 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& states_in,
+            const at::Tensor& y_in, const at::Tensor& z_in, const at::Tensor& K_in,
+            const at::Tensor& b_in, double step, Act act) {
+  const at::Tensor gyc = gy_in.contiguous(), gzc = gz_in.contiguous(), K = K_in.contiguous(),
+                   b = b_in.contiguous();
+  const at::Tensor states = Reversible ? at::Tensor() : states_in.contiguous();
+  const int64_t N = K.size(0), B = gyc.size(0), d = gyc.size(1);
+  at::Tensor gy = at::empty({B, d}, gyc.options()), gz = at::empty({B, d}, gyc.options());
+  at::Tensor gw, gb;
+  AT_DISPATCH_FLOATING_TYPES(gyc.scalar_type(), "verlet_backward", [&] {
+    const scalar_t h = static_cast<scalar_t>(step);
+    SN_DISPATCH_ACT(act, [&] {
+      if (narrow(d)) {
+        const at::Tensor yo = Reversible ? y_in.contiguous() : at::Tensor();
+        const at::Tensor zo = Reversible ? z_in.contiguous() : at::Tensor();
+        Partials<scalar_t> part(num_chunks(B), N, d, gyc.options());
+        backward_narrow<scalar_t, kAct, Reversible>(
+            gyc.data_ptr<scalar_t>(), gzc.data_ptr<scalar_t>(),
+            Reversible ? nullptr : states.data_ptr<scalar_t>(),
+            Reversible ? yo.data_ptr<scalar_t>() : nullptr,
+            Reversible ? zo.data_ptr<scalar_t>() : nullptr, K.data_ptr<scalar_t>(),
+            b.data_ptr<scalar_t>(), h, N, B, d, gy.data_ptr<scalar_t>(), gz.data_ptr<scalar_t>(),
+            part);
+        std::tie(gw, gb) = part.sum(num_chunks(B));
+      } else {
+        gw = at::empty({N, d, d}, gyc.options());
+        gb = at::empty({N, d}, gyc.options());
+        gy.copy_(gyc);
+        gz.copy_(gzc);
+        at::Tensor Y, Z;
+        if (Reversible) {
+          Y = y_in.contiguous().clone();
+          Z = z_in.contiguous().clone();
+        }
+        backward_wide<scalar_t, kAct, Reversible>(states, K, b, h, gy, gz, Y, Z, gw, gb);
+      }
+    });
+  });
+  return {gy, gz, gw, gb};
+}
+
+}  // namespace
+}  // namespace cpu_detail
+
+namespace cpu {
+
+T3 verlet_forward(const at::Tensor& y_in, const at::Tensor& z_in, const at::Tensor& weight,
+                  const at::Tensor& bias, double step, c10::string_view activation, bool store) {
+  using namespace cpu_detail;
+  check_stack(y_in, weight, bias);
+  check_like(z_in, "z", y_in);
+  check_step(step);
+  const Act act = parse_activation(activation);
+  const at::Tensor y = y_in.contiguous(), z = z_in.contiguous(), K = weight.contiguous(),
+                   b = bias.contiguous();
+  const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
+  at::Tensor out_y = at::empty({B, d}, y.options()), out_z = at::empty({B, d}, y.options());
+  at::Tensor states = empty_states(y, store ? N : 0, 4);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "verlet_forward", [&] {
+    const scalar_t h = static_cast<scalar_t>(step);
+    SN_DISPATCH_ACT(act, [&] {
+      if (narrow(d)) {
+        forward_narrow<scalar_t, kAct>(y.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                                       K.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), h, N, B,
+                                       d, out_y.data_ptr<scalar_t>(),
+                                       out_z.data_ptr<scalar_t>(),
+                                       store ? states.data_ptr<scalar_t>() : nullptr);
+      } else {
+        out_y.copy_(y);
+        out_z.copy_(z);
+        forward_wide<scalar_t, kAct>(K, b, h, out_y, out_z, states, store);
+      }
+    });
+  });
+  return {out_y, out_z, states};
+}
+
+T4 verlet_backward(const at::Tensor& grad_y, const at::Tensor& grad_z, const at::Tensor& states,
+                   const at::Tensor& weight, const at::Tensor& bias, double step,
+                   c10::string_view activation) {
+  check_stack(grad_y, weight, bias);
+  check_like(grad_z, "grad_z", grad_y);
+  check_states(states, 4, grad_y, weight);
+  check_step(step);
+  return cpu_detail::backward<false>(grad_y, grad_z, states, {}, {}, weight, bias, step,
+                                     parse_activation(activation));
+}
+
+T4 verlet_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad_z,
+                              const at::Tensor& y, const at::Tensor& z, const at::Tensor& weight,
+                              const at::Tensor& bias, double step, c10::string_view activation) {
+  check_stack(grad_y, weight, bias);
+  check_like(grad_z, "grad_z", grad_y);
+  check_like(y, "y", grad_y);
+  check_like(z, "z", grad_y);
+  check_step(step);
+  return cpu_detail::backward<true>(grad_y, grad_z, {}, y, z, weight, bias, step,
+                                    parse_activation(activation));
+}
+
+}  // namespace cpu
+}  // namespace stablenets
+
+TORCH_LIBRARY_IMPL(stablenets, CPU, m) {
+  m.impl("verlet_forward", &stablenets::cpu::verlet_forward);
+  m.impl("verlet_backward", &stablenets::cpu::verlet_backward);
+  m.impl("verlet_backward_reversible", &stablenets::cpu::verlet_backward_reversible);
+}

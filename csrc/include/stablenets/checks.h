@@ -1,0 +1,92 @@
+// Argument checks shared by every backend. Messages name the argument and what
+// was expected, so a bad call fails with an error a user can act on.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/string_view.h>
+
+#include <cmath>
+#include <string>
+
+#include "stablenets/activation.h"
+
+namespace stablenets {
+
+inline Act parse_activation(c10::string_view name) {
+  if (name == "tanh") return Act::Tanh;
+  if (name == "relu") return Act::Relu;
+  if (name == "identity") return Act::Identity;
+  TORCH_CHECK_VALUE(false, "activation: expected one of 'tanh', 'relu', 'identity', got '",
+                    std::string(name.data(), name.size()), "'");
+  return Act::Identity;
+}
+
+inline void check_step(double step) {
+  TORCH_CHECK_VALUE(std::isfinite(step) && step > 0.0,
+                    "step: expected a finite positive number, got ", step);
+}
+
+inline void check_float_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.defined(), name, ": expected a tensor, got None");
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+                    ": expected a float32 or float64 tensor, got ", t.scalar_type());
+}
+
+// y (B, d), weight (N, d, d), bias (N, d): one stack's parameters.
+inline void check_stack(const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias) {
+  check_float_tensor(y, "y");
+  check_float_tensor(weight, "weight");
+  check_float_tensor(bias, "bias");
+  TORCH_CHECK_VALUE(y.dim() == 2, "y: expected a 2-D tensor (batch, features), got shape ",
+                    y.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(1) == weight.size(2),
+                    "weight: expected shape (layers, features, features), got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) > 0, "weight: expected at least one layer, got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(1) == y.size(1), "weight: expected features = ", y.size(1),
+                    " (from y of shape ", y.sizes(), "), got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(bias.dim() == 2 && bias.size(0) == weight.size(0) &&
+                        bias.size(1) == weight.size(1),
+                    "bias: expected shape (", weight.size(0), ", ", weight.size(1),
+                    ") = (layers, features), got ", bias.sizes());
+  TORCH_CHECK_VALUE(weight.scalar_type() == y.scalar_type() &&
+                        bias.scalar_type() == y.scalar_type(),
+                    "weight, bias: expected the dtype of y (", y.scalar_type(), "), got ",
+                    weight.scalar_type(), " and ", bias.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == y.device() && bias.device() == y.device(),
+                    "weight, bias: expected the device of y (", y.device(), "), got ",
+                    weight.device(), " and ", bias.device());
+}
+
+// A second tensor that must match y exactly (a carried state or a gradient).
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& y) {
+  check_float_tensor(t, name);
+  TORCH_CHECK_VALUE(t.sizes() == y.sizes(), name, ": expected shape ", y.sizes(), ", got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == y.scalar_type(), name, ": expected dtype ",
+                    y.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == y.device(), name, ": expected device ", y.device(), ", got ",
+                    t.device());
+}
+
+// Stored states of a stack: (layers, slots, batch, features).
+inline void check_states(const at::Tensor& states, int64_t slots, const at::Tensor& grad,
+                         const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(states.dim() == 4 && states.size(1) == slots &&
+                        states.size(2) == grad.size(0) && states.size(3) == grad.size(1),
+                    "states: expected shape (layers, ", slots, ", ", grad.size(0), ", ",
+                    grad.size(1), "), got ", states.sizes());
+  TORCH_CHECK_VALUE(states.size(0) == weight.size(0),
+                    "states: holds no stored states (the forward ran with store=False) or does "
+                    "not match weight; expected ",
+                    weight.size(0), " layers, got ", states.size(0));
+  TORCH_CHECK_VALUE(states.scalar_type() == grad.scalar_type() && states.device() == grad.device(),
+                    "states: expected dtype and device of the gradient");
+}
+
+inline void check_gamma(double gamma) {
+  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0.0,
+                    "gamma: expected a finite number >= 0, got ", gamma);
+}
+
+}  // namespace stablenets

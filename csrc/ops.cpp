@@ -1,0 +1,52 @@
+// Every schema of the stablenets library, declared once. Backends register
+// kernels in csrc/cpu/*.cpp and csrc/cuda/*.cu.
+//
+// States stored for the backward have shape (layers, slots, batch, features):
+//   resnet, antisymmetric, leapfrog: slots = 2, [Y_j, P_j] (layer input, pre-activation)
+//   verlet: slots = 4, [Y_j, P1_j, Z_{j+1/2}, P2_j]
+// With store=False the forward returns states with 0 layers; leapfrog and
+// verlet then differentiate with the *_backward_reversible ops, which rebuild
+// the states from the final ones.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing stablenets_ext._C registers the ops; the module itself is empty.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(stablenets, m) {
+  m.def(
+      "resnet_forward(Tensor y, Tensor weight, Tensor bias, float step, str activation, "
+      "bool store) -> (Tensor, Tensor)");
+  m.def(
+      "resnet_backward(Tensor grad_out, Tensor states, Tensor weight, Tensor bias, float step, "
+      "str activation) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "antisymmetric_forward(Tensor y, Tensor weight, Tensor bias, float step, float gamma, "
+      "str activation, bool store) -> (Tensor, Tensor)");
+  m.def(
+      "antisymmetric_backward(Tensor grad_out, Tensor states, Tensor weight, Tensor bias, "
+      "float step, float gamma, str activation) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "leapfrog_forward(Tensor y, Tensor y_prev, Tensor weight, Tensor bias, float step, "
+      "str activation, bool store) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "leapfrog_backward(Tensor grad_y, Tensor grad_y_prev, Tensor states, Tensor weight, "
+      "Tensor bias, float step, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "leapfrog_backward_reversible(Tensor grad_y, Tensor grad_y_prev, Tensor y, Tensor y_prev, "
+      "Tensor weight, Tensor bias, float step, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "verlet_forward(Tensor y, Tensor z, Tensor weight, Tensor bias, float step, "
+      "str activation, bool store) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "verlet_backward(Tensor grad_y, Tensor grad_z, Tensor states, Tensor weight, Tensor bias, "
+      "float step, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "verlet_backward_reversible(Tensor grad_y, Tensor grad_z, Tensor y, Tensor z, "
+      "Tensor weight, Tensor bias, float step, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
+}

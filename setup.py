@@ -1,0 +1,160 @@
+"""Build stablenets_ext._C: CPU kernels always, CUDA kernels when torch and nvcc allow.
+
+Environment knobs (printed at build time):
+  FORCE_CUDA=1             build the CUDA kernels even with no GPU visible
+  STABLENETS_NO_CUDA=1     never build the CUDA kernels
+  TORCH_CUDA_ARCH_LIST     CUDA targets; default with no GPU visible: "8.0;9.0+PTX"
+  STABLENETS_CPU_ISA       "avx2" (default when the build machine has AVX2 and FMA) or "generic"
+  MAX_JOBS                 parallel compile jobs (ninja)
+  DEBUG=1                  -O0 -g
+Install with: pip install --no-build-isolation .
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def log(msg):
+    print(f"[stablenets-ext setup] {msg}", flush=True)
+
+
+def find_cuda_home():
+    """The real toolkit: /usr/local/bin/nvcc may be a wrapper, so prefer a folder
+    whose bin/nvcc exists next to its lib64/include."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    for cand in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            return cand
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return None
+
+
+cuda_home = find_cuda_home()
+if cuda_home:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def nvcc_version(home):
+    out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"],
+                         capture_output=True, text=True, check=True).stdout
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def want_cuda():
+    if os.environ.get("STABLENETS_NO_CUDA", "0") == "1":
+        return False, "STABLENETS_NO_CUDA=1"
+    forced = os.environ.get("FORCE_CUDA", "0") == "1"
+    if torch.version.cuda is None:
+        if forced:
+            sys.exit("FORCE_CUDA=1 but this torch is a CPU-only build; install a CUDA build of torch")
+        return False, "torch is a CPU-only build"
+    if cuda_home is None:
+        if forced:
+            sys.exit("FORCE_CUDA=1 but no CUDA toolkit was found; set CUDA_HOME")
+        return False, "no CUDA toolkit (nvcc) found"
+    ver = nvcc_version(cuda_home)
+    torch_major = int(torch.version.cuda.split(".")[0])
+    if ver is None or ver[0] != torch_major:
+        sys.exit(
+            f"The CUDA toolkit at {cuda_home} is {ver}, but torch {torch.__version__} was built "
+            f"with CUDA {torch.version.cuda}. Install a CUDA {torch_major}.x toolkit and point "
+            f"CUDA_HOME at it, or build without CUDA: STABLENETS_NO_CUDA=1 pip install "
+            f"--no-build-isolation ."
+        )
+    return True, f"torch CUDA {torch.version.cuda}, nvcc {ver[0]}.{ver[1]} at {cuda_home}"
+
+
+def pip_nvidia_dirs(sub):
+    """Headers/libraries of the pip 'nvidia' packages (cuBLAS, cuSPARSE, ...), which
+    torch's CUDA headers include but a bare toolkit may lack."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    dirs = []
+    for base in nvidia.__path__:
+        dirs += sorted(glob.glob(os.path.join(base, "*", sub)))
+    return dirs
+
+
+def cpu_isa_flags():
+    isa = os.environ.get("STABLENETS_CPU_ISA")
+    if isa is None:
+        try:
+            flags = open("/proc/cpuinfo").read()
+            isa = "avx2" if (" avx2" in flags and " fma" in flags) else "generic"
+        except OSError:
+            isa = "generic"
+    if isa == "avx2":
+        return isa, ["-mavx2", "-mfma"]
+    return "generic", []
+
+
+debug = os.environ.get("DEBUG", "0") == "1"
+opt = ["-O0", "-g"] if debug else ["-O3"]
+isa, isa_flags = cpu_isa_flags()
+cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fno-math-errno"] + isa_flags
+include_dirs = [os.path.join(ROOT, "csrc", "include")]
+sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+
+use_cuda, why = want_cuda()
+if use_cuda:
+    cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    if not cu:
+        use_cuda, why = False, "no CUDA sources in csrc/cuda"
+if use_cuda:
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        visible = torch.cuda.is_available()
+        if not visible:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    include_dirs += pip_nvidia_dirs("include")
+    ext = CUDAExtension(
+        "stablenets_ext._C",
+        sources + cu,
+        include_dirs=include_dirs,
+        library_dirs=pip_nvidia_dirs("lib"),
+        extra_compile_args={
+            "cxx": cxx_flags + ["-DSTABLENETS_WITH_CUDA"],
+            "nvcc": opt + ["-std=c++20", "-lineinfo", "-DSTABLENETS_WITH_CUDA",
+                           "--expt-relaxed-constexpr"],
+        },
+        extra_link_args=["-fopenmp"],
+    )
+    log(f"building CPU + CUDA kernels ({why}); TORCH_CUDA_ARCH_LIST="
+        f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(detected from the visible GPU)')}; "
+        f"CUDA sources: {', '.join(cu)}")
+else:
+    ext = CppExtension(
+        "stablenets_ext._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+    log(f"building CPU kernels only ({why})")
+log(f"CPU ISA: {isa} ({' '.join(isa_flags) or 'no extra flags'}); "
+    f"{'DEBUG' if debug else 'release'} build; MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
+
+setup(
+    name="stablenets-ext",
+    packages=find_packages(include=["stablenets_ext", "stablenets_ext.*"]),
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

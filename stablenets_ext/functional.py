@@ -1,0 +1,177 @@
+"""Functional forms of the four stacks: checked arguments, then fused or reference.
+
+``impl`` is ``"auto"`` (fused where a kernel was compiled for the device, else
+the plain-PyTorch reference with one warning), ``"fused"`` (error if no kernel)
+or ``"reference"``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from . import ops as _ops
+from . import reference
+
+IMPLS = ("auto", "fused", "reference")
+_warned_devices: set[str] = set()
+
+
+# ------------------------------------------------------------------ checks
+
+
+def _check_tensor(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{name}: expected a float32 or float64 tensor, got {t.dtype}")
+
+
+def check_args(y, weight, bias, step, activation, *, gamma=None, state=None, state_name=None):
+    """Raise a ValueError/TypeError naming the first bad argument."""
+    _check_tensor(y, "y")
+    _check_tensor(weight, "weight")
+    _check_tensor(bias, "bias")
+    if y.dim() != 2:
+        raise ValueError(f"y: expected a 2-D tensor (batch, features), got shape {tuple(y.shape)}")
+    if weight.dim() != 3 or weight.shape[1] != weight.shape[2]:
+        raise ValueError(
+            f"weight: expected shape (layers, features, features), got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight: expected at least one layer, got 0 layers")
+    if weight.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"weight: expected features = {y.shape[1]} (from y of shape {tuple(y.shape)}), "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if tuple(bias.shape) != (weight.shape[0], weight.shape[1]):
+        raise ValueError(
+            f"bias: expected shape {(weight.shape[0], weight.shape[1])} = (layers, features), "
+            f"got {tuple(bias.shape)}"
+        )
+    for t, name in ((weight, "weight"), (bias, "bias")):
+        if t.dtype != y.dtype:
+            raise ValueError(f"{name}: expected the dtype of y ({y.dtype}), got {t.dtype}")
+        if t.device != y.device:
+            raise ValueError(f"{name}: expected the device of y ({y.device}), got {t.device}")
+    if state is not None:
+        _check_tensor(state, state_name)
+        if state.shape != y.shape:
+            raise ValueError(
+                f"{state_name}: expected the shape of y {tuple(y.shape)}, got {tuple(state.shape)}"
+            )
+        if state.dtype != y.dtype or state.device != y.device:
+            raise ValueError(
+                f"{state_name}: expected dtype {y.dtype} on {y.device}, "
+                f"got {state.dtype} on {state.device}"
+            )
+    if isinstance(step, torch.Tensor) or not isinstance(step, (int, float)) or isinstance(step, bool):
+        raise TypeError(f"step: expected a Python number, got {type(step).__name__}")
+    if not math.isfinite(step) or step <= 0:
+        raise ValueError(f"step: expected a finite positive number, got {step}")
+    if gamma is not None:
+        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool):
+            raise TypeError(f"gamma: expected a Python number, got {type(gamma).__name__}")
+        if not math.isfinite(gamma) or gamma < 0:
+            raise ValueError(f"gamma: expected a finite number >= 0, got {gamma}")
+    reference.activation_fn(activation)
+
+
+def use_fused(impl: str, device: torch.device) -> bool:
+    if impl == "reference":
+        return False
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if _ops.has_kernel(device):
+        return True
+    if impl == "fused":
+        why = f" ({_ops.LOAD_ERROR})" if _ops.LOAD_ERROR is not None else ""
+        raise RuntimeError(
+            f"impl='fused': stablenets_ext has no compiled kernel for device '{device.type}'"
+            f"{why}; compiled for: {_ops.compiled_devices() or 'none'}. Use impl='auto' or "
+            "'reference', or rebuild the extension for this device."
+        )
+    if device.type not in _warned_devices:
+        _warned_devices.add(device.type)
+        warnings.warn(
+            f"stablenets_ext: no compiled kernel for device '{device.type}'; using the "
+            "plain-PyTorch reference implementation (slower, same results)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+# -------------------------------------------------------------- functions
+
+
+def resnet(y, weight, bias, step=0.1, activation="tanh", *, impl="auto"):
+    """Forward-Euler ResNet stack: ``Y <- Y + h act(Y K_j^T + b_j)``."""
+    check_args(y, weight, bias, step, activation)
+    if not use_fused(impl, y.device):
+        return reference.resnet(y, weight, bias, step, activation)
+    store = _needs_grad(y, weight, bias)
+    return _ops.ops.resnet_forward(y, weight, bias, float(step), activation, store)[0]
+
+
+def antisymmetric(y, weight, bias, step=0.1, activation="tanh", *, gamma=0.01, impl="auto"):
+    """Antisymmetric stack: ResNet with ``A_j = (K_j - K_j^T - gamma I) / 2``."""
+    check_args(y, weight, bias, step, activation, gamma=gamma)
+    if not use_fused(impl, y.device):
+        return reference.antisymmetric(y, weight, bias, step, activation, gamma)
+    store = _needs_grad(y, weight, bias)
+    out = _ops.ops.antisymmetric_forward(y, weight, bias, float(step), float(gamma), activation, store)
+    return out[0]
+
+
+def leapfrog(
+    y, weight, bias, step=0.1, activation="tanh", *, y_prev=None, return_state=False,
+    reversible=False, impl="auto",
+):
+    """Second-order (leapfrog) stack. ``y_prev`` is ``Y_{-1}`` (default ``y``).
+
+    Returns ``Y_N``, or ``(Y_N, Y_{N-1})`` with ``return_state=True``. With
+    ``reversible=True`` the backward rebuilds the states from the last two
+    instead of storing all of them (memory independent of depth)."""
+    check_args(y, weight, bias, step, activation, state=y_prev, state_name="y_prev")
+    if not use_fused(impl, y.device):
+        out = reference.leapfrog(y, weight, bias, step, activation, y_prev, return_state=True)
+    else:
+        prev = y if y_prev is None else y_prev
+        grads = (y, weight, bias) if y_prev is None else (y, prev, weight, bias)
+        store = _needs_grad(*grads) and not reversible
+        out = _ops.ops.leapfrog_forward(y, prev, weight, bias, float(step), activation, store)[:2]
+    return tuple(out) if return_state else out[0]
+
+
+def verlet(
+    y, weight, bias, step=0.1, activation="tanh", *, z=None, return_state=False,
+    reversible=False, impl="auto",
+):
+    """Hamiltonian (Verlet) stack. ``z`` is ``Z_{-1/2}`` (default zeros).
+
+    Returns ``Y_N``, or ``(Y_N, Z_{N-1/2})`` with ``return_state=True``.
+    ``reversible=True`` as for :func:`leapfrog`."""
+    check_args(y, weight, bias, step, activation, state=z, state_name="z")
+    if not use_fused(impl, y.device):
+        out = reference.verlet(y, weight, bias, step, activation, z, return_state=True)
+    else:
+        z0 = torch.zeros_like(y) if z is None else z
+        store = _needs_grad(y, z0, weight, bias) and not reversible
+        out = _ops.ops.verlet_forward(y, z0, weight, bias, float(step), activation, store)[:2]
+    return tuple(out) if return_state else out[0]
+
+
+FUNCTIONS = {
+    "resnet": resnet,
+    "antisymmetric": antisymmetric,
+    "leapfrog": leapfrog,
+    "verlet": verlet,
+}

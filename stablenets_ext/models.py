@@ -1,0 +1,243 @@
+"""``StableNet`` = input lift + stable stack + linear classifier, and layer doubling.
+
+Dense architectures (``resnet``, ``antisymmetric``, ``leapfrog``, ``verlet``)
+run a stack from :data:`stablenets_ext.layers.STACKS` (fused kernels where
+compiled) on ``(B, width)`` states; image inputs are flattened. Convolutional
+architectures (``conv-resnet``, ... , see :mod:`stablenets_ext.conv`) need
+``(C, H, W)`` inputs, run 3x3 convolution stacks with ``width`` channels, then
+average-pool to ``pool x pool`` before the classifier.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import conv as _conv
+from . import functional as SF
+from .layers import STACKS
+
+DENSE_ARCHS = tuple(STACKS)
+CONV_ARCHS = tuple(f"conv-{a}" for a in _conv.CONV_STACKS)
+ARCHS = DENSE_ARCHS + CONV_ARCHS
+TWO_STATE = ("leapfrog", "verlet")
+
+
+def is_conv(arch: str) -> bool:
+    return arch.startswith("conv-")
+
+
+def base_arch(arch: str) -> str:
+    """``"conv-verlet"`` -> ``"verlet"``."""
+    return arch[5:] if is_conv(arch) else arch
+
+
+class ZeroPad(nn.Module):
+    """Embed ``features`` inputs in ``width`` by appending zeros (along dim 1)."""
+
+    def __init__(self, features: int, width: int):
+        super().__init__()
+        if width < features:
+            raise ValueError(f"width: zero-padding needs width >= features ({features}), got {width}")
+        self.features, self.width = features, width
+
+    def forward(self, x):
+        if self.width == self.features:
+            return x
+        pad = [0, 0] * (x.dim() - 2) + [0, self.width - self.features]
+        return F.pad(x, pad)
+
+    def extra_repr(self):
+        return f"features={self.features}, width={self.width}"
+
+
+def _positive_int(value, name):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+class StableNet(nn.Module):
+    """Lift (zero-pad or linear) -> stack of ``layers`` stable layers -> classifier.
+
+    ``features`` is an int, or ``(C, H, W)`` for images. ``width`` defaults to
+    the number of inputs (dense) or 16 channels (conv). ``lift``: None pads
+    with zeros when ``width >= features`` and learns a linear (1x1 ... here a
+    3x3 convolution for conv archs) lift otherwise; True always learns one;
+    False always pads. Extra keyword arguments go to the stack (``gamma``,
+    ``reversible``)."""
+
+    def __init__(self, arch, features, classes, layers, width=None, step=0.1, activation="tanh",
+                 impl="auto", *, lift=None, pool=4, **stack_kwargs):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"arch: expected one of {list(ARCHS)}, got {arch!r}")
+        _positive_int(classes, "classes")
+        _positive_int(layers, "layers")
+        if impl not in SF.IMPLS:
+            raise ValueError(f"impl: expected one of {SF.IMPLS}, got {impl!r}")
+        if isinstance(features, (list, tuple)):
+            features = tuple(int(f) for f in features)
+            if len(features) != 3 or min(features) < 1:
+                raise ValueError(f"features: expected an int or (C, H, W), got {features!r}")
+        else:
+            _positive_int(features, "features")
+        self.arch, self.features, self.classes = arch, features, classes
+        self.impl, self.lift_mode, self.pool_size = impl, lift, pool
+        self.stack_kwargs = dict(stack_kwargs)
+        if is_conv(arch):
+            if not isinstance(features, tuple):
+                raise ValueError(
+                    f"arch: {arch!r} is convolutional and needs image data with features "
+                    f"(C, H, W), got features={features!r}; use a dense arch ({', '.join(DENSE_ARCHS)})"
+                )
+            channels = features[0]
+            width = 16 if width is None else _positive_int(width, "width")
+            _positive_int(pool, "pool")
+            if lift is False or (lift is None and width >= channels):
+                self.lift = ZeroPad(channels, width)
+            else:
+                self.lift = nn.Conv2d(channels, width, 3, padding=1)
+            self.stack = _conv.CONV_STACKS[base_arch(arch)](width, layers, step, activation,
+                                                             impl=impl, **stack_kwargs)
+            self.pool = nn.AdaptiveAvgPool2d(pool)
+            self.classifier = nn.Linear(width * pool * pool, classes)
+        else:
+            inputs = math.prod(features) if isinstance(features, tuple) else features
+            width = inputs if width is None else _positive_int(width, "width")
+            if lift is False or (lift is None and width >= inputs):
+                self.lift = ZeroPad(inputs, width)
+            else:
+                self.lift = nn.Linear(inputs, width)
+            self.stack = STACKS[arch](width, layers, step, activation, impl=impl, **stack_kwargs)
+            self.pool = None
+            self.classifier = nn.Linear(width, classes)
+        self.width = width
+
+    # -- properties mirrored from the stack
+    @property
+    def layers(self) -> int:
+        return self.stack.layers
+
+    @property
+    def step(self) -> float:
+        return self.stack.step
+
+    @property
+    def activation(self) -> str:
+        return self.stack.activation
+
+    def config(self) -> dict:
+        """Keyword arguments that rebuild this model (``StableNet(**config)``)."""
+        return {
+            "arch": self.arch, "features": self.features, "classes": self.classes,
+            "layers": self.layers, "width": self.width, "step": self.step,
+            "activation": self.activation, "impl": self.impl, "lift": self.lift_mode,
+            "pool": self.pool_size, **self.stack_kwargs,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> "StableNet":
+        cfg = dict(config)
+        if isinstance(cfg.get("features"), list):
+            cfg["features"] = tuple(cfg["features"])
+        return cls(**cfg)
+
+    def lift_input(self, x):
+        """The stack's initial state ``Y_0``."""
+        if self.pool is None and x.dim() > 2:
+            x = x.flatten(1)
+        return self.lift(x)
+
+    def head(self, y):
+        """Logits from the stack's final state."""
+        if self.pool is not None:
+            y = self.pool(y).flatten(1)
+        return self.classifier(y)
+
+    def forward(self, x):
+        return self.head(self.stack(self.lift_input(x)))
+
+    def loss(self, logits, target):
+        return F.cross_entropy(logits, target)
+
+    @torch.no_grad()
+    def trajectory(self, x) -> torch.Tensor:
+        """States ``Y_0 .. Y_N`` through the stack, shape ``(N+1, B, ...)``, by
+        running the stack one layer at a time and carrying its state."""
+        fn = layer_function(self)
+        stack = self.stack
+        y = self.lift_input(x)
+        states, carry = [y], None
+        for j in range(stack.layers):
+            w, b = stack.weight[j:j + 1], stack.bias[j:j + 1]
+            if base_arch(self.arch) in TWO_STATE:
+                y, carry = fn(y, w, b, carry)
+            else:
+                y = fn(y, w, b, None)
+            states.append(y)
+        return torch.stack(states)
+
+    def extra_repr(self):
+        return f"arch={self.arch!r}, features={self.features}, classes={self.classes}, width={self.width}"
+
+
+def layer_function(model: StableNet):
+    """``fn(y, weight, bias, carry) -> y`` (one-state) or ``-> (y, carry)`` (leapfrog:
+    ``Y_{N-1}``, verlet: ``Z``) running a slice of ``model``'s stack with its settings."""
+    stack, arch = model.stack, base_arch(model.arch)
+    h, act = stack.step, stack.activation
+    if is_conv(model.arch):
+        f = _conv.FUNCTIONS[arch]
+        if arch == "antisymmetric":
+            return lambda y, w, b, c: f(y, w, b, h, act, stack.gamma)
+        if arch in TWO_STATE:
+            return lambda y, w, b, c: f(y, w, b, h, act, c, return_state=True)
+        return lambda y, w, b, c: f(y, w, b, h, act)
+    f = SF.FUNCTIONS[arch]
+    impl = stack.impl
+    if arch == "antisymmetric":
+        return lambda y, w, b, c: f(y, w, b, h, act, gamma=stack.gamma, impl=impl)
+    if arch == "leapfrog":
+        return lambda y, w, b, c: f(y, w, b, h, act, y_prev=c, return_state=True, impl=impl)
+    if arch == "verlet":
+        return lambda y, w, b, c: f(y, w, b, h, act, z=c, return_state=True, impl=impl)
+    return lambda y, w, b, c: f(y, w, b, h, act, impl=impl)
+
+
+def interpolate_layers(p: torch.Tensor) -> torch.Tensor:
+    """``(N, ...)`` -> ``(2N, ...)``: layer ``j`` sits at the centre of cell
+    ``[j h, (j+1) h]``; the new layers sit at the centres of the half cells,
+    linearly interpolated between neighbours (the first and last, which have
+    one neighbour, take the nearest layer's value)."""
+    prev = torch.cat([p[:1], p[:-1]])
+    nxt = torch.cat([p[1:], p[-1:]])
+    left = 0.75 * p + 0.25 * prev
+    right = 0.75 * p + 0.25 * nxt
+    return torch.stack([left, right], 1).reshape(2 * p.shape[0], *p.shape[1:])
+
+
+def double_layers(model: StableNet) -> StableNet:
+    """A new model with twice the layers and half the step, covering the same
+    time ``N h``: stack parameters interpolated (:func:`interpolate_layers`),
+    lift and classifier copied. Same device and dtype as ``model``."""
+    cfg = model.config()
+    cfg["layers"] = 2 * model.layers
+    cfg["step"] = model.step / 2
+    ref = model.stack.weight
+    new = StableNet.from_config(cfg).to(device=ref.device, dtype=ref.dtype)
+    new.lift.load_state_dict(model.lift.state_dict())
+    new.classifier.load_state_dict(model.classifier.state_dict())
+    with torch.no_grad():
+        new.stack.weight.copy_(interpolate_layers(model.stack.weight))
+        new.stack.bias.copy_(interpolate_layers(model.stack.bias))
+    new.train(model.training)
+    return new
+
+
+def clone(model: StableNet) -> StableNet:
+    return copy.deepcopy(model)

@@ -1,0 +1,208 @@
+"""Plain backpropagation: Adam, a StepLR schedule, regularisers, evaluation
+every epoch, early stop at a target accuracy, atomic checkpoints that resume
+bit-for-bit."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from ..data import Dataset, TensorLoader
+from . import checkpoint as ckpt
+from . import regularizers
+
+HISTORY_KEYS = ("epoch", "loss", "train_accuracy", "val_loss", "val_accuracy", "seconds",
+                "eval_seconds", "lr", "layers")
+
+
+def new_history() -> dict:
+    return {k: [] for k in HISTORY_KEYS}
+
+
+def model_device(model) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model, x, y, batch_size=4096, device=None):
+    """Mean cross-entropy and accuracy (a fraction) of ``model`` on ``(x, y)``."""
+    device = torch.device(device) if device is not None else model_device(model)
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    n = x.shape[0]
+    for lo in range(0, n, batch_size):
+        xb = x[lo:lo + batch_size].to(device, non_blocking=True)
+        yb = y[lo:lo + batch_size].to(device, non_blocking=True)
+        logits = model(xb)
+        loss += torch.nn.functional.cross_entropy(logits, yb, reduction="sum").double()
+        correct += (logits.argmax(1) == yb).sum()
+    model.train(was_training)
+    return loss.item() / max(n, 1), correct.item() / max(n, 1)
+
+
+def check_positive(value, name, kind=int):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and isinstance(value, int)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a positive {kind.__name__}, got {value!r}")
+
+
+def make_optimizer(model, lr, weight_decay=0.0, lr_step=None, lr_gamma=0.5, epochs=1):
+    """Adam and its StepLR (``lr_step`` epochs per decay; None: never decays)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step or max(1, epochs), gamma=lr_gamma
+                                            if lr_step else 1.0)
+    return opt, sched
+
+
+def write_json(path, obj) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def progress_enabled(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+def summary(history: dict, stopped_early=False) -> dict:
+    """The result dict shared by every trainer: final figures plus the history."""
+    return {
+        "accuracy": history["val_accuracy"][-1] if history["val_accuracy"] else float("nan"),
+        "best_accuracy": max(history["val_accuracy"], default=float("nan")),
+        "loss": history["loss"][-1] if history["loss"] else float("nan"),
+        "val_loss": history["val_loss"][-1] if history["val_loss"] else float("nan"),
+        "seconds": float(sum(history["seconds"])),
+        "seconds_per_epoch": (float(sum(history["seconds"])) / len(history["seconds"])
+                              if history["seconds"] else float("nan")),
+        "epochs": len(history["epoch"]),
+        "stopped_early": bool(stopped_early),
+        "history": history,
+    }
+
+
+def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_step=None,
+          lr_gamma=0.5, alpha=0.0, alpha_c=0.0, target_accuracy=None, device=None, seed=0,
+          checkpoint=None, resume=None, history_path=None, quiet=False, eval_batch_size=4096,
+          history=None, checkpoint_extra=None, desc=None, on_epoch=None) -> dict:
+    """Train ``model`` in place on ``data`` for ``epochs`` epochs (total, counting
+    epochs already done in a resumed checkpoint).
+
+    ``alpha``/``alpha_c``: smoothness and classifier regularisers. ``lr_step``
+    and ``lr_gamma``: StepLR, stepped once per epoch. ``target_accuracy``: stop
+    once the validation accuracy (a fraction) reaches it. ``checkpoint``: a
+    path written atomically after every epoch; ``resume``: a path to continue
+    from (model, optimiser, scheduler, RNG state, epoch, history). ``history``:
+    records to append to (multilevel training passes the previous levels').
+
+    Returns :func:`summary`: ``accuracy``, ``loss``, ``seconds``, ``epochs``,
+    ``stopped_early`` and ``history`` (per-epoch lists: ``loss``,
+    ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``seconds``, ``lr``...).
+    """
+    check_positive(epochs, "epochs")
+    check_positive(batch_size, "batch_size")
+    check_positive(lr, "lr", float)
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay: expected a number >= 0, got {weight_decay!r}")
+    if lr_step is not None:
+        check_positive(lr_step, "lr_step")
+    if target_accuracy is not None and not 0 < target_accuracy <= 1:
+        raise ValueError(f"target_accuracy: expected a fraction in (0, 1], got {target_accuracy!r}")
+    device = torch.device(device) if device is not None else model_device(model)
+    model.to(device)
+    opt, sched = make_optimizer(model, lr, weight_decay, lr_step, lr_gamma, epochs)
+    history = new_history() if history is None else history
+    start = 0
+    if resume is not None:
+        state = ckpt.load(resume, map_location=device)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ValueError(f"resume: checkpoint {os.fspath(resume)!r} does not fit this model "
+                             f"({state.get('model_config')}): {exc}") from None
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        start = state["epoch"]
+        history.clear()
+        history.update(state["history"])
+        if state.get("stopped_early"):
+            return summary(history, True)
+
+    loader = TensorLoader(data.train_x, data.train_y, batch_size, shuffle=True, seed=seed,
+                          device=device)
+    stopped = False
+    bar = None
+    if progress_enabled(quiet) and start < epochs:
+        from tqdm import tqdm
+
+        bar = tqdm(total=epochs, initial=start, desc=desc or f"{model.arch} L={model.layers}",
+                   unit="ep", dynamic_ncols=True, leave=True)
+    model.train()
+    for epoch in range(start, epochs):
+        loader.set_epoch(epoch)
+        sync(device)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        for xb, yb in loader:
+            opt.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = torch.nn.functional.cross_entropy(logits, yb)
+            total = loss + regularizers.penalty(model, alpha, alpha_c)
+            total.backward()
+            opt.step()
+            loss_sum += loss.detach() * yb.shape[0]
+            correct += (logits.detach().argmax(1) == yb).sum()
+        lr_now = opt.param_groups[0]["lr"]
+        sched.step()
+        sync(device)
+        seconds = time.perf_counter() - t0
+        n = loader.x.shape[0]
+        t1 = time.perf_counter()
+        val_loss, val_acc = evaluate(model, data.val_x, data.val_y, eval_batch_size, device)
+        record = {
+            "epoch": epoch + 1, "loss": loss_sum.item() / n, "train_accuracy": correct.item() / n,
+            "val_loss": val_loss, "val_accuracy": val_acc, "seconds": seconds,
+            "eval_seconds": time.perf_counter() - t1, "lr": lr_now, "layers": model.layers,
+        }
+        for k, v in record.items():
+            history.setdefault(k, []).append(v)
+        stopped = target_accuracy is not None and val_acc >= target_accuracy
+        if checkpoint is not None:
+            ckpt.save(checkpoint, {
+                "model_config": model.config() if hasattr(model, "config") else None,
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": ckpt.rng_state(), "epoch": epoch + 1,
+                "history": history, "stopped_early": stopped, **(checkpoint_extra or {}),
+            })
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{100 * val_acc:.2f}%")
+        if on_epoch is not None:
+            on_epoch(record)
+        if stopped:
+            break
+    if bar is not None:
+        bar.close()
+    result = summary(history, stopped)
+    if history_path is not None:
+        write_json(history_path, result)
+    return result

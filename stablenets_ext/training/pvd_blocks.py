@@ -1,0 +1,190 @@
+"""The PVD variable split: a StableNet's parameters as P blocks of contiguous layers.
+
+Block ``l`` owns the layers ``a_l .. b_l - 1`` of the stack, that is the slices
+``stack.weight[a_l:b_l]`` and ``stack.bias[a_l:b_l]`` of the ``(N, d, d)`` and
+``(N, d)`` tensors the (fused) stack op takes whole. The input lift belongs to
+the first block and the classifier to the last.
+
+All parameters live in one flat vector laid out block by block, so block ``l``
+is the contiguous range ``ranges[l]``: a worker's proposal, the direction and
+the synchronised point are plain slices, and shared memory needs one storage
+per vector rather than one per parameter. :meth:`BlockPartition.unflatten`
+turns a flat vector (or a concatenation of per-block pieces that carry
+autograd history) back into the named parameters the model's ``forward``
+expects, rebuilding each stack tensor whole so the fused kernels see exactly
+the shapes they would in plain training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The part of one named parameter that one block owns."""
+
+    name: str
+    block: int
+    offset: int  # position in the flat vector
+    shape: tuple  # shape of the piece (leading dim sliced for stack tensors)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def split_layers(layers: int, blocks: int) -> list[tuple[int, int]]:
+    """``blocks`` contiguous, nearly equal layer ranges (the first ones one longer)."""
+    if not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"workers: expected a positive int, got {blocks!r}")
+    if layers < blocks:
+        raise ValueError(
+            f"workers: PVD gives each worker at least one layer, but the stack has {layers} "
+            f"layers for {blocks} workers; use --layers >= {blocks} or fewer workers"
+        )
+    base, extra = divmod(layers, blocks)
+    out, start = [], 0
+    for l in range(blocks):
+        stop = start + base + (1 if l < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def _owner(name: str, blocks: int) -> int | None:
+    """Block of a non-stack parameter: lift -> first, classifier -> last."""
+    head = name.split(".", 1)[0]
+    if head == "lift":
+        return 0
+    if head == "classifier":
+        return blocks - 1
+    return None
+
+
+class BlockPartition:
+    """Maps a model's named parameters to P contiguous blocks of one flat vector."""
+
+    def __init__(self, model: nn.Module, blocks: int):
+        stack = getattr(model, "stack", None)
+        if stack is None or not hasattr(stack, "weight") or stack.weight.dim() != 3:
+            raise TypeError(
+                "model: PVD expects a StableNet-like module with .lift, .stack (weight of shape "
+                f"(layers, d, d)) and .classifier; got {type(model).__name__}"
+            )
+        self.blocks = blocks
+        self.layers = stack.weight.shape[0]
+        self.layer_ranges = split_layers(self.layers, blocks)
+        params = dict(model.named_parameters())
+        self.names = list(params)
+        self.shapes = {k: tuple(v.shape) for k, v in params.items()}
+        self.dtype = stack.weight.dtype
+
+        # Segments per block, in a fixed order: lift, stack tensors, classifier.
+        per_block: list[list[tuple[str, int, int | None, int | None]]] = [[] for _ in range(blocks)]
+        for name, p in params.items():
+            if name.startswith("stack."):
+                if p.dim() >= 1 and p.shape[0] == self.layers:
+                    for l, (a, b) in enumerate(self.layer_ranges):
+                        per_block[l].append((name, l, a, b))
+                else:  # a stack-wide parameter (none today): the first block owns it
+                    per_block[0].append((name, 0, None, None))
+                continue
+            owner = _owner(name, blocks)
+            if owner is None:
+                raise TypeError(
+                    f"model: parameter {name!r} is neither in .lift, .stack nor .classifier, "
+                    "so PVD cannot assign it to a block"
+                )
+            per_block[owner].append((name, owner, None, None))
+
+        self.segments: list[Segment] = []
+        self.ranges: list[tuple[int, int]] = []
+        offset = 0
+        for l in range(blocks):
+            lo = offset
+            for name, block, a, b in per_block[l]:
+                shape = self.shapes[name]
+                if a is not None:
+                    shape = (b - a,) + shape[1:]
+                seg = Segment(name, block, offset, shape)
+                self.segments.append(seg)
+                offset += seg.numel
+            self.ranges.append((lo, offset))
+        self.numel = offset
+        self._by_name: dict[str, list[Segment]] = {}
+        for seg in self.segments:
+            self._by_name.setdefault(seg.name, []).append(seg)
+        for name in self._by_name:  # segments of one tensor in layer order
+            self._by_name[name].sort(key=lambda s: s.block)
+
+    # ------------------------------------------------------------ layouts
+
+    def block_sizes(self) -> list[int]:
+        return [hi - lo for lo, hi in self.ranges]
+
+    def owner_index(self, device=None) -> torch.Tensor:
+        """``(numel,)`` int64: the block that owns each entry of the flat vector."""
+        sizes = torch.tensor(self.block_sizes(), device=device)
+        return torch.repeat_interleave(torch.arange(self.blocks, device=device), sizes)
+
+    def flatten(self, tensors: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Named full tensors -> flat vector (written into ``out`` when given)."""
+        if out is None:
+            first = tensors[self.names[0]]
+            out = torch.empty(self.numel, dtype=first.dtype, device=first.device)
+        with torch.no_grad():
+            for seg in self.segments:
+                src = tensors[seg.name]
+                if src.shape != self.shapes[seg.name]:
+                    raise ValueError(
+                        f"{seg.name}: expected shape {self.shapes[seg.name]}, got {tuple(src.shape)}"
+                    )
+                piece = self._slice(src, seg)
+                out[seg.offset:seg.offset + seg.numel].copy_(piece.reshape(-1))
+        return out
+
+    def _slice(self, full: torch.Tensor, seg: Segment) -> torch.Tensor:
+        if tuple(full.shape) == seg.shape:
+            return full
+        a, b = self.layer_ranges[seg.block]
+        return full[a:b]
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat vector -> named full tensors (views where one block owns the tensor,
+        a concatenation of the layer slices for the stack tensors). Differentiable."""
+        out = {}
+        for name in self.names:
+            segs = self._by_name[name]
+            pieces = [flat[s.offset:s.offset + s.numel].view(s.shape) for s in segs]
+            out[name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+        return out
+
+    def block(self, flat: torch.Tensor, l: int) -> torch.Tensor:
+        lo, hi = self.ranges[l]
+        return flat[lo:hi]
+
+    def describe(self) -> list[dict]:
+        """One line per block for reports: its layers and what else it owns."""
+        out = []
+        for l in range(self.blocks):
+            extra = sorted({s.name.split(".", 1)[0] for s in self.segments
+                            if s.block == l and not s.name.startswith("stack.")})
+            a, b = self.layer_ranges[l]
+            out.append({"block": l, "layers": [a, b], "also": extra,
+                        "parameters": self.ranges[l][1] - self.ranges[l][0]})
+        return out
+
+
+def digest(flat: torch.Tensor) -> str:
+    """An exact fingerprint of a parameter vector (its bytes), for the
+    identical-after-synchronisation checks."""
+    data = flat.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=12).hexdigest()
