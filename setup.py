@@ -108,9 +108,9 @@ def cpu_isa_flags():
 
 
 debug = os.environ.get("DEBUG", "0") == "1"
-opt = ["-O0", "-g"] if debug else ["-O3"]
+opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
 isa, isa_flags = cpu_isa_flags()
-cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fno-math-errno"] + isa_flags
+cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"] + isa_flags
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
 sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 
@@ -132,7 +132,7 @@ if use_cuda:
         library_dirs=pip_nvidia_dirs("lib"),
         extra_compile_args={
             "cxx": cxx_flags + ["-DSTABLENETS_WITH_CUDA"],
-            "nvcc": opt + ["-std=c++20", "-lineinfo", "-DSTABLENETS_WITH_CUDA",
+            "nvcc": (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["-std=c++20", "-lineinfo", "-DSTABLENETS_WITH_CUDA",
                            "--expt-relaxed-constexpr"],
         },
         extra_link_args=["-fopenmp"],

@@ -26,14 +26,20 @@ def compiled() -> bool:
     return _C is not None
 
 
+def _probe_kernels() -> dict[str, bool]:
+    if _C is None:
+        return {"cpu": False, "cuda": False}
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return {dev: has("stablenets::resnet_forward", key) for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
+# Probed once: a plain dict lookup is what torch.compile can trace through.
+_KERNELS = _probe_kernels()
+
+
 def has_kernel(device: torch.device | str) -> bool:
     """Whether fused kernels were compiled for this device type."""
-    if _C is None:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
-    if key is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("stablenets::resnet_forward", key)
+    return _KERNELS.get(torch.device(device).type, False)
 
 
 def compiled_devices() -> list[str]:

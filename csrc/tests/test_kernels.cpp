@@ -28,6 +28,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "stablenets/kernels.h"
@@ -395,7 +396,7 @@ int n_checks = 0, n_failed = 0;
 void report(bool ok, const std::string& what, const std::string& detail) {
   ++n_checks;
   if (!ok) ++n_failed;
-  std::printf("[%s] %-58s %s\n", ok ? " OK " : "FAIL", what.c_str(), detail.c_str());
+  std::printf("[%s] %-66s %s\n", ok ? " OK " : "FAIL", what.c_str(), detail.c_str());
   std::fflush(stdout);
 }
 

@@ -74,10 +74,10 @@ class BlockPartition:
 
     def __init__(self, model: nn.Module, blocks: int):
         stack = getattr(model, "stack", None)
-        if stack is None or not hasattr(stack, "weight") or stack.weight.dim() != 3:
+        if stack is None or not hasattr(stack, "weight") or stack.weight.dim() < 2:
             raise TypeError(
                 "model: PVD expects a StableNet-like module with .lift, .stack (weight of shape "
-                f"(layers, d, d)) and .classifier; got {type(model).__name__}"
+                f"(layers, ...)) and .classifier; got {type(model).__name__}"
             )
         self.blocks = blocks
         self.layers = stack.weight.shape[0]
@@ -184,7 +184,8 @@ class BlockPartition:
 
 
 def digest(flat: torch.Tensor) -> str:
-    """An exact fingerprint of a parameter vector (its bytes), for the
+    """An exact fingerprint of a parameter vector (a hash of its bytes, 60 bits as
+    15 hex digits so that it also fits an int64 collective), for the
     identical-after-synchronisation checks."""
     data = flat.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
-    return hashlib.blake2b(data, digest_size=12).hexdigest()
+    return hashlib.blake2b(data, digest_size=8).hexdigest()[:15]

@@ -38,7 +38,7 @@ class PVDConfig:
     workers: int = 2
     sync: str = "hull"  # "best" | "hull"
     iterations: int = 20
-    inner_epochs: float = 1.0
+    inner_epochs: float = 3.0
     inner_batches: int | None = None  # overrides inner_epochs when set
     direction_batches: int = 8
     batch_size: int = 64
@@ -104,12 +104,12 @@ def direction_batches(cfg: PVDConfig, n_train: int, iteration: int) -> list[torc
     return [perm[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(count)]
 
 
-def sync_indices(cfg: PVDConfig, n_val: int, iteration: int) -> torch.Tensor | None:
+def sync_indices(cfg: PVDConfig, n_val: int, iteration: int, device=None) -> torch.Tensor | None:
     """The validation examples the synchronisation is judged on (None: all of them)."""
     if cfg.sync_batch >= n_val:
         return None
     gen = torch.Generator().manual_seed(seed_for(cfg.seed, iteration, 0, TAG_SYNC))
-    return torch.randperm(n_val, generator=gen)[:cfg.sync_batch]
+    return torch.randperm(n_val, generator=gen)[:cfg.sync_batch].to(device)
 
 
 class Net:
@@ -176,6 +176,41 @@ class SharedState:
         return cls(make(numel), make(numel), make(numel), make(workers, numel), make(workers, workers))
 
 
+class Adam:
+    """Adam (Kingma & Ba), the arithmetic of ``torch.optim.Adam`` with default
+    betas and eps. Written out because the first ``torch.optim`` optimiser a
+    process builds imports ``torch._dynamo`` (over a second of CPU per worker
+    start, measured here), and a worker needs nothing else from it."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
+        self.params = list(params)
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.reset()
+
+    def reset(self):
+        self.t = 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        b1, b2 = self.betas
+        c1 = 1 - b1 ** self.t
+        c2 = math.sqrt(1 - b2 ** self.t)
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            g = p.grad
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.addcdiv_(m, (v.sqrt() / c2).add_(self.eps), value=-self.lr / c1)
+
+
 class WorkerFault(RuntimeError):
     """Raised on purpose by the fault-injection hook the tests use."""
 
@@ -192,7 +227,8 @@ class BlockSolver:
         x = shared.x
         self.y = torch.zeros(hi - lo, dtype=x.dtype, device=x.device, requires_grad=True)
         self.mu = torch.zeros(self.partition.blocks, dtype=x.dtype, device=x.device, requires_grad=True)
-        self.opt_y = torch.optim.Adam([self.y], lr=cfg.lr)
+        self.opt_y = Adam([self.y], lr=cfg.lr)
+        self.opt_mu = Adam([self.mu], lr=cfg.mu_lr or cfg.lr)
 
     # ------------------------------------------------------------ direction
 
@@ -214,6 +250,8 @@ class BlockSolver:
                 self.shared.grads[self.index].zero_()
             else:
                 self.shared.grads[self.index].copy_(flat.grad)
+        if flat.device.type == "cuda":  # the coordinator reads it once we reply
+            torch.cuda.synchronize(flat.device)
         return count
 
     # ----------------------------------------------------------- subproblem
@@ -221,15 +259,16 @@ class BlockSolver:
     def solve(self, iteration: int, heartbeat=None) -> dict:
         """Optimise (y_l, mu) from (x_l, 0); write them to the shared state and
         return the candidate's loss on this iteration's synchronisation batch."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         cfg, part, sh, l = self.cfg, self.partition, self.shared, self.index
         P = part.blocks
         with torch.no_grad():
             self.y.copy_(part.block(sh.x, l))
             self.mu.zero_()
         if not cfg.persistent_adam:
-            self.opt_y.state.clear()
-        opt_mu = torch.optim.Adam([self.mu], lr=cfg.mu_lr or cfg.lr)
+            self.opt_y.reset()
+        self.opt_mu.reset()  # mu starts again from 0 along a new direction
+        opt_mu = self.opt_mu
         xs = [part.block(sh.x, m) for m in range(P)]
         ds = [part.block(sh.d, m) for m in range(P)]
         n = self.train_x.shape[0]
@@ -247,8 +286,8 @@ class BlockSolver:
             pos += cfg.batch_size
             parts = [self.y if m == l else xs[m] + self.mu[m] * ds[m] for m in range(P)]
             loss = self.net.loss(torch.cat(parts), self.train_x[idx], self.train_y[idx])
-            self.opt_y.zero_grad(set_to_none=True)
-            opt_mu.zero_grad(set_to_none=True)
+            self.opt_y.zero_grad()
+            opt_mu.zero_grad()
             loss.backward()
             self.mu.grad[l] = 0  # mu_l does not exist: block l moves freely
             self.opt_y.step()
@@ -262,7 +301,7 @@ class BlockSolver:
             part.block(sh.proposal, l).copy_(self.y)
             sh.mu[l].copy_(self.mu)
             flat = candidate(part, sh.x, sh.d, sh.proposal, sh.mu[l], l)
-            vi = sync_indices(cfg, self.val_x.shape[0], iteration)
+            vi = sync_indices(cfg, self.val_x.shape[0], iteration, self.val_x.device)
             vx, vy = (self.val_x, self.val_y) if vi is None else (self.val_x[vi], self.val_y[vi])
             sync_loss = self.net.loss(flat, vx, vy).item()
         if sh.x.device.type == "cuda":
@@ -273,6 +312,7 @@ class BlockSolver:
             "train_loss": loss_sum / steps,
             "steps": steps,
             "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0,
             "mu": [float(v) for v in self.mu.detach().cpu()],
         }
 

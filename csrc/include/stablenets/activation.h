@@ -20,9 +20,12 @@ enum class Act : int32_t { Identity = 0, Tanh = 1, Relu = 2 };
 // Rational minimax approximation of tanh (odd 13/6 polynomial ratio, clamped),
 // accurate to a few float32 ulps. std::tanh does not vectorise in a C++
 // extension; this does (min/max/fma/div only), which is worth ~10x on the CPU.
+// GCC only turns the clamps into vector min/max with -fno-trapping-math (setup.py
+// and CMakeLists.txt pass it); without it the loops stay scalar.
 SN_HOST_DEVICE float fast_tanh(float x) {
   const float lim = 7.90531110763549805f;
-  x = x > lim ? lim : (x < -lim ? -lim : x);
+  x = x < -lim ? -lim : x;
+  x = x > lim ? lim : x;
   const float x2 = x * x;
   float p = -2.76076847742355e-16f;
   p = p * x2 + 2.00018790482477e-13f;

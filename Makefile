@@ -1,0 +1,45 @@
+# The two commands for a new user:  make demo  and  make test.
+# Both create .venv, install the dependencies, build the extension, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEPS := numpy tqdm matplotlib h5py scikit-learn psutil pytest pytest-benchmark pytest-timeout expecttest ninja setuptools wheel
+MAX_JOBS ?= 2
+STAMP := $(VENV)/.deps-installed
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
+SO_STAMP := $(VENV)/.ext-built
+
+.PHONY: demo test build venv bench ctest clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC) $(DEPS)
+	touch $@
+
+venv: $(STAMP)
+
+# Incremental (ninja) in-place build, then an editable install for the
+# `stablenets` console script.
+$(SO_STAMP): $(STAMP) $(SOURCES)
+	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py -q build_ext --inplace
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(SO_STAMP)
+
+demo: build
+	$(VENV)/bin/stablenets train
+
+test: build
+	$(PY) -m pytest python_tests -q -p no:cacheprovider --timeout=600
+	PYTHON=$(PY) bash csrc/tests/run_ctest.sh
+
+ctest: build
+	PYTHON=$(PY) bash csrc/tests/run_ctest.sh
+
+bench: build
+	$(PY) benchmarks/compare.py
+
+clean:
+	rm -rf build build-cmake *.egg-info stablenets_ext/_C*.so $(SO_STAMP)

@@ -1,0 +1,263 @@
+// Argument checks and regime choice for every op; the definitions of
+// stablenets::cuda::* (kernels.h). Narrow stacks go to narrow_host.h, wide ones
+// to wide.cuh.
+#pragma once
+
+#include <ATen/ATen.h>
+#if !defined(SN_CPU_EMULATION)
+#include <c10/cuda/CUDAGuard.h>
+#define SN_DEVICE_GUARD(t) const c10::cuda::CUDAGuard sn_device_guard((t).device())
+#else
+#define SN_DEVICE_GUARD(t) (void)0
+#endif
+
+#include <tuple>
+#include <utility>
+
+#include "narrow.h"
+#include "stablenets/activation.h"
+#include "stablenets/checks.h"
+#include "stablenets/kernels.h"
+#include "wide.cuh"
+
+namespace stablenets {
+namespace cuda_detail {
+namespace {
+
+using at::Tensor;
+
+Tensor antisymmetric_weight(const Tensor& K, double gamma) {
+  Tensor eye = at::eye(K.size(1), K.options());
+  return (K - K.transpose(1, 2) - eye * gamma).mul_(0.5).contiguous();
+}
+
+T2 resnet_forward_impl(const Tensor& y_in, const Tensor& K_in, const Tensor& b_in, double h,
+                       Act act, bool store) {
+  const Tensor y = y_in.contiguous(), K = K_in.contiguous(), b = b_in.contiguous();
+  const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
+  Tensor out = at::empty({B, d}, y.options());
+  Tensor states = at::empty({store ? N : 0, 2, B, d}, y.options());
+  if (y.numel() == 0) return {out, states};
+  if (d <= kNarrowMax &&
+      narrow_forward(Arch::ResNet, y, Tensor(), K, b, h, act, out, Tensor(), states))
+    return {out, states};
+  wide::resnet_forward(y, K, b, h, act, out, states);
+  return {out, states};
+}
+
+T3 resnet_backward_impl(const Tensor& g_in, const Tensor& states_in, const Tensor& K_in,
+                        const Tensor& b_in, double h, Act act, bool antisym) {
+  const Tensor g = g_in.contiguous(), states = states_in.contiguous(), K = K_in.contiguous(),
+               b = b_in.contiguous();
+  const int64_t N = K.size(0), B = g.size(0), d = g.size(1);
+  if (g.numel() == 0)
+    return {at::zeros_like(g), at::zeros({N, d, d}, g.options()), at::zeros({N, d}, g.options())};
+  if (d <= kNarrowMax) {
+    Tensor gy = at::empty({B, d}, g.options()), dW = at::empty({N, d, d}, g.options()),
+           db = at::empty({N, d}, g.options());
+    if (narrow_backward(Arch::ResNet, false, antisym, g, Tensor(), states, Tensor(), Tensor(), K, b,
+                        h, act, gy, Tensor(), dW, db))
+      return {gy, dW, db};
+  }
+  return wide::resnet_backward(g, states, K, h, act, antisym);
+}
+
+T4 zero_grads4(const Tensor& g, int64_t N) {
+  const int64_t d = g.size(1);
+  return {at::zeros_like(g), at::zeros_like(g), at::zeros({N, d, d}, g.options()),
+          at::zeros({N, d}, g.options())};
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
+// ------------------------------------------------------------- the ops
+
+namespace cuda {
+
+using at::Tensor;
+using cuda_detail::Arch;
+using cuda_detail::kNarrowMax;
+
+T2 resnet_forward(const Tensor& y, const Tensor& weight, const Tensor& bias, double step,
+                  c10::string_view activation, bool store) {
+  check_stack(y, weight, bias);
+  check_step(step);
+  const Act act = parse_activation(activation);
+  SN_DEVICE_GUARD(y);
+  return cuda_detail::resnet_forward_impl(y, weight, bias, step, act, store);
+}
+
+T3 resnet_backward(const Tensor& grad_out, const Tensor& states, const Tensor& weight,
+                   const Tensor& bias, double step, c10::string_view activation) {
+  check_stack(grad_out, weight, bias);
+  check_states(states, 2, grad_out, weight);
+  check_step(step);
+  const Act act = parse_activation(activation);
+  SN_DEVICE_GUARD(grad_out);
+  return cuda_detail::resnet_backward_impl(grad_out, states, weight, bias, step, act, false);
+}
+
+T2 antisymmetric_forward(const Tensor& y, const Tensor& weight, const Tensor& bias, double step,
+                         double gamma, c10::string_view activation, bool store) {
+  check_stack(y, weight, bias);
+  check_step(step);
+  check_gamma(gamma);
+  const Act act = parse_activation(activation);
+  SN_DEVICE_GUARD(y);
+  return cuda_detail::resnet_forward_impl(
+      y, cuda_detail::antisymmetric_weight(weight.contiguous(), gamma), bias, step, act, store);
+}
+
+T3 antisymmetric_backward(const Tensor& grad_out, const Tensor& states, const Tensor& weight,
+                          const Tensor& bias, double step, double gamma,
+                          c10::string_view activation) {
+  check_stack(grad_out, weight, bias);
+  check_states(states, 2, grad_out, weight);
+  check_step(step);
+  check_gamma(gamma);
+  const Act act = parse_activation(activation);
+  SN_DEVICE_GUARD(grad_out);
+  // A = (K - K^T - gamma I) / 2  =>  dL/dK = (dL/dA - dL/dA^T) / 2
+  return cuda_detail::resnet_backward_impl(
+      grad_out, states, cuda_detail::antisymmetric_weight(weight.contiguous(), gamma), bias, step,
+      act, true);
+}
+
+T3 leapfrog_forward(const Tensor& y_in, const Tensor& yprev_in, const Tensor& weight,
+                    const Tensor& bias, double step, c10::string_view activation, bool store) {
+  check_stack(y_in, weight, bias);
+  check_like(yprev_in, "y_prev", y_in);
+  check_step(step);
+  const Act act = parse_activation(activation);
+  SN_DEVICE_GUARD(y_in);
+  const Tensor y = y_in.contiguous(), yprev = yprev_in.contiguous(), K = weight.contiguous(),
+               b = bias.contiguous();
+  const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
+  Tensor states = at::empty({store ? N : 0, 2, B, d}, y.options());
+  if (y.numel() == 0) return {y.clone(), yprev.clone(), states};
+  if (d <= kNarrowMax) {
+    Tensor out0 = at::empty({B, d}, y.options()), out1 = at::empty({B, d}, y.options());
+    if (cuda_detail::narrow_forward(Arch::Leapfrog, y, yprev, K, b, step, act, out0, out1, states))
+      return {out0, out1, states};
+  }
+  auto outs = cuda_detail::wide::leapfrog_forward(y, yprev, K, b, step, act, states);
+  return {outs.first, outs.second, states};
+}
+
+T4 leapfrog_backward(const Tensor& grad_y, const Tensor& grad_y_prev, const Tensor& states_in,
+                     const Tensor& weight, const Tensor& bias, double step,
+                     c10::string_view activation) {
+  check_stack(grad_y, weight, bias);
+  check_like(grad_y_prev, "grad_y_prev", grad_y);
+  check_states(states_in, 2, grad_y, weight);
+  check_step(step);
+  const Act act = parse_activation(activation);
+  SN_DEVICE_GUARD(grad_y);
+  const Tensor ga = grad_y.contiguous(), gc = grad_y_prev.contiguous(),
+               states = states_in.contiguous(), K = weight.contiguous(), b = bias.contiguous();
+  const int64_t N = K.size(0), B = ga.size(0), d = ga.size(1);
+  if (ga.numel() == 0) return cuda_detail::zero_grads4(ga, N);
+  if (d <= kNarrowMax) {
+    Tensor g0 = at::empty({B, d}, ga.options()), g1 = at::empty({B, d}, ga.options()),
+           dW = at::empty({N, d, d}, ga.options()), db = at::empty({N, d}, ga.options());
+    if (cuda_detail::narrow_backward(Arch::Leapfrog, false, false, ga, gc, states, Tensor(),
+                                     Tensor(), K, b, step, act, g0, g1, dW, db))
+      return {g0, g1, dW, db};
+  }
+  return cuda_detail::wide::leapfrog_backward(ga, gc, states, K, step, act);
+}
+
+T4 leapfrog_backward_reversible(const Tensor& grad_y, const Tensor& grad_y_prev, const Tensor& y_in,
+                                const Tensor& yprev_in, const Tensor& weight, const Tensor& bias,
+                                double step, c10::string_view activation) {
+  check_stack(grad_y, weight, bias);
+  check_like(grad_y_prev, "grad_y_prev", grad_y);
+  check_like(y_in, "y", grad_y);
+  check_like(yprev_in, "y_prev", grad_y);
+  check_step(step);
+  const Act act = parse_activation(activation);
+  SN_DEVICE_GUARD(grad_y);
+  const Tensor ga = grad_y.contiguous(), gc = grad_y_prev.contiguous(), y = y_in.contiguous(),
+               yprev = yprev_in.contiguous(), K = weight.contiguous(), b = bias.contiguous();
+  const int64_t N = K.size(0), B = ga.size(0), d = ga.size(1);
+  if (ga.numel() == 0) return cuda_detail::zero_grads4(ga, N);
+  if (d <= kNarrowMax) {
+    Tensor g0 = at::empty({B, d}, ga.options()), g1 = at::empty({B, d}, ga.options()),
+           dW = at::empty({N, d, d}, ga.options()), db = at::empty({N, d}, ga.options());
+    if (cuda_detail::narrow_backward(Arch::Leapfrog, true, false, ga, gc, Tensor(), y, yprev, K, b,
+                                     step, act, g0, g1, dW, db))
+      return {g0, g1, dW, db};
+  }
+  return cuda_detail::wide::leapfrog_backward_reversible(ga, gc, y, yprev, K, b, step, act);
+}
+
+T3 verlet_forward(const Tensor& y_in, const Tensor& z_in, const Tensor& weight, const Tensor& bias,
+                  double step, c10::string_view activation, bool store) {
+  check_stack(y_in, weight, bias);
+  check_like(z_in, "z", y_in);
+  check_step(step);
+  const Act act = parse_activation(activation);
+  SN_DEVICE_GUARD(y_in);
+  const Tensor y = y_in.contiguous(), z = z_in.contiguous(), K = weight.contiguous(),
+               b = bias.contiguous();
+  const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
+  Tensor states = at::empty({store ? N : 0, 4, B, d}, y.options());
+  if (y.numel() == 0) return {y.clone(), z.clone(), states};
+  Tensor out0 = at::empty({B, d}, y.options()), out1 = at::empty({B, d}, y.options());
+  if (d <= kNarrowMax &&
+      cuda_detail::narrow_forward(Arch::Verlet, y, z, K, b, step, act, out0, out1, states))
+    return {out0, out1, states};
+  cuda_detail::wide::verlet_forward(y, z, K, b, step, act, out0, out1, states);
+  return {out0, out1, states};
+}
+
+T4 verlet_backward(const Tensor& grad_y, const Tensor& grad_z, const Tensor& states_in,
+                   const Tensor& weight, const Tensor& bias, double step,
+                   c10::string_view activation) {
+  check_stack(grad_y, weight, bias);
+  check_like(grad_z, "grad_z", grad_y);
+  check_states(states_in, 4, grad_y, weight);
+  check_step(step);
+  const Act act = parse_activation(activation);
+  SN_DEVICE_GUARD(grad_y);
+  const Tensor gy = grad_y.contiguous(), gz = grad_z.contiguous(), states = states_in.contiguous(),
+               K = weight.contiguous(), b = bias.contiguous();
+  const int64_t N = K.size(0), B = gy.size(0), d = gy.size(1);
+  if (gy.numel() == 0) return cuda_detail::zero_grads4(gy, N);
+  if (d <= kNarrowMax) {
+    Tensor g0 = at::empty({B, d}, gy.options()), g1 = at::empty({B, d}, gy.options()),
+           dW = at::empty({N, d, d}, gy.options()), db = at::empty({N, d}, gy.options());
+    if (cuda_detail::narrow_backward(Arch::Verlet, false, false, gy, gz, states, Tensor(), Tensor(),
+                                     K, b, step, act, g0, g1, dW, db))
+      return {g0, g1, dW, db};
+  }
+  return cuda_detail::wide::verlet_backward(gy, gz, states, K, step, act);
+}
+
+T4 verlet_backward_reversible(const Tensor& grad_y, const Tensor& grad_z, const Tensor& y_in,
+                              const Tensor& z_in, const Tensor& weight, const Tensor& bias,
+                              double step, c10::string_view activation) {
+  check_stack(grad_y, weight, bias);
+  check_like(grad_z, "grad_z", grad_y);
+  check_like(y_in, "y", grad_y);
+  check_like(z_in, "z", grad_y);
+  check_step(step);
+  const Act act = parse_activation(activation);
+  SN_DEVICE_GUARD(grad_y);
+  const Tensor gy = grad_y.contiguous(), gz = grad_z.contiguous(), y = y_in.contiguous(),
+               z = z_in.contiguous(), K = weight.contiguous(), b = bias.contiguous();
+  const int64_t N = K.size(0), B = gy.size(0), d = gy.size(1);
+  if (gy.numel() == 0) return cuda_detail::zero_grads4(gy, N);
+  if (d <= kNarrowMax) {
+    Tensor g0 = at::empty({B, d}, gy.options()), g1 = at::empty({B, d}, gy.options()),
+           dW = at::empty({N, d, d}, gy.options()), db = at::empty({N, d}, gy.options());
+    if (cuda_detail::narrow_backward(Arch::Verlet, true, false, gy, gz, Tensor(), y, z, K, b, step,
+                                     act, g0, g1, dW, db))
+      return {g0, g1, dW, db};
+  }
+  return cuda_detail::wide::verlet_backward_reversible(gy, gz, y, z, K, b, step, act);
+}
+
+}  // namespace cuda
+}  // namespace stablenets

@@ -1,0 +1,65 @@
+// The narrow regime's kernels (narrow_kernels.cuh) compiled for the GPU, with
+// the launch hooks that narrow_host.h calls: every launch goes to the current
+// CUDA stream and is checked; no host synchronisation, no allocation outside
+// ATen's caching allocator, so the ops can be captured in CUDA graphs.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+
+#include <mutex>
+#include <set>
+#include <utility>
+
+#include "narrow_host.h"
+#include "narrow_kernels.cuh"
+
+namespace stablenets {
+namespace cuda_detail {
+namespace narrow {
+namespace {
+
+// Lets `kernel` use the device's full opt-in shared memory (once per kernel and device).
+template <typename T>
+void allow_large_smem(KernelFn<T> kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  const int dev = c10::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev);
+  if (done.count(key)) return;
+  const int optin =
+      static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  done.insert(key);
+}
+
+}  // namespace
+
+DeviceLimits device_limits() {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  return {static_cast<int>(prop->sharedMemPerBlockOptin), prop->multiProcessorCount};
+}
+
+template <typename T>
+void launch(KernelFn<T> kernel, int64_t grid, int threads, size_t smem, const Params<T>& p) {
+  allow_large_smem<T>(kernel, smem);
+  kernel<<<static_cast<unsigned>(grid), threads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_reduce(const T* partial, int nblk, int N, int d, bool antisym, T* dW, T* db) {
+  const int64_t E = static_cast<int64_t>(N) * d * (d + 1);
+  const int threads = 256;
+  const int64_t blocks = std::max<int64_t>(
+      1, std::min<int64_t>((E + threads - 1) / threads, int64_t{device_limits().sms} * 8));
+  k_reduce_partials<T>
+      <<<static_cast<unsigned>(blocks), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          partial, nblk, N, d, antisym, dW, db);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace narrow
+}  // namespace cuda_detail
+}  // namespace stablenets

@@ -1,0 +1,143 @@
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from stablenets_ext import cli, ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--layers", "4", "--epochs", "2", "--quiet"]
+
+
+def json_line(out):
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, out
+    return json.loads(lines[0])
+
+
+def test_module_entry_point_info_json():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-m", "stablenets_ext", "info", "--json"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["torch"] == torch.__version__ and "compiled_devices" in info
+
+
+def test_info_human(capsys):
+    assert cli.main(["info"]) == 0
+    assert "compiled_devices" in capsys.readouterr().out
+
+
+def test_train_json_line_history_plot_and_resume(tmp_path, capsys):
+    hist, ck, plot = tmp_path / "h.json", tmp_path / "ck.pt", tmp_path / "plots"
+    args = ["train", "--dataset", "swiss", "--arch", "resnet", "--json", "--seed", "3",
+            "--history", str(hist), "--save", str(ck), "--plot", str(plot), *SMALL]
+    assert cli.main(args) == 0
+    line = json_line(capsys.readouterr().out)
+    for key in ("accuracy", "loss", "seconds", "epochs", "arch", "dataset", "impl", "device"):
+        assert key in line, key
+    assert line["arch"] == "resnet" and line["dataset"] == "swiss" and line["epochs"] == 2
+    assert line["impl"] == "auto" and line["device"] == "cpu" and 0 <= line["accuracy"] <= 1
+    assert json.loads(hist.read_text())["history"]["val_accuracy"][-1] == line["accuracy"]
+    assert sorted(p.name for p in plot.iterdir()) == ["swiss-resnet-curves.png",
+                                                      "swiss-resnet-trajectories.png"]
+    # resume to 3 epochs continues the saved run
+    assert cli.main(["train", "--resume", str(ck), "--json", "--dataset", "swiss", "--arch",
+                     "resnet", "--seed", "3", "--layers", "4", "--epochs", "3", "--quiet"]) == 0
+    again = json_line(capsys.readouterr().out)
+    assert again["epochs"] == 3
+
+
+def test_train_human_output_and_levels(capsys):
+    assert cli.main(["train", "--dataset", "ellipse", "--levels", "2", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "validation accuracy" in out and "8 layers" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--arch", "conv-verlet"], "--arch conv-verlet"),
+    (["train", "--workers", "2"], "--workers"),
+    (["train", "--backend", "dist"], "--backend"),
+    (["train", "--resume", "/nonexistent/ck.pt"], "--resume"),
+    (["train", "--gamma", "0.1", "--arch", "verlet"], "--gamma"),
+    (["train", "--device", "tpu"], "--device"),
+])
+def test_bad_combinations_are_clear_errors(argv, needle, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "error" in err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--arch", "densenet"], "--arch"),
+    (["train", "--dataset", "imagenet"], "--dataset"),
+    (["train", "--epochs", "0"], "--epochs"),
+    (["train", "--lr", "-1"], "--lr"),
+    (["train", "--target-accuracy", "150"], "--target-accuracy"),
+    (["train", "--trainer", "magic"], "--trainer"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_are_argparse_errors(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda(capsys):
+    assert cli.main(["train", "--device", "cuda"]) == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(ops.has_kernel("cpu"), reason="the fused CPU kernel is built")
+def test_fused_without_kernel(capsys):
+    assert cli.main(["train", "--impl", "fused", "--device", "cpu"]) == 2
+    assert "--impl fused" in capsys.readouterr().err
+
+
+def test_missing_external_trainer(monkeypatch, capsys):
+    monkeypatch.setitem(cli.EXTERNAL_TRAINERS, "sg", "stablenets_ext.training.no_such_module")
+    assert cli.main(["train", "--trainer", "sg", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "--trainer sg" in err and "no_such_module" in err
+
+
+def test_external_trainer_contract(monkeypatch, capsys):
+    fake = types.ModuleType("fake_trainer")
+    seen = {}
+
+    def add_cli_arguments(group):
+        group.add_argument("--fake-knob", type=int, default=1)
+
+    def run_cli(args, data, device):
+        seen.update(knob=args.fake_knob, workers=args.workers, arch=args.arch, data=data.name)
+        return {"accuracy": 0.5, "loss": 0.7, "seconds": 1.0, "epochs": 1, "history": {},
+                "extra": "x"}
+
+    fake.add_cli_arguments, fake.run_cli = add_cli_arguments, run_cli
+    monkeypatch.setitem(sys.modules, "fake_trainer", fake)
+    monkeypatch.setitem(cli.EXTERNAL_TRAINERS, "pvd", "fake_trainer")
+    assert cli.main(["train", "--trainer", "pvd", "--workers", "3", "--fake-knob", "5", "--json",
+                     "--dataset", "ellipse"]) == 0
+    line = json_line(capsys.readouterr().out)
+    assert seen == {"knob": 5, "workers": 3, "arch": "verlet", "data": "ellipse"}
+    assert line["accuracy"] == 0.5 and line["trainer"] == "pvd" and line["extra"] == "x"
+    assert cli.main(["train", "--trainer", "pvd", "--levels", "2"]) == 2
+
+
+def test_stability_delegates(monkeypatch):
+    fake = types.ModuleType("stablenets_ext.stability")
+    calls = []
+    fake.main = lambda argv: calls.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "stablenets_ext.stability", fake)
+    import stablenets_ext
+
+    monkeypatch.setattr(stablenets_ext, "stability", fake, raising=False)
+    assert cli.main(["stability", "--arch", "verlet", "--help"]) == 0
+    assert calls == [["--arch", "verlet", "--help"]]

@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from stablenets_ext import conv, models as M
+from stablenets_ext.layers import STACKS
+
+
+def dense_input(b=7):
+    return torch.randn(b, 2)
+
+
+@pytest.mark.parametrize("arch", M.DENSE_ARCHS)
+def test_stablenet_dense_structure(arch):
+    torch.manual_seed(0)
+    m = M.StableNet(arch, 2, 3, 5, width=4, step=0.2, impl="reference")
+    assert isinstance(m.lift, M.ZeroPad) and isinstance(m.stack, STACKS[arch])
+    assert m.stack.weight.shape == (5, 4, 4) and m.classifier.in_features == 4
+    assert m.layers == 5 and m.step == 0.2 and m.width == 4
+    x = dense_input()
+    out = m(x)
+    assert out.shape == (7, 3)
+    y0 = m.lift_input(x)
+    assert torch.equal(y0[:, :2], x) and torch.all(y0[:, 2:] == 0)
+    # forward = classifier(stack(lift(x))), and the per-layer trajectory ends where forward does
+    assert torch.allclose(m.head(m.trajectory(x)[-1]), out, atol=1e-6)
+    assert m.trajectory(x).shape == (6, 7, 4)
+    m.loss(out, torch.zeros(7, dtype=torch.long)).backward()
+    assert m.stack.weight.grad is not None
+
+
+def test_stablenet_lift_rules():
+    assert isinstance(M.StableNet("resnet", 8, 2, 2, width=4).lift, torch.nn.Linear)
+    assert isinstance(M.StableNet("resnet", 2, 2, 2, width=4, lift=True).lift, torch.nn.Linear)
+    assert M.StableNet("resnet", 64, 10, 2).width == 64
+    with pytest.raises(ValueError, match="width"):
+        M.StableNet("resnet", 8, 2, 2, width=4, lift=False)
+    # image inputs to a dense arch are flattened
+    m = M.StableNet("verlet", (1, 3, 3), 2, 2, width=12)
+    assert m(torch.randn(4, 1, 3, 3)).shape == (4, 2)
+
+
+def test_stablenet_config_round_trip():
+    m = M.StableNet("antisymmetric", 2, 2, 3, width=4, step=0.3, gamma=0.2, impl="reference")
+    m2 = M.StableNet.from_config(m.config())
+    m2.load_state_dict(m.state_dict())
+    x = dense_input()
+    assert m2.stack.gamma == 0.2
+    assert torch.equal(m(x), m2(x))
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"arch": "densenet"}, "arch"),
+    ({"classes": 0}, "classes"),
+    ({"layers": 0}, "layers"),
+    ({"width": -1}, "width"),
+    ({"impl": "fast"}, "impl"),
+    ({"features": (1, 2)}, "features"),
+    ({"arch": "conv-verlet"}, "arch"),  # conv arch on 2-D data
+])
+def test_stablenet_bad_arguments(kwargs, name):
+    args = {"arch": "verlet", "features": 2, "classes": 2, "layers": 2, "width": 4, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        M.StableNet(**args)
+
+
+@pytest.mark.parametrize("arch", M.CONV_ARCHS)
+def test_conv_stablenet(arch):
+    torch.manual_seed(0)
+    m = M.StableNet(arch, (3, 8, 8), 10, 3, width=6, step=0.1, pool=2)
+    assert m.stack.weight.shape == (3, 6, 6, 3, 3)
+    x = torch.randn(2, 3, 8, 8)
+    out = m(x)
+    assert out.shape == (2, 10)
+    assert torch.allclose(m.head(m.trajectory(x)[-1]), out, atol=1e-6)
+    out.sum().backward()
+    assert m.stack.weight.grad.abs().sum() > 0
+
+
+def test_conv_transpose_is_the_adjoint_and_antisymmetric_kernel():
+    torch.manual_seed(0)
+    k = torch.randn(4, 4, 3, 3, dtype=torch.float64)
+    x, y = torch.randn(2, 4, 6, 5, dtype=torch.float64), torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    assert torch.allclose((conv._conv(x, k) * y).sum(), (x * conv._conv_t(y, k)).sum())
+    a = conv.antisymmetric_kernel(k, 0.0)
+    assert abs(float((conv._conv(x, a) * x).sum())) < 1e-10  # <x, A x> = 0
+    a = conv.antisymmetric_kernel(k, 0.3)
+    want = 0.5 * (conv._conv(x, k) - conv._conv_t(x, k) - 0.3 * x)
+    assert torch.allclose(conv._conv(x, a), want)
+
+
+def test_conv_verlet_second_half_step_is_the_adjoint():
+    torch.manual_seed(0)
+    w, b = torch.randn(1, 3, 3, 3, 3, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64)
+    y = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    h = 0.1
+    z = -h * torch.tanh(conv._conv(y, w[0], b[0]))
+    want = y + h * torch.tanh(torch.nn.functional.conv_transpose2d(z, w[0], b[0], padding=1))
+    got, gz = conv.conv_verlet(y, w, b, h, "tanh", return_state=True)
+    assert torch.allclose(got, want) and torch.allclose(gz, z)
+
+
+def test_interpolate_layers():
+    p = torch.tensor([0.0, 4.0, 8.0])
+    assert M.interpolate_layers(p).tolist() == [0.0, 1.0, 3.0, 5.0, 7.0, 8.0]
+    q = torch.randn(5, 2, 2)
+    assert M.interpolate_layers(q).shape == (10, 2, 2)
+    const = torch.ones(3, 4)
+    assert torch.equal(M.interpolate_layers(const), torch.ones(6, 4))  # no leftovers
+
+
+@pytest.mark.parametrize("arch", M.ARCHS)
+def test_double_layers_keeps_the_function(arch):
+    torch.manual_seed(0)
+    image = M.is_conv(arch)
+    features = (2, 6, 6) if image else 2
+    m = M.StableNet(arch, features, 2, 16, width=4, step=0.05, impl="reference").double()
+    with torch.no_grad():  # a smooth-in-time network, as the smoothness regulariser makes them
+        m.stack.weight.copy_(m.stack.weight[:1].expand_as(m.stack.weight) * 2)
+        t = torch.linspace(0, 1, 16, dtype=torch.float64).view(16, *[1] * (m.stack.weight.dim() - 1))
+        m.stack.weight.add_(t * 0.5)
+        m.stack.bias.copy_(m.stack.bias[:1].expand_as(m.stack.bias))
+    d = M.double_layers(m)
+    assert d.layers == 32 and d.step == pytest.approx(0.025) and d.impl == m.impl
+    assert d.stack.weight.dtype == torch.float64
+    assert torch.equal(d.classifier.weight, m.classifier.weight)
+    x = torch.randn(64, *((2, 6, 6) if image else (2,)), dtype=torch.float64)
+    ya, yb = m.stack(m.lift_input(x)), d.stack(d.lift_input(x))
+    rel = float((ya - yb).norm() / (ya - m.lift_input(x)).norm())
+    assert rel < 0.05, rel
+    assert torch.allclose(d(x), m(x), atol=0.05)

@@ -1,0 +1,449 @@
+"""Parallel Variable Distribution (Ferris & Mangasarian 1994; Solodov 1997).
+
+The layers are split into P blocks of contiguous layers (the input lift goes
+with the first block, the classifier with the last), one per worker. Each
+iteration:
+
+1. **direction**: ``d = -grad f(x)`` on ``direction_batches`` mini-batches,
+   the batches shared out among the workers and the gradients summed; each
+   block of ``d`` is scaled to unit RMS (``normalize_direction``) so that a
+   multiplier moves its block about as far as an Adam step moves a weight;
+2. **parallel phase**: worker ``l`` optimises its block ``x_l`` together with
+   P-1 scalars ``mu_m`` that move every other block along ``d_m`` only (the
+   forget-me-not terms), with Adam, for ``inner_epochs`` epochs (or
+   ``inner_batches`` mini-batches); see :mod:`.pvd_solver`;
+3. **synchronisation**: the best of the P points (``sync="best"``) or the best
+   point of the affine hull of ``x`` and the P points (``sync="hull"``), both
+   judged on a batch of the validation set; see :mod:`.pvd_sync`. The new
+   point is written into the shared ``x`` that every worker maps.
+
+It stops at ``target_accuracy`` (validation) or after ``iterations``.
+
+Backends: ``process`` (P ``torch.multiprocessing`` workers over shared
+memory, :mod:`.pvd_process`), ``sequential`` (the same P subproblems run one
+after another in this process: the baseline the parallel phase is timed
+against, and bit-for-bit the same iterates when each worker has one thread)
+and ``dist`` (one rank per block over ``torch.distributed``, gloo or NCCL,
+:mod:`.pvd_dist`).
+
+The result dict is the backprop trainer's (:func:`.backprop.summary`:
+``accuracy``, ``loss``, ``seconds``, ``epochs``, ``history``...) plus the PVD
+measurements: ``phase_seconds`` per iteration, ``startup_seconds``,
+``seconds_to_target``... :func:`compare` adds the sequential run (measured
+parallel speed-up) and plain Adam backprop (time to the target accuracy).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+
+from . import backprop
+from .pvd_blocks import BlockPartition, digest
+from .pvd_process import InlinePool, ProcessPool, WorkerError, _skeleton, fd_sharing, mp_context
+from .pvd_solver import Net, PVDConfig, SharedState
+from .pvd_sync import synchronise
+
+__all__ = ["PVDConfig", "WorkerError", "add_cli_arguments", "compare", "run_cli", "train_pvd"]
+
+BACKENDS = ("process", "sequential", "dist")
+PVD_HISTORY_KEYS = (
+    "direction_seconds", "phase_seconds", "sync_seconds", "worker_seconds", "worker_cpu_seconds",
+    "worker_steps",
+    "candidate_losses", "best_worker", "best_loss", "hull_loss", "sync_loss", "sync_choice",
+    "lambda", "mu", "digest", "worker_digests",
+)
+
+
+def new_history() -> dict:
+    h = backprop.new_history()
+    for k in PVD_HISTORY_KEYS:
+        h[k] = []
+    return h
+
+
+def _device_of(model, device):
+    if device is not None:
+        return torch.device(device)
+    return backprop.model_device(model)
+
+
+def _sync_device(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_direction(shared: SharedState, partition: BlockPartition, count: int, normalize: bool):
+    """``d = -(sum of the workers' gradient sums) / examples``, each block scaled to unit RMS."""
+    with torch.no_grad():
+        d = torch.sum(shared.grads, 0).div_(-max(count, 1))
+        if normalize:
+            for m in range(partition.blocks):
+                blk = partition.block(d, m)
+                rms = blk.pow(2).mean().sqrt()
+                if rms > 0:
+                    blk.div_(rms)
+        shared.d.copy_(d)
+
+
+def _shared_copy(t: torch.Tensor, device, share: bool) -> torch.Tensor:
+    t = t.detach()
+    if share and torch.device(device).type == "cpu":
+        return torch.empty_like(t, device=device).share_memory_().copy_(t)
+    return t.to(device, copy=True)
+
+
+def _finish(model, partition, flat):
+    """Write the final point back into the caller's model (weights and biases)."""
+    params = partition.unflatten(flat)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+
+
+def _record(history, **values):
+    for k, v in values.items():
+        history.setdefault(k, []).append(v)
+
+
+def _result(history, stopped, cfg, partition, extra) -> dict:
+    res = backprop.summary(history, stopped)
+    phases = history["phase_seconds"]
+    reached = [i for i, a in enumerate(history["val_accuracy"])
+               if cfg.target_accuracy is not None and a >= cfg.target_accuracy]
+    first = reached[0] if reached else None
+    res.update({
+        "trainer": "pvd",
+        "workers": cfg.workers,
+        "sync": cfg.sync,
+        "iterations": len(history["epoch"]),
+        "target_accuracy": cfg.target_accuracy,
+        "reached_target": first is not None,
+        "iterations_to_target": None if first is None else first + 1,
+        "seconds_to_target": None if first is None else float(sum(history["seconds"][:first + 1])),
+        "phase_seconds_total": float(sum(phases)),
+        "phase_seconds_mean": float(sum(phases) / len(phases)) if phases else float("nan"),
+        "direction_seconds_total": float(sum(history["direction_seconds"])),
+        "sync_seconds_total": float(sum(history["sync_seconds"])),
+        "threads_per_worker": cfg.worker_threads(),
+        "blocks": partition.describe(),
+        "config": {k: v for k, v in vars(cfg).items() if k != "fault"},
+        "digests_identical": all(len(set(w)) == 1 and w[0] == c
+                                 for w, c in zip(history["worker_digests"], history["digest"])),
+    })
+    res.update(extra)
+    return res
+
+
+# ------------------------------------------------------------------ shared
+
+
+def _train_shared(model, data, cfg: PVDConfig, backend: str, device, callback, phase_timeout,
+                  eval_train: int, verify: bool, start_method: str) -> dict:
+    """The coordinator of the process and sequential backends."""
+    t_start = time.perf_counter()
+    partition = BlockPartition(model, cfg.workers)
+    dtype = next(model.parameters()).dtype
+    share = backend == "process"
+    with fd_sharing():
+        shared = SharedState.allocate(partition.numel, cfg.workers, dtype, device, share)
+        partition.flatten(dict(model.named_parameters()), out=shared.x)
+        train = (_shared_copy(data.train_x, device, share), _shared_copy(data.train_y, device, share))
+        val = (_shared_copy(data.val_x, device, share), _shared_copy(data.val_y, device, share))
+        buffers = {n: _shared_copy(b, device, share) for n, b in model.named_buffers()}
+    net = Net(_skeleton(model), buffers, partition)
+    n_eval = min(eval_train, train[0].shape[0])
+    g = torch.Generator().manual_seed(cfg.seed)
+    eval_idx = torch.randperm(train[0].shape[0], generator=g)[:n_eval].to(device)
+    train_eval = (train[0][eval_idx], train[1][eval_idx])
+
+    if backend == "process":
+        pool = ProcessPool(cfg, net, shared, train, val, phase_timeout=phase_timeout,
+                           start_method=start_method)
+    else:
+        pool = InlinePool(cfg, net, shared, train, val)
+    history = new_history()
+    stopped = False
+    with pool:
+        startup = time.perf_counter() - t_start
+        init_loss, init_acc = net.evaluate(shared.x, *val)
+        for k in range(cfg.iterations):
+            t0 = time.perf_counter()
+            replies = pool.run("gradient", k)
+            make_direction(shared, partition, sum(r["count"] for r in replies),
+                           cfg.normalize_direction)
+            _sync_device(device)
+            t1 = time.perf_counter()
+            results = pool.run("solve", k)
+            t2 = time.perf_counter()
+            new, info = synchronise(net, shared, [r["sync_loss"] for r in results], cfg, k, val)
+            with torch.no_grad():
+                shared.x.copy_(new)
+            _sync_device(device)
+            t3 = time.perf_counter()
+            if verify:
+                worker_digests = [r["digest"] for r in pool.run("digest", k)]
+                own = digest(shared.x)
+            else:
+                worker_digests, own = [], None
+            t4 = time.perf_counter()
+            val_loss, val_acc = net.evaluate(shared.x, *val)
+            train_loss, train_acc = net.evaluate(shared.x, *train_eval)
+            eval_seconds = time.perf_counter() - t4
+            best = results[info["best_worker"]]
+            _record(
+                history, epoch=k + 1, loss=train_loss, train_accuracy=train_acc, val_loss=val_loss,
+                val_accuracy=val_acc, seconds=t3 - t0, eval_seconds=eval_seconds, lr=cfg.lr,
+                layers=partition.layers, direction_seconds=t1 - t0, phase_seconds=t2 - t1,
+                sync_seconds=t3 - t2, worker_seconds=[r["seconds"] for r in results],
+                worker_cpu_seconds=[r["cpu_seconds"] for r in results],
+                worker_steps=best["steps"], candidate_losses=info["candidate_losses"],
+                best_worker=info["best_worker"], best_loss=info["best_loss"],
+                hull_loss=info.get("hull_loss"), sync_loss=info["sync_loss"],
+                sync_choice=info["choice"], mu=[r["mu"] for r in results],
+                digest=own, worker_digests=worker_digests,
+            )
+            history["lambda"].append(info.get("lambda"))
+            stopped = cfg.target_accuracy is not None and val_acc >= cfg.target_accuracy
+            if callback is not None:
+                callback({"iteration": k + 1, "val_accuracy": val_acc, "val_loss": val_loss,
+                          "pids": list(pool.pids), "sync": info, "backend": backend})
+            if stopped:
+                break
+    _finish(model, partition, shared.x)
+    extra = {"backend": backend, "startup_seconds": startup,
+             "wall_seconds": time.perf_counter() - t_start,
+             "initial_accuracy": init_acc, "initial_val_loss": init_loss}
+    if stopped and history["seconds"]:
+        extra["seconds_to_target_wall"] = startup + sum(history["seconds"]) + sum(history["eval_seconds"])
+    return _result(history, stopped, cfg, partition, extra)
+
+
+# --------------------------------------------------------------------- API
+
+
+def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: str = "hull",
+              iterations: int = 20, inner_epochs: float = 3.0, inner_batches: int | None = None,
+              direction_batches: int = 8, batch_size: int = 64, lr: float = 1e-2,
+              mu_lr: float | None = None, sync_batch: int = 1024, hull_steps: int = 10,
+              normalize_direction: bool = True, persistent_adam: bool = True,
+              target_accuracy: float | None = None, seed: int = 0, threads: int | None = None,
+              device=None, callback=None, phase_timeout: float | None = None,
+              init_method: str | None = None, dist_timeout: float = 300.0,
+              eval_train: int = 2048, verify: bool = True, start_method: str = "spawn",
+              fault=None) -> dict:
+    """Train ``model`` (a :class:`~stablenets_ext.models.StableNet`) in place with PVD.
+
+    ``workers``: P, the number of blocks and processes (ranks for ``dist``).
+    ``backend``: ``"process"``, ``"sequential"`` or ``"dist"``. ``sync``:
+    ``"best"`` or ``"hull"``. ``iterations``: the PVD iteration limit;
+    ``target_accuracy``: stop once the validation accuracy reaches it.
+    ``inner_epochs``/``inner_batches``: each worker's budget per iteration;
+    ``lr``/``mu_lr``: Adam's rates for the block and for the multipliers.
+    ``direction_batches``: mini-batches the direction is computed on.
+    ``sync_batch``: validation examples the synchronisation is judged on;
+    ``hull_steps``: L-BFGS iterations of the affine-hull step. ``threads``:
+    torch threads per worker (default: cores // workers). ``callback(info)``:
+    called by the coordinator after every synchronisation (``info`` has the
+    iteration, accuracy, and the worker pids). ``phase_timeout``: seconds a
+    phase may take before the workers are declared hung (None: no limit; dead
+    workers are detected at once regardless). ``init_method``/``dist_timeout``:
+    for ``dist`` (see :mod:`.pvd_dist`). ``verify``: after every
+    synchronisation each worker fingerprints the point it now holds (history
+    ``worker_digests``). ``start_method``: ``"spawn"`` (default) or
+    ``"forkserver"`` (torch imported once, later workers forked from it: much
+    cheaper when one process trains repeatedly). ``fault``: tests only,
+    ``(kind, worker, iteration)``.
+
+    Raises :class:`WorkerError` when a worker fails or dies (naming it);
+    workers are reaped and shared memory released before it propagates, as on
+    Ctrl-C (KeyboardInterrupt)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    mp_context(start_method)  # checks the name
+    if target_accuracy is not None and not 0 < target_accuracy <= 1:
+        raise ValueError(f"target_accuracy: expected a fraction in (0, 1], got {target_accuracy!r}")
+    cfg = PVDConfig(
+        workers=workers, sync=sync, iterations=iterations, inner_epochs=inner_epochs,
+        inner_batches=inner_batches, direction_batches=direction_batches, batch_size=batch_size,
+        lr=lr, mu_lr=mu_lr, sync_batch=sync_batch, hull_steps=hull_steps,
+        normalize_direction=normalize_direction, persistent_adam=persistent_adam,
+        target_accuracy=target_accuracy, seed=seed, threads=threads,
+        fault=tuple(fault) if fault else None,
+    ).check()
+    BlockPartition(model, workers)  # fail early on a model PVD cannot split
+    device = _device_of(model, device)
+    if backend == "dist":
+        from .pvd_dist import train_dist
+
+        return train_dist(model, data, cfg, device, init_method=init_method, timeout=dist_timeout,
+                          callback=callback, eval_train=eval_train, verify=verify,
+                          start_method=start_method)
+    return _train_shared(model, data, cfg, backend, device, callback, phase_timeout, eval_train,
+                         verify, start_method)
+
+
+# ------------------------------------------------------------- comparisons
+
+
+def _prefix_sum(values, n):
+    return float(sum(values[:n]))
+
+
+def compare(model, data, *, pvd: dict | None = None, sequential: bool = True,
+            backprop_epochs: int | None = None, backprop_kwargs: dict | None = None,
+            **kwargs) -> dict:
+    """Run PVD (unless ``pvd`` already holds its result, trained from ``model``'s
+    *current* parameters), the same run with the subproblems executed one after
+    another (``sequential``), and plain Adam backprop for ``backprop_epochs``
+    from the same initial parameters; return the PVD result with a
+    ``comparison`` entry and ``phase_speedup`` / ``time_to_target_vs_backprop``
+    (PVD's seconds to the target over backprop's; training time, evaluation
+    and worker start-up excluded for both). ``model`` is left untouched."""
+    start = copy.deepcopy(model)
+    if pvd is None:
+        pvd = train_pvd(copy.deepcopy(start), data, **kwargs)
+    out = dict(pvd)
+    comp: dict = {}
+    if sequential:
+        kw = dict(kwargs, backend="sequential")
+        seq = train_pvd(copy.deepcopy(start), data, **kw)
+        n = min(seq["iterations"], pvd["iterations"])
+        par_t = _prefix_sum(pvd["history"]["phase_seconds"], n)
+        seq_t = _prefix_sum(seq["history"]["phase_seconds"], n)
+        comp["sequential"] = {
+            "iterations": seq["iterations"],
+            "accuracy": seq["accuracy"],
+            "phase_seconds": seq["history"]["phase_seconds"],
+            "phase_seconds_total": seq_t,
+            "parallel_phase_seconds_total": par_t,
+            "phase_speedup": seq_t / par_t if par_t > 0 else float("nan"),
+            "seconds": seq["seconds"],
+            "seconds_to_target": seq["seconds_to_target"],
+            "same_iterates": seq["history"]["digest"][:n] == pvd["history"]["digest"][:n],
+        }
+        out["phase_speedup"] = comp["sequential"]["phase_speedup"]
+    if backprop_epochs:
+        bp_model = copy.deepcopy(start)
+        t0 = time.perf_counter()
+        bp = backprop.train(
+            bp_model, data, epochs=backprop_epochs, batch_size=kwargs.get("batch_size", 64),
+            lr=kwargs.get("lr", 1e-2), target_accuracy=kwargs.get("target_accuracy"),
+            device=kwargs.get("device"), seed=kwargs.get("seed", 0), quiet=True,
+            **(backprop_kwargs or {}),
+        )
+        wall = time.perf_counter() - t0
+        h = bp["history"]
+        target = kwargs.get("target_accuracy")
+        hit = next((i for i, a in enumerate(h["val_accuracy"]) if target is not None and a >= target), None)
+        bp_t = None if hit is None else float(sum(h["seconds"][:hit + 1]))
+        comp["backprop"] = {
+            "epochs": bp["epochs"],
+            "accuracy": bp["accuracy"],
+            "seconds": bp["seconds"],
+            "wall_seconds": wall,
+            "epochs_to_target": None if hit is None else hit + 1,
+            "seconds_to_target": bp_t,
+            "threads": torch.get_num_threads(),
+        }
+        p_t = pvd.get("seconds_to_target")
+        out["time_to_target_vs_backprop"] = (p_t / bp_t) if (p_t and bp_t) else None
+    out["comparison"] = comp
+    return out
+
+
+# --------------------------------------------------------------------- CLI
+
+
+def add_cli_arguments(group) -> None:
+    """PVD's own options (``--workers``, ``--backend``, ``--epochs``... are the CLI's)."""
+    group.add_argument("--pvd-sync", choices=("best", "hull"), default="hull",
+                       help="synchronisation: best of the P points, or best point of their "
+                            "affine hull (default: hull)")
+    group.add_argument("--pvd-iterations", type=int, default=None,
+                       help="PVD iteration limit (default: --epochs)")
+    group.add_argument("--pvd-inner-epochs", type=float, default=3.0,
+                       help="epochs each worker trains its block per iteration (default: 3)")
+    group.add_argument("--pvd-inner-batches", type=int, default=None,
+                       help="mini-batches per worker per iteration (overrides --pvd-inner-epochs)")
+    group.add_argument("--pvd-direction-batches", type=int, default=8,
+                       help="mini-batches the direction -grad f(x) is computed on (default: 8)")
+    group.add_argument("--pvd-mu-lr", type=float, default=None,
+                       help="Adam learning rate of the forget-me-not multipliers (default: --lr)")
+    group.add_argument("--pvd-sync-batch", type=int, default=1024,
+                       help="validation examples the synchronisation is judged on (default: 1024)")
+    group.add_argument("--pvd-hull-steps", type=int, default=10,
+                       help="L-BFGS iterations of the affine-hull step (default: 10)")
+    group.add_argument("--pvd-threads", type=int, default=None,
+                       help="torch threads per worker (default: cores // workers)")
+    group.add_argument("--pvd-start-method", choices=("spawn", "forkserver"), default="spawn",
+                       help="how worker processes start (default: spawn)")
+    group.add_argument("--pvd-compare", choices=("all", "sequential", "backprop", "none"),
+                       default="all",
+                       help="also run the P subproblems one after another (measured speed-up) "
+                            "and/or plain Adam backprop (time to target); default: all")
+
+
+def _arg(args, name, default=None):
+    v = getattr(args, name, None)
+    return default if v is None else v
+
+
+def run_cli(args, data, device) -> dict:
+    """``stablenets train --trainer pvd``: train ``args.model`` (the CLI builds it
+    from the resolved preset) with PVD, then run the comparisons ``--pvd-compare``
+    asks for from the same initial parameters."""
+    model = getattr(args, "model", None)
+    if model is None:
+        from ..models import StableNet
+
+        torch.manual_seed(_arg(args, "seed", 0))
+        model = _build_model(args, data, StableNet)
+    model = model.to(device)
+    epochs = _arg(args, "epochs", 20)
+    kwargs = dict(
+        workers=_arg(args, "workers", 2), sync=args.pvd_sync,
+        iterations=_arg(args, "pvd_iterations", epochs), inner_epochs=args.pvd_inner_epochs,
+        inner_batches=args.pvd_inner_batches, direction_batches=args.pvd_direction_batches,
+        batch_size=_arg(args, "batch_size", 64), lr=_arg(args, "lr", 1e-2), mu_lr=args.pvd_mu_lr,
+        sync_batch=args.pvd_sync_batch, hull_steps=args.pvd_hull_steps,
+        target_accuracy=_target(args), seed=_arg(args, "seed", 0), threads=args.pvd_threads,
+        device=device,
+    )
+    mode = args.pvd_compare
+    start = copy.deepcopy(model)
+    result = train_pvd(model, data, backend=_arg(args, "backend", "process"),
+                       start_method=args.pvd_start_method, **kwargs)
+    if mode != "none" and _is_rank_zero():
+        bp = {k: getattr(args, k) for k in ("weight_decay", "lr_step", "lr_gamma", "alpha", "alpha_c")
+              if getattr(args, k, None) is not None}
+        result = compare(start, data, pvd=result, sequential=mode in ("all", "sequential"),
+                         backprop_epochs=epochs if mode in ("all", "backprop") else None,
+                         backprop_kwargs=bp, **kwargs)
+    result["model"] = model
+    return result
+
+
+def _target(args):
+    t = getattr(args, "target_accuracy", None)
+    if t is None:
+        return None
+    return t / 100.0 if t > 1 else t
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _build_model(args, data, StableNet):
+    kw = {}
+    for name in ("width", "step", "activation", "impl", "gamma", "reversible"):
+        v = getattr(args, name, None)
+        if v is not None:
+            kw[name] = v
+    return StableNet(args.arch, data.features, data.classes, args.layers, **kw)

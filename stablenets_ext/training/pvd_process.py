@@ -1,0 +1,356 @@
+"""Running the P block solvers: worker processes on one machine, or inline.
+
+:class:`ProcessPool` starts P ``torch.multiprocessing`` processes (spawn). The
+point ``x``, the direction, the proposals and the data are tensors in shared
+memory that every process maps, so broadcasting the synchronised point is an
+in-place write by the coordinator and copies nothing between processes. The
+pipes carry only commands and small replies (losses, mu, timings).
+
+Shared memory uses torch's ``file_descriptor`` strategy, chosen explicitly for
+the allocation and the process start (and restored afterwards): its segments
+are unlinked from ``/dev/shm`` as soon as they are created and live only as
+long as some process holds the descriptor, so no kill -9 anywhere can leave a
+file behind. (``file_system`` would leave named files that only
+``torch_shm_manager`` cleans up.)
+
+Failure handling: every wait is :func:`multiprocessing.connection.wait` on
+the workers' pipes *and* process sentinels with a timeout, so a worker that
+raises (it sends its traceback) or dies (its sentinel fires, e.g. kill -9)
+becomes a :class:`WorkerError` naming it at once; the pool then terminates
+and reaps the others. Workers ignore SIGINT (Ctrl-C is the coordinator's to
+handle: it raises KeyboardInterrupt there and the pool is closed on the way
+out) and exit by themselves when the coordinator disappears (its sentinel),
+so none is left orphaned.
+
+:class:`InlinePool` runs the same solvers one after another in the calling
+process: the sequential reference the parallel phase is timed against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+import traceback
+from multiprocessing import connection
+
+import torch
+import torch.multiprocessing as tmp
+
+from .pvd_blocks import digest
+from .pvd_solver import BlockSolver, Net, PVDConfig, SharedState
+
+
+class WorkerError(RuntimeError):
+    """A PVD worker raised, died or stopped answering."""
+
+    def __init__(self, message: str, worker: int | None = None):
+        super().__init__(message)
+        self.worker = worker
+
+
+@contextlib.contextmanager
+def fd_sharing():
+    """Use torch's file_descriptor sharing strategy inside the block (see module doc)."""
+    old = tmp.get_sharing_strategy()
+    if old == "file_descriptor" or "file_descriptor" not in tmp.get_all_sharing_strategies():
+        yield
+        return
+    tmp.set_sharing_strategy("file_descriptor")
+    try:
+        yield
+    finally:
+        tmp.set_sharing_strategy(old)
+
+
+@contextlib.contextmanager
+def sigint_ignored():
+    """Children started inside inherit SIG_IGN for SIGINT, so Python never
+    installs its KeyboardInterrupt handler in them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+START_METHODS = ("spawn", "forkserver")
+
+
+def mp_context(start_method: str):
+    """A spawn or forkserver context (never fork: torch's threads and CUDA do not
+    survive it). The forkserver imports torch once and forks every later worker
+    from that: much cheaper starts when a process runs PVD more than once."""
+    if start_method not in START_METHODS:
+        raise ValueError(f"start_method: expected one of {START_METHODS}, got {start_method!r}")
+    ctx = tmp.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload([
+            "torch", "torch.distributed", "stablenets_ext.models", "stablenets_ext.training.pvd_process",
+        ])
+    return ctx
+
+
+def warm_optimizers():
+    """The first ``torch.optim`` optimiser built in a process pays a one-off
+    import (seconds); pay it here rather than inside a timed phase."""
+    torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
+
+
+def _set_threads(threads: int):
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # only settable before any parallel work
+        torch.set_num_interop_threads(1)
+
+
+def _worker_main(index: int, conn, payload: dict):
+    """Entry point of worker ``index`` (top level: spawn imports it by name)."""
+    parent = tmp.parent_process()
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _set_threads(payload["threads"])
+        net = Net(payload["module"], payload["buffers"], payload["partition"])
+        solver = BlockSolver(index, net, payload["shared"], payload["train"], payload["val"],
+                             payload["config"])
+        watch = [conn] + ([parent.sentinel] if parent is not None else [])
+
+        def heartbeat():  # the coordinator is gone: leave instead of computing for nobody
+            if parent is not None and connection.wait([parent.sentinel], 0):
+                os._exit(1)
+
+        conn.send(("ok", index, {"pid": os.getpid()}))
+        while True:
+            ready = connection.wait(watch, timeout=1.0)
+            if not ready:
+                continue
+            if parent is not None and parent.sentinel in ready:
+                os._exit(1)
+            msg = conn.recv()
+            cmd = msg[0]
+            if cmd == "stop":
+                break
+            t0 = time.perf_counter()
+            if cmd == "gradient":
+                reply = {"count": solver.gradient(msg[1])}
+            elif cmd == "solve":
+                reply = solver.solve(msg[1], heartbeat)
+            elif cmd == "digest":
+                reply = {"digest": digest(solver.shared.x)}
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+            reply.setdefault("seconds", time.perf_counter() - t0)
+            conn.send(("ok", index, reply))
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass  # the coordinator closed the pipe: it is shutting down
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.send(("error", index, traceback.format_exc()))
+        raise SystemExit(1)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+class ProcessPool:
+    """P worker processes over shared memory; see the module docstring."""
+
+    def __init__(self, cfg: PVDConfig, net: Net, shared: SharedState, train, val,
+                 start_timeout: float = 300.0, phase_timeout: float | None = None,
+                 start_method: str = "spawn"):
+        self.cfg, self.net, self.shared = cfg, net, shared
+        self.start_method = start_method
+        self.train, self.val = train, val
+        self.start_timeout, self.phase_timeout = start_timeout, phase_timeout
+        self.procs: list = []
+        self.conns: list = []
+        self.pids: list[int] = []
+        self.phase = "start"
+        self.iteration = -1
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self):
+        ctx = mp_context(self.start_method)
+        P = self.cfg.workers
+        module = _skeleton(self.net.module)
+        with fd_sharing(), sigint_ignored():
+            for l in range(P):
+                ours, theirs = ctx.Pipe(duplex=True)
+                payload = {
+                    "module": module, "buffers": self.net.buffers, "partition": self.net.partition,
+                    "shared": self.shared, "train": self.train, "val": self.val,
+                    "config": self.cfg, "threads": self.cfg.worker_threads(),
+                }
+                proc = ctx.Process(target=_worker_main, args=(l, theirs, payload),
+                                   name=f"pvd-worker-{l}", daemon=True)
+                proc.start()
+                theirs.close()
+                self.procs.append(proc)
+                self.conns.append(ours)
+        warm_optimizers()  # overlaps the workers' start instead of delaying the first sync
+        replies = self._gather(timeout=self.start_timeout)
+        self.pids = [r["pid"] for r in replies]
+        return self
+
+    def close(self, graceful: bool = True):
+        """Stop every worker and reap it: stop message, then SIGTERM, then SIGKILL."""
+        if graceful:
+            for conn in self.conns:
+                with contextlib.suppress(Exception):
+                    conn.send(("stop",))
+            deadline = time.monotonic() + 3.0
+            for p in self.procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(2.0)
+            if p.is_alive():
+                p.kill()
+                p.join(2.0)
+        for conn in self.conns:
+            with contextlib.suppress(Exception):
+                conn.close()
+        for p in self.procs:
+            with contextlib.suppress(ValueError):
+                p.close()
+        self.procs, self.conns = [], []
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(graceful=exc_type is None)
+
+    # ------------------------------------------------------------- commands
+
+    def run(self, cmd: str, iteration: int) -> list[dict]:
+        """Send ``cmd`` to every worker and return their replies in worker order."""
+        self.phase, self.iteration = cmd, iteration
+        for l, conn in enumerate(self.conns):
+            try:
+                conn.send((cmd, iteration))
+            except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+                self._raise_dead(l)
+        return self._gather(timeout=self.phase_timeout)
+
+    def _where(self) -> str:
+        if self.phase == "start":
+            return "while starting"
+        return f"during '{self.phase}' of iteration {self.iteration}"
+
+    def _name(self, l: int) -> str:
+        a, b = self.net.partition.layer_ranges[l]
+        pid = self.procs[l].pid if l < len(self.procs) else "?"
+        return f"PVD worker {l} (pid {pid}, layers {a}-{b - 1})"
+
+    def _raise_dead(self, l: int):
+        proc = self.procs[l]
+        proc.join(1.0)
+        raise WorkerError(f"{self._name(l)} died {self._where()}: {describe_exit(proc.exitcode)}", l)
+
+    def _gather(self, timeout: float | None) -> list[dict]:
+        P = len(self.procs)
+        replies: dict[int, dict] = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        conn_index = {id(c): l for l, c in enumerate(self.conns)}
+        sentinel_index = {p.sentinel: l for l, p in enumerate(self.procs)}
+        while len(replies) < P:
+            pending = [self.conns[l] for l in range(P) if l not in replies]
+            ready = connection.wait(pending + list(sentinel_index), timeout=0.5)
+            # Messages first: a worker that sent its traceback and exited is an error, not a death.
+            for obj in sorted(ready, key=lambda o: isinstance(o, int)):
+                if isinstance(obj, int):
+                    l = sentinel_index[obj]
+                    if self.conns[l].poll():
+                        self._receive(l, replies)
+                    self._raise_dead(l)
+                else:
+                    self._receive(conn_index[id(obj)], replies)
+            if deadline is not None and time.monotonic() > deadline and len(replies) < P:
+                late = [l for l in range(P) if l not in replies]
+                raise WorkerError(
+                    f"{', '.join(self._name(l) for l in late)} did not answer {self._where()} "
+                    f"within {timeout:.0f} s", late[0])
+        return [replies[l] for l in range(P)]
+
+    def _receive(self, l: int, replies: dict):
+        try:
+            status, index, body = self.conns[l].recv()
+        except (EOFError, ConnectionResetError, OSError):
+            self._raise_dead(l)
+        if status == "error":
+            raise WorkerError(f"{self._name(l)} failed {self._where()}:\n{body.rstrip()}", l)
+        replies[index] = body
+
+
+class InlinePool:
+    """The same solvers, run one after another in this process (sequential PVD)."""
+
+    def __init__(self, cfg: PVDConfig, net: Net, shared: SharedState, train, val):
+        self.cfg = cfg
+        self.solvers = [BlockSolver(l, net, shared, train, val, cfg) for l in range(cfg.workers)]
+        self.pids = [os.getpid()] * cfg.workers
+
+    def start(self):
+        warm_optimizers()
+        return self
+
+    def close(self, graceful: bool = True):
+        pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+
+    def run(self, cmd: str, iteration: int) -> list[dict]:
+        # The workers' thread count for the workers' part only: the coordinator's
+        # part (synchronisation, evaluation) runs as it does with ProcessPool.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.cfg.worker_threads())
+        try:
+            return self._run(cmd, iteration)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self, cmd: str, iteration: int) -> list[dict]:
+        out = []
+        for s in self.solvers:
+            t0 = time.perf_counter()
+            if cmd == "gradient":
+                reply = {"count": s.gradient(iteration)}
+            elif cmd == "solve":
+                reply = s.solve(iteration)
+            elif cmd == "digest":
+                reply = {"digest": digest(s.shared.x)}
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+            reply.setdefault("seconds", time.perf_counter() - t0)
+            out.append(reply)
+        return out
+
+
+def _skeleton(module):
+    """The module without its parameter values (they come from the flat vector)."""
+    import copy
+
+    return copy.deepcopy(module).to("meta")

@@ -1,0 +1,406 @@
+"""What every synthetic-gradient trainer shares: a StableNet cut into stages,
+the synthetic-gradient (SG) modules at the cuts, and one stage's update rule.
+
+A network of ``N`` layers is cut into ``M`` stages at layer ``bounds``
+(``0 = b_0 < b_1 < ... < b_M = N``). Stage 0 owns the input lift, the last
+stage the classifier; stage ``k`` owns stack layers ``b_k .. b_{k+1}-1``. The
+whole integrator state crosses each cut: ``(Y,)`` for resnet/antisymmetric,
+``(Y, Y_prev)`` for leapfrog, ``(Y, Z)`` for verlet.
+
+The schedule, identical in every backend (in-process, processes, torch.distributed):
+
+- stage ``k < M-1`` runs its forward on batch ``t``, asks its SG module for
+  ``dL/dh`` of its output given the output and the one-hot label (cDNI),
+  backpropagates that, steps its optimiser and hands the true gradient of its
+  *input* back to stage ``k-1``;
+- the last stage does the same with the true loss;
+- stage ``k`` trains its SG module (MSE) on the true gradient of batch ``t``
+  before its forward of batch ``t + inflight``, and on every outstanding one at
+  the end of an epoch. ``inflight = 1`` is the textbook DNI update (learn as
+  soon as the gradient exists); a pipeline needs ``inflight >= 2`` for stages
+  to overlap, and the in-process trainer can replay any ``inflight`` exactly.
+
+SG modules predict the per-example gradient ``n * dL/dh`` (``L`` the batch-mean
+loss over ``n`` examples), so their targets do not shrink with the batch size.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import models
+from . import backprop, regularizers
+
+
+def state_parts(arch: str) -> int:
+    """How many tensors cross a cut: 2 for leapfrog/verlet, else 1."""
+    return 2 if models.base_arch(arch) in models.TWO_STATE else 1
+
+
+def split_bounds(layers: int, stages: int) -> list[int]:
+    """Layer boundaries of ``stages`` near-equal slices of ``layers`` layers."""
+    if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
+        raise ValueError(f"stages: expected a positive int, got {stages!r}")
+    if stages > layers:
+        raise ValueError(
+            f"stages: a network of {layers} layers cannot be cut into {stages} stages "
+            "(each stage needs at least one layer)"
+        )
+    return [round(i * layers / stages) for i in range(stages + 1)]
+
+
+def check_bounds(bounds, layers: int) -> list[int]:
+    bounds = [int(b) for b in bounds]
+    if (len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != layers
+            or any(b <= a for a, b in zip(bounds, bounds[1:]))):
+        raise ValueError(
+            f"bounds: expected increasing layer indices from 0 to {layers}, got {bounds}"
+        )
+    return bounds
+
+
+class StageNet(nn.Module):
+    """One slice of a :class:`~stablenets_ext.models.StableNet`.
+
+    ``forward(inputs)`` takes a tuple: ``(x,)`` for the first stage, the cut
+    state otherwise; it returns the state at the next cut (a tuple), or the
+    logits for the last stage."""
+
+    def __init__(self, model: models.StableNet, lo: int, hi: int, index: int, count: int):
+        super().__init__()
+        self.index, self.count, self.lo, self.hi = index, count, lo, hi
+        self.arch = model.arch
+        self.parts = state_parts(model.arch)
+        self.flatten = model.pool is None
+        stack = copy.deepcopy(model.stack)
+        with torch.no_grad():
+            stack.weight = nn.Parameter(model.stack.weight.detach()[lo:hi].clone())
+            stack.bias = nn.Parameter(model.stack.bias.detach()[lo:hi].clone())
+        stack.layers = hi - lo
+        self.stack = stack
+        self.lift = copy.deepcopy(model.lift) if index == 0 else None
+        last = index == count - 1
+        self.pool = copy.deepcopy(model.pool) if last and model.pool is not None else None
+        self.classifier = copy.deepcopy(model.classifier) if last else None
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+    def forward(self, inputs):
+        if self.first:
+            x = inputs[0]
+            if self.flatten and x.dim() > 2:
+                x = x.flatten(1)
+            y, carry = self.lift(x), None
+        else:
+            y = inputs[0]
+            carry = inputs[1] if self.parts == 2 else None
+        if self.parts == 2:
+            y, carry = self.stack(y, carry, return_state=True)
+            state = (y, carry)
+        else:
+            y = self.stack(y)
+            state = (y,)
+        if not self.last:
+            return state
+        if self.pool is not None:
+            y = self.pool(y).flatten(1)
+        return self.classifier(y)
+
+    def penalty(self, alpha: float, alpha_c: float):
+        """The backprop trainer's regularisers restricted to this stage's
+        parameters (smoothness couples neighbouring layers within the stage)."""
+        total = regularizers.smoothness(self.stack, alpha)
+        if self.last and alpha_c:
+            total = total + 0.5 * alpha_c * self.classifier.weight.pow(2).sum()
+        return total
+
+    def extra_repr(self):
+        return f"stage={self.index}/{self.count}, layers={self.lo}..{self.hi - 1}"
+
+
+def split_model(model: models.StableNet, stages: int | None = None, bounds=None) -> list[StageNet]:
+    """Copies of ``model``'s parameters as ``len(bounds)-1`` :class:`StageNet`\\ s."""
+    if bounds is None:
+        bounds = split_bounds(model.layers, 2 if stages is None else stages)
+    bounds = check_bounds(bounds, model.layers)
+    count = len(bounds) - 1
+    return [StageNet(model, bounds[k], bounds[k + 1], k, count) for k in range(count)]
+
+
+@torch.no_grad()
+def merge_stages(nets, model: models.StableNet) -> models.StableNet:
+    """Write the stages' parameters back into ``model`` (in place)."""
+    for net in nets:
+        model.stack.weight[net.lo:net.hi].copy_(net.stack.weight)
+        model.stack.bias[net.lo:net.hi].copy_(net.stack.bias)
+        if net.first:
+            model.lift.load_state_dict(net.lift.state_dict())
+        if net.last:
+            model.classifier.load_state_dict(net.classifier.state_dict())
+    return model
+
+
+def chain_forward(nets, x):
+    inputs = (x,)
+    for net in nets:
+        inputs = net(inputs)
+    return inputs
+
+
+@torch.no_grad()
+def evaluate_stages(nets, x, y, batch_size=4096, device=None):
+    """Mean cross-entropy and accuracy (a fraction) of the chained stages."""
+    device = torch.device(device) if device is not None else next(nets[0].parameters()).device
+    loss, correct, n = 0.0, 0, x.shape[0]
+    modes = [net.training for net in nets]
+    for net in nets:
+        net.eval()
+    for lo in range(0, n, batch_size):
+        xb, yb = x[lo:lo + batch_size].to(device), y[lo:lo + batch_size].to(device)
+        logits = chain_forward(nets, xb)
+        loss += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    for net, mode in zip(nets, modes):
+        net.train(mode)
+    return loss / max(n, 1), correct / max(n, 1)
+
+
+class SyntheticGradient(nn.Module):
+    """Predicts the per-example gradient at a cut from the cut's state and, when
+    ``classes > 0``, the one-hot label (Jaderberg et al. 2016, cDNI).
+
+    Dense states ``(d,)``: one linear map (``hidden = 0``) or Linear-ReLU-Linear.
+    Image states ``(C, H, W)`` (conv archs): the same with 3x3 convolutions, the
+    label entering as constant one-hot planes, so the module stays small. The
+    output layer starts at zero: an untrained module predicts a zero gradient."""
+
+    def __init__(self, state_shape, parts: int, classes: int, hidden: int = 0):
+        super().__init__()
+        state_shape = tuple(int(s) for s in state_shape)
+        self.state_shape, self.parts, self.classes = state_shape, int(parts), int(classes)
+        self.size = math.prod(state_shape)
+        self.hidden = int(hidden)
+        self.spatial = len(state_shape) == 3
+        if self.spatial:
+            channels = state_shape[0]
+            inputs, outputs = self.parts * channels + self.classes, self.parts * channels
+
+            def layer(i, o):
+                return nn.Conv2d(i, o, 3, padding=1)
+        else:
+            inputs, outputs = self.parts * self.size + self.classes, self.parts * self.size
+            layer = nn.Linear
+        if self.hidden > 0:
+            out = layer(self.hidden, outputs)
+            self.net = nn.Sequential(layer(inputs, self.hidden), nn.ReLU(), out)
+        else:
+            out = layer(inputs, outputs)
+            self.net = out
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+
+    def forward(self, state, labels):
+        n = state[0].shape[0]
+        if self.spatial:
+            parts = list(state)
+            if self.classes:
+                onehot = F.one_hot(labels, self.classes).to(parts[0].dtype)
+                parts.append(onehot[:, :, None, None].expand(-1, -1, *self.state_shape[1:]))
+            g = self.net(torch.cat(parts, 1))
+            c = self.state_shape[0]
+            return tuple(g[:, i * c:(i + 1) * c] for i in range(self.parts))
+        flat = [s.reshape(n, -1) for s in state]
+        if self.classes:
+            flat.append(F.one_hot(labels, self.classes).to(flat[0].dtype))
+        g = self.net(torch.cat(flat, 1))
+        return tuple(g[:, i * self.size:(i + 1) * self.size].reshape(n, *self.state_shape)
+                     for i in range(self.parts))
+
+    def extra_repr(self):
+        return (f"state={self.parts}x{self.state_shape}, classes={self.classes}, "
+                f"hidden={self.hidden}")
+
+
+def make_sg_modules(nets, probe_x, classes, hidden=0, conditional=True) -> list[SyntheticGradient]:
+    """One SG module per cut; shapes found by running ``probe_x`` (a few rows)."""
+    with torch.no_grad():
+        state, mods = (probe_x[:1],), []
+        for net in nets[:-1]:
+            state = net(state)
+            mods.append(SyntheticGradient(state[0].shape[1:], len(state),
+                                          classes if conditional else 0, hidden))
+    return mods
+
+
+class StageRunner:
+    """One stage's parameters, SG module (not for the last stage), optimisers
+    and statistics, with the three operations of the schedule: :meth:`forward`,
+    :meth:`backward`, :meth:`learn`."""
+
+    def __init__(self, net: StageNet, sg: SyntheticGradient | None, *, lr, epochs, sg_lr=1e-3,
+                 weight_decay=0.0, lr_step=None, lr_gamma=0.5, alpha=0.0, alpha_c=0.0):
+        self.net, self.sg = net, sg
+        self.index = net.index
+        self.alpha, self.alpha_c = alpha, alpha_c
+        self.opt, self.sched = backprop.make_optimizer(net, lr, weight_decay, lr_step, lr_gamma,
+                                                       epochs)
+        self.sg_opt = torch.optim.Adam(sg.parameters(), lr=sg_lr) if sg is not None else None
+        self.pending: dict[int, tuple] = {}   # batch -> (detached output state, labels)
+        self._graph = None
+        self.reset_stats()
+
+    @property
+    def first(self):
+        return self.net.first
+
+    @property
+    def last(self):
+        return self.net.last
+
+    def reset_stats(self):
+        self.busy = 0.0
+        self.loss_sum, self.correct, self.count = 0.0, 0, 0
+        self._loss_acc = None
+        self.sg_sq, self.sg_norm, self.sg_numel, self.sg_batches = None, None, 0, 0
+
+    # ------------------------------------------------------------ schedule
+
+    def forward(self, t: int, inputs, labels):
+        """Forward of batch ``t``; returns the detached output state (to hand to
+        the next stage), or None for the last stage."""
+        start = time.perf_counter()
+        if not self.first:
+            inputs = tuple(i.detach().requires_grad_() for i in inputs)
+        out = self.net(inputs)
+        if self.last:
+            loss = F.cross_entropy(out, labels)
+            n = labels.shape[0]
+            stats = torch.stack([loss.detach() * n, (out.detach().argmax(1) == labels).sum().to(loss.dtype)])
+            self._loss_acc = stats if self._loss_acc is None else self._loss_acc + stats
+            self.count += n
+            self._graph = (inputs, loss, t, labels)
+            self.busy += time.perf_counter() - start
+            return None
+        detached = tuple(o.detach() for o in out)
+        self.pending[t] = (detached, labels)
+        self._graph = (inputs, out, t, labels)
+        self.busy += time.perf_counter() - start
+        return detached
+
+    def backward(self, grads=None):
+        """Backward of the last :meth:`forward` and an optimiser step. ``grads``:
+        the true per-example gradients of the output (None: ask the SG module).
+        Returns the per-example gradients of the input, or None for stage 0."""
+        start = time.perf_counter()
+        inputs, out, t, labels = self._graph
+        self._graph = None
+        self.opt.zero_grad(set_to_none=True)
+        penalty = self.net.penalty(self.alpha, self.alpha_c)
+        if self.last:
+            (out + penalty).backward()
+        else:
+            if grads is None:
+                with torch.no_grad():
+                    grads = self.sg(self.pending[t][0], labels)
+            n = labels.shape[0]
+            tensors, seeds = list(out), [g / n for g in grads]
+            if isinstance(penalty, torch.Tensor):
+                tensors.append(penalty)
+                seeds.append(torch.ones_like(penalty))
+            torch.autograd.backward(tensors, seeds)
+        self.opt.step()
+        result = None
+        if not self.first:
+            n = labels.shape[0]
+            result = tuple((i.grad if i.grad is not None else torch.zeros_like(i)) * n
+                           for i in inputs)
+        self.busy += time.perf_counter() - start
+        return result
+
+    def learn(self, t: int, target):
+        """Train the SG module on the true per-example gradient of batch ``t``."""
+        start = time.perf_counter()
+        state, labels = self.pending.pop(t)
+        pred = self.sg(state, labels)
+        sq = sum(F.mse_loss(p, g.detach(), reduction="sum") for p, g in zip(pred, target))
+        numel = sum(g.numel() for g in target)
+        self.sg_opt.zero_grad(set_to_none=True)
+        (sq / numel).backward()
+        self.sg_opt.step()
+        with torch.no_grad():
+            norm = sum(g.detach().pow(2).sum() for g in target)
+            sq = sq.detach()
+        self.sg_sq = sq if self.sg_sq is None else self.sg_sq + sq
+        self.sg_norm = norm if self.sg_norm is None else self.sg_norm + norm
+        self.sg_numel += numel
+        self.sg_batches += 1
+        self.busy += time.perf_counter() - start
+
+    def end_epoch(self):
+        self.sched.step()
+
+    def epoch_stats(self) -> dict:
+        """Statistics since the last :meth:`reset_stats` (plain Python numbers)."""
+        stats = {"busy": self.busy, "lr": self.opt.param_groups[0]["lr"]}
+        if self.last and self._loss_acc is not None:
+            loss_sum, correct = self._loss_acc.tolist()
+            stats.update(loss_sum=loss_sum, correct=int(round(correct)), count=self.count)
+        if self.sg is not None:
+            if self.sg_batches:
+                stats["sg_loss"] = self.sg_sq.item() / self.sg_numel
+                stats["sg_rel_error"] = math.sqrt(self.sg_sq.item() / max(self.sg_norm.item(), 1e-30))
+            else:
+                stats["sg_loss"] = stats["sg_rel_error"] = float("nan")
+        return stats
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {
+            "net": self.net.state_dict(), "sg": None if self.sg is None else self.sg.state_dict(),
+            "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+            "sg_opt": None if self.sg_opt is None else self.sg_opt.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict):
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        if self.sg is not None:
+            self.sg.load_state_dict(state["sg"])
+            self.sg_opt.load_state_dict(state["sg_opt"])
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The shuffled batches of an epoch: the same permutation as
+    :class:`~stablenets_ext.data.TensorLoader` draws from ``(seed, epoch)``."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return list(torch.randperm(n, generator=g).split(batch_size))
+
+
+def combine_epoch(stats: list[dict]) -> dict:
+    """Per-stage statistics of one epoch -> the history fields."""
+    busy = [s["busy"] for s in stats]
+    last = stats[-1]
+    count = max(last.get("count", 0), 1)
+    return {
+        "loss": last.get("loss_sum", float("nan")) / count,
+        "lr": stats[0]["lr"],
+        "train_accuracy": last.get("correct", 0) / count,
+        "sg_loss": [s["sg_loss"] for s in stats[:-1]],
+        "sg_rel_error": [s["sg_rel_error"] for s in stats[:-1]],
+        "busy_seconds": busy,
+        "theoretical_seconds": max(busy),
+    }
