@@ -47,7 +47,8 @@ warnings.filterwarnings("ignore", message="stablenets_ext: no compiled kernel")
 def build(data, cfg, seed):
     torch.manual_seed(seed)
     return models.StableNet(cfg["arch"], data.features, data.classes, cfg["layers"],
-                            width=cfg["width"], step=cfg["step"], activation=cfg["activation"])
+                            width=cfg["width"], step=cfg["step"], activation=cfg["activation"],
+                            impl=cfg.get("impl", "auto"))
 
 
 def load():
@@ -106,14 +107,30 @@ def accuracy_part(datasets, seeds, quick, sg_kwargs):
 
 
 def speed_part(args):
+    """One row per ``--configs`` entry (LAYERSxWIDTHxBATCH)."""
+    out = []
+    for text in args.configs.split(","):
+        layers, width, batch = (int(v) for v in text.lower().split("x"))
+        out.append(speed_config(args, layers, width, batch))
+    if len(out) > 1:
+        print("\n  layers x width x batch   backprop s/ep   pipeline s/ep   speed-up   theoretical")
+        for r in out:
+            print(f"  {r['config']:>22s}   {r['backprop']:13.3f}   {r['pipeline']:13.3f}   "
+                  f"{r['speedup']:7.2f}x   {r['backprop'] / r['theoretical']:10.2f}x")
+    return out
+
+
+def speed_config(args, layers, width, batch):
     data = load_dataset(args.dataset)
-    cfg = dict(preset(args.dataset), arch=args.arch, layers=args.layers, width=args.width,
-               step=args.step)
+    cfg = dict(preset(args.dataset), arch=args.arch, layers=layers, width=width,
+               step=args.step, impl=args.impl)
+    args.batch_size = batch
     cores = args.cores
     epochs = args.epochs
     common = dict(epochs=epochs, batch_size=args.batch_size, lr=cfg["lr"])
     print(f"\n== speed: {args.dataset}, {cfg['arch']}, {cfg['layers']} layers of width "
-          f"{cfg['width']}, batch {args.batch_size}, {epochs} epochs, {cores} cores ==")
+          f"{cfg['width']}, batch {args.batch_size}, impl {args.impl}, {epochs} epochs, "
+          f"{cores} cores ==")
     print(f"  load average before: {load():.2f}", flush=True)
     old = torch.get_num_threads()
     results = {}
@@ -153,6 +170,7 @@ def speed_part(args):
           f"accuracy backprop {100 * results['acc_backprop']:.1f}%, "
           f"pipeline {100 * results['acc_pipeline']:.1f}%")
     results["speedup"] = speedup
+    results["config"] = f"{layers}x{width}x{batch}"
     return results
 
 
@@ -165,10 +183,10 @@ def main(argv=None):
     p.add_argument("--coarse-epochs", type=int, default=0, help="multilevel SG in the accuracy part")
     p.add_argument("--dataset", default="digits", help="speed part")
     p.add_argument("--arch", default="verlet")
-    p.add_argument("--layers", type=int, default=64)
-    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--configs", default="64x64x128",
+                   help="speed part: comma-separated LAYERSxWIDTHxBATCH (default 64x64x128)")
+    p.add_argument("--impl", default="auto", help="speed part: auto, fused or reference")
     p.add_argument("--step", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--cores", type=int, default=2)

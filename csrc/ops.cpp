@@ -4,6 +4,9 @@
 // States stored for the backward have shape (layers, slots, batch, features):
 //   resnet, antisymmetric, leapfrog: slots = 2, [Y_j, P_j] (layer input, pre-activation)
 //   verlet: slots = 4, [Y_j, P1_j, Z_{j+1/2}, P2_j]
+// The memory order inside a (layer, slot) block belongs to the backend and the
+// width regime that wrote it (the CPU tile kernels keep their feature-major
+// tiles); only the matching backward op reads states.
 // With store=False the forward returns states with 0 layers; leapfrog and
 // verlet then differentiate with the *_backward_reversible ops, which rebuild
 // the states from the final ones.

@@ -116,7 +116,9 @@ def test_gradcheck(device, arch, reversible, d):
                       **{TWO_STATE[arch]: args[3]})
         return fn(*args, 0.3, "tanh", impl="fused")
 
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    # Full Jacobians for the narrow case; random projections (fast mode) keep the
+    # wide case (about 3,500 inputs) quick.
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=d > 8)
 
 
 @pytest.mark.parametrize("device", DEVICES)

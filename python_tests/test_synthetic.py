@@ -180,6 +180,19 @@ def test_multilevel(swiss, one_thread):
     assert h["sg_rel_error"][0][0] == h["sg_rel_error"][0][0]  # not NaN
 
 
+def test_conv_arch_gets_a_convolutional_sg(digits, one_thread):
+    from stablenets_ext.data import Dataset
+
+    images = Dataset("digits-images", digits.train_x.view(-1, 1, 8, 8), digits.train_y,
+                     digits.val_x.view(-1, 1, 8, 8), digits.val_y, (1, 8, 8), 10)
+    torch.manual_seed(0)
+    model = models.StableNet("conv-verlet", (1, 8, 8), 10, 4, width=4, pool=2)
+    result = train_sg(model, images, epochs=2, batch_size=64, lr=0.01, stages=2, quiet=True)
+    (sg,) = result["sg_modules"]
+    assert sg.spatial and sum(p.numel() for p in sg.parameters()) < 2000
+    assert result["accuracy"] > 0.3
+
+
 def test_cli_json_line(capsys):
     from stablenets_ext import cli
 

@@ -130,6 +130,7 @@ def test_bad_training_arguments(swiss):
             backprop.train(m, tiny(swiss), quiet=True, **args)
 
 
+@torch.no_grad()
 def test_regularizers():
     torch.manual_seed(0)
     m = M.StableNet("resnet", 2, 3, 4, width=4, step=0.5)

@@ -23,6 +23,7 @@ no Python decoding happens per batch.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import math
 import os
 import pickle
@@ -203,12 +204,16 @@ def _download(name, root, download):
     if download is False:
         return "download=False"
     try:
-        import torchvision.datasets as tvd
-    except ImportError:
+        installed = importlib.util.find_spec("torchvision") is not None
+    except (ImportError, ValueError):  # ValueError: a None entry in sys.modules
+        installed = False
+    if not installed:
         return "torchvision is not installed (pip install torchvision) to download them"
     if download is None and not _online("ossci-datasets.s3.amazonaws.com" if name == "mnist" else "www.cs.toronto.edu"):
         return "the machine is offline"
     try:
+        import torchvision.datasets as tvd
+
         cls = getattr(tvd, "MNIST" if name == "mnist" else CIFAR[name]["tv"])
         for train in (True, False):
             cls(root, train=train, download=True)

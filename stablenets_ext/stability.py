@@ -117,15 +117,24 @@ def make_weights(layers, features, *, step=0.05, seed=0, sigma=0.5, margin=0.1, 
     if weights == "smooth":
         g1 = torch.randn(d, d, dtype=dtype, generator=gen)
         g2 = torch.randn(d, d, dtype=dtype, generator=gen)
-        # K(t) has period 2 pi / nu: take the shift over a whole period (at this
-        # step), so the weights do not depend on how deep the deepest stack is.
-        period = max(layers, math.ceil(2 * math.pi / (nu * step))) if nu > 0 else layers
-        t = torch.arange(period, dtype=dtype) * step
-        noise = scale * (torch.cos(nu * t)[:, None, None] * g1 + torch.sin(nu * t)[:, None, None] * g2)
+
+        def noise_at(t):
+            return scale * (torch.cos(nu * t)[:, None, None] * g1
+                            + torch.sin(nu * t)[:, None, None] * g2)
+
+        noise = noise_at(torch.arange(layers, dtype=dtype) * step)
+        # K(t) has period 2 pi / nu: take the shift over a whole period (sampled at
+        # the layer times, at most 4096 of them), so the weights do not depend on
+        # how deep the deepest stack is.
+        if nu > 0:
+            samples = min(math.ceil(2 * math.pi / (nu * step)), 4096)
+            period = noise_at(torch.arange(samples, dtype=dtype) * (2 * math.pi / nu / samples))
+        else:
+            period = noise
     else:
-        noise = scale * torch.randn(layers, d, d, dtype=dtype, generator=gen)
-    shift = margin - torch.linalg.eigvals(noise).real.min().item()
-    K = noise[:layers] + shift * torch.eye(d, dtype=dtype)
+        noise = period = scale * torch.randn(layers, d, d, dtype=dtype, generator=gen)
+    shift = margin - torch.linalg.eigvals(period).real.min().item()
+    K = noise + shift * torch.eye(d, dtype=dtype)
     min_re = torch.linalg.eigvals(K).real.min().item()
     return K.contiguous(), shift, min_re
 

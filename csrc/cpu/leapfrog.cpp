@@ -31,8 +31,8 @@ void forward_narrow(const T* y, const T* yprev, const T* K, const T* b, T h, int
       const T* Kj = K + j * d * d;
       tile_gemm<T, false>(Kj, d, b + j * d, Y, P, T(1), false);
       if (states) {
-        store_tile(Y, rows, d, states + ((j * 2 + 0) * B + row0) * d);
-        store_tile(P, rows, d, states + ((j * 2 + 1) * B + row0) * d);
+        save_state(Y, rows, d, states + ((j * 2 + 0) * B + row0) * d);
+        save_state(P, rows, d, states + ((j * 2 + 1) * B + row0) * d);
       }
 #pragma omp simd
       for (int64_t e = 0; e < d * kTile; ++e) {
@@ -73,8 +73,8 @@ void backward_narrow(const T* ga_in, const T* gc_in, const T* states, const T* y
       if (Reversible) {
         tile_gemm<T, false>(Kj, d, b + j * d, Y, P, T(1), false);
       } else {
-        load_tile(states + ((j * 2 + 0) * B + row0) * d, rows, d, Y);
-        load_tile(states + ((j * 2 + 1) * B + row0) * d, rows, d, P);
+        load_state(states + ((j * 2 + 0) * B + row0) * d, rows, d, Y);
+        load_state(states + ((j * 2 + 1) * B + row0) * d, rows, d, P);
       }
       tile_gemm<T, false>(Kj, d, nullptr, a, G, mh2, false);  // G = -h^2 lam K^T
 #pragma omp simd

@@ -22,8 +22,8 @@ void forward_narrow(const T* y, const T* K, const T* b, T h, int64_t N, int64_t 
     for (int64_t j = 0; j < N; ++j) {
       tile_gemm<T, false>(K + j * d * d, d, b + j * d, Y, P, T(1), false);
       if (states) {
-        store_tile(Y, rows, d, states + ((j * 2 + 0) * B + row0) * d);
-        store_tile(P, rows, d, states + ((j * 2 + 1) * B + row0) * d);
+        save_state(Y, rows, d, states + ((j * 2 + 0) * B + row0) * d);
+        save_state(P, rows, d, states + ((j * 2 + 1) * B + row0) * d);
       }
 #pragma omp simd
       for (int64_t e = 0; e < d * kTile; ++e) Y[e] += h * act_f<A, T>(P[e]);
@@ -42,8 +42,8 @@ void backward_narrow(const T* gout, const T* states, const T* K, T h, int64_t N,
     T* G = Y + d * kTile;
     load_tile(gout + row0 * d, rows, d, L);
     for (int64_t j = N - 1; j >= 0; --j) {
-      load_tile(states + ((j * 2 + 0) * B + row0) * d, rows, d, Y);
-      load_tile(states + ((j * 2 + 1) * B + row0) * d, rows, d, G);
+      load_state(states + ((j * 2 + 0) * B + row0) * d, rows, d, Y);
+      load_state(states + ((j * 2 + 1) * B + row0) * d, rows, d, G);
 #pragma omp simd
       for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * L[e] * act_g<A, T>(G[e]);
       tile_outer(G, Y, d, rows, T(1), part.dw(c, j, d));

@@ -61,6 +61,23 @@ inline void store_tile(const T* src, int64_t rows, int64_t d, T* dst) {
     for (int64_t i = 0; i < d; ++i) dst[t * d + i] = src[i * kTile + t];
 }
 
+// Stored states of narrow stacks keep the tile layout: the block of a tile
+// starting at row0 holds its rows feature-major ([i * rows + t]), so saving and
+// reloading a layer's state are contiguous copies, not transposes. Only the
+// matching backward kernel reads them.
+template <typename T>
+inline void save_state(const T* tile, int64_t rows, int64_t d, T* dst) {
+  for (int64_t i = 0; i < d; ++i) std::copy(tile + i * kTile, tile + i * kTile + rows, dst + i * rows);
+}
+
+template <typename T>
+inline void load_state(const T* src, int64_t rows, int64_t d, T* tile) {
+  for (int64_t i = 0; i < d; ++i) {
+    std::copy(src + i * rows, src + (i + 1) * rows, tile + i * kTile);
+    std::fill(tile + i * kTile + rows, tile + (i + 1) * kTile, T(0));
+  }
+}
+
 // out[i][:] = beta*out[i][:] + bias[i] + alpha * sum_k M(i,k) in[k][:]
 // with M(i,k) = K[i][k], or K[k][i] when Trans. Row-major K (d x d).
 template <typename T, bool Trans>

@@ -33,15 +33,15 @@ void forward_narrow(const T* y, const T* z, const T* K, const T* b, T h, int64_t
     for (int64_t j = 0; j < N; ++j) {
       const T* Kj = K + j * d * d;
       const T* bj = b + j * d;
-      if (states) store_tile(Y, rows, d, slot_ptr(states, j, 0, B, row0, d));
+      if (states) save_state(Y, rows, d, slot_ptr(states, j, 0, B, row0, d));
       tile_gemm<T, true>(Kj, d, bj, Y, P, T(1), false);  // P1 = Y K + b
-      if (states) store_tile(P, rows, d, slot_ptr(states, j, 1, B, row0, d));
+      if (states) save_state(P, rows, d, slot_ptr(states, j, 1, B, row0, d));
 #pragma omp simd
       for (int64_t e = 0; e < d * kTile; ++e) Z[e] -= h * act_f<A, T>(P[e]);
       tile_gemm<T, false>(Kj, d, bj, Z, P, T(1), false);  // P2 = Z K^T + b
       if (states) {
-        store_tile(Z, rows, d, slot_ptr(states, j, 2, B, row0, d));
-        store_tile(P, rows, d, slot_ptr(states, j, 3, B, row0, d));
+        save_state(Z, rows, d, slot_ptr(states, j, 2, B, row0, d));
+        save_state(P, rows, d, slot_ptr(states, j, 3, B, row0, d));
       }
 #pragma omp simd
       for (int64_t e = 0; e < d * kTile; ++e) Y[e] += h * act_f<A, T>(P[e]);
@@ -79,10 +79,10 @@ void backward_narrow(const T* gy_in, const T* gz_in, const T* states, const T* y
         for (int64_t e = 0; e < d * kTile; ++e) Y[e] -= h * act_f<A, T>(P2[e]);
         tile_gemm<T, true>(Kj, d, bj, Y, P1, T(1), false);
       } else {
-        load_tile(slot_ptr(states, j, 0, B, row0, d), rows, d, Y);
-        load_tile(slot_ptr(states, j, 1, B, row0, d), rows, d, P1);
-        load_tile(slot_ptr(states, j, 2, B, row0, d), rows, d, Z);
-        load_tile(slot_ptr(states, j, 3, B, row0, d), rows, d, P2);
+        load_state(slot_ptr(states, j, 0, B, row0, d), rows, d, Y);
+        load_state(slot_ptr(states, j, 1, B, row0, d), rows, d, P1);
+        load_state(slot_ptr(states, j, 2, B, row0, d), rows, d, Z);
+        load_state(slot_ptr(states, j, 3, B, row0, d), rows, d, P2);
       }
       T* dw = part.dw(c, j, d);
       T* db = part.db(c, j, d);

@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #if defined(__CUDACC__)
+#include <ATen/cuda/CUDABlas.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #endif
@@ -283,7 +284,21 @@ struct VerletBackZ {
   }
 };
 
+// Column-major GEMM, BLAS conventions: C = alpha op(A) op(B) + beta C.
+template <typename T>
+void blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+               int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
+
 #if defined(__CUDACC__)
+// ATen's cuBLAS entry point: the current stream and handle, and the
+// allow_tf32 / float32 matmul precision settings, as at::mm would use them,
+// without the dispatcher and tensor bookkeeping of a per-layer at::mm_out.
+template <typename T>
+void blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+               int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  at::cuda::blas::gemm<T>(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
 template <int V, class Op>
 __global__ void __launch_bounds__(256) k_elementwise(const Op op, int64_t nvec) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;

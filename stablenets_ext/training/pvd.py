@@ -131,8 +131,10 @@ def _result(history, stopped, cfg, partition, extra) -> dict:
         "threads_per_worker": cfg.worker_threads(),
         "blocks": partition.describe(),
         "config": {k: v for k, v in vars(cfg).items() if k != "fault"},
-        "digests_identical": all(len(set(w)) == 1 and w[0] == c
-                                 for w, c in zip(history["worker_digests"], history["digest"])),
+        "phase_seconds": list(phases),
+        "digests_identical": (None if not any(history["worker_digests"]) else
+                              all(len(set(w)) == 1 and w[0] == c
+                                  for w, c in zip(history["worker_digests"], history["digest"]))),
     })
     res.update(extra)
     return res
@@ -212,13 +214,14 @@ def _train_shared(model, data, cfg: PVDConfig, backend: str, device, callback, p
                 callback({"iteration": k + 1, "val_accuracy": val_acc, "val_loss": val_loss,
                           "pids": list(pool.pids), "sync": info, "backend": backend})
             if stopped:
+                target_wall = time.perf_counter() - t_start
                 break
     _finish(model, partition, shared.x)
     extra = {"backend": backend, "startup_seconds": startup,
              "wall_seconds": time.perf_counter() - t_start,
              "initial_accuracy": init_acc, "initial_val_loss": init_loss}
-    if stopped and history["seconds"]:
-        extra["seconds_to_target_wall"] = startup + sum(history["seconds"]) + sum(history["eval_seconds"])
+    if stopped:  # everything included: start-up, verification, evaluation
+        extra["seconds_to_target_wall"] = target_wall
     return _result(history, stopped, cfg, partition, extra)
 
 
@@ -351,6 +354,8 @@ def compare(model, data, *, pvd: dict | None = None, sequential: bool = True,
         }
         p_t = pvd.get("seconds_to_target")
         out["time_to_target_vs_backprop"] = (p_t / bp_t) if (p_t and bp_t) else None
+        out["time_to_target_vs_backprop_with_startup"] = (
+            (p_t + pvd.get("startup_seconds", 0.0)) / bp_t if (p_t and bp_t) else None)
     out["comparison"] = comp
     return out
 
@@ -417,7 +422,7 @@ def run_cli(args, data, device) -> dict:
     start = copy.deepcopy(model)
     result = train_pvd(model, data, backend=_arg(args, "backend", "process"),
                        start_method=args.pvd_start_method, **kwargs)
-    if mode != "none" and _is_rank_zero():
+    if mode != "none" and result.get("rank", 0) == 0:
         bp = {k: getattr(args, k) for k in ("weight_decay", "lr_step", "lr_gamma", "alpha", "alpha_c")
               if getattr(args, k, None) is not None}
         result = compare(start, data, pvd=result, sequential=mode in ("all", "sequential"),
@@ -432,12 +437,6 @@ def _target(args):
     if t is None:
         return None
     return t / 100.0 if t > 1 else t
-
-
-def _is_rank_zero() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _build_model(args, data, StableNet):

@@ -165,6 +165,14 @@ def _worker_main(index: int, conn, payload: dict):
     finally:
         with contextlib.suppress(Exception):
             conn.close()
+        # The Process object keeps ``payload`` alive until exit, when destructors
+        # may not run: drop the shared tensors now so CUDA IPC references are
+        # released while the coordinator (their producer) still waits for us.
+        payload.clear()
+        solver = net = None  # noqa: F841
+        import gc
+
+        gc.collect()
 
 
 class ProcessPool:

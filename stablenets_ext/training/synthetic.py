@@ -203,7 +203,7 @@ def _median(values):
 
 
 def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=None, workers=None,
-             backend="process", inflight=None, bounds=None, sg_hidden=0, sg_lr=1e-3,
+             backend="process", inflight=None, bounds=None, sg_hidden=0, sg_lr=3e-4,
              conditional=True, coarse_epochs=0, weight_decay=0.0, lr_step=None, lr_gamma=0.5,
              alpha=0.0, alpha_c=0.0, target_accuracy=None, device=None, seed=0, threads=None,
              checkpoint=None, resume=None, history_path=None, quiet=False, eval_batch_size=4096,
@@ -444,7 +444,8 @@ def add_cli_arguments(group) -> None:
                             "(default: --workers, else 2)")
     group.add_argument("--sg-hidden", type=int, default=0, metavar="H",
                        help="SG module: 0 for a linear map (default), else an MLP with H hidden units")
-    group.add_argument("--sg-lr", type=float, default=1e-3, help="SG modules' Adam rate (default 1e-3)")
+    group.add_argument("--sg-lr", type=float, default=3e-4,
+                       help="SG modules' Adam rate (default 3e-4)")
     group.add_argument("--sg-unconditional", action="store_true",
                        help="do not feed the label to the SG modules (DNI instead of cDNI)")
     group.add_argument("--sg-inflight", type=int, default=None, metavar="K",

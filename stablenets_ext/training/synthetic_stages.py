@@ -249,7 +249,7 @@ class StageRunner:
     and statistics, with the three operations of the schedule: :meth:`forward`,
     :meth:`backward`, :meth:`learn`."""
 
-    def __init__(self, net: StageNet, sg: SyntheticGradient | None, *, lr, epochs, sg_lr=1e-3,
+    def __init__(self, net: StageNet, sg: SyntheticGradient | None, *, lr, epochs, sg_lr=3e-4,
                  weight_decay=0.0, lr_step=None, lr_gamma=0.5, alpha=0.0, alpha_c=0.0):
         self.net, self.sg = net, sg
         self.index = net.index
