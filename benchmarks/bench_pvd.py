@@ -16,7 +16,11 @@ rate and batch size; seed 0):
    machine hits both alike. Reported: the median over iterations of
    sequential / parallel wall time of the subproblem phase, the total ratio,
    and the workers' CPU seconds (a parallel phase slower than its CPU time
-   says the cores were busy with something else).
+   says the cores were busy with something else). Before and after, P plain
+   busy-loop processes measure how many cores this session can get at all
+   (``cores available``: the ceiling of any parallel speed-up at that moment;
+   with Linux's autogroup scheduling a shared machine hands each session a fair
+   slice, so another user's busy job halves it on 2 cores).
 
 Targets (2-core machine): accuracy >= 95% on ellipse and swiss with P=2, and a
 parallel phase >= 1.7x faster than the sequential one.
@@ -104,6 +108,32 @@ def speed_run(name, data, cfg, args):
     }
 
 
+def _spin(barrier, queue, loops):
+    barrier.wait()
+    t, c = time.perf_counter(), time.process_time()
+    x = 0
+    for i in range(loops):
+        x += i * i
+    queue.put((time.perf_counter() - t, time.process_time() - c))
+
+
+def cores_available(processes, loops=3_000_000):
+    """How many cores ``processes`` busy processes get right now: the sum of their
+    CPU / wall ratios (pure Python loops, started together). On a machine shared
+    with other users this, not the core count, bounds the parallel speed-up."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # the children run no torch code
+    barrier, queue = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_spin, args=(barrier, queue, loops)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    out = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(c / w for w, c in out)
+
+
 def fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
@@ -147,14 +177,17 @@ def main(argv=None):
                   f"[{time.perf_counter() - t0:.0f} s]", flush=True)
         if "speed" not in args.skip:
             t0 = time.perf_counter()
+            before = cores_available(args.workers)
             s = speed_run(name, data, cfg, args)
+            s["cores_available"] = min(before, cores_available(args.workers))
             out["speed"].append(s)
             print(f"{name} speed-up P={s['workers']} ({s['threads_per_worker']} thread/worker, "
                   f"{s['iterations']} phases): sequential {s['sequential_phase_median']:.3f} s / "
                   f"parallel {s['parallel_phase_median']:.3f} s = median {s['speedup_median']:.2f}x "
                   f"(total {s['speedup_total']:.2f}x; CPU s per subproblem: {s['worker_cpu_median']:.3f} in a "
                   f"worker, {s['sequential_worker_cpu_median']:.3f} inline; "
-                  f"same iterates: {s['same_iterates']}) [{time.perf_counter() - t0:.0f} s]",
+                  f"same iterates: {s['same_iterates']}; {s['workers']} busy processes got "
+                  f"{s['cores_available']:.2f} cores) [{time.perf_counter() - t0:.0f} s]",
                   flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# load average at the end {load:.1f}")

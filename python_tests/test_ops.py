@@ -216,3 +216,15 @@ def test_empty_batch():
     for arch in ARCHS:
         for o in run(arch, y, w, b, 0.1, "tanh", "fused"):
             assert o.shape == (0, 4)
+
+
+def test_torch_compile_inductor_all_stacks():
+    """The default (inductor) backend, once over a model chaining all four stacks."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(*(sn.layers.STACKS[a](6, 4, step=0.2, impl="fused") for a in ARCHS))
+    y = torch.randn(11, 6, requires_grad=True)
+    out = torch.compile(model, fullgraph=True)(y)
+    torch.testing.assert_close(out, model(y))
+    (g_c,) = torch.autograd.grad(out.sum(), y)
+    (g_e,) = torch.autograd.grad(model(y).sum(), y)
+    torch.testing.assert_close(g_c, g_e)

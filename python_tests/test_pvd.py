@@ -236,9 +236,16 @@ def test_killed_worker_is_reported_and_reaped(ellipse):
             seen["t"] = time.monotonic()
             os.kill(info["pids"][1], signal.SIGKILL)
 
-    with pytest.raises(pvd.WorkerError, match=r"worker 1 .*died.*SIGKILL") as err:
-        pvd.train_pvd(model, ellipse, workers=2, iterations=5, inner_batches=5, threads=1,
-                      callback=kill_worker_1, **FAST_START)
+    # Even where the caller chose torch's file_system strategy (named files in
+    # /dev/shm that a kill -9 can strand), PVD shares through descriptors.
+    strategy = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    try:
+        with pytest.raises(pvd.WorkerError, match=r"worker 1 .*died.*SIGKILL") as err:
+            pvd.train_pvd(model, ellipse, workers=2, iterations=5, inner_batches=5, threads=1,
+                          callback=kill_worker_1, **FAST_START)
+    finally:
+        torch.multiprocessing.set_sharing_strategy(strategy)
     assert time.monotonic() - seen["t"] < 10
     assert err.value.worker == 1
     assert_reaped(seen["pids"])

@@ -115,7 +115,7 @@ def test_true_gradients_through_the_cuts_are_backprop(arch, swiss, one_thread):
 
 @pytest.mark.parametrize("hidden", [0, 16])
 @pytest.mark.parametrize("classes", [2, 7])
-def test_sg_module(hidden, classes):
+def test_sg_module(hidden, classes, one_thread):
     torch.manual_seed(0)
     sg = SyntheticGradient((3,), parts=2, classes=classes, hidden=hidden)
     state = (torch.randn(10, 3), torch.randn(10, 3))
@@ -126,7 +126,8 @@ def test_sg_module(hidden, classes):
     # it can learn a label-dependent linear target
     w = torch.randn(6, 6)
     opt = torch.optim.Adam(sg.parameters(), lr=0.05)
-    for _ in range(300):
+    losses = []
+    for _ in range(150):
         s = (torch.randn(64, 3), torch.randn(64, 3))
         y = torch.randint(0, classes, (64,))
         target = torch.cat(s, 1) @ w + y[:, None].float()
@@ -135,7 +136,8 @@ def test_sg_module(hidden, classes):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.05
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
 
 
 # ------------------------------------------------------------ in-process

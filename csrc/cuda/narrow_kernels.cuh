@@ -128,6 +128,12 @@ struct Frag {
       for (int m = 0; m < C::OPT; ++m)
         if (ok[k][m]) dst[g(k, m)] = x[k][m];
   }
+  static __device__ __forceinline__ void copy(Regs<T, D>& dst, const Regs<T, D>& src) {
+#pragma unroll
+    for (int k = 0; k < C::RPT; ++k)
+#pragma unroll
+      for (int m = 0; m < C::OPT; ++m) dst[k][m] = src[k][m];
+  }
   // Publish into a shared tile; entries outside the stack are written as 0.
   __device__ __forceinline__ void put(T* tile, const Regs<T, D>& x) const {
 #pragma unroll
@@ -506,13 +512,20 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_resnet(const Params<T> p) {
     __syncthreads();  // the previous tile is done with shared memory
     Frag<T, D> fr;
     fr.init(tile, p.B, p.d);
-    Regs<T, D> g, y, pv, acc;
+    Regs<T, D> g, y, pv, acc, y_next, pv_next;
     fr.load(p.x0, g);
+    // Stored states are fetched one layer ahead, so their latency hides behind a layer.
+    fr.load(state_slot(p.st, p.N - 1, 0, 2, p.B, p.d), y_next);
+    fr.load(state_slot(p.st, p.N - 1, 1, 2, p.B, p.d), pv_next);
     pipe.prologue();
     for (int s = 0; s < p.N; ++s) {
       const int j = p.N - 1 - s;
-      fr.load(state_slot(p.st, j, 0, 2, p.B, p.d), y);
-      fr.load(state_slot(p.st, j, 1, 2, p.B, p.d), pv);
+      fr.copy(y, y_next);
+      fr.copy(pv, pv_next);
+      if (j > 0) {
+        fr.load(state_slot(p.st, j - 1, 0, 2, p.B, p.d), y_next);
+        fr.load(state_slot(p.st, j - 1, 1, 2, p.B, p.d), pv_next);
+      }
       const T* K = pipe.begin(s);
 #pragma unroll
       for (int k = 0; k < C::RPT; ++k)
@@ -554,13 +567,16 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_leapfrog(const Params<T> p) 
     __syncthreads();
     Frag<T, D> fr;
     fr.init(tile, p.B, p.d);
-    Regs<T, D> a, c, yc, ym, pv, acc, yr;
+    Regs<T, D> a, c, yc, ym, pv, acc, yr, ym_next, pv_next;
     fr.load(p.x0, a);
     fr.load(p.x1, c);
     if (REV) {
       fr.load(p.s0, yc);  // Y_{j+1}
       fr.load(p.s1, ym);  // Y_j
       fr.put(Y0s, ym);
+    } else {  // stored states, fetched one layer ahead
+      fr.load(state_slot(p.st, p.N - 1, 0, 2, p.B, p.d), ym_next);
+      fr.load(state_slot(p.st, p.N - 1, 1, 2, p.B, p.d), pv_next);
     }
     pipe.prologue();
     for (int s = 0; s < p.N; ++s) {
@@ -568,8 +584,12 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_leapfrog(const Params<T> p) 
       T* const Ycur = (REV && (s & 1)) ? Y1s : Y0s;
       T* const Ynext = (s & 1) ? Y0s : Y1s;
       if (!REV) {
-        fr.load(state_slot(p.st, j, 0, 2, p.B, p.d), ym);
-        fr.load(state_slot(p.st, j, 1, 2, p.B, p.d), pv);
+        fr.copy(ym, ym_next);
+        fr.copy(pv, pv_next);
+        if (j > 0) {
+          fr.load(state_slot(p.st, j - 1, 0, 2, p.B, p.d), ym_next);
+          fr.load(state_slot(p.st, j - 1, 1, 2, p.B, p.d), pv_next);
+        }
       }
       const T* K = pipe.begin(s);
       const T* bj = K + D * C::LD;
@@ -653,12 +673,18 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
     Frag<T, D> fr;
     fr.init(tile, p.B, p.d);
     Regs<T, D> ly, lz, y, z, yj, p1, p2, acc;
+    Regs<T, D> yj_next, p1_next, z_next, p2_next;
     fr.load(p.x0, ly);
     fr.load(p.x1, lz);
     if (REV) {
       fr.load(p.s0, y);  // Y_{j+1}
       fr.load(p.s1, z);  // Z_{j+1/2}
       fr.put(Z0s, z);
+    } else {  // stored states, fetched one layer ahead
+      fr.load(state_slot(p.st, p.N - 1, 0, 4, p.B, p.d), yj_next);
+      fr.load(state_slot(p.st, p.N - 1, 1, 4, p.B, p.d), p1_next);
+      fr.load(state_slot(p.st, p.N - 1, 2, 4, p.B, p.d), z_next);
+      fr.load(state_slot(p.st, p.N - 1, 3, 4, p.B, p.d), p2_next);
     }
     pipe.prologue();
     for (int s = 0; s < p.N; ++s) {
@@ -666,10 +692,16 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
       T* const Zcur = (REV && (s & 1)) ? Z1s : Z0s;
       T* const Znext = (s & 1) ? Z0s : Z1s;
       if (!REV) {
-        fr.load(state_slot(p.st, j, 0, 4, p.B, p.d), yj);
-        fr.load(state_slot(p.st, j, 1, 4, p.B, p.d), p1);
-        fr.load(state_slot(p.st, j, 2, 4, p.B, p.d), z);
-        fr.load(state_slot(p.st, j, 3, 4, p.B, p.d), p2);
+        fr.copy(yj, yj_next);
+        fr.copy(p1, p1_next);
+        fr.copy(z, z_next);
+        fr.copy(p2, p2_next);
+        if (j > 0) {
+          fr.load(state_slot(p.st, j - 1, 0, 4, p.B, p.d), yj_next);
+          fr.load(state_slot(p.st, j - 1, 1, 4, p.B, p.d), p1_next);
+          fr.load(state_slot(p.st, j - 1, 2, 4, p.B, p.d), z_next);
+          fr.load(state_slot(p.st, j - 1, 3, 4, p.B, p.d), p2_next);
+        }
       }
       const T* K = pipe.begin(s);
       const T* bj = K + D * C::LD;

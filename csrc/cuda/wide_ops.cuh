@@ -11,9 +11,13 @@
 
 #include <ATen/ATen.h>
 #if defined(__CUDACC__)
-#include <ATen/cuda/CUDABlas.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <cublas_v2.h>
+#include <dlfcn.h>
+
+#include <climits>
 #endif
 
 #include <algorithm>
@@ -290,13 +294,74 @@ void blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, T alph
                int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
 
 #if defined(__CUDACC__)
-// ATen's cuBLAS entry point: the current stream and handle, and the
-// allow_tf32 / float32 matmul precision settings, as at::mm would use them,
-// without the dispatcher and tensor bookkeeping of a per-layer at::mm_out.
+// cuBLAS's (s|d)gemm from the libcublas that libtorch_cuda already loaded,
+// found at run time so the extension needs no cuBLAS link flags; null if absent.
+template <typename T>
+struct CublasGemm;
+template <>
+struct CublasGemm<float> {
+  using Fn = decltype(&cublasSgemm_v2);
+  static constexpr const char* name = "cublasSgemm_v2";
+};
+template <>
+struct CublasGemm<double> {
+  using Fn = decltype(&cublasDgemm_v2);
+  static constexpr const char* name = "cublasDgemm_v2";
+};
+
+#define SN_STR2(x) #x
+#define SN_STR(x) SN_STR2(x)
+
+template <typename T>
+typename CublasGemm<T>::Fn cublas_gemm_fn() {
+  static const typename CublasGemm<T>::Fn fn = [] {
+    void* sym = dlsym(RTLD_DEFAULT, CublasGemm<T>::name);
+    for (const char* lib : {"libcublas.so." SN_STR(CUBLAS_VER_MAJOR), "libcublas.so"}) {
+      if (sym) break;
+      if (void* handle = dlopen(lib, RTLD_NOW | RTLD_NOLOAD))
+        sym = dlsym(handle, CublasGemm<T>::name);
+    }
+    return reinterpret_cast<typename CublasGemm<T>::Fn>(sym);
+  }();
+  return fn;
+}
+
+// Column-major GEMM on the current stream. ATen's handle carries the stream,
+// the cuBLAS workspace (CUDA graph capture) and the math mode that
+// torch.backends.cuda.matmul.allow_tf32 selects, exactly as at::mm uses them;
+// calling cuBLAS directly skips the dispatcher and tensor bookkeeping of a
+// per-layer at::mm_out. Without the symbol, or for sizes past int range,
+// at::mm_out / addmm_ on column-major views do the same work.
 template <typename T>
 void blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
                int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  at::cuda::blas::gemm<T>(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  const auto fn = cublas_gemm_fn<T>();
+  const bool fits = std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX;
+  if (fn != nullptr && fits) {
+    const auto op = [](char t) { return t == 't' ? CUBLAS_OP_T : CUBLAS_OP_N; };
+    const cublasStatus_t status =
+        fn(at::cuda::getCurrentCUDABlasHandle(), op(transa), op(transb), static_cast<int>(m),
+           static_cast<int>(n), static_cast<int>(k), &alpha, a, static_cast<int>(lda), b,
+           static_cast<int>(ldb), &beta, c, static_cast<int>(ldc));
+    TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "stablenets: cuBLAS gemm failed with status ",
+                static_cast<int>(status));
+    return;
+  }
+  const auto opts = at::TensorOptions()
+                        .dtype(c10::CppTypeToScalarType<T>::value)
+                        .device(at::kCUDA, c10::cuda::current_device());
+  auto cm = [&](const T* p, int64_t rows, int64_t cols, int64_t ld) {
+    return at::from_blob(const_cast<T*>(p), {rows, cols}, {1, ld}, opts);
+  };
+  const at::Tensor A = transa == 't' ? cm(a, k, m, lda).t() : cm(a, m, k, lda);
+  const at::Tensor B = transb == 't' ? cm(b, n, k, ldb).t() : cm(b, k, n, ldb);
+  at::Tensor C = cm(c, m, n, ldc);
+  if (beta == T(0)) {
+    at::mm_out(C, A, B);
+    if (alpha != T(1)) C.mul_(alpha);
+  } else {
+    C.addmm_(A, B, beta, alpha);
+  }
 }
 
 template <int V, class Op>

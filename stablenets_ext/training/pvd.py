@@ -36,33 +36,22 @@ parallel speed-up) and plain Adam backprop (time to the target accuracy).
 from __future__ import annotations
 
 import copy
-import math
+import os
 import time
 
 import torch
 
 from . import backprop
-from .pvd_blocks import BlockPartition, digest
-from .pvd_process import InlinePool, ProcessPool, WorkerError, _skeleton, fd_sharing, mp_context
-from .pvd_solver import Net, PVDConfig, SharedState
+from .pvd_blocks import BlockPartition, digest, write_back
+from .pvd_history import new_history, record, result_dict
+from .pvd_process import (InlinePool, ProcessPool, WorkerError, fd_sharing, mp_context,
+                          shared_copy, skeleton)
+from .pvd_solver import Net, PVDConfig, SharedState, make_direction
 from .pvd_sync import synchronise
 
 __all__ = ["PVDConfig", "WorkerError", "add_cli_arguments", "compare", "run_cli", "train_pvd"]
 
 BACKENDS = ("process", "sequential", "dist")
-PVD_HISTORY_KEYS = (
-    "direction_seconds", "phase_seconds", "sync_seconds", "worker_seconds", "worker_cpu_seconds",
-    "worker_steps",
-    "candidate_losses", "best_worker", "best_loss", "hull_loss", "sync_loss", "sync_choice",
-    "lambda", "mu", "digest", "worker_digests",
-)
-
-
-def new_history() -> dict:
-    h = backprop.new_history()
-    for k in PVD_HISTORY_KEYS:
-        h[k] = []
-    return h
 
 
 def _device_of(model, device):
@@ -74,70 +63,6 @@ def _device_of(model, device):
 def _sync_device(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def make_direction(shared: SharedState, partition: BlockPartition, count: int, normalize: bool):
-    """``d = -(sum of the workers' gradient sums) / examples``, each block scaled to unit RMS."""
-    with torch.no_grad():
-        d = torch.sum(shared.grads, 0).div_(-max(count, 1))
-        if normalize:
-            for m in range(partition.blocks):
-                blk = partition.block(d, m)
-                rms = blk.pow(2).mean().sqrt()
-                if rms > 0:
-                    blk.div_(rms)
-        shared.d.copy_(d)
-
-
-def _shared_copy(t: torch.Tensor, device, share: bool) -> torch.Tensor:
-    t = t.detach()
-    if share and torch.device(device).type == "cpu":
-        return torch.empty_like(t, device=device).share_memory_().copy_(t)
-    return t.to(device, copy=True)
-
-
-def _finish(model, partition, flat):
-    """Write the final point back into the caller's model (weights and biases)."""
-    params = partition.unflatten(flat)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(params[name])
-
-
-def _record(history, **values):
-    for k, v in values.items():
-        history.setdefault(k, []).append(v)
-
-
-def _result(history, stopped, cfg, partition, extra) -> dict:
-    res = backprop.summary(history, stopped)
-    phases = history["phase_seconds"]
-    reached = [i for i, a in enumerate(history["val_accuracy"])
-               if cfg.target_accuracy is not None and a >= cfg.target_accuracy]
-    first = reached[0] if reached else None
-    res.update({
-        "trainer": "pvd",
-        "workers": cfg.workers,
-        "sync": cfg.sync,
-        "iterations": len(history["epoch"]),
-        "target_accuracy": cfg.target_accuracy,
-        "reached_target": first is not None,
-        "iterations_to_target": None if first is None else first + 1,
-        "seconds_to_target": None if first is None else float(sum(history["seconds"][:first + 1])),
-        "phase_seconds_total": float(sum(phases)),
-        "phase_seconds_mean": float(sum(phases) / len(phases)) if phases else float("nan"),
-        "direction_seconds_total": float(sum(history["direction_seconds"])),
-        "sync_seconds_total": float(sum(history["sync_seconds"])),
-        "threads_per_worker": cfg.worker_threads(),
-        "blocks": partition.describe(),
-        "config": {k: v for k, v in vars(cfg).items() if k != "fault"},
-        "phase_seconds": list(phases),
-        "digests_identical": (None if not any(history["worker_digests"]) else
-                              all(len(set(w)) == 1 and w[0] == c
-                                  for w, c in zip(history["worker_digests"], history["digest"]))),
-    })
-    res.update(extra)
-    return res
 
 
 # ------------------------------------------------------------------ shared
@@ -153,10 +78,10 @@ def _train_shared(model, data, cfg: PVDConfig, backend: str, device, callback, p
     with fd_sharing():
         shared = SharedState.allocate(partition.numel, cfg.workers, dtype, device, share)
         partition.flatten(dict(model.named_parameters()), out=shared.x)
-        train = (_shared_copy(data.train_x, device, share), _shared_copy(data.train_y, device, share))
-        val = (_shared_copy(data.val_x, device, share), _shared_copy(data.val_y, device, share))
-        buffers = {n: _shared_copy(b, device, share) for n, b in model.named_buffers()}
-    net = Net(_skeleton(model), buffers, partition)
+        train = (shared_copy(data.train_x, device, share), shared_copy(data.train_y, device, share))
+        val = (shared_copy(data.val_x, device, share), shared_copy(data.val_y, device, share))
+        buffers = {n: shared_copy(b, device, share) for n, b in model.named_buffers()}
+    net = Net(skeleton(model), buffers, partition)
     n_eval = min(eval_train, train[0].shape[0])
     g = torch.Generator().manual_seed(cfg.seed)
     eval_idx = torch.randperm(train[0].shape[0], generator=g)[:n_eval].to(device)
@@ -196,7 +121,7 @@ def _train_shared(model, data, cfg: PVDConfig, backend: str, device, callback, p
             train_loss, train_acc = net.evaluate(shared.x, *train_eval)
             eval_seconds = time.perf_counter() - t4
             best = results[info["best_worker"]]
-            _record(
+            record(
                 history, epoch=k + 1, loss=train_loss, train_accuracy=train_acc, val_loss=val_loss,
                 val_accuracy=val_acc, seconds=t3 - t0, eval_seconds=eval_seconds, lr=cfg.lr,
                 layers=partition.layers, direction_seconds=t1 - t0, phase_seconds=t2 - t1,
@@ -216,13 +141,13 @@ def _train_shared(model, data, cfg: PVDConfig, backend: str, device, callback, p
             if stopped:
                 target_wall = time.perf_counter() - t_start
                 break
-    _finish(model, partition, shared.x)
+    write_back(model, partition, shared.x)
     extra = {"backend": backend, "startup_seconds": startup,
              "wall_seconds": time.perf_counter() - t_start,
              "initial_accuracy": init_acc, "initial_val_loss": init_loss}
     if stopped:  # everything included: start-up, verification, evaluation
         extra["seconds_to_target_wall"] = target_wall
-    return _result(history, stopped, cfg, partition, extra)
+    return result_dict(history, stopped, cfg, partition, extra)
 
 
 # --------------------------------------------------------------------- API
@@ -409,8 +334,12 @@ def run_cli(args, data, device) -> dict:
         model = _build_model(args, data, StableNet)
     model = model.to(device)
     epochs = _arg(args, "epochs", 20)
+    backend = _arg(args, "backend", "process")
+    workers = getattr(args, "workers", None)
+    if workers is None:  # under torchrun: one block per rank
+        workers = int(os.environ.get("WORLD_SIZE", 2)) if backend == "dist" else 2
     kwargs = dict(
-        workers=_arg(args, "workers", 2), sync=args.pvd_sync,
+        workers=workers, sync=args.pvd_sync,
         iterations=_arg(args, "pvd_iterations", epochs), inner_epochs=args.pvd_inner_epochs,
         inner_batches=args.pvd_inner_batches, direction_batches=args.pvd_direction_batches,
         batch_size=_arg(args, "batch_size", 64), lr=_arg(args, "lr", 1e-2), mu_lr=args.pvd_mu_lr,
@@ -420,8 +349,7 @@ def run_cli(args, data, device) -> dict:
     )
     mode = args.pvd_compare
     start = copy.deepcopy(model)
-    result = train_pvd(model, data, backend=_arg(args, "backend", "process"),
-                       start_method=args.pvd_start_method, **kwargs)
+    result = train_pvd(model, data, backend=backend, start_method=args.pvd_start_method, **kwargs)
     if mode != "none" and result.get("rank", 0) == 0:
         bp = {k: getattr(args, k) for k in ("weight_decay", "lr_step", "lr_gamma", "alpha", "alpha_c")
               if getattr(args, k, None) is not None}

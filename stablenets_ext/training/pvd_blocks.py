@@ -183,6 +183,14 @@ class BlockPartition:
         return out
 
 
+def write_back(model: nn.Module, partition: BlockPartition, flat: torch.Tensor) -> None:
+    """Copy a flat point into ``model``'s parameters (weights and biases)."""
+    params = partition.unflatten(flat)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+
+
 def digest(flat: torch.Tensor) -> str:
     """An exact fingerprint of a parameter vector (a hash of its bytes, 60 bits as
     15 hex digits so that it also fits an int64 collective), for the

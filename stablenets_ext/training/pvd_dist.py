@@ -42,10 +42,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 
-from .pvd_blocks import BlockPartition, digest
-from .pvd_process import (WorkerError, describe_exit, fd_sharing, mp_context, sigint_ignored,
-                          warm_optimizers)
-from .pvd_solver import BlockSolver, Net, PVDConfig, SharedState
+from .pvd_blocks import BlockPartition, digest, write_back
+from .pvd_history import new_history, record, result_dict
+from .pvd_process import (WorkerError, describe_exit, fd_sharing, mp_context, shared_copy,
+                          sigint_ignored, skeleton, warm_optimizers)
+from .pvd_solver import BlockSolver, Net, PVDConfig, SharedState, make_direction
+from .pvd_sync import synchronise
 
 
 def free_port() -> int:
@@ -92,8 +94,6 @@ def rank_loop(rank: int, world: int, model, data, cfg: PVDConfig, device: torch.
               callback=None, eval_train: int = 2048, verify: bool = True) -> dict:
     """Run PVD as rank ``rank`` of an initialised process group; every rank returns
     rank 0's result (broadcast at the end)."""
-    from .pvd import _finish, _record, _result, make_direction, new_history
-
     if world != cfg.workers:
         raise ValueError(f"workers: the process group has {world} ranks but workers={cfg.workers}; "
                          "PVD runs one block per rank")
@@ -107,9 +107,7 @@ def rank_loop(rank: int, world: int, model, data, cfg: PVDConfig, device: torch.
     train = (data.train_x.to(device), data.train_y.to(device))
     val = (data.val_x.to(device), data.val_y.to(device))
     buffers = {n: b.detach().to(device) for n, b in model.named_buffers()}
-    from .pvd_process import _skeleton
-
-    net = Net(_skeleton(model), buffers, partition)
+    net = Net(skeleton(model), buffers, partition)
     solver = BlockSolver(rank, net, shared, train, val, cfg)
     warm_optimizers()
     n_eval = min(eval_train, train[0].shape[0])
@@ -152,8 +150,6 @@ def rank_loop(rank: int, world: int, model, data, cfg: PVDConfig, device: torch.
         t2 = time.perf_counter()
         info = None
         if rank == 0:
-            from .pvd_sync import synchronise
-
             new, info = synchronise(net, shared, stats[:, 0].tolist(), cfg, k, val)
             with torch.no_grad():
                 shared.x.copy_(new)
@@ -168,7 +164,7 @@ def rank_loop(rank: int, world: int, model, data, cfg: PVDConfig, device: torch.
             val_loss, val_acc = net.evaluate(shared.x, *val)
             train_loss, train_acc = net.evaluate(shared.x, *train_eval)
             eval_seconds = time.perf_counter() - t4
-            _record(
+            record(
                 history, epoch=k + 1, loss=train_loss, train_accuracy=train_acc,
                 val_loss=val_loss, val_accuracy=val_acc, seconds=t3 - t0,
                 eval_seconds=eval_seconds, lr=cfg.lr, layers=partition.layers,
@@ -191,10 +187,10 @@ def rank_loop(rank: int, world: int, model, data, cfg: PVDConfig, device: torch.
         if flag.item() > 0:
             stopped = True
             break
-    _finish(model, partition, shared.x)
+    write_back(model, partition, shared.x)
     out = [None]
     if rank == 0:
-        out[0] = _result(history, stopped, cfg, partition, {
+        out[0] = result_dict(history, stopped, cfg, partition, {
             "backend": "dist", "dist_backend": dist.get_backend(), "startup_seconds": startup,
             "wall_seconds": time.perf_counter() - t_start, "initial_accuracy": init_acc,
             "initial_val_loss": init_loss,
@@ -219,6 +215,7 @@ def train_dist(model, data, cfg: PVDConfig, device: torch.device, *, init_method
         world = int(os.environ["WORLD_SIZE"])
         if device.type == "cuda" and "LOCAL_RANK" in os.environ:
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+            torch.cuda.set_device(device)  # NCCL's object collectives use the current device
             model.to(device)
         dist.init_process_group(choose_backend(device, world), init_method=init_method or "env://",
                                 timeout=datetime.timedelta(seconds=timeout))
@@ -246,6 +243,7 @@ def _rank_main(rank: int, world: int, init_method: str, backend: str, conn, payl
         device = payload["device"]
         if device.type == "cuda" and backend == "nccl":
             device = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
         model = copy.deepcopy(payload["model"]).to(device)  # private, not the shared copy
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=payload["timeout"]))
@@ -278,14 +276,12 @@ def spawn_local(model, data, cfg: PVDConfig, device: torch.device, *, init_metho
     backend = choose_backend(device, world)
     ctx = mp_context(start_method)
     procs, conns = [], []
-    from .pvd import _shared_copy
-
     with fd_sharing():
-        shared = {k: _shared_copy(getattr(data, k), "cpu", True)
+        shared = {k: shared_copy(getattr(data, k), "cpu", True)
                   for k in ("train_x", "train_y", "val_x", "val_y")}
         model_copy = copy.deepcopy(model).cpu()
         for p in model_copy.parameters():
-            p.data = _shared_copy(p.data, "cpu", True)
+            p.data = shared_copy(p.data, "cpu", True)
     payload = {
         "model": model_copy, "data": SimpleNamespace(**shared), "config": cfg, "device": device,
         "threads": cfg.worker_threads(), "timeout": timeout, "eval_train": eval_train,

@@ -29,6 +29,7 @@ process: the sequential reference the parallel phase is timed against.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
 import threading
@@ -196,7 +197,7 @@ class ProcessPool:
     def start(self):
         ctx = mp_context(self.start_method)
         P = self.cfg.workers
-        module = _skeleton(self.net.module)
+        module = skeleton(self.net.module)
         with fd_sharing(), sigint_ignored():
             for l in range(P):
                 ours, theirs = ctx.Pipe(duplex=True)
@@ -357,8 +358,16 @@ class InlinePool:
         return out
 
 
-def _skeleton(module):
-    """The module without its parameter values (they come from the flat vector)."""
-    import copy
-
+def skeleton(module):
+    """The module without its parameter values (they come from the flat vector):
+    what travels to the workers is its structure, not a copy of its weights."""
     return copy.deepcopy(module).to("meta")
+
+
+def shared_copy(t: torch.Tensor, device, share: bool) -> torch.Tensor:
+    """A copy of ``t`` on ``device``; in shared memory when ``share`` (CPU; a
+    CUDA tensor is shared through CUDA IPC when it is sent to a worker)."""
+    t = t.detach()
+    if share and torch.device(device).type == "cpu":
+        return torch.empty_like(t, device=device).share_memory_().copy_(t)
+    return t.to(device, copy=True)

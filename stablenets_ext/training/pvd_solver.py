@@ -112,6 +112,21 @@ def sync_indices(cfg: PVDConfig, n_val: int, iteration: int, device=None) -> tor
     return torch.randperm(n_val, generator=gen)[:cfg.sync_batch].to(device)
 
 
+def make_direction(shared: "SharedState", partition: BlockPartition, count: int, normalize: bool):
+    """``d = -(sum of the workers' gradient sums) / examples``, each block scaled to
+    unit RMS when ``normalize`` (so that a multiplier step of size lr moves its
+    block about as far as an Adam step of size lr moves a weight)."""
+    with torch.no_grad():
+        d = torch.sum(shared.grads, 0).div_(-max(count, 1))
+        if normalize:
+            for m in range(partition.blocks):
+                blk = partition.block(d, m)
+                rms = blk.pow(2).mean().sqrt()
+                if rms > 0:
+                    blk.div_(rms)
+        shared.d.copy_(d)
+
+
 class Net:
     """The model as a function of a flat parameter vector."""
 
@@ -235,7 +250,6 @@ class BlockSolver:
     def gradient(self, iteration: int) -> int:
         """Sum of the loss gradients over this worker's share of the direction
         batches, written to ``shared.grads[index]``; returns the example count."""
-        self._maybe_fail("gradient", iteration)
         P = self.partition.blocks
         batches = direction_batches(self.cfg, self.train_x.shape[0], iteration)[self.index::P]
         flat = self.shared.x.detach().clone().requires_grad_(True)
@@ -276,10 +290,10 @@ class BlockSolver:
         steps = cfg.inner_steps(n)
         perm, pos = torch.randperm(n, generator=gen), 0
         last_beat = time.monotonic()
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=sh.x.device)  # no per-step sync
         for step in range(steps):
             if step == steps // 2:
-                self._maybe_fail("solve", iteration)
+                self._maybe_fail(iteration)
             if pos >= n:
                 perm, pos = torch.randperm(n, generator=gen), 0
             idx = perm[pos:pos + cfg.batch_size].to(self.train_x.device)
@@ -292,7 +306,7 @@ class BlockSolver:
             self.mu.grad[l] = 0  # mu_l does not exist: block l moves freely
             self.opt_y.step()
             opt_mu.step()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
             if heartbeat is not None and time.monotonic() - last_beat > 0.5:
                 heartbeat()
                 last_beat = time.monotonic()
@@ -309,7 +323,7 @@ class BlockSolver:
         return {
             "worker": l,
             "sync_loss": sync_loss,
-            "train_loss": loss_sum / steps,
+            "train_loss": loss_sum.item() / steps,
             "steps": steps,
             "seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - c0,
@@ -318,12 +332,13 @@ class BlockSolver:
 
     # -------------------------------------------------------------- testing
 
-    def _maybe_fail(self, phase: str, iteration: int):
+    def _maybe_fail(self, iteration: int):
+        """The tests' fault injection, halfway through a subproblem."""
         fault = self.cfg.fault
         if not fault:
             return
         kind, worker, at = fault
-        if worker != self.index or at != iteration or phase != "solve":
+        if worker != self.index or at != iteration:
             return
         if kind == "raise":
             raise WorkerFault(f"injected fault in worker {worker} at iteration {iteration}")

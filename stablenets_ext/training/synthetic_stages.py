@@ -236,7 +236,7 @@ class SyntheticGradient(nn.Module):
 def make_sg_modules(nets, probe_x, classes, hidden=0, conditional=True) -> list[SyntheticGradient]:
     """One SG module per cut; shapes found by running ``probe_x`` (a few rows)."""
     with torch.no_grad():
-        state, mods = (probe_x[:1],), []
+        state, mods = (probe_x[:1].to(next(nets[0].parameters()).device),), []
         for net in nets[:-1]:
             state = net(state)
             mods.append(SyntheticGradient(state[0].shape[1:], len(state),
