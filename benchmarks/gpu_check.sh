@@ -78,7 +78,11 @@ assert ops.has_kernel('cuda'), 'built without CUDA kernels'
 }
 
 test_cuda() {
-  "$PY" -m pytest -q -p no:cacheprovider -rfE python_tests/test_cuda.py
+  # Spread over processes when pytest-xdist is there: the compile and opcheck
+  # tests are CPU-bound, and every test is small enough to share the GPU.
+  local par=()
+  if "$PY" -c "import xdist" 2>/dev/null; then par=(-n 6); fi
+  "$PY" -m pytest -q -p no:cacheprovider -rfE "${par[@]}" python_tests/test_cuda.py
 }
 
 test_core() {

@@ -241,17 +241,20 @@ def _shm_entries():
         return set()
 
 
-def test_pipeline_matches_inprocess(digits, one_thread):
+def test_pipeline_matches_inprocess(digits, one_thread, tmp_path):
     """The pipeline's schedule is fixed by ``inflight``, not by timing: it equals
-    the in-process run with the same ``inflight``, and lands within 2 points of
-    the textbook (``inflight=1``) run."""
-    kw = dict(epochs=4, batch_size=64, lr=0.01, stages=2, quiet=True)
+    the in-process run with the same ``inflight`` (here across a checkpoint and
+    a resume), and lands within 2 points of the textbook (``inflight=1``) run."""
+    kw = dict(batch_size=64, lr=0.01, stages=2, quiet=True)
     ref = make(digits, layers=8, width=64)
     same = make(digits, layers=8, width=64)
-    piped = make(digits, layers=8, width=64)
-    r_ref = train_sg(ref, digits, **kw)
-    r_same = train_sg(same, digits, inflight=3, **kw)
-    r_pipe = train_sg(piped, digits, workers=2, threads=1, **kw)
+    r_ref = train_sg(ref, digits, epochs=4, **kw)
+    r_same = train_sg(same, digits, epochs=4, inflight=3, **kw)
+    ck = tmp_path / "pipe.pt"
+    train_sg(make(digits, layers=8, width=64), digits, epochs=2, workers=2, threads=1,
+             checkpoint=ck, **kw)
+    piped = make(digits, layers=8, width=64, seed=7)
+    r_pipe = train_sg(piped, digits, epochs=4, workers=2, threads=1, resume=ck, **kw)
     assert r_pipe["mode"] == "process" and r_pipe["inflight"] == 3
     torch.testing.assert_close(params(piped), params(same), rtol=1e-5, atol=1e-6)
     assert r_pipe["history"]["loss"] == pytest.approx(r_same["history"]["loss"], rel=1e-5)

@@ -27,7 +27,6 @@ the epoch (perfect overlap, free communication).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -148,7 +147,7 @@ class InProcessEngine:
 # ------------------------------------------------------------- the trainer
 
 
-def _resolve_topology(stages, workers, backend, layers):
+def _resolve_topology(stages, workers, backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool)
@@ -239,7 +238,7 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
         raise ValueError(f"sg_hidden: expected an int >= 0, got {sg_hidden!r}")
     if target_accuracy is not None and not 0 < target_accuracy <= 1:
         raise ValueError(f"target_accuracy: expected a fraction in (0, 1], got {target_accuracy!r}")
-    stages, workers = _resolve_topology(stages, workers, backend, model.layers)
+    stages, workers = _resolve_topology(stages, workers, backend)
     mode = "inprocess" if workers is None else backend
     if inflight is None:
         inflight = DEFAULT_INFLIGHT[mode]
@@ -355,7 +354,8 @@ def finish_summary(history: dict, stopped: bool, phase: str, extra: dict) -> dic
         seconds_per_epoch=_median(seconds),
         theoretical_seconds_per_epoch=_median(theory),
         sequential_seconds_per_epoch=_median([sum(history["busy_seconds"][i]) for i in idx]),
-        theoretical_speedup=_median([sum(history["busy_seconds"][i]) / history["theoretical_seconds"][i]
+        theoretical_speedup=_median([sum(history["busy_seconds"][i])
+                                     / history["theoretical_seconds"][i]
                                      for i in idx if history["theoretical_seconds"][i] > 0]),
         sg_loss=history["sg_loss"][idx[-1]] if idx else [],
         sg_rel_error=history["sg_rel_error"][idx[-1]] if idx else [],
@@ -443,7 +443,8 @@ def add_cli_arguments(group) -> None:
                        help="sub-networks joined by M-1 synthetic-gradient modules "
                             "(default: --workers, else 2)")
     group.add_argument("--sg-hidden", type=int, default=0, metavar="H",
-                       help="SG module: 0 for a linear map (default), else an MLP with H hidden units")
+                       help="SG module: 0 for a linear map (default), else an MLP with H "
+                            "hidden units")
     group.add_argument("--sg-lr", type=float, default=3e-4,
                        help="SG modules' Adam rate (default 3e-4)")
     group.add_argument("--sg-unconditional", action="store_true",

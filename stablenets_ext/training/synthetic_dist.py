@@ -45,7 +45,6 @@ from .. import models
 from .synthetic_stages import (
     StageRunner,
     batch_order,
-    make_sg_modules,
     merge_stages,
     split_model,
 )
@@ -99,7 +98,8 @@ class DistStage:
     def _recv(self, n, src, tag):
         buf = torch.empty((n, self.in_parts, *self.in_shape), dtype=self.dtype, device=self.comm)
         dist.recv(buf, src, tag=tag)
-        return tuple(buf[:, i].to(self.device, copy=True).contiguous() for i in range(self.in_parts))
+        return tuple(buf[:, i].to(self.device, copy=True).contiguous()
+                     for i in range(self.in_parts))
 
     def _recv_grad(self, n):
         buf = torch.empty((n, self.parts, *self.shape), dtype=self.dtype, device=self.comm)
@@ -277,6 +277,8 @@ def _rank_devices(device: torch.device, world: int, local_rank: int):
         if n >= world:
             d = torch.device("cuda", local_rank % n)
             return d, d, "nccl"
+        if device.index is None:
+            device = torch.device("cuda", 0)
         return device, torch.device("cpu"), "gloo"
     return device, torch.device("cpu"), "gloo"
 
@@ -356,7 +358,7 @@ def run_rank(model, data, *, bounds, sgs, device, batch_size, seed, inflight, ep
 def launch(model, nets, sgs, data, device, *, batch_size, seed, inflight, epochs, settings, threads,
            history, checkpoint, resume, target_accuracy, eval_batch_size, quiet, timeout=None):
     """Run the dist backend from an ordinary process (see module doc)."""
-    from .synthetic import StageError, _epoch_loop  # noqa: F401
+    from .synthetic import StageError
 
     world = len(nets)
     bounds = [nets[0].lo] + [n.hi for n in nets]

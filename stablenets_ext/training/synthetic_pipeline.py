@@ -85,8 +85,10 @@ def fd_sharing():
 def stage_devices(device: torch.device, count: int) -> list[str]:
     """One CUDA device per stage when there are enough, else all on ``device``."""
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.device_count() >= count and device.index is None:
-        return [f"cuda:{k}" for k in range(count)]
+    if device.type == "cuda" and device.index is None:
+        if torch.cuda.device_count() >= count:
+            return [f"cuda:{k}" for k in range(count)]
+        device = torch.device("cuda", torch.cuda.current_device())
     return [str(device)] * count
 
 
@@ -113,10 +115,12 @@ class _StageWorker:
         self.shared = [p for m in (net, sg) if m is not None for p in m.parameters()]
         private_net = copy.deepcopy(net).to(self.device)
         private_sg = copy.deepcopy(sg).to(self.device) if sg is not None else None
-        self.runner = StageRunner(private_net, private_sg, epochs=spec["epochs"], **spec["settings"])
+        self.runner = StageRunner(private_net, private_sg, epochs=spec["epochs"],
+                                  **spec["settings"])
         if spec.get("state") is not None:
             self.runner.load_state_dict(_unblob(spec["state"], self.device))
-        self.private = [p for m in (private_net, private_sg) if m is not None for p in m.parameters()]
+        self.private = [p for m in (private_net, private_sg) if m is not None
+                        for p in m.parameters()]
         self.ctrl, self.up, self.down = ctrl, up, down
         self.inbuf, self.outbuf = inbuf, outbuf
         self.parts = private_net.parts
@@ -317,8 +321,9 @@ class PipelineEngine:
                 inbuf = self.inbuf if k == 0 else self.cuts[k - 1]
                 outbuf = self.cuts[k] if k < self.count - 1 else None
                 sg = self.sgs[k] if k < self.count - 1 else None
-                proc = ctx.Process(target=_stage_main, name=f"sg-stage-{k}", daemon=True,
-                                   args=(spec, self.nets[k], sg, child_end, up, down, inbuf, outbuf))
+                proc = ctx.Process(
+                    target=_stage_main, name=f"sg-stage-{k}", daemon=True,
+                    args=(spec, self.nets[k], sg, child_end, up, down, inbuf, outbuf))
                 self.procs.append(proc)
                 child_ends.append(child_end)
             for proc in self.procs:
@@ -406,11 +411,12 @@ class PipelineEngine:
 
     def close(self):
         """Terminate and reap every stage still running; close the pipes."""
-        for proc in self.procs:
+        started = [p for p in self.procs if p.pid is not None]
+        for proc in started:
             if proc.is_alive():
                 proc.terminate()
         deadline = time.monotonic() + 3
-        for proc in self.procs:
+        for proc in started:
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()

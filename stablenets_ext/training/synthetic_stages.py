@@ -256,7 +256,8 @@ class StageRunner:
         self.alpha, self.alpha_c = alpha, alpha_c
         self.opt, self.sched = backprop.make_optimizer(net, lr, weight_decay, lr_step, lr_gamma,
                                                        epochs)
-        self.sg_opt = torch.optim.Adam(sg.parameters(), lr=sg_lr) if sg is not None else None
+        self.sg_opt = (torch.optim.Adam(sg.parameters(), lr=sg_lr, foreach=True)
+                       if sg is not None else None)
         self.pending: dict[int, tuple] = {}   # batch -> (detached output state, labels)
         self._graph = None
         self.reset_stats()
@@ -287,7 +288,8 @@ class StageRunner:
         if self.last:
             loss = F.cross_entropy(out, labels)
             n = labels.shape[0]
-            stats = torch.stack([loss.detach() * n, (out.detach().argmax(1) == labels).sum().to(loss.dtype)])
+            hits = (out.detach().argmax(1) == labels).sum().to(loss.dtype)
+            stats = torch.stack([loss.detach() * n, hits])
             self._loss_acc = stats if self._loss_acc is None else self._loss_acc + stats
             self.count += n
             self._graph = (inputs, loss, t, labels)
@@ -360,7 +362,8 @@ class StageRunner:
         if self.sg is not None:
             if self.sg_batches:
                 stats["sg_loss"] = self.sg_sq.item() / self.sg_numel
-                stats["sg_rel_error"] = math.sqrt(self.sg_sq.item() / max(self.sg_norm.item(), 1e-30))
+                ratio = self.sg_sq.item() / max(self.sg_norm.item(), 1e-30)
+                stats["sg_rel_error"] = math.sqrt(ratio)
             else:
                 stats["sg_loss"] = stats["sg_rel_error"] = float("nan")
         return stats
