@@ -2,11 +2,15 @@
 // kernels in csrc/cpu/*.cpp and csrc/cuda/*.cu.
 //
 // States stored for the backward have shape (layers, slots, batch, features):
-//   resnet, antisymmetric, leapfrog: slots = 2, [Y_j, P_j] (layer input, pre-activation)
-//   verlet: slots = 4, [Y_j, P1_j, Z_{j+1/2}, P2_j]
-// The memory order inside a (layer, slot) block belongs to the backend and the
-// width regime that wrote it (the CPU tile kernels keep their feature-major
-// tiles); only the matching backward op reads states.
+//   resnet, antisymmetric, leapfrog: slots = 2, [Y_j, A_j]   (layer input, act(P_j))
+//   verlet: slots = 4, [Y_j, A1_j, Z_{j+1/2}, A2_j]           (A1 = act(Y_j K_j + b_j),
+//                                                               A2 = act(Z_{j+1/2} K_j^T + b_j))
+// Keeping act(P) rather than P gives act' (1 - A^2, A > 0, 1) and act itself
+// without a second activation evaluation. The memory order inside a
+// (layer, slot) block belongs to the backend and the width regime that wrote it
+// (the CPU tile kernels keep their feature-major tiles): only the matching
+// backward op reads states, and a backend may store P instead of act(P) where
+// that suits its kernels.
 // With store=False the forward returns states with 0 layers; leapfrog and
 // verlet then differentiate with the *_backward_reversible ops, which rebuild
 // the states from the final ones.

@@ -1,7 +1,7 @@
 // Leapfrog (second-order) stack on the CPU:
 //   Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 act(Y_j K_j^T + b_j) K_j,   outputs (Y_N, Y_{N-1}).
-// States per layer: [Y_j, P_j]. The reversible backward rebuilds them from the
-// outputs with Y_{j-1} = 2 Y_j - Y_{j+1} - h^2 act(P_j) K_j.
+// States per layer: [Y_j, A_j = act(P_j)]. The reversible backward rebuilds
+// them from the outputs with Y_{j-1} = 2 Y_j - Y_{j+1} - h^2 A_j K_j.
 //
 // Backward, with lam = dL/dY_{j+1} and the pair (a, c) = (dL/dY_{j+1}, dL/dY_j):
 //   G = (-h^2 lam K_j^T) * act'(P_j)
@@ -30,15 +30,13 @@ void forward_narrow(const T* y, const T* yprev, const T* K, const T* b, T h, int
     for (int64_t j = 0; j < N; ++j) {
       const T* Kj = K + j * d * d;
       tile_gemm<T, false>(Kj, d, b + j * d, Y, P, T(1), false);
-      if (states) {
-        save_state(Y, rows, d, states + ((j * 2 + 0) * B + row0) * d);
-        save_state(P, rows, d, states + ((j * 2 + 1) * B + row0) * d);
-      }
+      if (states) save_state(Y, rows, d, states + ((j * 2 + 0) * B + row0) * d);
 #pragma omp simd
       for (int64_t e = 0; e < d * kTile; ++e) {
         P[e] = act_f<A, T>(P[e]);
         Yp[e] = T(2) * Y[e] - Yp[e];
       }
+      if (states) save_state(P, rows, d, states + ((j * 2 + 1) * B + row0) * d);
       tile_gemm<T, true>(Kj, d, nullptr, P, Yp, mh2, true);  // Yp = 2Y - Yp - h^2 act(P) K
       std::swap(Y, Yp);
     }
@@ -72,15 +70,16 @@ void backward_narrow(const T* ga_in, const T* gc_in, const T* states, const T* y
       const T* Kj = K + j * d * d;
       if (Reversible) {
         tile_gemm<T, false>(Kj, d, b + j * d, Y, P, T(1), false);
+#pragma omp simd
+        for (int64_t e = 0; e < d * kTile; ++e) Act_[e] = act_f<A, T>(P[e]);
       } else {
         load_state(states + ((j * 2 + 0) * B + row0) * d, rows, d, Y);
-        load_state(states + ((j * 2 + 1) * B + row0) * d, rows, d, P);
+        load_state(states + ((j * 2 + 1) * B + row0) * d, rows, d, Act_);
       }
       tile_gemm<T, false>(Kj, d, nullptr, a, G, mh2, false);  // G = -h^2 lam K^T
 #pragma omp simd
       for (int64_t e = 0; e < d * kTile; ++e) {
-        Act_[e] = act_f<A, T>(P[e]);
-        G[e] *= act_g<A, T>(P[e]);
+        G[e] *= act_g_out<A, T>(Act_[e]);
         cc[e] += T(2) * a[e];
       }
       T* dw = part.dw(c, j, d);
@@ -110,25 +109,24 @@ void forward_wide(const at::Tensor& y, const at::Tensor& yprev, const at::Tensor
   const int64_t N = K.size(0);
   Y.copy_(y);
   Yp.copy_(yprev);
-  at::Tensor P = at::empty_like(Y), Av = at::empty_like(Y);
+  at::Tensor P = at::empty_like(Y);  // P_j, then A_j in place
   for (int64_t j = 0; j < N; ++j) {
     if (store) {
       slot(states, j, 0).copy_(Y);
       P = slot(states, j, 1);
     }
     at::addmm_out(P, b[j], Y, K[j].t());
-    T* ap = Av.data_ptr<T>();
     T* ypp = Yp.data_ptr<T>();
     const T* yp = Y.data_ptr<T>();
-    const T* pp = P.data_ptr<T>();
+    T* pp = P.data_ptr<T>();
     ew(Y.numel(), [&](int64_t e0, int64_t e1) {
 #pragma omp simd
       for (int64_t e = e0; e < e1; ++e) {
-        ap[e] = act_f<A, T>(pp[e]);
+        pp[e] = act_f<A, T>(pp[e]);
         ypp[e] = T(2) * yp[e] - ypp[e];
       }
     });
-    Yp.addmm_(Av, K[j], 1.0, -static_cast<double>(h) * h);
+    Yp.addmm_(P, K[j], 1.0, -static_cast<double>(h) * h);
     std::swap(Y, Yp);
   }
 }
@@ -142,33 +140,36 @@ void backward_wide(const at::Tensor& ga, const at::Tensor& gc, const at::Tensor&
   const double mh2 = -static_cast<double>(h) * h;
   a.copy_(ga);
   c.copy_(gc);
-  at::Tensor G = at::empty_like(a), Av = at::empty_like(a);
-  at::Tensor Y, Yn, P;
+  at::Tensor G = at::empty_like(a);
+  at::Tensor Y, Yn, Av;  // Y_j, Y_{j+1} (reversible), A_j
   if (Reversible) {
     Y = y_lo.clone();
     Yn = y_hi.clone();
-    P = at::empty_like(a);
+    Av = at::empty_like(a);
   }
   for (int64_t j = N - 1; j >= 0; --j) {
     if (Reversible) {
-      at::addmm_out(P, b[j], Y, K[j].t());
+      at::addmm_out(Av, b[j], Y, K[j].t());
+      T* ap = Av.data_ptr<T>();
+      ew(Av.numel(), [&](int64_t e0, int64_t e1) {
+#pragma omp simd
+        for (int64_t e = e0; e < e1; ++e) ap[e] = act_f<A, T>(ap[e]);
+      });
     } else {
       Y = slot(states, j, 0);
-      P = slot(states, j, 1);
+      Av = slot(states, j, 1);
     }
     at::mm_out(G, a, K[j].t());
     {
       T* gp = G.data_ptr<T>();
-      T* ap = Av.data_ptr<T>();
       T* cp = c.data_ptr<T>();
       const T* lp = a.data_ptr<T>();
-      const T* pp = P.data_ptr<T>();
+      const T* ap = Av.data_ptr<T>();
       const T m = static_cast<T>(mh2);
       ew(G.numel(), [&](int64_t e0, int64_t e1) {
 #pragma omp simd
         for (int64_t e = e0; e < e1; ++e) {
-          ap[e] = act_f<A, T>(pp[e]);
-          gp[e] *= m * act_g<A, T>(pp[e]);
+          gp[e] *= m * act_g_out<A, T>(ap[e]);
           cp[e] += T(2) * lp[e];
         }
       });

@@ -1,5 +1,6 @@
 // Forward-Euler ResNet stack on the CPU: Y <- Y + h act(Y K_j^T + b_j).
-// States per layer: [Y_j, P_j]. The antisymmetric stack reuses these kernels
+// States per layer: [Y_j, A_j = act(P_j)] (A gives act' without a second
+// activation evaluation in the backward). The antisymmetric stack reuses these kernels
 // with its transformed weights (antisymmetric.cpp).
 #include <torch/library.h>
 
@@ -21,12 +22,14 @@ void forward_narrow(const T* y, const T* K, const T* b, T h, int64_t N, int64_t 
     load_tile(y + row0 * d, rows, d, Y);
     for (int64_t j = 0; j < N; ++j) {
       tile_gemm<T, false>(K + j * d * d, d, b + j * d, Y, P, T(1), false);
+#pragma omp simd
+      for (int64_t e = 0; e < d * kTile; ++e) P[e] = act_f<A, T>(P[e]);
       if (states) {
         save_state(Y, rows, d, states + ((j * 2 + 0) * B + row0) * d);
         save_state(P, rows, d, states + ((j * 2 + 1) * B + row0) * d);
       }
 #pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) Y[e] += h * act_f<A, T>(P[e]);
+      for (int64_t e = 0; e < d * kTile; ++e) Y[e] += h * P[e];
     }
     store_tile(Y, rows, d, out + row0 * d);
   });
@@ -45,7 +48,7 @@ void backward_narrow(const T* gout, const T* states, const T* K, T h, int64_t N,
       load_state(states + ((j * 2 + 0) * B + row0) * d, rows, d, Y);
       load_state(states + ((j * 2 + 1) * B + row0) * d, rows, d, G);
 #pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * L[e] * act_g<A, T>(G[e]);
+      for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * L[e] * act_g_out<A, T>(G[e]);
       tile_outer(G, Y, d, rows, T(1), part.dw(c, j, d));
       tile_rowsum(G, d, rows, part.db(c, j, d));
       tile_gemm<T, true>(K + j * d * d, d, nullptr, G, L, T(1), true);  // L += G K_j
@@ -67,10 +70,13 @@ void forward_wide(const at::Tensor& y, const at::Tensor& K, const at::Tensor& b,
     }
     at::addmm_out(P, b[j], out, K[j].t());
     T* yp = out.data_ptr<T>();
-    const T* pp = P.data_ptr<T>();
+    T* pp = P.data_ptr<T>();
     ew(out.numel(), [&](int64_t e0, int64_t e1) {
 #pragma omp simd
-      for (int64_t e = e0; e < e1; ++e) yp[e] += h * act_f<A, T>(pp[e]);
+      for (int64_t e = e0; e < e1; ++e) {
+        pp[e] = act_f<A, T>(pp[e]);
+        yp[e] += h * pp[e];
+      }
     });
   }
 }
@@ -82,12 +88,12 @@ void backward_wide(const at::Tensor& gout, const at::Tensor& states, const at::T
   gy.copy_(gout);
   at::Tensor G = at::empty_like(gy);
   for (int64_t j = N - 1; j >= 0; --j) {
-    const T* pp = slot(states, j, 1).data_ptr<T>();
+    const T* ap = slot(states, j, 1).data_ptr<T>();
     const T* lp = gy.data_ptr<T>();
     T* gp = G.data_ptr<T>();
     ew(G.numel(), [&](int64_t e0, int64_t e1) {
 #pragma omp simd
-      for (int64_t e = e0; e < e1; ++e) gp[e] = h * lp[e] * act_g<A, T>(pp[e]);
+      for (int64_t e = e0; e < e1; ++e) gp[e] = h * lp[e] * act_g_out<A, T>(ap[e]);
     });
     at::Tensor gwj = gw[j];
     at::mm_out(gwj, G.t(), slot(states, j, 0));

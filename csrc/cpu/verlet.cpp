@@ -1,11 +1,13 @@
 // Verlet (Hamiltonian) stack on the CPU:
 //   Z_{j+1/2} = Z_{j-1/2} - h act(Y_j K_j + b_j),   Y_{j+1} = Y_j + h act(Z_{j+1/2} K_j^T + b_j)
-// outputs (Y_N, Z_{N-1/2}). States per layer: [Y_j, P1_j, Z_{j+1/2}, P2_j].
+// outputs (Y_N, Z_{N-1/2}). States per layer: [Y_j, A1_j, Z_{j+1/2}, A2_j] with
+// A = act(P), which gives act' in the backward without re-evaluating act.
 // The reversible backward runs the two half steps backwards from the outputs.
 //
 // Backward with (ly, lz) = (dL/dY_{j+1}, dL/dZ_{j+1/2}):
 //   G2 = h ly * act'(P2);   lz += G2 K;    dK += G2^T Z;   db += sum G2
 //   G1 = -h lz * act'(P1);  ly += G1 K^T;  dK += Y^T G1;   db += sum G1
+// where P1 = Y K + b, P2 = Z K^T + b.
 #include <torch/library.h>
 
 #include "stablenets/kernels.h"
@@ -35,16 +37,22 @@ void forward_narrow(const T* y, const T* z, const T* K, const T* b, T h, int64_t
       const T* bj = b + j * d;
       if (states) save_state(Y, rows, d, slot_ptr(states, j, 0, B, row0, d));
       tile_gemm<T, true>(Kj, d, bj, Y, P, T(1), false);  // P1 = Y K + b
-      if (states) save_state(P, rows, d, slot_ptr(states, j, 1, B, row0, d));
 #pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) Z[e] -= h * act_f<A, T>(P[e]);
+      for (int64_t e = 0; e < d * kTile; ++e) {
+        P[e] = act_f<A, T>(P[e]);
+        Z[e] -= h * P[e];
+      }
+      if (states) save_state(P, rows, d, slot_ptr(states, j, 1, B, row0, d));
       tile_gemm<T, false>(Kj, d, bj, Z, P, T(1), false);  // P2 = Z K^T + b
+#pragma omp simd
+      for (int64_t e = 0; e < d * kTile; ++e) {
+        P[e] = act_f<A, T>(P[e]);
+        Y[e] += h * P[e];
+      }
       if (states) {
         save_state(Z, rows, d, slot_ptr(states, j, 2, B, row0, d));
         save_state(P, rows, d, slot_ptr(states, j, 3, B, row0, d));
       }
-#pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) Y[e] += h * act_f<A, T>(P[e]);
     }
     store_tile(Y, rows, d, out_y + row0 * d);
     store_tile(Z, rows, d, out_z + row0 * d);
@@ -76,8 +84,13 @@ void backward_narrow(const T* gy_in, const T* gz_in, const T* states, const T* y
       if (Reversible) {
         tile_gemm<T, false>(Kj, d, bj, Z, P2, T(1), false);
 #pragma omp simd
-        for (int64_t e = 0; e < d * kTile; ++e) Y[e] -= h * act_f<A, T>(P2[e]);
+        for (int64_t e = 0; e < d * kTile; ++e) {
+          P2[e] = act_f<A, T>(P2[e]);
+          Y[e] -= h * P2[e];
+        }
         tile_gemm<T, true>(Kj, d, bj, Y, P1, T(1), false);
+#pragma omp simd
+        for (int64_t e = 0; e < d * kTile; ++e) P1[e] = act_f<A, T>(P1[e]);
       } else {
         load_state(slot_ptr(states, j, 0, B, row0, d), rows, d, Y);
         load_state(slot_ptr(states, j, 1, B, row0, d), rows, d, P1);
@@ -87,18 +100,18 @@ void backward_narrow(const T* gy_in, const T* gz_in, const T* states, const T* y
       T* dw = part.dw(c, j, d);
       T* db = part.db(c, j, d);
 #pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * ly[e] * act_g<A, T>(P2[e]);
+      for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * ly[e] * act_g_out<A, T>(P2[e]);
       tile_gemm<T, true>(Kj, d, nullptr, G, lz, T(1), true);  // lz += G2 K
       tile_outer(G, Z, d, rows, T(1), dw);
       tile_rowsum(G, d, rows, db);
 #pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) G[e] = -h * lz[e] * act_g<A, T>(P1[e]);
+      for (int64_t e = 0; e < d * kTile; ++e) G[e] = -h * lz[e] * act_g_out<A, T>(P1[e]);
       tile_gemm<T, false>(Kj, d, nullptr, G, ly, T(1), true);  // ly += G1 K^T
       tile_outer(Y, G, d, rows, T(1), dw);
       tile_rowsum(G, d, rows, db);
       if (Reversible) {
 #pragma omp simd
-        for (int64_t e = 0; e < d * kTile; ++e) Z[e] += h * act_f<A, T>(P1[e]);
+        for (int64_t e = 0; e < d * kTile; ++e) Z[e] += h * P1[e];
       }
     }
     store_tile(ly, rows, d, gy + row0 * d);
@@ -106,26 +119,39 @@ void backward_narrow(const T* gy_in, const T* gz_in, const T* states, const T* y
   });
 }
 
-// out += alpha * act(p), elementwise over whole tensors.
+// p <- act(p)
 template <typename T, Act A>
-void add_act(at::Tensor& out, const at::Tensor& p, T alpha) {
-  T* o = out.data_ptr<T>();
-  const T* pp = p.data_ptr<T>();
-  ew(out.numel(), [&](int64_t e0, int64_t e1) {
+void activate(at::Tensor& p) {
+  T* pp = p.data_ptr<T>();
+  ew(p.numel(), [&](int64_t e0, int64_t e1) {
 #pragma omp simd
-    for (int64_t e = e0; e < e1; ++e) o[e] += alpha * act_f<A, T>(pp[e]);
+    for (int64_t e = e0; e < e1; ++e) pp[e] = act_f<A, T>(pp[e]);
   });
 }
 
-// g = alpha * l * act'(p)
+// p <- act(p), then out += alpha * p: keeps the activation for the backward.
 template <typename T, Act A>
-void grad_act(at::Tensor& g, const at::Tensor& l, const at::Tensor& p, T alpha) {
+void activate_add(at::Tensor& out, at::Tensor& p, T alpha) {
+  T* o = out.data_ptr<T>();
+  T* pp = p.data_ptr<T>();
+  ew(out.numel(), [&](int64_t e0, int64_t e1) {
+#pragma omp simd
+    for (int64_t e = e0; e < e1; ++e) {
+      pp[e] = act_f<A, T>(pp[e]);
+      o[e] += alpha * pp[e];
+    }
+  });
+}
+
+// g = alpha * l * act'(p), from the activation a = act(p)
+template <typename T, Act A>
+void grad_act(at::Tensor& g, const at::Tensor& l, const at::Tensor& a, T alpha) {
   T* gp = g.data_ptr<T>();
   const T* lp = l.data_ptr<T>();
-  const T* pp = p.data_ptr<T>();
+  const T* ap = a.data_ptr<T>();
   ew(g.numel(), [&](int64_t e0, int64_t e1) {
 #pragma omp simd
-    for (int64_t e = e0; e < e1; ++e) gp[e] = alpha * lp[e] * act_g<A, T>(pp[e]);
+    for (int64_t e = e0; e < e1; ++e) gp[e] = alpha * lp[e] * act_g_out<A, T>(ap[e]);
   });
 }
 
@@ -141,10 +167,10 @@ void forward_wide(const at::Tensor& K, const at::Tensor& b, T h, at::Tensor& Y, 
       P2 = slot(states, j, 3);
     }
     at::addmm_out(P1, b[j], Y, K[j]);
-    add_act<T, A>(Z, P1, -h);
+    activate_add<T, A>(Z, P1, -h);
     at::addmm_out(P2, b[j], Z, K[j].t());
     if (store) slot(states, j, 2).copy_(Z);
-    add_act<T, A>(Y, P2, h);
+    activate_add<T, A>(Y, P2, h);
   }
 }
 
@@ -161,8 +187,9 @@ void backward_wide(const at::Tensor& states, const at::Tensor& K, const at::Tens
   for (int64_t j = N - 1; j >= 0; --j) {
     if (Reversible) {
       at::addmm_out(P2, b[j], Z, K[j].t());
-      add_act<T, A>(Y, P2, -h);
+      activate_add<T, A>(Y, P2, -h);
       at::addmm_out(P1, b[j], Y, K[j]);
+      activate<T, A>(P1);
     } else {
       Y = slot(states, j, 0);
       P1 = slot(states, j, 1);
@@ -178,7 +205,7 @@ void backward_wide(const at::Tensor& states, const at::Tensor& K, const at::Tens
     ly.addmm_(G, K[j].t());
     gwj.addmm_(Y.t(), G);
     gbj.add_(G.sum(0));
-    if (Reversible) add_act<T, A>(Z, P1, h);
+    if (Reversible) Z.add_(P1, h);
   }
 }
 

@@ -7,15 +7,21 @@ in the comments (2-core machine, fused kernels unless noted)."""
 from __future__ import annotations
 
 PRESETS = {
+    # 5/5 seeds >= 99% final validation accuracy (reached 99% after 22-51 epochs);
+    # about 1.3 s for the 60 epochs, fused, 1 thread.
     "swiss": {"arch": "verlet", "layers": 64, "width": 4, "step": 0.1, "activation": "tanh",
-              "epochs": 60, "batch_size": 32, "lr": 0.05, "lr_step": None, "lr_gamma": 0.5,
+              "epochs": 60, "batch_size": 32, "lr": 0.05, "lr_step": 20, "lr_gamma": 0.5,
               "weight_decay": 0.0, "alpha": 0.0, "alpha_c": 0.0},
+    # 4/4 seeds >= 99% (reached after 6-12 epochs); points lie arbitrarily close to
+    # the boundary a = 1, so the schedule decays fast to keep the final epochs there.
     "ellipse": {"arch": "verlet", "layers": 16, "width": 4, "step": 0.1, "activation": "tanh",
-                "epochs": 20, "batch_size": 32, "lr": 0.05, "lr_step": None, "lr_gamma": 0.5,
+                "epochs": 30, "batch_size": 64, "lr": 0.05, "lr_step": 8, "lr_gamma": 0.3,
                 "weight_decay": 0.0, "alpha": 0.0, "alpha_c": 0.0},
-    "digits": {"arch": "verlet", "layers": 8, "width": 64, "step": 0.1, "activation": "tanh",
-               "epochs": 30, "batch_size": 64, "lr": 0.01, "lr_step": None, "lr_gamma": 0.5,
+    # 3/3 seeds 98.3-98.6% test accuracy (fixed 20% split); 97.2-97.5% with step 0.1-0.2.
+    "digits": {"arch": "verlet", "layers": 8, "width": 64, "step": 0.5, "activation": "tanh",
+               "epochs": 30, "batch_size": 64, "lr": 0.02, "lr_step": 10, "lr_gamma": 0.5,
                "weight_decay": 0.0, "alpha": 0.0, "alpha_c": 0.0},
+    # Image presets: plausible starting points, not tuned here (no GPU run yet).
     "mnist": {"arch": "conv-verlet", "layers": 8, "width": 16, "step": 0.1, "activation": "tanh",
               "epochs": 5, "batch_size": 128, "lr": 0.005, "lr_step": 2, "lr_gamma": 0.5,
               "weight_decay": 0.0, "alpha": 0.0, "alpha_c": 0.0},
@@ -27,7 +33,16 @@ PRESETS = {
                  "weight_decay": 0.0, "alpha": 0.0, "alpha_c": 0.0},
 }
 
-ARCH_PRESETS: dict[tuple[str, str], dict] = {}
+ARCH_PRESETS: dict[tuple[str, str], dict] = {
+    # swiss, 64 layers, width 4 throughout. Forward Euler is the touchy one: at
+    # h >= 0.1 Adam often leaves it on the 0.693 plateau (tanh saturates); a small
+    # step and batch 16 made 5/5 seeds reach >= 99% (after 22-53 epochs).
+    ("swiss", "resnet"): {"step": 0.025, "batch_size": 16, "epochs": 100, "lr_step": 40},
+    # 5/5 seeds >= 99% (after 14-49 epochs).
+    ("swiss", "antisymmetric"): {"step": 0.05, "batch_size": 16, "epochs": 100, "lr_step": 40},
+    # 3/3 seeds >= 99% (after 42-47 epochs); at 60 epochs 4/5.
+    ("swiss", "leapfrog"): {"epochs": 80, "lr_step": 25},
+}
 
 
 def preset(dataset: str, arch: str | None = None) -> dict:

@@ -102,6 +102,20 @@ SN_HOST_DEVICE T act_g(T p) {
   }
 }
 
+// d act / d p expressed through the output a = act(p): exact for all three
+// activations (tanh: 1 - a^2; relu: a > 0; identity: 1), so kernels that keep
+// a need no second activation evaluation in the backward.
+template <Act A, typename T>
+SN_HOST_DEVICE T act_g_out(T a) {
+  if constexpr (A == Act::Tanh) {
+    return T(1) - a * a;
+  } else if constexpr (A == Act::Relu) {
+    return a > T(0) ? T(1) : T(0);
+  } else {
+    return T(1);
+  }
+}
+
 }  // namespace stablenets
 
 // Runs __VA_ARGS__ with `constexpr Act kAct` bound to the runtime value.
