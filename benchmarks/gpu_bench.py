@@ -32,7 +32,8 @@ import torch
 
 ARCHS = ("resnet", "antisymmetric", "leapfrog", "verlet")
 PAIR = ("leapfrog", "verlet")
-SHAPES = ((1024, 4, 64), (256, 784, 16), (4096, 1024, 16))
+# Ordered so the torch.compile budget goes first where a target depends on it.
+SHAPES = ((256, 784, 16), (1024, 4, 64), (4096, 1024, 16))
 STEP, ACT, GAMMA = 0.1, "tanh", 0.01
 
 # The targets: (shape, mode, column, minimum speedup of fused over it).
@@ -231,7 +232,7 @@ def print_table(shape, rows):
 
 def check_targets(all_rows):
     print("\n### Targets (fused speedup over the column; gemm: fused within 1.1x)")
-    ok_all = True
+    ok_all, checked = True, 0
     for shape, mode, col, need in TARGETS:
         for arch, res in all_rows.get(shape, []):
             r = res[mode]
@@ -242,10 +243,11 @@ def check_targets(all_rows):
             else:
                 verdict = "ok" if x >= need else "MISS"
                 ok_all &= x >= need
+                checked += 1
             shown = f"{x:.2f}x" if x is not None else "-"
             print(f"  B={shape[0]} d={shape[1]} N={shape[2]} {arch:<14}{mode:<8} vs {col:<8}"
                   f" need >= {need:.2f}x  got {shown:>9}  {verdict}")
-    return ok_all
+    return ok_all if checked else None
 
 
 def main(argv=None):
@@ -281,7 +283,8 @@ def main(argv=None):
         all_rows[shape] = rows
         print_table(shape, rows)
     ok = check_targets(all_rows)
-    print(f"\ntotal {time.perf_counter() - t_start:.0f} s; targets {'all met' if ok else 'NOT all met'}")
+    verdict = {True: "all met", False: "NOT all met", None: "none measured"}[ok]
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s; targets {verdict}")
     return 0
 
 

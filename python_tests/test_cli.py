@@ -141,3 +141,21 @@ def test_stability_delegates(monkeypatch):
     monkeypatch.setattr(stablenets_ext, "stability", fake, raising=False)
     assert cli.main(["stability", "--arch", "verlet", "--help"]) == 0
     assert calls == [["--arch", "verlet", "--help"]]
+
+
+def test_train_conv_arch_on_self_written_mnist(tmp_path, capsys):
+    from test_data import write_mnist
+
+    write_mnist(tmp_path, n_train=16, n_test=8, side=6)
+    argv = ["train", "--dataset", "mnist", "--data-root", str(tmp_path), "--no-download",
+            "--arch", "conv-verlet", "--width", "4", "--layers", "2", "--epochs", "1",
+            "--batch-size", "8", "--json", "--quiet", "--cache"]
+    assert cli.main(argv) == 0
+    line = json_line(capsys.readouterr().out)
+    assert line["arch"] == "conv-verlet" and line["kernel"] == "aten" and line["epochs"] == 1
+    assert (tmp_path / "mnist.h5").exists()
+    # without the files (and offline) the error says where they go
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["train", "--dataset", "mnist", "--data-root", str(empty), "--no-download"]) == 2
+    assert "MNIST/raw" in capsys.readouterr().err

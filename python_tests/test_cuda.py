@@ -109,16 +109,17 @@ def max_abs(t):
     return t.abs().max().item() if t.numel() else 0.0
 
 
-def check_against(got, ref64, ref32, what, seed):
+def check_against(got, ref64, ref32, what, seed, floor32=2e-6):
     """got (any dtype) vs the float64 reference; in float32 the allowance is
-    a multiple of the float32 reference's own error."""
+    a multiple of the float32 reference's own error (plus a small relative
+    floor, since one sample of that error can come out small by luck)."""
     err = max_abs(got.double() - ref64)
     scale = 1.0 + max_abs(ref64)
     if got.dtype == torch.float64:
         tol = 1e-9 * scale
     else:
         ref_err = max_abs(ref32.double() - ref64)
-        tol = 10.0 * ref_err + 2e-6 * scale
+        tol = 10.0 * ref_err + floor32 * scale
     assert err <= tol, f"{what}: max error {err:.3e} > {tol:.3e} (seed {seed})"
 
 
@@ -143,8 +144,12 @@ def compare_with_reference(arch, B, d, N, act, dtype, reversible=False, step=0.2
     names = ["y", "y_prev" if arch == "leapfrog" else "z", "weight", "bias"]
     if arch not in PAIR:
         names = ["y", "weight", "bias"]
+    # The reversible backward rebuilds the states by running the stack in
+    # reverse, which adds the rounding of that second pass (measured: up to
+    # ~1e-5 relative in float32 for these shapes).
+    floor = 3e-5 if reversible else 2e-6
     for name, gr, r, r32 in zip(names, grads, ref_grads, r32_grads):
-        check_against(gr, r, r32, f"{tag} grad {name}", seed)
+        check_against(gr, r, r32, f"{tag} grad {name}", seed, floor32=floor)
 
 
 # ------------------------------------------------------------- correctness

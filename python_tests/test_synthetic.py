@@ -280,7 +280,7 @@ def test_killed_stage_is_reported_and_cleaned_up(swiss):
 
     model = make(swiss, **SWISS)
     with pytest.raises(StageError, match=r"stage 1 .*SIGKILL") as info:
-        train_sg(model, swiss, epochs=1000, workers=2, threads=1, quiet=True,
+        train_sg(model, swiss, epochs=200, workers=2, threads=1, quiet=True,
                  on_workers_started=kill_stage_1, **SWISS_TRAIN)
     assert time.monotonic() - t_kill[0] < 10
     assert info.value.stage == 1

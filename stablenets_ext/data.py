@@ -56,10 +56,6 @@ class Dataset:
     def is_image(self) -> bool:
         return isinstance(self.features, tuple)
 
-    @property
-    def is_2d(self) -> bool:
-        return self.features == 2
-
     def to(self, device) -> "Dataset":
         return Dataset(self.name, self.train_x.to(device), self.train_y.to(device),
                        self.val_x.to(device), self.val_y.to(device), self.features,

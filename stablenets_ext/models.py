@@ -10,7 +10,6 @@ average-pool to ``pool x pool`` before the classifier.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -66,9 +65,9 @@ class StableNet(nn.Module):
 
     ``features`` is an int, or ``(C, H, W)`` for images. ``width`` defaults to
     the number of inputs (dense) or 16 channels (conv). ``lift``: None pads
-    with zeros when ``width >= features`` and learns a linear (1x1 ... here a
-    3x3 convolution for conv archs) lift otherwise; True always learns one;
-    False always pads. Extra keyword arguments go to the stack (``gamma``,
+    with zeros when ``width >= features`` (channels, for conv archs) and
+    learns a lift otherwise (``nn.Linear``; a 3x3 ``nn.Conv2d`` for conv
+    archs); True always learns one; False always pads. Extra keyword arguments go to the stack (``gamma``,
     ``reversible``)."""
 
     def __init__(self, arch, features, classes, layers, width=None, step=0.1, activation="tanh",
@@ -237,7 +236,3 @@ def double_layers(model: StableNet) -> StableNet:
         new.stack.bias.copy_(interpolate_layers(model.stack.bias))
     new.train(model.training)
     return new
-
-
-def clone(model: StableNet) -> StableNet:
-    return copy.deepcopy(model)

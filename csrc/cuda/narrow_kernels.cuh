@@ -605,7 +605,10 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_leapfrog(const Params<T> p) 
 #pragma unroll
       for (int k = 0; k < C::RPT; ++k)
 #pragma unroll
-        for (int m = 0; m < C::OPT; ++m) acc[k][m] = mh2 * act_fwd(p.act, pv[k][m]);
+        for (int m = 0; m < C::OPT; ++m) {
+          pv[k][m] = act_fwd(p.act, pv[k][m]);  // from here on pv holds act(P)
+          acc[k][m] = mh2 * pv[k][m];
+        }
       fr.put(As, acc);  // -h^2 act(P)
       fr.put(Ls, a);    // lam
       __syncthreads();
@@ -613,7 +616,7 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_leapfrog(const Params<T> p) 
 #pragma unroll
       for (int k = 0; k < C::RPT; ++k)
 #pragma unroll
-        for (int m = 0; m < C::OPT; ++m) acc[k][m] *= mh2 * act_grad(p.act, pv[k][m]);
+        for (int m = 0; m < C::OPT; ++m) acc[k][m] *= mh2 * act_grad_out(p.act, pv[k][m]);
       fr.put(Gs, acc);
       if (REV) {
         prod_k(fr, As, K, yr);  // Y_{j-1} = 2 Y_j - Y_{j+1} - h^2 act(P) K
@@ -711,8 +714,8 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
         for (int k = 0; k < C::RPT; ++k)
 #pragma unroll
           for (int m = 0; m < C::OPT; ++m) {
-            p2[k][m] += bj[fr.f(m)];
-            yj[k][m] = fr.ok[k][m] ? y[k][m] - p.h * act_fwd(p.act, p2[k][m]) : T(0);
+            p2[k][m] = act_fwd(p.act, p2[k][m] + bj[fr.f(m)]);  // reversible: p2 holds act(P2)
+            yj[k][m] = fr.ok[k][m] ? y[k][m] - p.h * p2[k][m] : T(0);
           }
       } else {
         fr.put(Zcur, z);
@@ -721,7 +724,9 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
 #pragma unroll
       for (int k = 0; k < C::RPT; ++k)
 #pragma unroll
-        for (int m = 0; m < C::OPT; ++m) acc[k][m] = p.h * ly[k][m] * act_grad(p.act, p2[k][m]);
+        for (int m = 0; m < C::OPT; ++m)
+          acc[k][m] =
+              p.h * ly[k][m] * (REV ? act_grad_out(p.act, p2[k][m]) : act_grad(p.act, p2[k][m]));
       fr.put(G2s, acc);
       __syncthreads();
       if (REV) {
@@ -729,7 +734,8 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
 #pragma unroll
         for (int k = 0; k < C::RPT; ++k)
 #pragma unroll
-          for (int m = 0; m < C::OPT; ++m) p1[k][m] += bj[fr.f(m)];
+          for (int m = 0; m < C::OPT; ++m)
+            p1[k][m] = act_fwd(p.act, p1[k][m] + bj[fr.f(m)]);  // reversible: act(P1)
       }
       prod_k(fr, G2s, K, acc);  // lz += G2 K
 #pragma unroll
@@ -737,7 +743,8 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
 #pragma unroll
         for (int m = 0; m < C::OPT; ++m) {
           lz[k][m] = fr.ok[k][m] ? lz[k][m] + acc[k][m] : T(0);
-          acc[k][m] = -p.h * lz[k][m] * act_grad(p.act, p1[k][m]);
+          acc[k][m] =
+              -p.h * lz[k][m] * (REV ? act_grad_out(p.act, p1[k][m]) : act_grad(p.act, p1[k][m]));
         }
       fr.put(G1s, acc);
       __syncthreads();
@@ -757,7 +764,7 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
         for (int k = 0; k < C::RPT; ++k)
 #pragma unroll
           for (int m = 0; m < C::OPT; ++m) {
-            z[k][m] = fr.ok[k][m] ? z[k][m] + p.h * act_fwd(p.act, p1[k][m]) : T(0);
+            z[k][m] = fr.ok[k][m] ? z[k][m] + p.h * p1[k][m] : T(0);
             y[k][m] = yj[k][m];
           }
         fr.put(Znext, z);

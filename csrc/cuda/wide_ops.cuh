@@ -200,8 +200,9 @@ struct BwdLeap {
     T gv[V], av[V], nv[V], ncv[V];
 #pragma unroll
     for (int u = 0; u < V; ++u) {
-      gv[u] = mh2 * mv[u] * act_grad(act, pv[u]);
-      av[u] = mh2 * act_fwd(act, pv[u]);
+      const T a = act_fwd(act, pv[u]);
+      gv[u] = mh2 * mv[u] * act_grad_out(act, a);
+      av[u] = mh2 * a;
       nv[u] = cv[u] + T(2) * lv[u];
       ncv[u] = -lv[u];
     }
@@ -244,9 +245,9 @@ struct VerletBackY {
     vload<V>(ly + i, lv);
 #pragma unroll
     for (int u = 0; u < V; ++u) {
-      pv[u] += bv[u];
-      yv[u] -= h * act_fwd(act, pv[u]);
-      gv[u] = h * lv[u] * act_grad(act, pv[u]);
+      const T a = act_fwd(act, pv[u] + bv[u]);
+      yv[u] -= h * a;
+      gv[u] = h * lv[u] * act_grad_out(act, a);
     }
     vstore<V>(y + i, yv);
     vstore<V>(g + i, gv);
@@ -279,9 +280,9 @@ struct VerletBackZ {
     vload<V>(lz + i, lv);
 #pragma unroll
     for (int u = 0; u < V; ++u) {
-      pv[u] += bv[u];
-      zv[u] += h * act_fwd(act, pv[u]);
-      gv[u] = -h * lv[u] * act_grad(act, pv[u]);
+      const T a = act_fwd(act, pv[u] + bv[u]);
+      zv[u] += h * a;
+      gv[u] = -h * lv[u] * act_grad_out(act, a);
     }
     vstore<V>(zout + i, zv);
     vstore<V>(g + i, gv);

@@ -153,6 +153,7 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
 
     loader = TensorLoader(data.train_x, data.train_y, batch_size, shuffle=True, seed=seed,
                           device=device)
+    val = TensorLoader(data.val_x, data.val_y, eval_batch_size, device=device)  # resident once
     stopped = False
     bar = None
     if progress_enabled(quiet) and start < epochs:
@@ -185,7 +186,7 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
         seconds = time.perf_counter() - t0
         n = loader.x.shape[0]
         t1 = time.perf_counter()
-        val_loss, val_acc = evaluate(model, data.val_x, data.val_y, eval_batch_size, device)
+        val_loss, val_acc = evaluate(model, val.x, val.y, eval_batch_size, device)
         record = {
             "epoch": epoch + 1, "loss": loss_sum.item() / n, "train_accuracy": correct.item() / n,
             "val_loss": val_loss, "val_accuracy": val_acc, "seconds": seconds,

@@ -207,8 +207,9 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
              alpha=0.0, alpha_c=0.0, target_accuracy=None, device=None, seed=0, threads=None,
              checkpoint=None, resume=None, history_path=None, quiet=False, eval_batch_size=4096,
              history=None, on_epoch=None, on_workers_started=None, timeout=None) -> dict:
-    """Train ``model`` (a :class:`~stablenets_ext.models.StableNet`) in place with
-    synthetic gradients; returns :func:`~.backprop.summary` plus the SG figures.
+    """Train ``model`` (a :class:`~stablenets_ext.models.StableNet`, or its
+    ``config()`` dict to build one) in place with synthetic gradients; returns
+    :func:`~.backprop.summary` plus the SG figures.
 
     ``stages``: sub-networks ``M`` (default ``workers`` or 2), cut at ``bounds``
     (default: near-equal layer counts). ``workers``: None for the in-process
@@ -224,10 +225,12 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
     ``timeout``: seconds without progress after which a pipeline is declared
     stuck (default 300). Other arguments as :func:`~.backprop.train`.
 
-    The returned dict also holds ``sg_modules`` (the trained SG modules) and
-    ``coarse`` (the coarse phase's summary) for the caller; drop them before
-    serialising.
+    The returned dict also holds ``model``, ``sg_modules`` (the trained SG
+    modules) and ``coarse`` (the coarse phase's summary) for the caller; drop
+    them before serialising.
     """
+    if isinstance(model, dict):
+        model = models.StableNet.from_config(model)
     backprop.check_positive(epochs, "epochs")
     backprop.check_positive(batch_size, "batch_size")
     backprop.check_positive(lr, "lr", float)
@@ -317,6 +320,7 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
                         target_accuracy=target_accuracy, eval_batch_size=eval_batch_size,
                         quiet=quiet, timeout=timeout)
         result["coarse"] = coarse_result
+        result["model"] = model
         if history_path is not None:
             backprop.write_json(history_path, _jsonable(result))
         return result
@@ -324,6 +328,7 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
     merge_stages(engine.nets, model)
     result["sg_modules"] = engine.sgs
     result["coarse"] = coarse_result
+    result["model"] = model
     if history_path is not None:
         backprop.write_json(history_path, _jsonable(result))
     return result
@@ -338,7 +343,7 @@ def _make_runners(nets, sgs, epochs, settings, device):
 
 
 def _jsonable(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k not in ("sg_modules", "coarse")}
+    return {k: v for k, v in result.items() if k not in ("sg_modules", "coarse", "model")}
 
 
 def finish_summary(history: dict, stopped: bool, phase: str, extra: dict) -> dict:
@@ -498,6 +503,7 @@ def run_cli(args, data, device) -> dict:
         return {"rank": result["rank"], "history": {}}
     coarse = result.pop("coarse", None)
     result.pop("sg_modules", None)
+    model = result.pop("model", model)
     if coarse is not None:
         result["coarse_accuracy"] = coarse["accuracy"]
         result["coarse_epochs"] = sum(1 for p in result["history"]["phase"] if p == "coarse")

@@ -116,6 +116,20 @@ SN_HOST_DEVICE T act_g_out(T a) {
   }
 }
 
+// Runtime-Act form of act_g_out, for kernels that choose the activation per call
+// (the CUDA kernels): d act / d p from a = act(p), the same formula as act_grad.
+template <typename T>
+SN_HOST_DEVICE T act_grad_out(Act act, T a) {
+  switch (act) {
+    case Act::Tanh:
+      return T(1) - a * a;
+    case Act::Relu:
+      return a > T(0) ? T(1) : T(0);
+    default:
+      return T(1);
+  }
+}
+
 }  // namespace stablenets
 
 // Runs __VA_ARGS__ with `constexpr Act kAct` bound to the runtime value.

@@ -1,0 +1,80 @@
+"""Run python_tests/test_cuda.py against the CUDA kernel sources emulated on the CPU.
+
+A development check for machines without a GPU (see cpu_emulator.cpp): builds
+the emulator with torch.utils.cpp_extension (about a minute), registers it as
+the stablenets CPU backend in this process (the package's own _C is not
+loaded), and runs the CUDA tests with their device switched to the CPU. Tests
+that need a real GPU (CUDA graphs, CPU-vs-CUDA, mixed devices) are deselected.
+Slow: every emulated block runs one OS thread per CUDA thread.
+
+    python csrc/cuda/testing/run_emulated.py [-k EXPR] [other pytest args]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
+
+CONFTEST = '''
+import os, sys, types, torch
+torch.ops.load_library(os.environ["SN_EMULATOR_LIB"])
+sys.modules["stablenets_ext._C"] = types.ModuleType("stablenets_ext._C")
+sys.path.insert(0, os.environ["SN_ROOT"])
+import stablenets_ext.ops as ops
+assert ops.has_kernel("cpu"), "emulator did not register"
+'''
+
+
+def build(build_dir):
+    from torch.utils.cpp_extension import load
+
+    load(
+        name="sn_cuda_emulator",
+        sources=[os.path.join(ROOT, "csrc", "ops.cpp"), os.path.join(HERE, "cpu_emulator.cpp")],
+        extra_include_paths=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cuda")],
+        extra_cflags=["-O1", "-pthread", "-Wno-unknown-pragmas"],
+        extra_ldflags=["-pthread"],
+        build_directory=build_dir,
+        is_python_module=False,
+    )
+    return os.path.join(build_dir, "sn_cuda_emulator.so")
+
+
+def main(argv):
+    import pytest
+
+    work = tempfile.mkdtemp(prefix="sn_emulated_")
+    os.makedirs(os.path.join(work, "build"))
+    lib = build(os.path.join(work, "build"))
+    src = open(os.path.join(ROOT, "python_tests", "test_cuda.py")).read()
+    for old, new in [
+        ("not torch.cuda.is_available()", "False"),
+        ('DEVICE = torch.device("cuda")', 'DEVICE = torch.device("cpu")'),
+        ('ops.has_kernel("cuda")', 'ops.has_kernel("cpu")'),
+        ('o.device.type == "cuda"', 'o.device.type == "cpu"'),
+    ]:
+        assert old in src, f"test_cuda.py changed: {old!r} not found"
+        src = src.replace(old, new)
+    with open(os.path.join(work, "test_cuda_emulated.py"), "w") as f:
+        f.write(src)
+    with open(os.path.join(work, "conftest.py"), "w") as f:
+        f.write(CONFTEST)
+    os.environ["SN_EMULATOR_LIB"] = lib
+    os.environ["SN_ROOT"] = ROOT
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    gpu_only = "not graph and not cpu_and_cuda and not mixed_devices"
+    args = ["-q", "-p", "no:cacheprovider", "--rootdir", work, work]
+    if "-k" in argv:
+        i = argv.index("-k")
+        argv = argv[:i] + ["-k", f"({argv[i + 1]}) and {gpu_only}"] + argv[i + 2:]
+    else:
+        argv = ["-k", gpu_only] + argv
+    return pytest.main(args + argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
