@@ -19,11 +19,11 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
-# Incremental (ninja) in-place build, then an editable install for the
-# `stablenets` console script.
+# Incremental (ninja) in-place build, then an editable install (for the
+# `stablenets` console script) that reuses it instead of compiling again.
 $(SO_STAMP): $(STAMP) $(SOURCES)
 	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py -q build_ext --inplace
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	STABLENETS_PREBUILT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 build: $(SO_STAMP)

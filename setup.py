@@ -7,6 +7,9 @@ Environment knobs (printed at build time):
   STABLENETS_CPU_ISA       "avx2" (default when the build machine has AVX2 and FMA) or "generic"
   MAX_JOBS                 parallel compile jobs (ninja)
   DEBUG=1                  -O0 -g
+  STABLENETS_PREBUILT=1    package only, no compile: the extension was already built
+                           in place (`setup.py build_ext --inplace`); the Makefile uses
+                           this for the editable install so nothing is compiled twice
 Install with: pip install --no-build-isolation .
 """
 
@@ -152,9 +155,13 @@ else:
 log(f"CPU ISA: {isa} ({' '.join(isa_flags) or 'no extra flags'}); "
     f"{'DEBUG' if debug else 'release'} build; MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
 
+prebuilt = os.environ.get("STABLENETS_PREBUILT", "0") == "1"
+if prebuilt:
+    log("STABLENETS_PREBUILT=1: packaging the in-place build, compiling nothing")
+
 setup(
     name="stablenets-ext",
     packages=find_packages(include=["stablenets_ext", "stablenets_ext.*"]),
-    ext_modules=[ext],
+    ext_modules=[] if prebuilt else [ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -67,8 +67,12 @@ EOF
 }
 
 build() {
-  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
-    "$PY" setup.py build_ext --inplace || return $?
+  export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+  # As `make build`: in-place build (ninja), then an editable install for the
+  # `stablenets` console script (reuses the build; no network needed).
+  "$PY" setup.py build_ext --inplace || return $?
+  "$PY" -m pip install -q --no-build-isolation --no-deps -e . ||
+    echo "warning: editable install failed; tests import from the source tree"
   "$PY" -c "
 import stablenets_ext
 from stablenets_ext import ops
@@ -115,7 +119,7 @@ sanitize() {
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" --error-exitcode 1 \
     "$PY" benchmarks/sanitize_cuda.py "$@" 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
-  if [ "$rc" -ne 0 ] && grep -qiE "device not supported|not supported on this (platform|device)|unable to (initialize|find)" "$log"; then
+  if [ "$rc" -ne 0 ] && grep -qiE "device not supported|not supported on this (platform|device)" "$log"; then
     echo "compute-sanitizer cannot run on this machine: skipped"
     rc=77
   fi
@@ -125,14 +129,14 @@ sanitize() {
 
 bench() {
   # torch.compile columns are dropped once the budget is spent, to stay in time.
-  local budget=$((440 - $(elapsed)))
-  if [ "$budget" -gt 170 ]; then budget=170; fi
+  local budget=$((420 - $(elapsed)))
+  if [ "$budget" -gt 150 ]; then budget=150; fi
   if [ "$budget" -lt 20 ]; then budget=20; fi
   "$PY" benchmarks/gpu_bench.py --budget "$budget"
 }
 
 racecheck() {
-  if [ "$(elapsed)" -gt 420 ]; then
+  if [ "$(elapsed)" -gt 400 ]; then
     echo "racecheck skipped: out of time ($(elapsed)s elapsed)"
     return 77
   fi

@@ -180,7 +180,9 @@ def test_benchmark_shapes(arch, shape):
 @pytest.mark.parametrize("d", [4, 70])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_stored_states_layout(arch, d):
-    """States (N, S, B, d) hold [Y_j, P_j] or [Y_j, P1_j, Z_{j+1/2}, P2_j]."""
+    """The CUDA backend's states (N, S, B, d), row-major in both regimes:
+    [Y_j, P_j] or [Y_j, P1_j, Z_{j+1/2}, P2_j] with P the pre-activations
+    (csrc/ops.cpp leaves the layout inside a slot to each backend)."""
     B, N, h = 11, 3, 0.3
     y, other, W, b = make_inputs(arch, B, d, N, fresh_seed())
     K = reference.antisymmetric_weight(W, GAMMA) if arch == "antisymmetric" else W
