@@ -230,8 +230,10 @@ def _children(pid):
 
 
 def _stage_children(pid):
-    # multiprocessing's resource tracker lives as long as its parent: not ours to end.
-    return [c for c in _children(pid) if "resource_tracker" not in c[2]]
+    # multiprocessing's resource tracker and forkserver (started by other tests in
+    # this session, e.g. PVD's) live as long as their parent: not ours to end.
+    return [c for c in _children(pid)
+            if "resource_tracker" not in c[2] and "multiprocessing.forkserver" not in c[2]]
 
 
 def _shm_entries():

@@ -365,6 +365,16 @@ def main(argv=None) -> int:
         prog = f"{parser.prog} {args.command}"
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog} {args.command}: interrupted (KeyboardInterrupt)", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        # A parallel trainer's dead worker or stage (PVD WorkerError, SG StageError):
+        # the message names it; the traceback adds nothing for a user.
+        if type(exc).__name__ not in ("WorkerError", "StageError"):
+            raise
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
