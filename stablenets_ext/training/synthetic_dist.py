@@ -335,6 +335,8 @@ def run_rank(model, data, *, bounds, sgs, device, batch_size, seed, inflight, ep
             if resume_state is not None and resume_state.get("phase") == "fine":
                 runner.load_state_dict(resume_state["runners"][rank])
             _follow(stage, x, y, seed, comm)
+            stage.drain()
+            _quiesce()
             return {"rank": rank}
         engine = DistEngine(stage, nets, sgs, x, y, seed, comm)
         result = _epoch_loop(
@@ -346,10 +348,20 @@ def run_rank(model, data, *, bounds, sgs, device, batch_size, seed, inflight, ep
                                   "dist_backend": backend})
         merge_stages(nets, model)
         result["sg_modules"] = sgs
+        stage.drain()
+        _quiesce()
         return result
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _quiesce():
+    """Every rank reaches this after its last send has completed: tearing the gloo
+    group down while a peer still has traffic in flight can abort the process
+    ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # ------------------------------------------------------------ the launcher
