@@ -1,7 +1,9 @@
 // Forward-Euler ResNet stack on the CPU: Y <- Y + h act(Y K_j^T + b_j).
 // States per layer: [Y_j, A_j = act(P_j)] (A gives act' without a second
-// activation evaluation in the backward). The antisymmetric stack reuses these kernels
-// with its transformed weights (antisymmetric.cpp).
+// activation evaluation in the backward). The antisymmetric stack runs the same
+// kernels on W_j = (K_j - K_j^T - gamma I) / 2: narrow stacks transform all
+// layers up front, wide ones one layer at a time into a reused d x d buffer
+// (a whole transformed copy of a wide weight costs as much as the GEMMs).
 #include <torch/library.h>
 
 #include "resnet_impl.h"
@@ -57,18 +59,27 @@ void backward_narrow(const T* gout, const T* states, const T* K, T h, int64_t N,
   });
 }
 
+// Layer j's weight: K_j, or its antisymmetric transform written into buf.
+template <typename T>
+at::Tensor layer_weight(const at::Tensor& K, int64_t j, const double* gamma, at::Tensor& buf) {
+  if (!gamma) return K[j];
+  antisymmetrize<T>(K[j].data_ptr<T>(), 1, K.size(1), static_cast<T>(*gamma), buf.data_ptr<T>());
+  return buf;
+}
+
 template <typename T, Act A>
 void forward_wide(const at::Tensor& y, const at::Tensor& K, const at::Tensor& b, T h,
-                  at::Tensor& out, at::Tensor& states, bool store) {
+                  at::Tensor& out, at::Tensor& states, bool store, const double* gamma) {
   const int64_t N = K.size(0);
   out.copy_(y);
   at::Tensor P = store ? at::Tensor() : at::empty_like(out);
+  at::Tensor wbuf = gamma ? at::empty({K.size(1), K.size(2)}, K.options()) : at::Tensor();
   for (int64_t j = 0; j < N; ++j) {
     if (store) {
       slot(states, j, 0).copy_(out);
       P = slot(states, j, 1);
     }
-    at::addmm_out(P, b[j], out, K[j].t());
+    at::addmm_out(P, b[j], out, layer_weight<T>(K, j, gamma, wbuf).t());
     T* yp = out.data_ptr<T>();
     T* pp = P.data_ptr<T>();
     ew(out.numel(), [&](int64_t e0, int64_t e1) {
@@ -83,10 +94,12 @@ void forward_wide(const at::Tensor& y, const at::Tensor& K, const at::Tensor& b,
 
 template <typename T, Act A>
 void backward_wide(const at::Tensor& gout, const at::Tensor& states, const at::Tensor& K, T h,
-                   at::Tensor& gy, at::Tensor& gw, at::Tensor& gb) {
-  const int64_t N = K.size(0);
+                   at::Tensor& gy, at::Tensor& gw, at::Tensor& gb, const double* gamma) {
+  const int64_t N = K.size(0), d = K.size(1);
   gy.copy_(gout);
   at::Tensor G = at::empty_like(gy);
+  at::Tensor wbuf = gamma ? at::empty({d, d}, K.options()) : at::Tensor();
+  at::Tensor gwbuf = gamma ? at::empty({d, d}, K.options()) : at::Tensor();
   for (int64_t j = N - 1; j >= 0; --j) {
     const T* ap = slot(states, j, 1).data_ptr<T>();
     const T* lp = gy.data_ptr<T>();
@@ -96,19 +109,37 @@ void backward_wide(const at::Tensor& gout, const at::Tensor& states, const at::T
       for (int64_t e = e0; e < e1; ++e) gp[e] = h * lp[e] * act_g_out<A, T>(ap[e]);
     });
     at::Tensor gwj = gw[j];
-    at::mm_out(gwj, G.t(), slot(states, j, 0));
+    if (gamma) {
+      // dL/dW_j, then dL/dK_j = (dL/dW_j - dL/dW_j^T) / 2
+      at::mm_out(gwbuf, G.t(), slot(states, j, 0));
+      antisymmetrize<T>(gwbuf.data_ptr<T>(), 1, d, T(0), gwj.data_ptr<T>());
+    } else {
+      at::mm_out(gwj, G.t(), slot(states, j, 0));
+    }
     at::Tensor gbj = gb[j];
     at::sum_out(gbj, G, {0});
-    gy.addmm_(G, K[j]);
+    gy.addmm_(G, layer_weight<T>(K, j, gamma, wbuf));
   }
 }
 
 }  // namespace
 
+at::Tensor antisymmetric_weight(const at::Tensor& K_in, double gamma) {
+  const at::Tensor K = K_in.contiguous();
+  at::Tensor out = at::empty_like(K);
+  AT_DISPATCH_FLOATING_TYPES(K.scalar_type(), "antisymmetrize", [&] {
+    antisymmetrize<scalar_t>(K.data_ptr<scalar_t>(), K.size(0), K.size(1),
+                             static_cast<scalar_t>(gamma), out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 T2 resnet_forward_impl(const at::Tensor& y_in, const at::Tensor& K_in, const at::Tensor& b_in,
-                       double step, Act act, bool store) {
-  const at::Tensor y = y_in.contiguous(), K = K_in.contiguous(), b = b_in.contiguous();
-  const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
+                       double step, Act act, bool store, const double* gamma) {
+  const at::Tensor y = y_in.contiguous(), b = b_in.contiguous();
+  const int64_t N = K_in.size(0), B = y.size(0), d = y.size(1);
+  // Narrow stacks: transform all layers up front (d <= 32, so it is tiny).
+  const at::Tensor K = (gamma && narrow(d)) ? antisymmetric_weight(K_in, *gamma) : K_in.contiguous();
   at::Tensor out = at::empty({B, d}, y.options());
   at::Tensor states = empty_states(y, store ? N : 0, 2);
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "resnet_forward", [&] {
@@ -120,7 +151,7 @@ T2 resnet_forward_impl(const at::Tensor& y_in, const at::Tensor& K_in, const at:
                                        out.data_ptr<scalar_t>(),
                                        store ? states.data_ptr<scalar_t>() : nullptr);
       } else {
-        forward_wide<scalar_t, kAct>(y, K, b, h, out, states, store);
+        forward_wide<scalar_t, kAct>(y, K, b, h, out, states, store, gamma);
       }
     });
   });
@@ -128,10 +159,10 @@ T2 resnet_forward_impl(const at::Tensor& y_in, const at::Tensor& K_in, const at:
 }
 
 T3 resnet_backward_impl(const at::Tensor& gout_in, const at::Tensor& states_in,
-                        const at::Tensor& K_in, double step, Act act) {
-  const at::Tensor gout = gout_in.contiguous(), states = states_in.contiguous(),
-                   K = K_in.contiguous();
-  const int64_t N = K.size(0), B = gout.size(0), d = gout.size(1);
+                        const at::Tensor& K_in, double step, Act act, const double* gamma) {
+  const at::Tensor gout = gout_in.contiguous(), states = states_in.contiguous();
+  const int64_t N = K_in.size(0), B = gout.size(0), d = gout.size(1);
+  const at::Tensor K = (gamma && narrow(d)) ? antisymmetric_weight(K_in, *gamma) : K_in.contiguous();
   at::Tensor gy = at::empty({B, d}, gout.options());
   at::Tensor gw, gb;
   AT_DISPATCH_FLOATING_TYPES(gout.scalar_type(), "resnet_backward", [&] {
@@ -143,10 +174,11 @@ T3 resnet_backward_impl(const at::Tensor& gout_in, const at::Tensor& states_in,
                                         K.data_ptr<scalar_t>(), h, N, B, d,
                                         gy.data_ptr<scalar_t>(), part);
         std::tie(gw, gb) = part.sum(num_chunks(B));
+        if (gamma) gw = antisymmetric_weight(gw, 0.0);  // dL/dK = (dL/dW - dL/dW^T) / 2
       } else {
         gw = at::empty({N, d, d}, gout.options());
         gb = at::empty({N, d}, gout.options());
-        backward_wide<scalar_t, kAct>(gout, states, K, h, gy, gw, gb);
+        backward_wide<scalar_t, kAct>(gout, states, K, h, gy, gw, gb, gamma);
       }
     });
   });
@@ -162,7 +194,7 @@ T2 resnet_forward(const at::Tensor& y, const at::Tensor& weight, const at::Tenso
   check_stack(y, weight, bias);
   check_step(step);
   return cpu_detail::resnet_forward_impl(y, weight, bias, step, parse_activation(activation),
-                                         store);
+                                         store, nullptr);
 }
 
 T3 resnet_backward(const at::Tensor& grad_out, const at::Tensor& states,
@@ -172,7 +204,7 @@ T3 resnet_backward(const at::Tensor& grad_out, const at::Tensor& states,
   check_states(states, 2, grad_out, weight);
   check_step(step);
   return cpu_detail::resnet_backward_impl(grad_out, states, weight, step,
-                                          parse_activation(activation));
+                                          parse_activation(activation), nullptr);
 }
 
 }  // namespace cpu

@@ -8,11 +8,13 @@
 namespace stablenets {
 namespace cpu_detail {
 
+// gamma: nullptr for the ResNet stack; for the antisymmetric stack, its gamma,
+// and the layers use W_j = (K_j - K_j^T - gamma I) / 2.
 T2 resnet_forward_impl(const at::Tensor& y, const at::Tensor& K, const at::Tensor& b, double step,
-                       Act act, bool store);
-// Returns (grad_y, grad_K, grad_b) for the weights K the forward used.
+                       Act act, bool store, const double* gamma);
+// Returns (grad_y, grad_K, grad_b), grad_K with respect to K itself.
 T3 resnet_backward_impl(const at::Tensor& grad_out, const at::Tensor& states, const at::Tensor& K,
-                        double step, Act act);
+                        double step, Act act, const double* gamma);
 
 }  // namespace cpu_detail
 }  // namespace stablenets
