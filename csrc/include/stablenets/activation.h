@@ -90,18 +90,6 @@ SN_HOST_DEVICE T act_f(T p) {
   }
 }
 
-template <Act A, typename T>
-SN_HOST_DEVICE T act_g(T p) {
-  if constexpr (A == Act::Tanh) {
-    const T t = act_tanh<T>(p);
-    return T(1) - t * t;
-  } else if constexpr (A == Act::Relu) {
-    return p > T(0) ? T(1) : T(0);
-  } else {
-    return T(1);
-  }
-}
-
 // d act / d p expressed through the output a = act(p): exact for all three
 // activations (tanh: 1 - a^2; relu: a > 0; identity: 1), so kernels that keep
 // a need no second activation evaluation in the backward.
