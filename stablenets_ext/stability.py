@@ -81,6 +81,7 @@ import time
 import torch
 
 from . import functional as SF
+from .cli import _positive_float, _positive_int
 from . import reference
 
 DEFAULT_DEPTHS = (8, 32, 128, 512, 1024)
@@ -377,26 +378,6 @@ def _depths(text):
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive layer counts, got {text!r}")
     return values
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
-
-
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def build_parser():
