@@ -85,7 +85,7 @@ if _C is not None:
 
     @torch.library.register_fake("stablenets::leapfrog_backward_reversible")
     def _(grad_y, grad_y_prev, y, y_prev, weight, bias, step, activation):
-        return _grads(grad_y, weight, bias, 2)
+        return _grads(grad_y, weight, bias, 2) + (y.new_empty(y.shape), y.new_empty(y.shape))
 
     @torch.library.register_fake("stablenets::verlet_forward")
     def _(y, z, weight, bias, step, activation, store):
@@ -97,7 +97,7 @@ if _C is not None:
 
     @torch.library.register_fake("stablenets::verlet_backward_reversible")
     def _(grad_y, grad_z, y, z, weight, bias, step, activation):
-        return _grads(grad_y, weight, bias, 2)
+        return _grads(grad_y, weight, bias, 2) + (y.new_empty(y.shape), y.new_empty(y.shape))
 
     # ------------------------------------------------------------- autograd
 
@@ -160,7 +160,7 @@ if _C is not None:
                 ga, gb_, gw, gbias = stored_op(grad_a, grad_b, states, weight, bias, ctx.step, ctx.activation)
             else:
                 ya, yb, weight, bias = saved
-                ga, gb_, gw, gbias = reversible_op(
+                ga, gb_, gw, gbias, _y0, _yb0 = reversible_op(
                     grad_a, grad_b, ya, yb, weight, bias, ctx.step, ctx.activation
                 )
             return ga, gb_, gw, gbias, None, None, None
