@@ -32,11 +32,14 @@ using KernelFn = void (*)(Params<T>);
 struct DeviceLimits {
   int smem_optin;          // bytes of shared memory a block may opt into
   int sms;                 // multiprocessors
-  int64_t partial_budget;  // bytes for the backward's per-block partial weight gradients
+  int64_t partial_budget;  // most bytes for the backward's per-block partial weight gradients
 };
 
-// Default partial_budget.
+// Default partial_budget. Below it, a stack's partials may use as many bytes as
+// its weight gradient, or kPartialFloor: a reversible backward, whose other
+// memory is O(B d) plus that gradient, then needs about twice the gradient.
 constexpr int64_t kPartialBudget = int64_t{64} << 20;
+constexpr int64_t kPartialFloor = int64_t{16} << 20;
 
 // Hooks, defined by the including translation unit.
 DeviceLimits device_limits();
@@ -175,8 +178,9 @@ bool backward_impl(Arch arch, bool rev, bool antisym, const at::Tensor& g0, cons
   const int N = p.N;
   const DeviceLimits lim = device_limits();
   const int64_t layer_bytes = static_cast<int64_t>(d) * (d + 1) * sizeof(T);
-  const BackwardPlan plan =
-      backward_plan(p.ntiles, layer_bytes, N, lim.sms, lim.partial_budget);
+  const int64_t budget =
+      std::min(lim.partial_budget, std::max(kPartialFloor, layer_bytes * N));
+  const BackwardPlan plan = backward_plan(p.ntiles, layer_bytes, N, lim.sms, budget);
   size_t bytes;
   if (!plan_smem<T, D>(tiles, plan.chunk, lim.smem_optin, &p.nst, &bytes)) return false;
   // Every element is written by the first tile of its block: no zeroing needed.
