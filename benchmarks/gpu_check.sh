@@ -44,10 +44,10 @@ left() { echo $((BUDGET - $(elapsed))); }
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
 # run_step NAME LOG MAX MIN RESERVE CMD...: run CMD under `timeout`, output
-# appended to LOG (and shown). The limit is MAX, or less so that RESERVE
-# seconds stay for the steps after it; below MIN the step is skipped.
-# CMD's exit status: 0 ok, 77 skipped (the reason is its last output line),
-# anything else failed. Sets STEP_RC.
+# appended to LOG as it comes (and shown, or with QUIET=1 only its last lines).
+# The limit is MAX, or less so that RESERVE seconds stay for the steps after
+# it; below MIN the step is skipped. CMD's exit status: 0 ok, 77 skipped (the
+# reason is its last output line), anything else failed. Sets STEP_RC.
 run_step() {
   local name=$1 log=$2 max=$3 min=$4 reserve=$5
   shift 5
@@ -61,24 +61,31 @@ run_step() {
     return 0
   fi
   t=$(date +%s)
+  local file="$LOGS/$log" off
   {
     echo
     echo "===== [$(elapsed)s] $name (limit ${limit}s): $*"
-  } | tee -a "$LOGS/$log"
-  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOGS/$log.step"
-  rc=${PIPESTATUS[0]}
+  } | tee -a "$file"
+  off=$(stat -c %s "$file")
+  if [ "${QUIET:-0}" = 1 ]; then
+    timeout -k 10 "$limit" "$@" >>"$file" 2>&1
+    rc=$?
+    tail -c +$((off + 1)) "$file" | tail -n 12 | cut -c1-300
+  else
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$file"
+    rc=${PIPESTATUS[0]}
+  fi
   case $rc in
     0) verdict=ok ;;
-    77) verdict="skipped: $(grep -v '^\s*$' "$LOGS/$log.step" | tail -1 | cut -c1-160)" ;;
+    77) verdict="skipped: $(tail -c +$((off + 1)) "$file" | grep -v '^\s*$' | tail -1 | cut -c1-160)" ;;
     124 | 137) verdict="FAILED: timed out after ${limit}s"; FAILED=1 ;;
     *) verdict="FAILED (exit $rc)"; FAILED=1 ;;
   esac
   # A one-line digest of the step's own result (pytest, sanitizer, benchmark).
   local digest
-  digest=$(grep -E "^(=+ )?[0-9]+ (passed|failed|error|deselected|skipped)|(passed|failed|error)(,| in )|ERROR SUMMARY|sanitize_cuda:|targets (all|NOT|none)|^build:" \
-    "$LOGS/$log.step" | tail -1 | sed 's/=//g; s/^ *//' | cut -c1-150)
-  cat "$LOGS/$log.step" >>"$LOGS/$log"
-  rm -f "$LOGS/$log.step"
+  digest=$(tail -c +$((off + 1)) "$file" |
+    grep -E "^(=+ )?[0-9]+ (passed|failed|error|deselected|skipped)|(passed|failed|error)(,| in )|ERROR SUMMARY|sanitize_cuda:|targets (all|NOT|none)|^build:" |
+    tail -1 | sed 's/=//g; s/^ *//' | cut -c1-150)
   say "$(printf '%-10s %-40s %4ss  %s' "$name" "$verdict" $(($(date +%s) - t)) "$digest")"
   STEP_RC=$rc
   return 0
@@ -217,7 +224,7 @@ fi
 
 # Reserves keep the later steps' minimum: test_cuda 40, racecheck 30,
 # test_core 25, memcheck 30, bench 90.
-run_step build build.log 240 30 215 bash -c build
+QUIET=1 run_step build build.log 240 30 215 bash -c build
 [ "$STEP_RC" -eq 0 ] && BUILT=1
 
 gpu_step() { # gpu_step NAME LOG MAX MIN RESERVE FUNC [ARGS]
