@@ -41,6 +41,7 @@ ARCHS = ("resnet", "antisymmetric", "leapfrog", "verlet")
 PAIR = ("leapfrog", "verlet")
 STEP, ACT, GAMMA = 0.1, "tanh", 0.01
 SMALL, MID, WIDE = (1024, 4, 64), (256, 784, 16), (4096, 1024, 16)
+DEV = "cuda"  # "cpu" with --smoke: a quick run of every code path, no GPU, no meaning
 COMPILE_MIN_S = 60.0  # a cold Inductor compile is not started with less left
 
 # (shape, mode, column, minimum ratio column / fused); "gemm": fused within 1.1x.
@@ -69,6 +70,14 @@ class Clock:
 
 def time_us(fn, target_s=0.15, min_reps=5, max_reps=200, warmup=3):
     """Median device time per call, in microseconds (CUDA events per call)."""
+    if DEV == "cpu":  # --smoke
+        fn()
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return 1e6 * statistics.median(ts)
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -89,6 +98,8 @@ def time_us(fn, target_s=0.15, min_reps=5, max_reps=200, warmup=3):
 
 def graphed(fn):
     """fn captured in a CUDA graph (after warm-up on a side stream); returns replay."""
+    if DEV == "cpu":
+        raise RuntimeError("no CUDA graphs without CUDA (--smoke)")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -102,11 +113,11 @@ def graphed(fn):
 
 
 def make_inputs(arch, B, d, N, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    y = torch.randn(B, d, device="cuda", generator=g)
-    other = torch.randn(B, d, device="cuda", generator=g) * 0.5 if arch in PAIR else None
-    W = torch.randn(N, d, d, device="cuda", generator=g) / math.sqrt(d)
-    b = torch.randn(N, d, device="cuda", generator=g) * 0.1
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    y = torch.randn(B, d, device=DEV, generator=g)
+    other = torch.randn(B, d, device=DEV, generator=g) * 0.5 if arch in PAIR else None
+    W = torch.randn(N, d, d, device=DEV, generator=g) / math.sqrt(d)
+    b = torch.randn(N, d, device=DEV, generator=g) * 0.1
     return y, other, W, b
 
 
@@ -167,7 +178,7 @@ class Bench:
         self.extra = {"odeint": {}, "reversible": [], "conv": {}}
         self.notes = []
         self.meta = {
-            "device": torch.cuda.get_device_name(),
+            "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (--smoke)",
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -186,7 +197,7 @@ class Bench:
                   f"{str(exc).splitlines()[0][:160] if str(exc) else ''}"
             self.notes.append(msg)
             print("  failed:", msg, flush=True)
-        torch.cuda.synchronize()
+        sync()
 
     def mark(self, shape, arch, mode, col, why):
         self.rows.setdefault((shape, arch, mode), {})[col] = f"skip: {why}"
@@ -216,8 +227,16 @@ class Bench:
             return
         t = time.perf_counter()
         print(f"-- {name} ({left:.0f} s left)", flush=True)
-        fn()
-        torch.cuda.empty_cache()
+        try:
+            fn()
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+        except Exception as exc:  # one broken section must not lose the others
+            msg = f"section {name!r} failed: {type(exc).__name__}: " \
+                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            self.notes.append(msg)
+            print("  " + msg, flush=True)
+            sync()
         print(f"   {name}: {time.perf_counter() - t:.1f} s", flush=True)
         self.save()
 
@@ -229,7 +248,7 @@ class Bench:
             y, other, W, b = make_inputs(arch, B, d, N)
             inputs = [y, other, W, b]
             leaves = [t.requires_grad_(True) for t in inputs if t is not None]
-            cots = [torch.randn(B, d, device="cuda") for _ in range(2 if arch in PAIR else 1)]
+            cots = [torch.randn(B, d, device=DEV) for _ in range(2 if arch in PAIR else 1)]
             fw = {"fused": forward_only(fused, inputs), "eager": forward_only(ref, inputs)}
             fb = {"fused": forward_backward(fused, inputs, leaves, cots),
                   "eager": forward_backward(ref, inputs, leaves, cots)}
@@ -272,7 +291,7 @@ class Bench:
             y, other, W, b = make_inputs(arch, B, d, N)
             inputs = [y, other, W, b]
             leaves = [t.requires_grad_(True) for t in inputs if t is not None]
-            cots = [torch.randn(B, d, device="cuda") for _ in range(2 if arch in PAIR else 1)]
+            cots = [torch.randn(B, d, device=DEV) for _ in range(2 if arch in PAIR else 1)]
             torch._dynamo.reset()
             compiled = torch.compile(ref, fullgraph=True, dynamic=False)
             t = time.perf_counter()
@@ -289,7 +308,7 @@ class Bench:
         B, d, N = shape
         fused, _ = stack_fns("resnet")
         y, _, W, b = make_inputs("resnet", B, d, N)
-        t = torch.linspace(0.0, N * STEP, N + 1, device="cuda")
+        t = torch.linspace(0.0, N * STEP, N + 1, device=DEV)
         calls = [0]
 
         def field(_t, x):  # Euler calls it once per step, in order: layer j at step j
@@ -304,7 +323,7 @@ class Bench:
             return out
 
         leaves = [y.requires_grad_(True), W.requires_grad_(True), b.requires_grad_(True)]
-        cot = torch.randn(B, d, device="cuda")
+        cot = torch.randn(B, d, device=DEV)
         with torch.no_grad():
             want = fused(y, None, W, b)[0]
             err = ((solve(y) - want).norm() / want.norm()).item()
@@ -328,16 +347,18 @@ class Bench:
                 y, other, W, b = make_inputs(arch, B, d, N)
                 inputs = [y, other, W, b]
                 leaves = [t.requires_grad_(True) for t in inputs]
-                cots = [torch.randn(B, d, device="cuda") for _ in range(2)]
+                cots = [torch.randn(B, d, device=DEV) for _ in range(2)]
                 fn = forward_backward(fused, inputs, leaves, cots)
                 fn()
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
+                sync()
+                if DEV == "cuda":
+                    torch.cuda.empty_cache()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
                 grads = fn()
-                torch.cuda.synchronize()
-                row[f"{mode} peak MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                sync()
+                peak = torch.cuda.max_memory_allocated() - base if DEV == "cuda" else 1.0
+                row[f"{mode} peak MB"] = peak / 2**20
                 del grads
                 row[f"{mode} us"] = time_us(fn, target_s=0.3)
             row["memory ratio"] = row["reversible peak MB"] / row["stored peak MB"]
@@ -350,12 +371,15 @@ class Bench:
         if not hasattr(o, "conv_resnet_forward"):
             self.extra["conv"] = {"skipped": "no conv_* ops in this build"}
             return
-        from stablenets_ext import conv as sc
-
-        g = torch.Generator(device="cuda").manual_seed(0)
-        y = torch.randn(B, C, H, H, device="cuda", generator=g)
-        W = torch.randn(N, C, C, k, k, device="cuda", generator=g) / math.sqrt(C * k * k)
-        b = torch.randn(N, C, device="cuda", generator=g) * 0.1
+        try:
+            from stablenets_ext import conv as sc
+        except ImportError as exc:
+            self.extra["conv"] = {"skipped": f"stablenets_ext.conv: {exc}"}
+            return
+        g = torch.Generator(device=DEV).manual_seed(0)
+        y = torch.randn(B, C, H, H, device=DEV, generator=g)
+        W = torch.randn(N, C, C, k, k, device=DEV, generator=g) / math.sqrt(C * k * k)
+        b = torch.randn(N, C, device=DEV, generator=g) * 0.1
         res = {"shape": f"B={B} C={C} H=W={H} N={N} k={k}", "arch": "resnet"}
         try:
             with torch.no_grad():
@@ -440,6 +464,15 @@ class Bench:
         print(f"\ntotal {self.clock.elapsed():.0f} s; targets {verdict}", flush=True)
 
 
+def sync():
+    if DEV == "cpu":
+        return
+    try:
+        torch.cuda.synchronize()
+    except Exception as exc:  # a sticky CUDA error: report it, do not hide the table
+        print(f"  cuda synchronize failed: {type(exc).__name__}: {exc}", flush=True)
+
+
 def fmt(v, width=10):
     if v is None:
         return "fail".rjust(width)
@@ -461,13 +494,22 @@ def main(argv=None):
                         "not fit are skipped")
     p.add_argument("--json", default="", help="write the results here (after every section)")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes on the CPU: exercises every code path without a GPU; "
+                        "the numbers mean nothing")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DEV, SMALL, MID, WIDE
+    if args.smoke:
+        DEV = "cpu"
+        SMALL, MID, WIDE = (64, 4, 6), (16, 40, 3), (32, 80, 3)
+        TARGETS[:] = [((SMALL, MID, WIDE)[[(1024, 4, 64), (256, 784, 16), (4096, 1024, 16)]
+                                          .index(t[0])],) + t[1:] for t in TARGETS]
+    elif not torch.cuda.is_available():
         print("gpu_bench: no CUDA device")
         return 77
     from stablenets_ext import ops
 
-    if not ops.has_kernel("cuda"):
+    if not ops.has_kernel(DEV):
         print(f"gpu_bench: stablenets_ext has no CUDA kernels ({ops.LOAD_ERROR})")
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -476,11 +518,12 @@ def main(argv=None):
     bench = Bench(args)
     print(f"device: {bench.meta['device']}  torch {bench.meta['torch']}  CUDA {bench.meta['cuda']}",
           flush=True)
-    bench.section("B=1024 d=4 N=64", 20, lambda: bench.stacks(
+    name = "B={} d={} N={}".format
+    bench.section(name(*SMALL), 20, lambda: bench.stacks(
         SMALL, ("fused", "eager", "graph"), ("fused", "eager")))
-    bench.section("B=256 d=784 N=16", 15, lambda: bench.stacks(
+    bench.section(name(*MID), 15, lambda: bench.stacks(
         MID, ("fused", "eager"), ("fused", "eager")))
-    bench.section("B=4096 d=1024 N=16", 20, lambda: bench.stacks(
+    bench.section(name(*WIDE), 20, lambda: bench.stacks(
         WIDE, ("fused", "gemm", "eager"), ("fused", "eager")))
     try:
         import torchdiffeq  # noqa: F401
@@ -488,13 +531,15 @@ def main(argv=None):
             bench.section(f"torchdiffeq {shape}", 10, lambda s=shape: bench.odeint(s))
     except ImportError:
         bench.notes.append("torchdiffeq not installed: odeint rows skipped")
-    for n in (256, 1024):
-        bench.section(f"reversible N={n}", 10, lambda n=n: bench.reversible(n))
+    for n in ((256, 1024) if DEV == "cuda" else (8, 16)):
+        kw = {} if DEV == "cuda" else {"B": 64, "d": 8}
+        bench.section(f"reversible N={n}", 10, lambda n=n, kw=kw: bench.reversible(n, **kw))
     bench.section("conv", 10, bench.conv)
-    bench.section("torch.compile B=256 d=784 N=16", 0, lambda: bench.compile_column(MID))
+    bench.section("torch.compile " + name(*MID), 0, lambda: bench.compile_column(MID))
     bench.save()
     bench.report()
-    return 0
+    # A failed column is in the table and notes; a section that broke fails the step.
+    return 1 if any(n.startswith("section") and "failed" in n for n in bench.notes) else 0
 
 
 if __name__ == "__main__":

@@ -82,6 +82,14 @@ def plan(ntiles, layer_bytes, N, sms, budget):
     return blocks, -(-N // nchunks)
 
 
+def rows_per_tile(d):
+    """narrow_kernels.cuh's Cfg<D>::R for the padded width of d."""
+    D = next(w for w in (4, 8, 16, 32, 64) if d <= w)
+    nt = 256 if D >= 64 else 128
+    rpt = 1 if (D <= 8 or D >= 64) else 2
+    return nt // (D // 4) * rpt
+
+
 def narrow_launches(fn):
     before = torch.ops.sn_emu.counters()[1]
     out = fn()
@@ -92,10 +100,10 @@ def main():
     load_emulator()
     emu = torch.ops.sn_emu
     failures = 0
-    # (B, d, N, rows per tile R): several tiles per block, padded widths.
-    cases = [(70, 5, 7, 32), (40, 16, 6, 16), (20, 64, 5, 16)]
-    for B, d, N, R in cases:
-        ntiles = -(-B // R)
+    # (B, d, N): several row tiles, padded widths.
+    cases = [(150, 5, 7), (150, 16, 6), (40, 64, 5)]
+    for B, d, N in cases:
+        ntiles = -(-B // rows_per_tile(d))
         for arch in ARCHS:
             for rev in ((False, True) if arch in PAIR else (False,)):
                 seed = 1000 * B + d
