@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 
 import torch
 
@@ -67,6 +68,9 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--narrow-only", action="store_true",
                    help="only the one-launch kernels (for racecheck, which is slow)")
+    p.add_argument("--max-seconds", type=float, default=0.0,
+                   help="stop starting new runs after this long (0: no limit) and say how "
+                        "many of all ran, so a slow sanitizer ends with a verdict")
     args = p.parse_args(argv)
     from stablenets_ext import ops
 
@@ -77,26 +81,37 @@ def main(argv=None):
         print(f"sanitize_cuda: stablenets_ext has no CUDA kernels ({ops.LOAD_ERROR})")
         return 2
     # (B, d, N): narrow widths 4/8/16/32/64 padded and exact, a partial tile;
-    # wide just past the switch.
-    shapes = [(37, 3, 3), (70, 16, 2), (33, 29, 3), (20, 64, 2)]
+    # wide just past the switch. Every width and architecture in float32
+    # first, then float64, so a time limit cuts the repeats, not the coverage.
+    shapes = [(37, 3, 3), (70, 16, 2), (33, 29, 3), (20, 64, 2), (50, 7, 2)]
     if not args.narrow_only:
         shapes += [(9, 70, 2)]
-    n = 0
-    for B, d, N in shapes:
-        for arch in ARCHS:
-            for dtype in (torch.float32, torch.float64):
+    runs = []
+    for dtype in (torch.float32, torch.float64):
+        for B, d, N in shapes:
+            for arch in ARCHS:
                 for rev in ((False, True) if arch in PAIR else (False,)):
-                    act = ("tanh", "relu", "identity")[n % 3]
-                    one(arch, B, d, N, dtype, rev, act)
-                    n += 1
+                    act = ("tanh", "relu", "identity")[len(runs) % 3]
+                    runs.append(((arch, B, d, N, dtype, rev, act), {}))
     if not args.narrow_only:
         # Deep enough for the backward's partial weight gradients to be walked
         # in layer chunks (narrow_host.h: budget 16 MB, here 3 blocks).
         for arch, rev in (("resnet", False), ("leapfrog", True), ("verlet", False)):
-            one(arch, 40, 64, 400, torch.float32, rev, "tanh", h=0.05)
-            n += 1
+            runs.insert(len(runs) // 2, ((arch, 40, 64, 400, torch.float32, rev, "tanh"),
+                                         {"h": 0.05}))
+    t0 = time.perf_counter()
+    done = 0
+    for a, kw in runs:
+        if args.max_seconds and time.perf_counter() - t0 > args.max_seconds:
+            break
+        one(*a, **kw)
+        done += 1
     torch.cuda.synchronize()
-    print(f"sanitize_cuda: {n} forward+backward runs OK")
+    if done < len(runs):
+        print(f"sanitize_cuda: {done} of {len(runs)} forward+backward runs OK "
+              f"(stopped at the {args.max_seconds:.0f} s limit)")
+    else:
+        print(f"sanitize_cuda: {done} forward+backward runs OK")
     return 0
 
 
