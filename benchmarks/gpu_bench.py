@@ -425,7 +425,7 @@ class Bench:
                     if not r:
                         continue
                     f = r.get("fused")
-                    line = f"{arch:<14}{mode:<8}" + "".join(fmt(r.get(c)) for c in cols)
+                    line = f"{arch:<14}{mode:<8}" + "".join(fmt(r.get(c, "")) for c in cols)
                     rs = (ratio(r.get("eager"), f), ratio(r.get("graph"), f),
                           ratio(r.get("compile"), f), ratio(f, r.get("gemm")))
                     line += "  " + "".join(
@@ -476,6 +476,8 @@ def sync():
 def fmt(v, width=10):
     if v is None:
         return "fail".rjust(width)
+    if isinstance(v, str) and not v:  # not measured for this shape
+        return "-".rjust(width)
     if isinstance(v, str):
         return "skip".rjust(width)
     return (f"{v:.1f}" if v < 1e4 else f"{v:.0f}").rjust(width)

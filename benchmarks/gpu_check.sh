@@ -199,7 +199,7 @@ sanitize() {
   # The sanitizer refusing the machine is not a kernel failure.
   if [ "$rc" -ne 0 ] &&
     grep -qiE "device not supported|not supported on this (platform|device)|error 999|CUDA_ERROR_UNKNOWN|sanitize_cuda: no CUDA device|unable to (initialize|attach)" "$log" &&
-    ! grep -qE "Invalid (__global__|__shared__|__local__)|Race reported|hazard|Program hit|relative error" "$log"; then
+    ! grep -qE "Invalid (__global__|__shared__|__local__)|Race reported|Program hit|relative error|(ERROR|RACECHECK) SUMMARY: [1-9]" "$log"; then
     echo "compute-sanitizer $tool unavailable on this machine (the sanitizer refused the device)"
     rc=77
   fi
