@@ -261,7 +261,8 @@ if [ -s "$LOGS/bench.log" ]; then
   echo "===== benchmark table (bench.log)"
   sed -n '/^### Table/,$p' "$LOGS/bench.log" | tail -60
 fi
-say "RESULT: $([ $FAILED -ne 0 ] && echo 'some steps FAILED' || echo 'no step failed') after $(elapsed)s"
+NSKIP=$(grep -cE '^[a-z_]+ +skipped' "$SUMMARY")
+say "RESULT: $([ $FAILED -ne 0 ] && echo 'some steps FAILED' || echo 'no step failed'), $NSKIP skipped, after $(elapsed)s"
 echo
 echo "===== summary ($SUMMARY)"
 cat "$SUMMARY"
