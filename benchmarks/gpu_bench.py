@@ -431,27 +431,32 @@ class Bench:
                     line += "  " + "".join(
                         (f"{x:.2f}x" if x is not None else "-").rjust(9) for x in rs)
                     print(line)
+        print()
         for shape, res in self.extra["odeint"].items():
-            print(f"\ntorchdiffeq euler, resnet {shape}: " + ", ".join(
-                f"{k} {v:.1f}" if isinstance(v, float) and k.endswith(("fwd", "bwd")) else f"{k} {v}"
+            print(f"torchdiffeq euler, resnet {shape}: " + ", ".join(
+                f"{k} {v:.1f}" if k.endswith(("fwd", "bwd")) else (f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}")
                 for k, v in res.items())
                   + f"; odeint/fused fwd {res['odeint fwd'] / res['fused fwd']:.1f}x,"
                     f" fwd+bwd {res['odeint fwd+bwd'] / res['fused fwd+bwd']:.1f}x")
         for row in self.extra["reversible"]:
-            print(f"\nreversible vs stored, {row['arch']} B={row['B']} d={row['d']} N={row['N']}: "
+            print(f"reversible vs stored, {row['arch']} B={row['B']} d={row['d']} N={row['N']}: "
                   f"peak MB {row['reversible peak MB']:.1f} vs {row['stored peak MB']:.1f} "
                   f"({100 * row['memory ratio']:.1f}%), us {row['reversible us']:.0f} vs "
                   f"{row['stored us']:.0f} ({row['time ratio']:.2f}x)")
         if self.extra["conv"]:
             print(f"\nconv: {self.extra['conv']}")
-        print("\n### Targets")
+        print("\n### Targets (ratio column/fused, per architecture)")
         met = []
+        groups = {}
         for t in self.targets():
-            shown = f"{t['got']:.2f}x" if t["got"] is not None else "-"
-            print(f"  {t['shape']:<12} {t['arch']:<14} {t['mode']:<8} vs {t['vs']:<8} "
-                  f"need >= {t['need']:.2f}x  got {shown:>9}  {t['verdict']}")
+            groups.setdefault((t["shape"], t["mode"], t["vs"], t["need"]), []).append(t)
             if t["verdict"] != "n/a":
                 met.append(t["verdict"] == "ok")
+        for (shape, mode, vs, need), ts in groups.items():
+            got = ", ".join(f"{t['arch'][:5]} " + (f"{t['got']:.2f}x {t['verdict']}"
+                                                   if t["got"] is not None else "n/a")
+                            for t in ts)
+            print(f"  {shape:<11} {mode:<7} vs {vs:<7} >= {need:5.2f}x: {got}")
         for row in self.extra["reversible"]:
             if row["N"] == 1024:
                 ok = row["memory ratio"] <= 0.10 and row["time ratio"] <= 1.5

@@ -267,7 +267,7 @@ OPTIONAL=1 gpu_step trainers tests.log 90 30 0 bash -c trainers
 if [ -s "$LOGS/bench.log" ]; then
   echo
   echo "===== benchmark table (bench.log)"
-  sed -n '/^### Table/,$p' "$LOGS/bench.log" | tail -60
+  sed -n '/^### Table/,$p' "$LOGS/bench.log" | tail -90 | cut -c1-200
 fi
 NSKIP=$(grep -cE '^[a-z_]+ +skipped' "$SUMMARY")
 say "RESULT: $([ $FAILED -ne 0 ] && echo 'some steps FAILED' || echo 'no step failed'), $NSKIP skipped, after $(elapsed)s"
