@@ -204,7 +204,9 @@ sanitize() {
     "$PY" benchmarks/sanitize_cuda.py --max-seconds $((${STEP_LIMIT:-125} - 25)) "$@" 2>&1 |
     tee "$log"
   rc=${PIPESTATUS[0]}
-  # The sanitizer refusing the machine is not a kernel failure.
+  # The sanitizer refusing the machine is not a kernel failure; nor is a clean
+  # exit a pass when it checked nothing.
+  if [ "$rc" -eq 0 ] && grep -qiE "device not supported" "$log"; then rc=1; fi
   if [ "$rc" -ne 0 ] &&
     grep -qiE "device not supported|not supported on this (platform|device)|error 999|CUDA_ERROR_UNKNOWN|sanitize_cuda: no CUDA device|unable to (initialize|attach)" "$log" &&
     ! grep -qE "Invalid (__global__|__shared__|__local__)|Race reported|Program hit|relative error|(ERROR|RACECHECK) SUMMARY: [1-9]" "$log"; then
