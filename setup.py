@@ -101,6 +101,22 @@ def pip_nvidia_dirs(sub):
     return dirs
 
 
+def torch_cublas():
+    """The libcublas that this process's torch loaded (import torch loads
+    libtorch_cuda and its cuBLAS), so the extension links that exact library."""
+    major = torch.version.cuda.split(".")[0]
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if f"/libcublas.so.{major}" in line}
+    except OSError:
+        paths = set()
+    for lib in pip_nvidia_dirs("lib") + ([os.path.join(cuda_home, "lib64")] if cuda_home else []):
+        paths.update(glob.glob(os.path.join(lib, f"libcublas.so.{major}")))
+    paths = sorted(p for p in paths if os.path.exists(p))
+    return paths[0] if paths else None
+
+
+
 # One build of the CPU kernels per instruction set, as torch builds its own CPU
 # kernels: a wheel then runs on any x86-64 CPU and uses AVX-512 where there is
 # one. The flag sets match stablenets_ext/_cpu_isa.py, which picks at import.
@@ -181,18 +197,23 @@ if use_cuda:
         if not visible:
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     include_dirs += pip_nvidia_dirs("include")
+    cublas = torch_cublas()
+    cuda_defs = ["-DSTABLENETS_WITH_CUDA"] + (["-DSTABLENETS_WITH_CUBLAS"] if cublas else [])
+    cuda_link = [cublas, "-Wl,-rpath," + os.path.dirname(cublas)] if cublas else []
     ext = CUDAExtension(
         "stablenets_ext._C",
         sources + cu,
         include_dirs=include_dirs,
         library_dirs=pip_nvidia_dirs("lib"),
         extra_compile_args={
-            "cxx": cxx_flags + ["-DSTABLENETS_WITH_CUDA"],
-            "nvcc": (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["-std=c++20", "-lineinfo", "-DSTABLENETS_WITH_CUDA",
-                           "--expt-relaxed-constexpr"],
+            "cxx": cxx_flags + cuda_defs,
+            "nvcc": (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["-std=c++20", "-lineinfo",
+                                                                 "--expt-relaxed-constexpr"]
+            + cuda_defs,
         },
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + cuda_link,
     )
+    log(f"cuBLAS for the wide regime: {cublas or 'not found next to torch; at::mm fallback'}")
     log(f"building CPU + CUDA kernels ({why}); TORCH_CUDA_ARCH_LIST="
         f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(detected from the visible GPU)')}; "
         f"CUDA sources: {', '.join(cu)}")

@@ -177,6 +177,20 @@ def test_benchmark_shapes(arch, shape):
     compare_with_reference(arch, *shape, "tanh", torch.float32, step=0.1)
 
 
+@pytest.mark.parametrize(
+    "arch,reversible",
+    [("resnet", False), ("antisymmetric", False), ("leapfrog", False), ("leapfrog", True),
+     ("verlet", False), ("verlet", True)],
+)
+def test_deep_narrow_backward_in_chunks(arch, reversible):
+    """B=1024, d=64, N=320, float64: the per-block partial weight gradients of
+    this backward exceed its memory budget (csrc/cuda/narrow_host.h), so it runs
+    on one block per row tile (64) and walks the layers in many chunks, the
+    adjoints (and, reversible, the rebuilt states) carried between launches."""
+    compare_with_reference(arch, 1024, 64, 320, "tanh", torch.float64, reversible=reversible,
+                           step=0.05)
+
+
 @pytest.mark.parametrize("d", [4, 70])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_stored_states_layout(arch, d):
