@@ -58,6 +58,14 @@ def test_unknown_variant_is_refused():
     assert "STABLENETS_CPU_ISA='sse9'" in proc.stderr
 
 
+def test_none_loads_no_cpu_kernels():
+    code = "from stablenets_ext import ops; print(ops.CPU_ISA, ops.has_kernel('cpu'))"
+    proc = subprocess.run([sys.executable, "-c", code], env=_env("none"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-2:] == ["None", "False"]
+
+
 @pytest.mark.parametrize("isa", RUNNABLE[1:])
 def test_every_variant_passes_the_kernel_tests(isa):
     """The variants not loaded by default, through the same numerical tests."""

@@ -6,7 +6,9 @@ its own CPU kernels. Exactly one is loaded: the best one this CPU supports, or
 the one named by ``STABLENETS_CPU_ISA`` (``generic``, ``avx2``, ``avx512``),
 which tests use to run every variant the machine has. A forced variant the CPU
 cannot run, or that was not built, is refused with an error naming the variable
-rather than silently replaced.
+rather than silently replaced. ``STABLENETS_CPU_ISA=none`` loads none (for
+development tools that register their own CPU backend, such as the CUDA
+emulator in csrc/cuda/testing/).
 """
 
 from __future__ import annotations
@@ -50,9 +52,11 @@ def choose() -> str | None:
     """The variant to load: forced by the environment, else the best one built and runnable."""
     forced = os.environ.get(ENV, "").strip().lower()
     have, can = built(), supported()
+    if forced == "none":
+        return None
     if forced:
         if forced not in ORDER:
-            raise ValueError(f"{ENV}={forced!r}: expected one of {list(ORDER)}")
+            raise ValueError(f"{ENV}={forced!r}: expected one of {list(ORDER)} or 'none'")
         if forced not in can:
             raise RuntimeError(
                 f"{ENV}={forced!r}: this CPU cannot run it (it runs {can}); unset {ENV} to pick automatically"

@@ -35,6 +35,7 @@ def load_emulator():
 
     work = tempfile.mkdtemp(prefix="sn_chunks_")
     os.makedirs(os.path.join(work, "build"))
+    os.environ["STABLENETS_CPU_ISA"] = "none"  # the emulator is the CPU backend here
     torch.ops.load_library(build(os.path.join(work, "build")))
     sys.modules["stablenets_ext._C"] = types.ModuleType("stablenets_ext._C")
     sys.path.insert(0, ROOT)
