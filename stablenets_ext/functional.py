@@ -3,30 +3,54 @@
 ``impl`` is ``"auto"`` (fused where a kernel was compiled for the device, else
 the plain-PyTorch reference with one warning), ``"fused"`` (error if no kernel)
 or ``"reference"``.
+
+The fused ops serve first-order reverse-mode autograd (and, through their
+backward, double backward). Whatever else can reach them would get wrong
+answers, so these run on the reference, whatever ``impl`` says, with one
+warning per cause:
+
+- ``torch.func`` transforms (``grad``, ``jacrev``, ``jacfwd``, ``hessian``,
+  ``vmap``, ``jvp``) and forward-mode AD (``torch.autograd.forward_ad`` dual
+  tensors);
+- an activation given as a Python callable (``nn.ReLU()``, ``torch.sin``)
+  instead of one of the names in ``reference.ACTIVATIONS``.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
+from torch.autograd import forward_ad as _fwad
 
 from . import ops as _ops
 from . import reference
 
 IMPLS = ("auto", "fused", "reference")
 _warned_devices: set[str] = set()
+_warned_reasons: set[str] = set()
 
 
 # ------------------------------------------------------------------ checks
+#
+# Size and value conditions go through ops.require (a ValueError on concrete
+# values, a runtime assert on symbolic ones), so the checks trace under
+# torch.compile(dynamic=True) and torch.export; type checks stay plain.
+
+_NUMBER = (int, float, torch.SymInt, torch.SymFloat)
 
 
 def _check_tensor(t, name):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{name}: expected a float32 or float64 tensor, got {t.dtype}")
+    _ops.require(t.dtype in (torch.float32, torch.float64),
+                       lambda: f"{name}: expected a float32 or float64 tensor, got {t.dtype}")
+
+
+def _check_scalar(value, name, *, allow_zero=False):
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, _NUMBER):
+        raise TypeError(f"{name}: expected a Python number, got {type(value).__name__}")
+    _ops.check_number(value, name, allow_zero=allow_zero)
 
 
 def check_args(y, weight, bias, step, activation, *, gamma=None, state=None, state_name=None):
@@ -34,50 +58,78 @@ def check_args(y, weight, bias, step, activation, *, gamma=None, state=None, sta
     _check_tensor(y, "y")
     _check_tensor(weight, "weight")
     _check_tensor(bias, "bias")
-    if y.dim() != 2:
-        raise ValueError(f"y: expected a 2-D tensor (batch, features), got shape {tuple(y.shape)}")
-    if weight.dim() != 3 or weight.shape[1] != weight.shape[2]:
-        raise ValueError(
-            f"weight: expected shape (layers, features, features), got {tuple(weight.shape)}"
-        )
-    if weight.shape[0] == 0:
-        raise ValueError("weight: expected at least one layer, got 0 layers")
-    if weight.shape[1] != y.shape[1]:
-        raise ValueError(
-            f"weight: expected features = {y.shape[1]} (from y of shape {tuple(y.shape)}), "
-            f"got shape {tuple(weight.shape)}"
-        )
-    if tuple(bias.shape) != (weight.shape[0], weight.shape[1]):
-        raise ValueError(
-            f"bias: expected shape {(weight.shape[0], weight.shape[1])} = (layers, features), "
-            f"got {tuple(bias.shape)}"
-        )
+    _ops.require(y.dim() == 2, lambda: f"y: expected a 2-D tensor (batch, features), got shape {tuple(y.shape)}")
+    w_msg = lambda: f"weight: expected shape (layers, features, features), got {tuple(weight.shape)}"  # noqa: E731
+    _ops.require(weight.dim() == 3, w_msg)
+    _ops.require(weight.shape[1] == weight.shape[2], w_msg)
+    _ops.require(weight.shape[0] > 0, lambda: "weight: expected at least one layer, got 0 layers")
+    _ops.require(
+        weight.shape[1] == y.shape[1],
+        lambda: f"weight: expected features = {y.shape[1]} (from y of shape {tuple(y.shape)}), "
+        f"got shape {tuple(weight.shape)}",
+    )
+    b_msg = (lambda: f"bias: expected shape {(weight.shape[0], weight.shape[1])} = (layers, features), "  # noqa: E731
+             f"got {tuple(bias.shape)}")
+    _ops.require(bias.dim() == 2, b_msg)
+    _ops.require(bias.shape[0] == weight.shape[0], b_msg)
+    _ops.require(bias.shape[1] == weight.shape[1], b_msg)
     for t, name in ((weight, "weight"), (bias, "bias")):
-        if t.dtype != y.dtype:
-            raise ValueError(f"{name}: expected the dtype of y ({y.dtype}), got {t.dtype}")
-        if t.device != y.device:
-            raise ValueError(f"{name}: expected the device of y ({y.device}), got {t.device}")
+        _ops.require(t.dtype == y.dtype, lambda: f"{name}: expected the dtype of y ({y.dtype}), got {t.dtype}")
+        _ops.require(t.device == y.device,
+                           lambda: f"{name}: expected the device of y ({y.device}), got {t.device}")
     if state is not None:
         _check_tensor(state, state_name)
-        if state.shape != y.shape:
-            raise ValueError(
-                f"{state_name}: expected the shape of y {tuple(y.shape)}, got {tuple(state.shape)}"
-            )
-        if state.dtype != y.dtype or state.device != y.device:
-            raise ValueError(
-                f"{state_name}: expected dtype {y.dtype} on {y.device}, "
-                f"got {state.dtype} on {state.device}"
-            )
-    if isinstance(step, torch.Tensor) or not isinstance(step, (int, float)) or isinstance(step, bool):
-        raise TypeError(f"step: expected a Python number, got {type(step).__name__}")
-    if not math.isfinite(step) or step <= 0:
-        raise ValueError(f"step: expected a finite positive number, got {step}")
+        s_msg = (lambda: f"{state_name}: expected the shape of y {tuple(y.shape)}, "  # noqa: E731
+                 f"got {tuple(state.shape)}")
+        _ops.require(state.dim() == y.dim(), s_msg)
+        for a, b in zip(state.shape, y.shape):
+            _ops.require(a == b, s_msg)
+        _ops.require(
+            state.dtype == y.dtype and state.device == y.device,
+            lambda: f"{state_name}: expected dtype {y.dtype} on {y.device}, "
+            f"got {state.dtype} on {state.device}",
+        )
+    _check_scalar(step, "step")
     if gamma is not None:
-        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool):
-            raise TypeError(f"gamma: expected a Python number, got {type(gamma).__name__}")
-        if not math.isfinite(gamma) or gamma < 0:
-            raise ValueError(f"gamma: expected a finite number >= 0, got {gamma}")
+        _check_scalar(gamma, "gamma", allow_zero=True)
     reference.activation_fn(activation)
+
+
+def _warn_once(key, message, category=UserWarning):
+    # warnings.warn cannot be traced by torch.compile; eager runs warn for it.
+    if key in _warned_reasons or torch.compiler.is_compiling():
+        return
+    _warned_reasons.add(key)
+    warnings.warn(message, category, stacklevel=4)
+
+
+def _has_tangent(tensors) -> bool:
+    return any(t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _reference_reason(activation, tensors):
+    """Why the fused ops cannot serve this call, or None when they can."""
+    if not isinstance(activation, str):
+        return "callable"
+    if torch._C._are_functorch_transforms_active():
+        return "transform"
+    if _fwad._current_level >= 0 and _has_tangent(tensors):
+        return "transform"
+    return None
+
+
+_REASONS = {
+    "transform": (
+        "stablenets_ext: a torch.func transform (grad, jacrev, jacfwd, hessian, vmap, jvp) or "
+        "forward-mode AD is active; the fused kernels serve reverse-mode autograd only, so the "
+        "plain-PyTorch reference implementation runs instead (same results, slower)"
+    ),
+    "callable": (
+        "stablenets_ext: activation is a Python callable; the fused kernels take only the names "
+        f"{sorted(reference.ACTIVATIONS)}, so the plain-PyTorch reference implementation runs "
+        "instead (slower)"
+    ),
+}
 
 
 def use_fused(impl: str, device: torch.device) -> bool:
@@ -105,6 +157,19 @@ def use_fused(impl: str, device: torch.device) -> bool:
     return False
 
 
+def _fused(impl, activation, y, *tensors) -> bool:
+    """Whether this call runs the fused op (checks ``impl`` first, as before)."""
+    if impl == "reference":
+        return False
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    reason = _reference_reason(activation, (y, *tensors))
+    if reason is not None:
+        _warn_once(reason, _REASONS[reason])
+        return False
+    return use_fused(impl, y.device)
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -115,7 +180,7 @@ def _needs_grad(*tensors) -> bool:
 def resnet(y, weight, bias, step=0.1, activation="tanh", *, impl="auto"):
     """Forward-Euler ResNet stack: ``Y <- Y + h act(Y K_j^T + b_j)``."""
     check_args(y, weight, bias, step, activation)
-    if not use_fused(impl, y.device):
+    if not _fused(impl, activation, y, weight, bias):
         return reference.resnet(y, weight, bias, step, activation)
     store = _needs_grad(y, weight, bias)
     return _ops.ops.resnet_forward(y, weight, bias, float(step), activation, store)[0]
@@ -124,7 +189,7 @@ def resnet(y, weight, bias, step=0.1, activation="tanh", *, impl="auto"):
 def antisymmetric(y, weight, bias, step=0.1, activation="tanh", *, gamma=0.01, impl="auto"):
     """Antisymmetric stack: ResNet with ``A_j = (K_j - K_j^T - gamma I) / 2``."""
     check_args(y, weight, bias, step, activation, gamma=gamma)
-    if not use_fused(impl, y.device):
+    if not _fused(impl, activation, y, weight, bias):
         return reference.antisymmetric(y, weight, bias, step, activation, gamma)
     store = _needs_grad(y, weight, bias)
     out = _ops.ops.antisymmetric_forward(y, weight, bias, float(step), float(gamma), activation, store)
@@ -141,7 +206,7 @@ def leapfrog(
     ``reversible=True`` the backward rebuilds the states from the last two
     instead of storing all of them (memory independent of depth)."""
     check_args(y, weight, bias, step, activation, state=y_prev, state_name="y_prev")
-    if not use_fused(impl, y.device):
+    if not _fused(impl, activation, y, weight, bias, y_prev):
         out = reference.leapfrog(y, weight, bias, step, activation, y_prev, return_state=True)
     else:
         prev = y if y_prev is None else y_prev
@@ -160,7 +225,7 @@ def verlet(
     Returns ``Y_N``, or ``(Y_N, Z_{N-1/2})`` with ``return_state=True``.
     ``reversible=True`` as for :func:`leapfrog`."""
     check_args(y, weight, bias, step, activation, state=z, state_name="z")
-    if not use_fused(impl, y.device):
+    if not _fused(impl, activation, y, weight, bias, z):
         out = reference.verlet(y, weight, bias, step, activation, z, return_state=True)
     else:
         z0 = torch.zeros_like(y) if z is None else z
