@@ -175,6 +175,35 @@ def test_transforms_warn_once(monkeypatch):
     assert len(msgs) == 1 and "torch.func" in msgs[0]
 
 
+@pytest.mark.parametrize("name", ["jacfwd", "jacrev", "grad"])
+def test_raw_ops_refuse_transforms_by_name(name):
+    """Below the functional layer nothing can reroute: the raw ops refuse, never return zeros."""
+    st = torch.ops.stablenets
+    y, w, b = make(2, 3, 2)
+    s = st.resnet_forward(y, w, b, 0.1, "tanh", True)[1]
+    T = {"jacfwd": jacfwd, "jacrev": jacrev, "grad": lambda f: grad(lambda x: f(x).sum())}[name]
+    calls = {
+        "verlet_forward": lambda x: st.verlet_forward(x, x, w, b, 0.1, "tanh", True)[0],
+        "resnet_backward": lambda x: st.resnet_backward(x, s, w, b, 0.1, "tanh")[0],
+    }
+    for op, f in calls.items():
+        with pytest.raises(RuntimeError, match=f"stablenets::{op}"):
+            T(f)(y)
+    with fwAD.dual_level():
+        with pytest.raises(RuntimeError, match="stablenets::leapfrog_forward.*forward-mode"):
+            st.leapfrog_forward(fwAD.make_dual(y, y), y, w, b, 0.1, "tanh", False)
+
+
+def test_raw_backward_op_refuses_to_be_differentiated():
+    st = torch.ops.stablenets
+    y, w, b = make(2, 3, 2)
+    s = st.resnet_forward(y, w, b, 0.1, "tanh", True)[1]
+    with pytest.raises(RuntimeError, match="stablenets::resnet_backward is not differentiable"):
+        st.resnet_backward(torch.randn_like(y).requires_grad_(), s, w, b, 0.1, "tanh")
+    with torch.no_grad():  # no gradient wanted: fine
+        st.resnet_backward(torch.randn_like(y).requires_grad_(), s, w, b, 0.1, "tanh")
+
+
 # ---------------------------------------------------------------- callables
 
 

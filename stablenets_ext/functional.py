@@ -21,7 +21,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch.autograd import forward_ad as _fwad
 
 from . import ops as _ops
 from . import reference
@@ -103,17 +102,11 @@ def _warn_once(key, message, category=UserWarning):
     warnings.warn(message, category, stacklevel=4)
 
 
-def _has_tangent(tensors) -> bool:
-    return any(t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors)
-
-
 def _reference_reason(activation, tensors):
     """Why the fused ops cannot serve this call, or None when they can."""
     if not isinstance(activation, str):
         return "callable"
-    if torch._C._are_functorch_transforms_active():
-        return "transform"
-    if _fwad._current_level >= 0 and _has_tangent(tensors):
+    if _ops.transform_active(tensors):
         return "transform"
     return None
 

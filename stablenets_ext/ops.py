@@ -20,8 +20,15 @@ import math
 import warnings
 
 import torch
+from torch.autograd import forward_ad as _fwad
 
 from . import reference
+
+try:  # what torch.library.register_autograd builds, so that a check can run first
+    from torch._library.autograd import Info as _AutogradInfo
+    from torch._library.autograd import make_autograd_impl as _make_autograd_impl
+except ImportError:  # pragma: no cover - a torch that moved them: plain register_autograd
+    _make_autograd_impl = None
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.stablenets.*)
@@ -207,8 +214,66 @@ def _warn_if_not_reversible(arch, rebuilt, seen):
         )
 
 
+def transform_active(tensors) -> bool:
+    """Whether a torch.func transform or forward-mode AD (a dual tensor) is in play,
+    which the fused ops do not serve."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return _fwad._current_level >= 0 and any(
+        isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None for t in tensors
+    )
+
+
 if _C is not None:
     ops = torch.ops.stablenets
+    _LIB = torch.library.Library("stablenets", "FRAGMENT")  # noqa: TOR901
+
+    def _register_autograd(qualname, backward, setup_context):
+        """torch.library.register_autograd, plus a refusal under torch.func transforms and
+        forward-mode AD: the generated autograd.Function would silently drop tangents
+        (jacfwd of a raw op is all zeros) or fail naming neither the op nor a way out."""
+        if _make_autograd_impl is None:  # pragma: no cover
+            torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+            return
+        name = qualname.split("::")[1]
+        op = getattr(ops, name).default
+        impl = _make_autograd_impl(op, _AutogradInfo(backward, setup_context))
+
+        def kernel(keyset, *args, **kwargs):
+            if transform_active(args):
+                raise RuntimeError(
+                    f"{qualname}: the fused ops support reverse-mode autograd only, not torch.func "
+                    "transforms (grad, jacrev, jacfwd, hessian, vmap, jvp) or forward-mode AD. Call "
+                    "the stack through stablenets_ext.functional or the modules, which run the "
+                    "reference implementation under these, or use stablenets_ext.reference."
+                )
+            return impl(keyset, *args, **kwargs)
+
+        _LIB.impl(name, kernel, "Autograd", with_keyset=True)
+
+    def _register_not_differentiable(name):
+        """The backward ops have no derivative of their own (a backward run with
+        create_graph=True recomputes through the reference instead): refuse, naming
+        the op, rather than return results that are silently constant."""
+        op = getattr(ops, name).default
+
+        def kernel(keyset, *args, **kwargs):
+            if transform_active(args) or (
+                torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
+            ):
+                raise RuntimeError(
+                    f"stablenets::{name} is not differentiable (and serves no torch.func transform "
+                    "or forward-mode AD). Differentiate the forward op instead: its backward "
+                    "supports create_graph=True; or use stablenets_ext.reference."
+                )
+            with torch._C._AutoDispatchBelowAutograd():
+                return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
+
+        _LIB.impl(name, kernel, "Autograd", with_keyset=True)
+
+    for _name in ("resnet_backward", "antisymmetric_backward", "leapfrog_backward",
+                  "leapfrog_backward_reversible", "verlet_backward", "verlet_backward_reversible"):
+        _register_not_differentiable(_name)
 
     # Whether the reversible backward ops also return the rebuilt initial state
     # (the 6-output schemas); older builds return the four gradients only.
@@ -364,12 +429,12 @@ if _C is not None:
 
         return backward
 
-    torch.library.register_autograd(
+    _register_autograd(
         "stablenets::resnet_forward",
         _make_backward_one("resnet", ops.resnet_backward.default),
         setup_context=_setup_one,
     )
-    torch.library.register_autograd(
+    _register_autograd(
         "stablenets::antisymmetric_forward",
         _make_backward_one("antisymmetric", ops.antisymmetric_backward.default),
         setup_context=_setup_one,
@@ -409,13 +474,13 @@ if _C is not None:
 
         return backward
 
-    torch.library.register_autograd(
+    _register_autograd(
         "stablenets::leapfrog_forward",
         _make_backward_two("leapfrog", ops.leapfrog_backward.default,
                            ops.leapfrog_backward_reversible.default),
         setup_context=_setup_two,
     )
-    torch.library.register_autograd(
+    _register_autograd(
         "stablenets::verlet_forward",
         _make_backward_two("verlet", ops.verlet_backward.default,
                            ops.verlet_backward_reversible.default),
