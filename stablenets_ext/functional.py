@@ -37,13 +37,14 @@ _warned_reasons: set[str] = set()
 # torch.compile(dynamic=True) and torch.export; type checks stay plain.
 
 _NUMBER = (int, float, torch.SymInt, torch.SymFloat)
+_require = _ops.require
 
 
 def _check_tensor(t, name):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    _ops.require(t.dtype in (torch.float32, torch.float64),
-                       lambda: f"{name}: expected a float32 or float64 tensor, got {t.dtype}")
+    _require(t.dtype in (torch.float32, torch.float64),
+             lambda: f"{name}: expected a float32 or float64 tensor, got {t.dtype}")
 
 
 def _check_scalar(value, name, *, allow_zero=False):
@@ -57,37 +58,43 @@ def check_args(y, weight, bias, step, activation, *, gamma=None, state=None, sta
     _check_tensor(y, "y")
     _check_tensor(weight, "weight")
     _check_tensor(bias, "bias")
-    _ops.require(y.dim() == 2, lambda: f"y: expected a 2-D tensor (batch, features), got shape {tuple(y.shape)}")
-    w_msg = lambda: f"weight: expected shape (layers, features, features), got {tuple(weight.shape)}"  # noqa: E731
-    _ops.require(weight.dim() == 3, w_msg)
-    _ops.require(weight.shape[1] == weight.shape[2], w_msg)
-    _ops.require(weight.shape[0] > 0, lambda: "weight: expected at least one layer, got 0 layers")
-    _ops.require(
-        weight.shape[1] == y.shape[1],
-        lambda: f"weight: expected features = {y.shape[1]} (from y of shape {tuple(y.shape)}), "
-        f"got shape {tuple(weight.shape)}",
-    )
-    b_msg = (lambda: f"bias: expected shape {(weight.shape[0], weight.shape[1])} = (layers, features), "  # noqa: E731
-             f"got {tuple(bias.shape)}")
-    _ops.require(bias.dim() == 2, b_msg)
-    _ops.require(bias.shape[0] == weight.shape[0], b_msg)
-    _ops.require(bias.shape[1] == weight.shape[1], b_msg)
+    _require(y.dim() == 2,
+             lambda: f"y: expected a 2-D tensor (batch, features), got shape {tuple(y.shape)}")
+
+    def weight_msg():
+        return f"weight: expected shape (layers, features, features), got {tuple(weight.shape)}"
+
+    _require(weight.dim() == 3, weight_msg)
+    _require(weight.shape[1] == weight.shape[2], weight_msg)
+    _require(weight.shape[0] > 0, lambda: "weight: expected at least one layer, got 0 layers")
+    _require(weight.shape[1] == y.shape[1],
+             lambda: f"weight: expected features = {y.shape[1]} (from y of shape {tuple(y.shape)}), "
+             f"got shape {tuple(weight.shape)}")
+
+    def bias_msg():
+        return (f"bias: expected shape {(weight.shape[0], weight.shape[1])} = (layers, features), "
+                f"got {tuple(bias.shape)}")
+
+    _require(bias.dim() == 2, bias_msg)
+    _require(bias.shape[0] == weight.shape[0], bias_msg)
+    _require(bias.shape[1] == weight.shape[1], bias_msg)
     for t, name in ((weight, "weight"), (bias, "bias")):
-        _ops.require(t.dtype == y.dtype, lambda: f"{name}: expected the dtype of y ({y.dtype}), got {t.dtype}")
-        _ops.require(t.device == y.device,
-                           lambda: f"{name}: expected the device of y ({y.device}), got {t.device}")
+        _require(t.dtype == y.dtype,
+                 lambda: f"{name}: expected the dtype of y ({y.dtype}), got {t.dtype}")
+        _require(t.device == y.device,
+                 lambda: f"{name}: expected the device of y ({y.device}), got {t.device}")
     if state is not None:
         _check_tensor(state, state_name)
-        s_msg = (lambda: f"{state_name}: expected the shape of y {tuple(y.shape)}, "  # noqa: E731
-                 f"got {tuple(state.shape)}")
-        _ops.require(state.dim() == y.dim(), s_msg)
+
+        def state_msg():
+            return f"{state_name}: expected the shape of y {tuple(y.shape)}, got {tuple(state.shape)}"
+
+        _require(state.dim() == y.dim(), state_msg)
         for a, b in zip(state.shape, y.shape):
-            _ops.require(a == b, s_msg)
-        _ops.require(
-            state.dtype == y.dtype and state.device == y.device,
-            lambda: f"{state_name}: expected dtype {y.dtype} on {y.device}, "
-            f"got {state.dtype} on {state.device}",
-        )
+            _require(a == b, state_msg)
+        _require(state.dtype == y.dtype and state.device == y.device,
+                 lambda: f"{state_name}: expected dtype {y.dtype} on {y.device}, "
+                 f"got {state.dtype} on {state.device}")
     _check_scalar(step, "step")
     if gamma is not None:
         _check_scalar(gamma, "gamma", allow_zero=True)

@@ -178,7 +178,7 @@ def _check_states(states, slots, grad, weight):
         f"weight; expected {weight.shape[0]} layers, got {states.shape[0]}",
     )
     require(states.dtype == grad.dtype and states.device == grad.device,
-                       lambda: "states: expected dtype and device of the gradient")
+            lambda: "states: expected dtype and device of the gradient")
 
 
 # ------------------------------------------------------------ reversibility
@@ -198,6 +198,10 @@ def rebuild_error(rebuilt, seen) -> float:
     den = sum(s.double().square().sum() for s in seen)
     err = (num / den.clamp_min(torch.finfo(torch.float64).tiny)).sqrt().item()
     return err if math.isfinite(err) else math.inf
+
+
+def _tracing_or_capturing(t) -> bool:
+    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _warn_if_not_reversible(arch, rebuilt, seen):
@@ -466,9 +470,9 @@ if _C is not None:
                 ya, yb = kept
                 out = reversible_op(grad_a, grad_b, ya, yb, weight, bias, ctx.step, ctx.activation)
                 ga, gb_, gw, gbias = out[:4]
-                # Under torch.compile the backward is traced, and a warning would need
-                # a data-dependent branch: the check runs in eager mode only.
-                if len(out) == 6 and not torch.compiler.is_compiling():
+                # The check reads a number back from the device, which neither a traced
+                # backward (torch.compile) nor CUDA graph capture allows: eager only.
+                if len(out) == 6 and not _tracing_or_capturing(ya):
                     _warn_if_not_reversible(arch, out[4:], (y0, other0))
             return (ga, gb_, gw, gbias) + nones
 
