@@ -22,8 +22,8 @@ ACTIVATIONS = {
     "relu": torch.relu,
     "identity": lambda x: x,
     "sigmoid": torch.sigmoid,
-    "softplus": F.softplus,  # beta 1 (threshold 20, as PyTorch's)
-    "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
+    "softplus": F.softplus,  # beta 1 (PyTorch's threshold 20; the kernels use the exact form)
+    "leaky_relu": F.leaky_relu,  # negative slope 0.01, as the kernels
     "silu": F.silu,
 }
 

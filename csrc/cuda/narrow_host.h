@@ -108,7 +108,7 @@ bool backward_impl(Arch arch, bool rev, bool antisym, const at::Tensor& g0, cons
                    const at::Tensor& states, const at::Tensor& s0, const at::Tensor& s1,
                    const at::Tensor& W, const at::Tensor& b, double h, Act act,
                    const at::Tensor& grad0, const at::Tensor& grad1, const at::Tensor& dW,
-                   const at::Tensor& db) {
+                   const at::Tensor& db, const at::Tensor& r0, const at::Tensor& r1) {
   using C = Cfg<D>;
   const int64_t B = g0.size(0);
   const int d = static_cast<int>(g0.size(1));
@@ -122,6 +122,8 @@ bool backward_impl(Arch arch, bool rev, bool antisym, const at::Tensor& g0, cons
   if (rev) {
     p.s0 = s0.data_ptr<T>();
     p.s1 = s1.data_ptr<T>();
+    p.rebuilt0 = r0.data_ptr<T>();
+    p.rebuilt1 = r1.data_ptr<T>();
   } else {
     p.st = states.data_ptr<T>();
   }
@@ -183,12 +185,14 @@ bool narrow_backward(Arch arch, bool reversible, bool antisym, const at::Tensor&
                      const at::Tensor& g1, const at::Tensor& states, const at::Tensor& s0,
                      const at::Tensor& s1, const at::Tensor& W, const at::Tensor& b, double h,
                      Act act, const at::Tensor& grad0, const at::Tensor& grad1,
-                     const at::Tensor& dW, const at::Tensor& db) {
+                     const at::Tensor& dW, const at::Tensor& db, const at::Tensor& r0,
+                     const at::Tensor& r1) {
   bool done = false;
   AT_DISPATCH_FLOATING_TYPES(g0.scalar_type(), "stablenets_narrow_backward", [&] {
     done = narrow::with_width(g0.size(1), [&](auto width) {
       return narrow::backward_impl<scalar_t, decltype(width)::value>(
-          arch, reversible, antisym, g0, g1, states, s0, s1, W, b, h, act, grad0, grad1, dW, db);
+          arch, reversible, antisym, g0, g1, states, s0, s1, W, b, h, act, grad0, grad1, dW, db,
+          r0, r1);
     });
   });
   return done;

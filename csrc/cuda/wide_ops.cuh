@@ -201,7 +201,7 @@ struct BwdLeap {
 #pragma unroll
     for (int u = 0; u < V; ++u) {
       const T a = act_fwd(act, pv[u]);
-      gv[u] = mh2 * mv[u] * act_grad_out(act, a);
+      gv[u] = mh2 * mv[u] * act_grad_pa(act, pv[u], a);
       av[u] = mh2 * a;
       nv[u] = cv[u] + T(2) * lv[u];
       ncv[u] = -lv[u];
@@ -245,9 +245,10 @@ struct VerletBackY {
     vload<V>(ly + i, lv);
 #pragma unroll
     for (int u = 0; u < V; ++u) {
-      const T a = act_fwd(act, pv[u] + bv[u]);
+      const T pre = pv[u] + bv[u];
+      const T a = act_fwd(act, pre);
       yv[u] -= h * a;
-      gv[u] = h * lv[u] * act_grad_out(act, a);
+      gv[u] = h * lv[u] * act_grad_pa(act, pre, a);
     }
     vstore<V>(y + i, yv);
     vstore<V>(g + i, gv);
@@ -280,9 +281,10 @@ struct VerletBackZ {
     vload<V>(lz + i, lv);
 #pragma unroll
     for (int u = 0; u < V; ++u) {
-      const T a = act_fwd(act, pv[u] + bv[u]);
+      const T pre = pv[u] + bv[u];
+      const T a = act_fwd(act, pre);
       zv[u] += h * a;
-      gv[u] = -h * lv[u] * act_grad_out(act, a);
+      gv[u] = -h * lv[u] * act_grad_pa(act, pre, a);
     }
     vstore<V>(zout + i, zv);
     vstore<V>(g + i, gv);
