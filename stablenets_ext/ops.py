@@ -29,6 +29,10 @@ try:  # what torch.library.register_autograd builds, so that a check can run fir
     from torch._library.autograd import make_autograd_impl as _make_autograd_impl
 except ImportError:  # pragma: no cover - a torch that moved them: plain register_autograd
     _make_autograd_impl = None
+try:
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode as _get_proxy_mode
+except ImportError:  # pragma: no cover
+    _get_proxy_mode = None
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.stablenets.*)
@@ -201,7 +205,14 @@ def rebuild_error(rebuilt, seen) -> float:
 
 
 def _tracing_or_capturing(t) -> bool:
-    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    """Whether this backward is being traced (torch.compile, AOTAutograd as opcheck and
+    export drive it, make_fx) or captured into a CUDA graph: then no number may be read
+    back from the device."""
+    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode((t,)) is not None:
+        return True
+    if _get_proxy_mode is not None and _get_proxy_mode() is not None:
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _warn_if_not_reversible(arch, rebuilt, seen):
