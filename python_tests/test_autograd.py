@@ -101,10 +101,24 @@ def test_double_backward_equals_reference(arch, reversible):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch,reversible", MODES, ids=MODE_IDS)
-def test_forward_ad_gradcheck(device, arch, reversible, quiet):
+def test_forward_ad_and_batched_gradcheck(device, arch, reversible, quiet):
+    """Forward mode, vmap over it, and vmap over the backward (batched gradients)."""
     inputs = inputs_for(arch, device)
     assert torch.autograd.gradcheck(stack_fn(arch, reversible), inputs, check_forward_ad=True,
-                                    check_batched_forward_grad=True)
+                                    check_batched_forward_grad=True, check_batched_grad=True)
+
+
+@pytest.mark.parametrize("arch,reversible", MODES, ids=MODE_IDS)
+def test_batched_grad_outputs_and_vectorized_jacobian(arch, reversible, quiet):
+    fused, ref = module_pair(arch, reversible)
+    x = torch.randn(3, 3, dtype=torch.float64)
+    got = torch.autograd.functional.jacobian(fused, x, vectorize=True)
+    torch.testing.assert_close(got, torch.autograd.functional.jacobian(ref, x))
+    y = x.clone().requires_grad_()
+    out = fused(y)
+    basis = torch.eye(out.numel(), dtype=out.dtype).reshape(-1, *out.shape)
+    (rows,) = torch.autograd.grad(out, y, basis, is_grads_batched=True)
+    torch.testing.assert_close(rows.reshape(*out.shape, *y.shape), got)
 
 
 @pytest.mark.parametrize("arch,reversible", MODES, ids=MODE_IDS)

@@ -239,6 +239,16 @@ def transform_active(tensors) -> bool:
     )
 
 
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
+def legacy_vmap_active(tensors) -> bool:
+    """Whether ``tensors`` are batched by ``torch._vmap_internals._vmap``, which gradcheck's
+    batched-gradient check and ``autograd.grad(is_grads_batched=True)`` use and which
+    sets no functorch level. Not for code torch.compile traces."""
+    return any(isinstance(t, torch.Tensor) and _is_legacy_batched(t) for t in tensors)
+
+
 if _C is not None:
     ops = torch.ops.stablenets
     _LIB = torch.library.Library("stablenets", "FRAGMENT")  # noqa: TOR901
@@ -273,7 +283,7 @@ if _C is not None:
         op = getattr(ops, name).default
 
         def kernel(keyset, *args, **kwargs):
-            if transform_active(args) or (
+            if transform_active(args) or legacy_vmap_active(args) or (
                 torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
             ):
                 raise RuntimeError(
@@ -393,6 +403,13 @@ if _C is not None:
             "backward; call it with store=True when gradients are needed"
         )
 
+    def _differentiable_backward_wanted(grads) -> bool:
+        """create_graph=True (double backward), or a transform over the backward itself
+        (vmap of it: batched gradients, ``autograd.grad(is_grads_batched=True)``,
+        ``autograd.functional.jacobian(vectorize=True)``): the backward ops serve
+        neither, the reference's autograd serves both."""
+        return torch.is_grad_enabled() or transform_active(grads) or legacy_vmap_active(grads)
+
     def _reference_fn(arch, ctx):
         """The op's forward as a function of its tensor inputs, in plain PyTorch."""
         step = ctx.step
@@ -437,7 +454,7 @@ if _C is not None:
             nones = (None,) * (2 + len(ctx.rest))
             if not ctx.stored:
                 raise _no_states(arch)
-            if torch.is_grad_enabled():  # create_graph=True
+            if _differentiable_backward_wanted((grad_out,)):
                 return _reference_vjp(arch, ctx, (y, weight, bias), (grad_out,)) + nones
             gy, gw, gb = backward_op(grad_out.contiguous(), states, weight, bias, ctx.step, *ctx.rest)
             return (gy, gw, gb) + nones
@@ -470,7 +487,7 @@ if _C is not None:
         def backward(ctx, grad_a, grad_b, _grad_states):
             y0, other0, weight, bias, *kept = ctx.saved_tensors
             nones = (None, None, None)
-            if torch.is_grad_enabled():  # create_graph=True
+            if _differentiable_backward_wanted((grad_a, grad_b)):
                 return _reference_vjp(arch, ctx, (y0, other0, weight, bias), (grad_a, grad_b)) + nones
             grad_a = _zeros_if_none(grad_a, y0).contiguous()
             grad_b = _zeros_if_none(grad_b, y0).contiguous()
