@@ -34,13 +34,19 @@ try:
 except ImportError:  # pragma: no cover
     _get_proxy_mode = None
 
+from . import _cpu_isa
+
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.stablenets.*)
+    from . import _C  # noqa: F401  (registers torch.ops.stablenets.* and the CUDA kernels)
 
     LOAD_ERROR: Exception | None = None
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     _C = None
     LOAD_ERROR = exc
+
+# The CPU kernels, built once per instruction set: the best this CPU runs, or
+# STABLENETS_CPU_ISA's choice (an impossible choice raises here).
+CPU_ISA: str | None = _cpu_isa.load() if _C is not None else None
 
 STATE_SLOTS = {"resnet": 2, "antisymmetric": 2, "leapfrog": 2, "verlet": 4}
 

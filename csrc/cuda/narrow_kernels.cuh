@@ -68,7 +68,8 @@ struct Params {
   const T* s0;  // reversible backward: the forward's outputs
   const T* s1;
   const T* st;  // stored backward: states (N, S, B, d)
-  T* st_out;    // forward: states to fill, or null
+  T* st_out;    // forward: states to fill, or null; reversible backward: (2, B, d) for the
+                // rebuilt carried states after the last layer (chunked backward), or null
   const T* W;
   const T* bias;
   T* out0;
@@ -655,6 +656,10 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_leapfrog(const Params<T> p) 
           }
       }
     }
+    if (REV && p.st_out) {  // (Y_j, Y_{j-1}) of the last layer done, for the next chunk
+      fr.store(p.st_out, yc);
+      fr.store(p.st_out + p.B * p.d, ym);
+    }
     fr.store(p.out0, a);
     fr.store(p.out1, c);
     if (REV) {  // (Y_0, Y_{-1}): the caller compares them with the forward's inputs
@@ -782,6 +787,10 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
           }
         fr.put(Znext, z);
       }
+    }
+    if (REV && p.st_out) {  // (Y_j, Z_{j-1/2}) of the last layer done, for the next chunk
+      fr.store(p.st_out, y);
+      fr.store(p.st_out + p.B * p.d, z);
     }
     fr.store(p.out0, ly);
     fr.store(p.out1, lz);
