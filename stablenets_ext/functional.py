@@ -18,6 +18,7 @@ warning per cause:
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -32,25 +33,26 @@ _warned_reasons: set[str] = set()
 
 # ------------------------------------------------------------------ checks
 #
-# Size and value conditions go through ops.require (a ValueError on concrete
-# values, a runtime assert on symbolic ones), so the checks trace under
-# torch.compile(dynamic=True) and torch.export; type checks stay plain.
+# Plain ifs, which torch.compile (dynamic=True too) traces into guards and
+# torch.export into guards or asserts. No math.isfinite: it cannot take the
+# SymFloat a dynamic step becomes.
 
 _NUMBER = (int, float, torch.SymInt, torch.SymFloat)
-_require = _ops.require
 
 
 def _check_tensor(t, name):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    _require(t.dtype in (torch.float32, torch.float64),
-             lambda: f"{name}: expected a float32 or float64 tensor, got {t.dtype}")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{name}: expected a float32 or float64 tensor, got {t.dtype}")
 
 
 def _check_scalar(value, name, *, allow_zero=False):
     if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, _NUMBER):
         raise TypeError(f"{name}: expected a Python number, got {type(value).__name__}")
-    _ops.check_number(value, name, allow_zero=allow_zero)
+    if not ((value >= 0 if allow_zero else value > 0) and value < math.inf):  # NaN fails too
+        what = "a finite number >= 0" if allow_zero else "a finite positive number"
+        raise ValueError(f"{name}: expected {what}, got {value}")
 
 
 def check_args(y, weight, bias, step, activation, *, gamma=None, state=None, state_name=None):
@@ -58,43 +60,40 @@ def check_args(y, weight, bias, step, activation, *, gamma=None, state=None, sta
     _check_tensor(y, "y")
     _check_tensor(weight, "weight")
     _check_tensor(bias, "bias")
-    _require(y.dim() == 2,
-             lambda: f"y: expected a 2-D tensor (batch, features), got shape {tuple(y.shape)}")
-
-    def weight_msg():
-        return f"weight: expected shape (layers, features, features), got {tuple(weight.shape)}"
-
-    _require(weight.dim() == 3, weight_msg)
-    _require(weight.shape[1] == weight.shape[2], weight_msg)
-    _require(weight.shape[0] > 0, lambda: "weight: expected at least one layer, got 0 layers")
-    _require(weight.shape[1] == y.shape[1],
-             lambda: f"weight: expected features = {y.shape[1]} (from y of shape {tuple(y.shape)}), "
-             f"got shape {tuple(weight.shape)}")
-
-    def bias_msg():
-        return (f"bias: expected shape {(weight.shape[0], weight.shape[1])} = (layers, features), "
-                f"got {tuple(bias.shape)}")
-
-    _require(bias.dim() == 2, bias_msg)
-    _require(bias.shape[0] == weight.shape[0], bias_msg)
-    _require(bias.shape[1] == weight.shape[1], bias_msg)
+    if y.dim() != 2:
+        raise ValueError(f"y: expected a 2-D tensor (batch, features), got shape {tuple(y.shape)}")
+    if weight.dim() != 3 or weight.shape[1] != weight.shape[2]:
+        raise ValueError(
+            f"weight: expected shape (layers, features, features), got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight: expected at least one layer, got 0 layers")
+    if weight.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"weight: expected features = {y.shape[1]} (from y of shape {tuple(y.shape)}), "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if tuple(bias.shape) != (weight.shape[0], weight.shape[1]):
+        raise ValueError(
+            f"bias: expected shape {(weight.shape[0], weight.shape[1])} = (layers, features), "
+            f"got {tuple(bias.shape)}"
+        )
     for t, name in ((weight, "weight"), (bias, "bias")):
-        _require(t.dtype == y.dtype,
-                 lambda: f"{name}: expected the dtype of y ({y.dtype}), got {t.dtype}")
-        _require(t.device == y.device,
-                 lambda: f"{name}: expected the device of y ({y.device}), got {t.device}")
+        if t.dtype != y.dtype:
+            raise ValueError(f"{name}: expected the dtype of y ({y.dtype}), got {t.dtype}")
+        if t.device != y.device:
+            raise ValueError(f"{name}: expected the device of y ({y.device}), got {t.device}")
     if state is not None:
         _check_tensor(state, state_name)
-
-        def state_msg():
-            return f"{state_name}: expected the shape of y {tuple(y.shape)}, got {tuple(state.shape)}"
-
-        _require(state.dim() == y.dim(), state_msg)
-        for a, b in zip(state.shape, y.shape):
-            _require(a == b, state_msg)
-        _require(state.dtype == y.dtype and state.device == y.device,
-                 lambda: f"{state_name}: expected dtype {y.dtype} on {y.device}, "
-                 f"got {state.dtype} on {state.device}")
+        if state.shape != y.shape:
+            raise ValueError(
+                f"{state_name}: expected the shape of y {tuple(y.shape)}, got {tuple(state.shape)}"
+            )
+        if state.dtype != y.dtype or state.device != y.device:
+            raise ValueError(
+                f"{state_name}: expected dtype {y.dtype} on {y.device}, "
+                f"got {state.dtype} on {state.device}"
+            )
     _check_scalar(step, "step")
     if gamma is not None:
         _check_scalar(gamma, "gamma", allow_zero=True)
