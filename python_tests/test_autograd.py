@@ -356,6 +356,7 @@ def test_meta_and_cpu_messages_agree():
     assert msgs[0] == msgs[1]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_mixed_cpu_and_cuda_calls_raise():
     for op, args in _raw_cases("cuda"):
