@@ -37,7 +37,27 @@ for arch in sys.argv[3].split(","):
         out = f(y, W, b, 0.1, "tanh", impl="fused")
         out = out[0] if isinstance(out, tuple) else out
         out.sum().backward()
-    for name, fn in (("fwd", fwd), ("fwd+bwd", fwdbwd)):
+    # The raw ops too: the kernels alone, without the Python autograd layer.
+    o = torch.ops.stablenets
+    Wd, bd = W.detach(), b.detach()
+    if arch in ("leapfrog", "verlet"):
+        fop, bop = getattr(o, arch + "_forward").default, getattr(o, arch + "_backward").default
+        raw_f = lambda st: fop(y, y, Wd, bd, 0.1, "tanh", st)
+        outs = raw_f(True)
+        raw_b = lambda: bop(outs[0], outs[1], outs[2], Wd, bd, 0.1, "tanh")
+    else:
+        extra = (0.01,) if arch == "antisymmetric" else ()
+        fop, bop = getattr(o, arch + "_forward").default, getattr(o, arch + "_backward").default
+        raw_f = lambda st: fop(y, Wd, bd, 0.1, *extra, "tanh", st)
+        outs = raw_f(True)
+        raw_b = lambda: bop(outs[0], outs[1], Wd, bd, 0.1, *extra, "tanh")
+    def raw_fwd():
+        with torch.no_grad():
+            raw_f(False)
+    def raw_bwd():
+        with torch.no_grad():
+            raw_b()
+    for name, fn in (("fwd", fwd), ("fwd+bwd", fwdbwd), ("op fwd", raw_fwd), ("op bwd", raw_bwd)):
         for _ in range(5):
             fn()
         ts = []

@@ -449,6 +449,10 @@ if _C is not None:
     # resnet / antisymmetric: one carried tensor.
     def _setup_one(ctx, inputs, output):
         y, weight, bias, step = inputs[:4]
+        # Outputs nobody differentiated (the states, always) arrive as None instead
+        # of zero tensors: materialising the states' gradient zero-filled a tensor of
+        # N x slots x B x d floats on every backward (~0.3 ms of 1 ms at (1024, 4, 64)).
+        ctx.set_materialize_grads(False)
         ctx.step = step
         ctx.rest = inputs[4:-1]  # (activation,) or (gamma, activation)
         ctx.stored = inputs[-1]
@@ -460,6 +464,8 @@ if _C is not None:
             nones = (None,) * (2 + len(ctx.rest))
             if not ctx.stored:
                 raise _no_states(arch)
+            if grad_out is None:  # only the states were used downstream
+                grad_out = torch.zeros_like(y)
             if _differentiable_backward_wanted((grad_out,)):
                 return _reference_vjp(arch, ctx, (y, weight, bias), (grad_out,)) + nones
             gy, gw, gb = backward_op(grad_out.contiguous(), states, weight, bias, ctx.step, *ctx.rest)
@@ -483,6 +489,7 @@ if _C is not None:
     # the pair it arrives at against the inputs the forward saw.
     def _setup_two(ctx, inputs, output):
         y, other, weight, bias, step, activation, store = inputs
+        ctx.set_materialize_grads(False)  # see _setup_one
         ctx.step, ctx.activation, ctx.stored = step, activation, store
         if store:
             ctx.save_for_backward(y, other, weight, bias, output[2])
