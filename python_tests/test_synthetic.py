@@ -353,7 +353,7 @@ def test_ctrl_c_stops_the_pipeline(tmp_path):
 
 
 def test_torchrun_two_ranks(tmp_path):
-    from stablenets_ext.training.synthetic_dist import free_port
+    from stablenets_ext.training.runtime import free_port
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",

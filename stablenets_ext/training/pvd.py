@@ -41,11 +41,11 @@ import time
 
 import torch
 
-from . import backprop
+from . import backprop, runtime
 from .pvd_blocks import BlockPartition, digest, write_back
 from .pvd_history import new_history, record, result_dict
-from .pvd_process import (InlinePool, ProcessPool, WorkerError, fd_sharing, mp_context,
-                          shared_copy, skeleton)
+from .pvd_process import InlinePool, ProcessPool, mp_context, shared_copy, skeleton
+from .runtime import WorkerError, fd_sharing
 from .pvd_solver import Net, PVDConfig, SharedState, make_direction
 from .pvd_sync import synchronise
 
@@ -69,7 +69,8 @@ def _sync_device(device):
 
 
 def _train_shared(model, data, cfg: PVDConfig, backend: str, device, callback, phase_timeout,
-                  eval_train: int, verify: bool, start_method: str) -> dict:
+                  eval_train: int, verify: bool, start_method: str, heartbeat_timeout,
+                  start_timeout) -> dict:
     """The coordinator of the process and sequential backends."""
     t_start = time.perf_counter()
     partition = BlockPartition(model, cfg.workers)
@@ -89,7 +90,8 @@ def _train_shared(model, data, cfg: PVDConfig, backend: str, device, callback, p
 
     if backend == "process":
         pool = ProcessPool(cfg, net, shared, train, val, phase_timeout=phase_timeout,
-                           start_method=start_method)
+                           start_method=start_method, heartbeat_timeout=heartbeat_timeout,
+                           start_timeout=start_timeout)
     else:
         pool = InlinePool(cfg, net, shared, train, val)
     history = new_history()
@@ -162,7 +164,8 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
               device=None, callback=None, phase_timeout: float | None = None,
               init_method: str | None = None, dist_timeout: float = 300.0,
               eval_train: int = 2048, verify: bool = True, start_method: str = "spawn",
-              fault=None) -> dict:
+              heartbeat_timeout: float | None = runtime.DEFAULT_TIMEOUT,
+              start_timeout: float = 120.0, fault=None) -> dict:
     """Train ``model`` (a :class:`~stablenets_ext.models.StableNet`) in place with PVD.
 
     ``workers``: P, the number of blocks and processes (ranks for ``dist``).
@@ -183,8 +186,10 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
     synchronisation each worker fingerprints the point it now holds (history
     ``worker_digests``). ``start_method``: ``"spawn"`` (default) or
     ``"forkserver"`` (torch imported once, later workers forked from it: much
-    cheaper when one process trains repeatedly). ``fault``: tests only,
-    ``(kind, worker, iteration)``.
+    cheaper when one process trains repeatedly). ``heartbeat_timeout``: seconds
+    a live worker may go without a heartbeat before it is reported as hung
+    (SIGSTOP, deadlock; None: never); ``start_timeout``: seconds the workers
+    may take to start. ``fault``: tests only, ``(kind, worker, iteration)``.
 
     Raises :class:`WorkerError` when a worker fails or dies (naming it);
     workers are reaped and shared memory released before it propagates, as on
@@ -192,6 +197,9 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     mp_context(start_method)  # checks the name
+    if heartbeat_timeout is not None:
+        runtime.check_timeout(heartbeat_timeout)
+    runtime.check_timeout(start_timeout, "start_timeout")
     if target_accuracy is not None and not 0 < target_accuracy <= 1:
         raise ValueError(f"target_accuracy: expected a fraction in (0, 1], got {target_accuracy!r}")
     cfg = PVDConfig(
@@ -209,9 +217,9 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
 
         return train_dist(model, data, cfg, device, init_method=init_method, timeout=dist_timeout,
                           callback=callback, eval_train=eval_train, verify=verify,
-                          start_method=start_method)
+                          start_method=start_method, heartbeat_timeout=heartbeat_timeout)
     return _train_shared(model, data, cfg, backend, device, callback, phase_timeout, eval_train,
-                         verify, start_method)
+                         verify, start_method, heartbeat_timeout, start_timeout)
 
 
 # ------------------------------------------------------------- comparisons

@@ -31,8 +31,6 @@ import contextlib
 import copy
 import datetime
 import os
-import socket
-import threading
 import time
 import traceback
 from multiprocessing import connection
@@ -40,20 +38,14 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as tmp
 
 from .pvd_blocks import BlockPartition, digest, write_back
 from .pvd_history import new_history, record, result_dict
-from .pvd_process import (WorkerError, describe_exit, fd_sharing, mp_context, shared_copy,
-                          sigint_ignored, skeleton, warm_optimizers)
+from . import runtime
+from .pvd_process import mp_context, shared_copy, skeleton, warm_optimizers
+from .runtime import WorkerError, describe_exit, fd_sharing, free_port, sigint_ignored
 from .pvd_solver import BlockSolver, Net, PVDConfig, SharedState, make_direction
 from .pvd_sync import synchronise
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def choose_backend(device: torch.device, world: int) -> str:
@@ -206,7 +198,8 @@ def rank_loop(rank: int, world: int, model, data, cfg: PVDConfig, device: torch.
 
 def train_dist(model, data, cfg: PVDConfig, device: torch.device, *, init_method=None,
                timeout: float = 300.0, callback=None, eval_train=2048, verify=True,
-               start_method: str = "spawn") -> dict:
+               start_method: str = "spawn",
+               heartbeat_timeout: float | None = runtime.DEFAULT_TIMEOUT) -> dict:
     """Run on the current process group, a torchrun one, or spawn local ranks."""
     if dist.is_available() and dist.is_initialized():
         return rank_loop(dist.get_rank(), dist.get_world_size(), model, data, cfg, device,
@@ -225,20 +218,15 @@ def train_dist(model, data, cfg: PVDConfig, device: torch.device, *, init_method
         finally:
             dist.destroy_process_group()
     return spawn_local(model, data, cfg, device, init_method=init_method, timeout=timeout,
-                       eval_train=eval_train, verify=verify, start_method=start_method)
+                       eval_train=eval_train, verify=verify, start_method=start_method,
+                       heartbeat_timeout=heartbeat_timeout)
 
 
 def _rank_main(rank: int, world: int, init_method: str, backend: str, conn, payload: dict):
     """Entry point of a locally spawned rank."""
-    parent = tmp.parent_process()
-
-    def watchdog():  # no orphans: leave when the launcher disappears
-        if parent is not None:
-            parent.join()
-            os._exit(1)
-
-    threading.Thread(target=watchdog, daemon=True).start()
+    runtime.exit_with_parent()  # no orphans: leave when the launcher disappears
     try:
+        payload["heartbeats"].start(rank)
         torch.set_num_threads(payload["threads"])
         device = payload["device"]
         if device.type == "cuda" and backend == "nccl":
@@ -268,7 +256,8 @@ def _rank_main(rank: int, world: int, init_method: str, backend: str, conn, payl
 
 def spawn_local(model, data, cfg: PVDConfig, device: torch.device, *, init_method=None,
                 timeout: float = 300.0, eval_train=2048, verify=True,
-                start_method: str = "spawn") -> dict:
+                start_method: str = "spawn",
+                heartbeat_timeout: float | None = runtime.DEFAULT_TIMEOUT) -> dict:
     """Spawn ``cfg.workers`` ranks on this machine, wait for rank 0's result and
     copy the final parameters into ``model``."""
     world = cfg.workers
@@ -285,7 +274,7 @@ def spawn_local(model, data, cfg: PVDConfig, device: torch.device, *, init_metho
     payload = {
         "model": model_copy, "data": SimpleNamespace(**shared), "config": cfg, "device": device,
         "threads": cfg.worker_threads(), "timeout": timeout, "eval_train": eval_train,
-        "verify": verify,
+        "verify": verify, "heartbeats": runtime.Heartbeats(world),
     }
     try:
         with fd_sharing(), sigint_ignored():
@@ -297,18 +286,11 @@ def spawn_local(model, data, cfg: PVDConfig, device: torch.device, *, init_metho
                 theirs.close()
                 procs.append(p)
                 conns.append(ours)
-        result = _wait_for_result(procs, conns)
+        result = _wait_for_result(procs, conns, payload["heartbeats"], heartbeat_timeout)
         for p in procs:
             p.join(10.0)
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(2.0)
-            if p.is_alive():
-                p.kill()
-                p.join(2.0)
+        runtime.reap(procs, grace=0.0)
         for c in conns:
             with contextlib.suppress(Exception):
                 c.close()
@@ -319,13 +301,18 @@ def spawn_local(model, data, cfg: PVDConfig, device: torch.device, *, init_metho
     return result
 
 
-def _wait_for_result(procs, conns):
-    """Rank 0's ``(result, parameters)``; a WorkerError as soon as any rank fails or dies."""
+def _wait_for_result(procs, conns, heartbeats=None, heartbeat_timeout=None):
+    """Rank 0's ``(result, parameters)``; a WorkerError as soon as any rank fails or
+    dies, or stops beating for ``heartbeat_timeout`` seconds."""
     watch = {id(c): r for r, c in enumerate(conns)}
     live_conns = list(conns)
     sentinels = {p.sentinel: r for r, p in enumerate(procs)}
     while True:
         ready = connection.wait(live_conns + list(sentinels), timeout=0.5)
+        if heartbeats is not None and not ready:
+            heartbeats.check(list(sentinels.values()), heartbeat_timeout,
+                             lambda r: f"PVD rank {r} (pid {procs[r].pid})",
+                             [p.pid for p in procs])
         # Messages before deaths: a rank that reported its traceback and exited is an error.
         for obj in sorted(ready, key=lambda o: isinstance(o, int)):
             if not isinstance(obj, int):

@@ -32,7 +32,6 @@ import contextlib
 import copy
 import os
 import signal
-import threading
 import time
 import traceback
 from multiprocessing import connection
@@ -40,72 +39,20 @@ from multiprocessing import connection
 import torch
 import torch.multiprocessing as tmp
 
+from . import runtime
 from .pvd_blocks import digest
 from .pvd_solver import BlockSolver, Net, PVDConfig, SharedState
+from .runtime import WorkerError, describe_exit, fd_sharing, sigint_ignored
 
-
-class WorkerError(RuntimeError):
-    """A PVD worker raised, died or stopped answering."""
-
-    def __init__(self, message: str, worker: int | None = None):
-        super().__init__(message)
-        self.worker = worker
-
-
-@contextlib.contextmanager
-def fd_sharing():
-    """Use torch's file_descriptor sharing strategy inside the block (see module doc)."""
-    old = tmp.get_sharing_strategy()
-    if old == "file_descriptor" or "file_descriptor" not in tmp.get_all_sharing_strategies():
-        yield
-        return
-    tmp.set_sharing_strategy("file_descriptor")
-    try:
-        yield
-    finally:
-        tmp.set_sharing_strategy(old)
-
-
-@contextlib.contextmanager
-def sigint_ignored():
-    """Children started inside inherit SIG_IGN for SIGINT, so Python never
-    installs its KeyboardInterrupt handler in them."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
-
-
-START_METHODS = ("spawn", "forkserver")
+__all__ = ["InlinePool", "ProcessPool", "WorkerError", "mp_context", "shared_copy", "skeleton",
+           "warm_optimizers"]
 
 
 def mp_context(start_method: str):
-    """A spawn or forkserver context (never fork: torch's threads and CUDA do not
-    survive it). The forkserver imports torch once and forks every later worker
-    from that: much cheaper starts when a process runs PVD more than once."""
-    if start_method not in START_METHODS:
-        raise ValueError(f"start_method: expected one of {START_METHODS}, got {start_method!r}")
-    ctx = tmp.get_context(start_method)
-    if start_method == "forkserver":
-        ctx.set_forkserver_preload([
-            "torch", "torch.distributed", "stablenets_ext.models", "stablenets_ext.training.pvd_process",
-        ])
-    return ctx
+    """A spawn or forkserver context; the forkserver preloads torch and PVD."""
+    return runtime.mp_context(start_method, preload=(
+        "torch", "torch.distributed", "stablenets_ext.models",
+        "stablenets_ext.training.pvd_process"))
 
 
 def warm_optimizers():
@@ -114,18 +61,13 @@ def warm_optimizers():
     torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
 
 
-def _set_threads(threads: int):
-    torch.set_num_threads(threads)
-    with contextlib.suppress(RuntimeError):  # only settable before any parallel work
-        torch.set_num_interop_threads(1)
-
-
 def _worker_main(index: int, conn, payload: dict):
     """Entry point of worker ``index`` (top level: spawn imports it by name)."""
     parent = tmp.parent_process()
     try:
+        payload["heartbeats"].start(index)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _set_threads(payload["threads"])
+        runtime.set_threads(payload["threads"])
         net = Net(payload["module"], payload["buffers"], payload["partition"])
         solver = BlockSolver(index, net, payload["shared"], payload["train"], payload["val"],
                              payload["config"])
@@ -180,9 +122,12 @@ class ProcessPool:
     """P worker processes over shared memory; see the module docstring."""
 
     def __init__(self, cfg: PVDConfig, net: Net, shared: SharedState, train, val,
-                 start_timeout: float = 300.0, phase_timeout: float | None = None,
-                 start_method: str = "spawn"):
+                 start_timeout: float = 120.0, phase_timeout: float | None = None,
+                 start_method: str = "spawn",
+                 heartbeat_timeout: float | None = runtime.DEFAULT_TIMEOUT):
         self.cfg, self.net, self.shared = cfg, net, shared
+        self.heartbeats = runtime.Heartbeats(cfg.workers)
+        self.heartbeat_timeout = heartbeat_timeout
         self.start_method = start_method
         self.train, self.val = train, val
         self.start_timeout, self.phase_timeout = start_timeout, phase_timeout
@@ -205,6 +150,7 @@ class ProcessPool:
                     "module": module, "buffers": self.net.buffers, "partition": self.net.partition,
                     "shared": self.shared, "train": self.train, "val": self.val,
                     "config": self.cfg, "threads": self.cfg.worker_threads(),
+                    "heartbeats": self.heartbeats,
                 }
                 proc = ctx.Process(target=_worker_main, args=(l, theirs, payload),
                                    name=f"pvd-worker-{l}", daemon=True)
@@ -223,17 +169,7 @@ class ProcessPool:
             for conn in self.conns:
                 with contextlib.suppress(Exception):
                     conn.send(("stop",))
-            deadline = time.monotonic() + 3.0
-            for p in self.procs:
-                p.join(max(0.0, deadline - time.monotonic()))
-        for p in self.procs:
-            if p.is_alive():
-                p.terminate()
-        for p in self.procs:
-            p.join(2.0)
-            if p.is_alive():
-                p.kill()
-                p.join(2.0)
+        runtime.reap(self.procs, grace=3.0 if graceful else 0.0)
         for conn in self.conns:
             with contextlib.suppress(Exception):
                 conn.close()
@@ -243,7 +179,11 @@ class ProcessPool:
         self.procs, self.conns = [], []
 
     def __enter__(self):
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a worker that never answered, or Ctrl-C: reap them all
+            self.close(graceful=False)
+            raise
 
     def __exit__(self, exc_type, exc, tb):
         self.close(graceful=exc_type is None)
@@ -293,6 +233,9 @@ class ProcessPool:
                     self._raise_dead(l)
                 else:
                     self._receive(conn_index[id(obj)], replies)
+            pending = [l for l in range(P) if l not in replies]
+            self.heartbeats.check(pending, self.heartbeat_timeout, self._name,
+                                  [p.pid for p in self.procs])
             if deadline is not None and time.monotonic() > deadline and len(replies) < P:
                 late = [l for l in range(P) if l not in replies]
                 raise WorkerError(

@@ -303,7 +303,8 @@ class BlockSolver:
             self.opt_y.zero_grad()
             opt_mu.zero_grad()
             loss.backward()
-            self.mu.grad[l] = 0  # mu_l does not exist: block l moves freely
+            if self.mu.grad is not None:  # None with one block: no other block to move
+                self.mu.grad[l] = 0  # mu_l does not exist: block l moves freely
             self.opt_y.step()
             opt_mu.step()
             loss_sum += loss.detach()

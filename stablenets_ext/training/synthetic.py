@@ -33,8 +33,9 @@ import time
 import torch
 
 from .. import models
-from . import backprop
+from . import backprop, runtime
 from . import checkpoint as ckpt
+from .runtime import StageError  # noqa: F401  (re-exported: the SG trainer's error)
 from .synthetic_stages import (
     StageRunner,
     batch_order,
@@ -49,14 +50,6 @@ from .synthetic_stages import (
 BACKENDS = ("process", "dist")
 EXTRA_HISTORY_KEYS = ("phase", "sg_loss", "sg_rel_error", "busy_seconds", "theoretical_seconds")
 DEFAULT_INFLIGHT = {"inprocess": 1, "process": 3, "dist": 3}
-
-
-class StageError(RuntimeError):
-    """A synthetic-gradient stage raised, died or stopped answering."""
-
-    def __init__(self, message: str, stage: int | None = None):
-        super().__init__(message)
-        self.stage = stage
 
 
 # ----------------------------------------------------------------- engines
@@ -206,7 +199,8 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
              conditional=True, coarse_epochs=0, weight_decay=0.0, lr_step=None, lr_gamma=0.5,
              alpha=0.0, alpha_c=0.0, target_accuracy=None, device=None, seed=0, threads=None,
              checkpoint=None, resume=None, history_path=None, quiet=False, eval_batch_size=4096,
-             history=None, on_epoch=None, on_workers_started=None, timeout=None) -> dict:
+             history=None, on_epoch=None, on_workers_started=None, timeout=None,
+             heartbeat_timeout=runtime.DEFAULT_TIMEOUT) -> dict:
     """Train ``model`` (a :class:`~stablenets_ext.models.StableNet`, or its
     ``config()`` dict to build one) in place with synthetic gradients; returns
     :func:`~.backprop.summary` plus the SG figures.
@@ -223,7 +217,9 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
     torch threads per worker (default: this process's threads / workers).
     ``on_workers_started(pids)``: called once the worker processes run.
     ``timeout``: seconds without progress after which a pipeline is declared
-    stuck (default 300). Other arguments as :func:`~.backprop.train`.
+    stuck (default 300); ``heartbeat_timeout``: seconds a live stage may go
+    without a heartbeat before it is reported as hung (None: never). Other
+    arguments as :func:`~.backprop.train`.
 
     The returned dict also holds ``model``, ``sg_modules`` (the trained SG
     modules) and ``coarse`` (the coarse phase's summary) for the caller; drop
@@ -310,7 +306,8 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
         engine = PipelineEngine(nets, sgs, data, device, batch_size=batch_size, seed=seed,
                                 inflight=inflight, epochs=epochs, settings=settings,
                                 threads=threads, on_started=on_workers_started,
-                                timeout=300.0 if timeout is None else timeout)
+                                timeout=300.0 if timeout is None else timeout,
+                                heartbeat_timeout=heartbeat_timeout)
     else:
         from .synthetic_dist import launch
 
@@ -318,7 +315,7 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
                         inflight=inflight, epochs=epochs, settings=settings, threads=threads,
                         history=history, checkpoint=checkpoint, resume=resume,
                         target_accuracy=target_accuracy, eval_batch_size=eval_batch_size,
-                        quiet=quiet, timeout=timeout)
+                        quiet=quiet, timeout=timeout, heartbeat_timeout=heartbeat_timeout)
         result["coarse"] = coarse_result
         result["model"] = model
         if history_path is not None:

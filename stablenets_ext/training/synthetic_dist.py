@@ -28,20 +28,18 @@ Entry points:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 
 from .. import models
+from . import runtime
+from .runtime import StageError, torchrun
+from .runtime.torchrun import under_torchrun
 from .synthetic_stages import (
     StageRunner,
     batch_order,
@@ -51,16 +49,6 @@ from .synthetic_stages import (
 
 CMD_EPOCH, CMD_STATE, CMD_FINISH = 1, 2, 3
 TAG_FWD, TAG_GRAD, TAG_PARAMS = 11, 12, 13
-
-
-def under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------- the rank
@@ -368,10 +356,9 @@ def _quiesce():
 
 
 def launch(model, nets, sgs, data, device, *, batch_size, seed, inflight, epochs, settings, threads,
-           history, checkpoint, resume, target_accuracy, eval_batch_size, quiet, timeout=None):
+           history, checkpoint, resume, target_accuracy, eval_batch_size, quiet, timeout=None,
+           heartbeat_timeout=runtime.DEFAULT_TIMEOUT):
     """Run the dist backend from an ordinary process (see module doc)."""
-    from .synthetic import StageError
-
     world = len(nets)
     bounds = [nets[0].lo] + [n.hi for n in nets]
     if under_torchrun():
@@ -380,10 +367,9 @@ def launch(model, nets, sgs, data, device, *, batch_size, seed, inflight, epochs
                         settings=settings, threads=threads, history=history,
                         checkpoint=checkpoint, resume=resume, target_accuracy=target_accuracy,
                         eval_batch_size=eval_batch_size, quiet=quiet, timeout=timeout)
-    with tempfile.TemporaryDirectory(prefix="stablenets-sg-") as tmpdir:
-        spec_path = os.path.join(tmpdir, "spec.pt")
-        result_path = os.path.join(tmpdir, "result.pt")
-        log_path = os.path.join(tmpdir, "torchrun.log")
+
+    def prepare(folder):
+        spec_path = os.path.join(folder, "spec.pt")
         torch.save({
             "model_config": model.config(), "model_state": _cpu_state(model.state_dict()),
             "sg_config": [(sg.state_shape, sg.parts, sg.classes, sg.hidden) for sg in sgs],
@@ -398,29 +384,19 @@ def launch(model, nets, sgs, data, device, *, batch_size, seed, inflight, epochs
                            target_accuracy=target_accuracy, eval_batch_size=eval_batch_size,
                            quiet=True, timeout=timeout),
         }, spec_path)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-               f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
-               f"--master-port={free_port()}", "--max-restarts=0",
-               "-m", "stablenets_ext.training.synthetic_dist",
-               "--spec", spec_path, "--result", result_path]
-        env = dict(os.environ)
-        env["OMP_NUM_THREADS"] = str(threads)
-        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)
-            try:
-                while proc.poll() is None:
-                    time.sleep(0.1)
-            except BaseException:
-                _stop_group(proc)
-                raise
-        if proc.returncode != 0 or not os.path.exists(result_path):
-            with open(log_path, errors="replace") as f:
-                text = f.read()
-            raise StageError(_summarise_failure(proc.returncode, text, world))
-        out = torch.load(result_path, weights_only=False)
+        return ["--spec", spec_path, "--result", os.path.join(folder, "result.pt")]
+
+    def collect(folder):
+        path = os.path.join(folder, "result.pt")
+        if not os.path.exists(path):
+            raise StageError("synthetic-gradient dist run: torchrun exited 0 but rank 0 wrote "
+                             "no result")
+        return torch.load(path, weights_only=False)
+
+    out = torchrun.launch("stablenets_ext.training.synthetic_dist", [], world, threads=threads,
+                          name="sg", prepare=prepare, collect=collect,
+                          heartbeat_timeout=heartbeat_timeout, error_type=StageError,
+                          what=lambda r: f"synthetic-gradient stage {r}")
     model.load_state_dict(out["model_state"])
     for sg, state in zip(sgs, out["sg_states"]):
         sg.load_state_dict(state)
@@ -429,38 +405,6 @@ def launch(model, nets, sgs, data, device, *, batch_size, seed, inflight, epochs
     history.update(result["history"])
     result["sg_modules"] = sgs
     return result
-
-
-def _stop_group(proc):
-    """Ctrl-C: SIGINT to torchrun (it stops its ranks), then SIGKILL the session."""
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _summarise_failure(code, log, world):
-    """Name the rank torchrun's report gives as the root cause."""
-    lines = log.strip().splitlines()
-    start = next((i for i, ln in enumerate(lines) if "Root Cause" in ln), None)
-    stage, details = None, []
-    if start is not None:
-        for ln in lines[start + 1:start + 12]:
-            key = ln.strip().split(":", 1)[0].strip()
-            if key in ("rank", "exitcode", "traceback"):
-                details.append(ln.strip())
-            if key == "rank" and stage is None:
-                with contextlib.suppress(ValueError, IndexError):
-                    stage = int(ln.split(":", 1)[1].split()[0])
-    head = (f"synthetic-gradient stage {stage} (torchrun rank {stage}) failed"
-            if stage is not None else f"synthetic-gradient dist run failed (torchrun exit {code})")
-    tail = "\n".join(lines[-30:])
-    return (f"{head}; torchrun stopped all {world} ranks. " + "; ".join(details)
-            + f"\n--- torchrun log (tail) ---\n{tail}")
 
 
 # ------------------------------------------------------------ entry points
@@ -501,6 +445,8 @@ def main(argv=None) -> int:
     p.add_argument("--spec")
     p.add_argument("--result")
     known, rest = p.parse_known_args(argv)
+    if under_torchrun():
+        torchrun.rank_setup()
     if known.spec:
         _main_spec(known.spec, known.result)
         return 0

@@ -51,6 +51,8 @@ from multiprocessing import connection
 import torch
 import torch.multiprocessing as tmp
 
+from . import runtime
+from .runtime import StageError, fd_sharing
 from .synthetic_stages import StageRunner, batch_order
 
 EXIT_PEER_LOST = 75
@@ -63,23 +65,7 @@ class PeerLost(Exception):
 
 
 def stage_error(message, stage=None):
-    from .synthetic import StageError
-
     return StageError(message, stage)
-
-
-@contextlib.contextmanager
-def fd_sharing():
-    """torch's file_descriptor sharing strategy inside the block (see module doc)."""
-    old = tmp.get_sharing_strategy()
-    if old == "file_descriptor":
-        yield
-        return
-    tmp.set_sharing_strategy("file_descriptor")
-    try:
-        yield
-    finally:
-        tmp.set_sharing_strategy(old)
 
 
 def stage_devices(device: torch.device, count: int) -> list[str]:
@@ -245,6 +231,7 @@ class _StageWorker:
 
 
 def _stage_main(spec, net, sg, ctrl, up, down, inbuf, outbuf):
+    spec["heartbeats"].start(spec["index"])
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tmp.set_sharing_strategy("file_descriptor")
     torch.set_num_threads(spec["threads"])
@@ -270,7 +257,8 @@ class PipelineEngine:
     ``load_states``, ``finish``, ``close``, ``nets``, ``sgs``."""
 
     def __init__(self, nets, sgs, data, device, *, batch_size, seed, inflight, epochs, settings,
-                 threads=1, on_started=None, timeout=300.0):
+                 threads=1, on_started=None, timeout=300.0,
+                 heartbeat_timeout=runtime.DEFAULT_TIMEOUT):
         self.count = len(nets)
         self.nets = [net.cpu() for net in nets]
         self.sgs = [sg.cpu() for sg in sgs]
@@ -281,6 +269,8 @@ class PipelineEngine:
         self.epochs, self.settings, self.threads = epochs, settings, threads
         self.devices = stage_devices(device, self.count)
         self.on_started, self.timeout = on_started, timeout
+        self.heartbeats = runtime.Heartbeats(self.count)
+        self.heartbeat_timeout = heartbeat_timeout
         self.procs, self.ctrl, self.pids = [], [], []
         self.init_states = [None] * self.count
         self.inbuf = None
@@ -316,7 +306,7 @@ class PipelineEngine:
                     "index": k, "count": self.count, "inflight": self.inflight,
                     "in_slots": self.in_slots, "device": self.devices[k], "epochs": self.epochs,
                     "settings": self.settings, "threads": self.threads,
-                    "state": self.init_states[k],
+                    "state": self.init_states[k], "heartbeats": self.heartbeats,
                 }
                 inbuf = self.inbuf if k == 0 else self.cuts[k - 1]
                 outbuf = self.cuts[k] if k < self.count - 1 else None
@@ -411,16 +401,7 @@ class PipelineEngine:
 
     def close(self):
         """Terminate and reap every stage still running; close the pipes."""
-        started = [p for p in self.procs if p.pid is not None]
-        for proc in started:
-            if proc.is_alive():
-                proc.terminate()
-        deadline = time.monotonic() + 3
-        for proc in started:
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-                proc.join(2)
+        runtime.reap(self.procs, grace=0.0)
         for conn in self.ctrl:
             conn.close()
         self.ctrl = []
@@ -429,6 +410,9 @@ class PipelineEngine:
     # -- waiting
 
     def _check_stall(self, last_progress):
+        self.heartbeats.check(range(len(self.procs)), self.heartbeat_timeout,
+                              lambda k: f"synthetic-gradient stage {k} (pid {self.procs[k].pid})",
+                              [p.pid for p in self.procs])
         if time.monotonic() - last_progress > self.timeout:
             raise stage_error(
                 f"synthetic-gradient pipeline: no progress for {self.timeout:.0f} s "
