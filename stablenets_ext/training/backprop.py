@@ -4,7 +4,6 @@ bit-for-bit."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -15,6 +14,7 @@ import torch
 from ..data import Dataset, TensorLoader
 from . import checkpoint as ckpt
 from . import regularizers
+from .outputs import write_json
 
 HISTORY_KEYS = ("epoch", "loss", "train_accuracy", "val_loss", "val_accuracy", "seconds",
                 "eval_seconds", "lr", "layers")
@@ -72,15 +72,6 @@ def make_optimizer(model, lr, weight_decay=0.0, lr_step=None, lr_gamma=0.5, epoc
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step or max(1, epochs), gamma=lr_gamma
                                             if lr_step else 1.0)
     return opt, sched
-
-
-def write_json(path, obj) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def progress_enabled(quiet: bool) -> bool:
