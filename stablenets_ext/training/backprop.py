@@ -97,7 +97,7 @@ def summary(history: dict, stopped_early=False) -> dict:
 def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_step=None,
           lr_gamma=0.5, alpha=0.0, alpha_c=0.0, target_accuracy=None, device=None, seed=0,
           checkpoint=None, resume=None, history_path=None, quiet=False, eval_batch_size=4096,
-          history=None, checkpoint_extra=None, desc=None, on_epoch=None) -> dict:
+          history=None, checkpoint_extra=None, desc=None, on_epoch=None, shard=None) -> dict:
     """Train ``model`` in place on ``data`` for ``epochs`` epochs (total, counting
     epochs already done in a resumed checkpoint).
 
@@ -107,6 +107,11 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
     path written atomically after every epoch; ``resume``: a path to continue
     from (model, optimiser, scheduler, RNG state, epoch, history). ``history``:
     records to append to (multilevel training passes the previous levels').
+
+    ``shard``: data-parallel training (:mod:`.ddp`): a :class:`.ddp.Shard`
+    whose ``forward`` (the DistributedDataParallel wrapper) computes this
+    rank's slice of every batch; the loss is scaled so that the all-reduced
+    gradient is the whole batch's mean, and only rank 0 writes checkpoints.
 
     Returns :func:`summary`: ``accuracy``, ``loss``, ``seconds``, ``epochs``,
     ``stopped_early`` and ``history`` (per-epoch lists: ``loss``,
@@ -127,7 +132,8 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
     history = new_history() if history is None else history
     start = 0
     if resume is not None:
-        state = ckpt.load(resume, map_location=device)
+        state = ckpt.load(resume, map_location=device,
+                          require=("model", "optimizer", "scheduler", "rng", "epoch", "history"))
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -147,7 +153,9 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
     val = TensorLoader(data.val_x, data.val_y, eval_batch_size, device=device)  # resident once
     stopped = False
     bar = None
-    if progress_enabled(quiet) and start < epochs:
+    main = shard is None or shard.rank == 0
+    forward = model if shard is None else shard.forward
+    if progress_enabled(quiet) and start < epochs and main:
         from tqdm import tqdm
 
         bar = tqdm(total=epochs, initial=start, desc=desc or f"{model.arch} L={model.layers}",
@@ -161,16 +169,28 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
         correct = torch.zeros((), device=device, dtype=torch.int64)
         for xb, yb in loader:
             opt.zero_grad(set_to_none=True)
-            logits = model(xb)
-            loss = torch.nn.functional.cross_entropy(logits, yb)
-            if alpha or alpha_c:
-                loss_total = loss + regularizers.penalty(model, alpha, alpha_c)
-            else:
+            if shard is None:
+                logits = model(xb)
+                loss = torch.nn.functional.cross_entropy(logits, yb)
                 loss_total = loss
+                batch_loss, labels = loss.detach() * yb.shape[0], yb
+            else:
+                xb, labels, scale = shard.slice(xb, yb)
+                logits = forward(xb)
+                loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+                loss_total = loss * scale
+                batch_loss = loss.detach() * (1.0 if scale else 0.0)
+                if not scale:
+                    labels = labels[:0]
+                    logits = logits[:0]
+            if alpha or alpha_c:
+                loss_total = loss_total + regularizers.penalty(model, alpha, alpha_c)
             loss_total.backward()
             opt.step()
-            loss_sum += loss.detach() * yb.shape[0]
-            correct += (logits.detach().argmax(1) == yb).sum()
+            loss_sum += batch_loss
+            correct += (logits.detach().argmax(1) == labels).sum()
+        if shard is not None:
+            loss_sum, correct = shard.total(loss_sum, correct)
         lr_now = opt.param_groups[0]["lr"]
         sched.step()
         sync(device)
@@ -186,7 +206,7 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
         for k, v in record.items():
             history.setdefault(k, []).append(v)
         stopped = target_accuracy is not None and val_acc >= target_accuracy
-        if checkpoint is not None:
+        if checkpoint is not None and main:
             ckpt.save(checkpoint, {
                 "model_config": model.config() if hasattr(model, "config") else None,
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -203,6 +223,6 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
     if bar is not None:
         bar.close()
     result = summary(history, stopped)
-    if history_path is not None:
+    if history_path is not None and main:
         write_json(history_path, result)
     return result
