@@ -81,7 +81,8 @@ import time
 import torch
 
 from . import functional as SF
-from .cli import _positive_float, _positive_int
+from .training.options import positive_float as _positive_float
+from .training.options import positive_int as _positive_int
 from . import reference
 
 DEFAULT_DEPTHS = (8, 32, 128, 512, 1024)

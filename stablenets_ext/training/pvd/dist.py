@@ -39,13 +39,13 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from .pvd_blocks import BlockPartition, digest, write_back
-from .pvd_history import new_history, record, result_dict
-from . import runtime
-from .pvd_process import mp_context, shared_copy, skeleton, warm_optimizers
-from .runtime import WorkerError, describe_exit, fd_sharing, free_port, sigint_ignored
-from .pvd_solver import BlockSolver, Net, PVDConfig, SharedState, make_direction
-from .pvd_sync import synchronise
+from .blocks import BlockPartition, digest, write_back
+from .history import new_history, record, result_dict
+from .. import runtime
+from .process import mp_context, shared_copy, skeleton, warm_optimizers
+from ..runtime import WorkerError, describe_exit, fd_sharing, free_port, sigint_ignored
+from .solver import BlockSolver, Net, PVDConfig, SharedState, make_direction
+from .sync import synchronise
 
 
 def choose_backend(device: torch.device, world: int) -> str:

@@ -39,10 +39,10 @@ from multiprocessing import connection
 import torch
 import torch.multiprocessing as tmp
 
-from . import runtime
-from .pvd_blocks import digest
-from .pvd_solver import BlockSolver, Net, PVDConfig, SharedState
-from .runtime import WorkerError, describe_exit, fd_sharing, sigint_ignored
+from .. import runtime
+from .blocks import digest
+from .solver import BlockSolver, Net, PVDConfig, SharedState
+from ..runtime import WorkerError, describe_exit, fd_sharing, sigint_ignored
 
 __all__ = ["InlinePool", "ProcessPool", "WorkerError", "mp_context", "shared_copy", "skeleton",
            "warm_optimizers"]
@@ -52,7 +52,7 @@ def mp_context(start_method: str):
     """A spawn or forkserver context; the forkserver preloads torch and PVD."""
     return runtime.mp_context(start_method, preload=(
         "torch", "torch.distributed", "stablenets_ext.models",
-        "stablenets_ext.training.pvd_process"))
+        "stablenets_ext.training.pvd.process"))
 
 
 def warm_optimizers():
@@ -95,6 +95,11 @@ def _worker_main(index: int, conn, payload: dict):
                 reply = solver.solve(msg[1], heartbeat)
             elif cmd == "digest":
                 reply = {"digest": digest(solver.shared.x)}
+            elif cmd == "state":
+                reply = {"state": solver.state_dict()}
+            elif cmd == "load":
+                solver.load_state_dict(msg[2])
+                reply = {}
             else:
                 raise ValueError(f"unknown command {cmd!r}")
             reply.setdefault("seconds", time.perf_counter() - t0)
@@ -190,12 +195,13 @@ class ProcessPool:
 
     # ------------------------------------------------------------- commands
 
-    def run(self, cmd: str, iteration: int) -> list[dict]:
-        """Send ``cmd`` to every worker and return their replies in worker order."""
+    def run(self, cmd: str, iteration: int, payloads=None) -> list[dict]:
+        """Send ``cmd`` (with ``payloads[l]`` to worker ``l``) to every worker and
+        return their replies in worker order."""
         self.phase, self.iteration = cmd, iteration
         for l, conn in enumerate(self.conns):
             try:
-                conn.send((cmd, iteration))
+                conn.send((cmd, iteration) if payloads is None else (cmd, iteration, payloads[l]))
             except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
                 self._raise_dead(l)
         return self._gather(timeout=self.phase_timeout)
@@ -274,21 +280,26 @@ class InlinePool:
     def __exit__(self, exc_type, exc, tb):
         self.close()
 
-    def run(self, cmd: str, iteration: int) -> list[dict]:
+    def run(self, cmd: str, iteration: int, payloads=None) -> list[dict]:
         # The workers' thread count for the workers' part only: the coordinator's
         # part (synchronisation, evaluation) runs as it does with ProcessPool.
         threads = torch.get_num_threads()
         torch.set_num_threads(self.cfg.worker_threads())
         try:
-            return self._run(cmd, iteration)
+            return self._run(cmd, iteration, payloads)
         finally:
             torch.set_num_threads(threads)
 
-    def _run(self, cmd: str, iteration: int) -> list[dict]:
+    def _run(self, cmd: str, iteration: int, payloads=None) -> list[dict]:
         out = []
-        for s in self.solvers:
+        for l, s in enumerate(self.solvers):
             t0 = time.perf_counter()
-            if cmd == "gradient":
+            if cmd == "state":
+                reply = {"state": s.state_dict()}
+            elif cmd == "load":
+                s.load_state_dict(payloads[l])
+                reply = {}
+            elif cmd == "gradient":
                 reply = {"count": s.gradient(iteration)}
             elif cmd == "solve":
                 reply = s.solve(iteration)

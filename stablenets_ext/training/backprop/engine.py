@@ -4,35 +4,17 @@ bit-for-bit."""
 
 from __future__ import annotations
 
-import math
 import os
-import sys
 import time
 
 import torch
 
-from ..data import Dataset, TensorLoader
-from . import checkpoint as ckpt
-from . import regularizers
-from .outputs import write_json
-
-HISTORY_KEYS = ("epoch", "loss", "train_accuracy", "val_loss", "val_accuracy", "seconds",
-                "eval_seconds", "lr", "layers")
-
-
-def new_history() -> dict:
-    return {k: [] for k in HISTORY_KEYS}
-
-
-def model_device(model) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
+from ...data import Dataset, TensorLoader
+from .. import checkpoint as ckpt
+from .. import regularizers
+from ..loop import (HISTORY_KEYS, check_positive, model_device, new_history,  # noqa: F401
+                    progress_enabled, summary, sync)
+from ..outputs import write_json
 
 @torch.no_grad()
 def evaluate(model, x, y, batch_size=4096, device=None):
@@ -53,14 +35,6 @@ def evaluate(model, x, y, batch_size=4096, device=None):
     return loss.item() / max(n, 1), correct.item() / max(n, 1)
 
 
-def check_positive(value, name, kind=int):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        ok = ok and isinstance(value, int)
-    if not ok or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: expected a positive {kind.__name__}, got {value!r}")
-
-
 def make_optimizer(model, lr, weight_decay=0.0, lr_step=None, lr_gamma=0.5, epochs=1):
     """Adam and its StepLR (``lr_step`` epochs per decay; None: never decays)."""
     params = list(model.parameters())
@@ -72,26 +46,6 @@ def make_optimizer(model, lr, weight_decay=0.0, lr_step=None, lr_gamma=0.5, epoc
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step or max(1, epochs), gamma=lr_gamma
                                             if lr_step else 1.0)
     return opt, sched
-
-
-def progress_enabled(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
-
-
-def summary(history: dict, stopped_early=False) -> dict:
-    """The result dict shared by every trainer: final figures plus the history."""
-    return {
-        "accuracy": history["val_accuracy"][-1] if history["val_accuracy"] else float("nan"),
-        "best_accuracy": max(history["val_accuracy"], default=float("nan")),
-        "loss": history["loss"][-1] if history["loss"] else float("nan"),
-        "val_loss": history["val_loss"][-1] if history["val_loss"] else float("nan"),
-        "seconds": float(sum(history["seconds"])),
-        "seconds_per_epoch": (float(sum(history["seconds"])) / len(history["seconds"])
-                              if history["seconds"] else float("nan")),
-        "epochs": len(history["epoch"]),
-        "stopped_early": bool(stopped_early),
-        "history": history,
-    }
 
 
 def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_step=None,

@@ -4,7 +4,7 @@ Ranks hand cut states forward and gradients back with point-to-point sends
 (``isend`` from ``inflight`` preallocated buffers per direction, blocking
 ``recv`` into preallocated buffers): gloo on CPU, NCCL when every rank has a
 GPU of its own (several ranks sharing one GPU compute on it and talk through
-gloo). The schedule is that of :mod:`.synthetic_stages`, so a run equals the
+gloo). The schedule is that of :mod:`.stages`, so a run equals the
 in-process trainer with the same ``inflight``. Every rank holds the data and
 draws the same batches from ``(seed, epoch)``, so only cut states and
 gradients travel. Rank 0 is stage 0 and the coordinator: it broadcasts a
@@ -14,14 +14,14 @@ history and writes checkpoints.
 
 Entry points:
 
-- ``torchrun --nproc-per-node M -m stablenets_ext.training.synthetic_dist
+- ``torchrun --nproc-per-node M -m stablenets_ext.training.sg.dist
   [stablenets train options]``: the ``stablenets train`` command line with
   ``--trainer sg --backend dist`` implied; rank 0 prints (``--json``: one line);
 - ``train_sg(..., backend="dist")`` and ``stablenets train --trainer sg
   --backend dist`` outside torchrun: :func:`launch` writes the model, data and
   settings to a file, runs torchrun with ``M`` local ranks on 127.0.0.1 and a
   free port, and reads the result back. A rank that fails makes torchrun stop
-  the others; :func:`launch` raises :class:`~.synthetic.StageError` with
+  the others; :func:`launch` raises :class:`~..runtime.StageError` with
   torchrun's report, which names the failed rank (= stage).
 """
 
@@ -36,11 +36,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from .. import models
-from . import runtime
-from .runtime import StageError, torchrun
-from .runtime.torchrun import under_torchrun
-from .synthetic_stages import (
+from ... import models
+from .. import runtime
+from ..runtime import StageError, torchrun
+from ..runtime.torchrun import under_torchrun
+from .epochs import epoch_loop, new_history
+from .stages import (
     StageRunner,
     batch_order,
     merge_stages,
@@ -164,7 +165,7 @@ def _load_flat(modules, flat):
 
 
 class DistEngine:
-    """Rank 0's side of the engine protocol of :mod:`.synthetic`."""
+    """Rank 0's side of the engine protocol of :mod:`.trainer`."""
 
     def __init__(self, stage: DistStage, nets, sgs, x, y, seed, comm):
         self.stage, self.nets, self.sgs = stage, nets, sgs
@@ -276,8 +277,7 @@ def run_rank(model, data, *, bounds, sgs, device, batch_size, seed, inflight, ep
              timeout=None):
     """Train as this torchrun rank; rank 0 returns the summary (and has merged
     the trained parameters into ``model``), the others ``{"rank": r}``."""
-    from .synthetic import _epoch_loop
-    from . import checkpoint as ckpt
+    from .. import checkpoint as ckpt
 
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
@@ -327,7 +327,7 @@ def run_rank(model, data, *, bounds, sgs, device, batch_size, seed, inflight, ep
             _quiesce()
             return {"rank": rank}
         engine = DistEngine(stage, nets, sgs, x, y, seed, comm)
-        result = _epoch_loop(
+        result = epoch_loop(
             engine, "fine", data, torch.device("cpu"), epochs, history, checkpoint=checkpoint,
             resume_state=resume_state, bounds=bounds, model=model,
             target_accuracy=target_accuracy, quiet=quiet, eval_batch_size=eval_batch_size,
@@ -393,7 +393,7 @@ def launch(model, nets, sgs, data, device, *, batch_size, seed, inflight, epochs
                              "no result")
         return torch.load(path, weights_only=False)
 
-    out = torchrun.launch("stablenets_ext.training.synthetic_dist", [], world, threads=threads,
+    out = torchrun.launch("stablenets_ext.training.sg.dist", [], world, threads=threads,
                           name="sg", prepare=prepare, collect=collect,
                           heartbeat_timeout=heartbeat_timeout, error_type=StageError,
                           what=lambda r: f"synthetic-gradient stage {r}")
@@ -411,8 +411,8 @@ def launch(model, nets, sgs, data, device, *, batch_size, seed, inflight, epochs
 
 
 def _main_spec(spec_path, result_path):
-    from ..data import Dataset
-    from .synthetic_stages import SyntheticGradient
+    from ...data import Dataset
+    from .stages import SyntheticGradient
 
     spec = torch.load(spec_path, weights_only=False)
     model = models.StableNet.from_config(spec["model_config"])
@@ -428,9 +428,7 @@ def _main_spec(spec_path, result_path):
     kw = dict(spec["kwargs"])
     kw["device"] = torch.device(kw["device"])
     kw["history"] = kw["history"] if kw["history"] is not None else {}
-    from .synthetic import _new_history
-
-    kw["history"] = _new_history(kw["history"])
+    kw["history"] = new_history(kw["history"])
     result = run_rank(model, data, sgs=sgs, **kw)
     if int(os.environ["RANK"]) == 0:
         result = {k: v for k, v in result.items() if k not in ("sg_modules", "coarse")}
@@ -451,10 +449,10 @@ def main(argv=None) -> int:
         _main_spec(known.spec, known.result)
         return 0
     if not under_torchrun():
-        print("synthetic_dist: run me under torchrun, e.g. `torchrun --nproc-per-node 2 -m "
-              "stablenets_ext.training.synthetic_dist --dataset digits --json`", file=sys.stderr)
+        print("sg.dist: run me under torchrun, e.g. `torchrun --nproc-per-node 2 -m "
+              "stablenets_ext.training.sg.dist --dataset digits --json`", file=sys.stderr)
         return 2
-    from .. import cli
+    from ... import cli
 
     if int(os.environ["RANK"]) != 0:
         sys.stdout = open(os.devnull, "w")

@@ -41,15 +41,17 @@ import time
 
 import torch
 
-from . import backprop, runtime
-from .pvd_blocks import BlockPartition, digest, write_back
-from .pvd_history import new_history, record, result_dict
-from .pvd_process import InlinePool, ProcessPool, mp_context, shared_copy, skeleton
-from .runtime import WorkerError, fd_sharing
-from .pvd_solver import Net, PVDConfig, SharedState, make_direction
-from .pvd_sync import synchronise
+from .. import checkpoint as ckpt
+from .. import loop, runtime
+from ..backprop import engine as backprop
+from .blocks import BlockPartition, digest, write_back
+from .history import new_history, record, result_dict
+from .process import InlinePool, ProcessPool, mp_context, shared_copy, skeleton
+from ..runtime import WorkerError, fd_sharing
+from .solver import Net, PVDConfig, SharedState, make_direction
+from .sync import synchronise
 
-__all__ = ["PVDConfig", "WorkerError", "add_cli_arguments", "compare", "run_cli", "train_pvd"]
+__all__ = ["PVDConfig", "WorkerError", "compare", "train_pvd"]
 
 BACKENDS = ("process", "sequential", "dist")
 
@@ -57,7 +59,7 @@ BACKENDS = ("process", "sequential", "dist")
 def _device_of(model, device):
     if device is not None:
         return torch.device(device)
-    return backprop.model_device(model)
+    return loop.model_device(model)
 
 
 def _sync_device(device):
@@ -68,9 +70,22 @@ def _sync_device(device):
 # ------------------------------------------------------------------ shared
 
 
+def _load_resume(path, cfg: PVDConfig, partition, device):
+    state = ckpt.load(path, map_location=device,
+                      require=("trainer", "x", "solvers", "history", "iteration"))
+    if state["trainer"] != "pvd":
+        raise ckpt.CheckpointError(f"resume: {os.fspath(path)!r} was written by the "
+                                   f"{state['trainer']} trainer, not pvd")
+    if len(state["solvers"]) != cfg.workers or state["x"].numel() != partition.numel:
+        raise ckpt.CheckpointError(
+            f"resume: {os.fspath(path)!r} holds a PVD run of {len(state['solvers'])} workers "
+            f"and {state['x'].numel()} parameters, not {cfg.workers} and {partition.numel}")
+    return state
+
+
 def _train_shared(model, data, cfg: PVDConfig, backend: str, device, callback, phase_timeout,
                   eval_train: int, verify: bool, start_method: str, heartbeat_timeout,
-                  start_timeout) -> dict:
+                  start_timeout, checkpoint=None, resume=None, checkpoint_extra=None) -> dict:
     """The coordinator of the process and sequential backends."""
     t_start = time.perf_counter()
     partition = BlockPartition(model, cfg.workers)
@@ -96,10 +111,20 @@ def _train_shared(model, data, cfg: PVDConfig, backend: str, device, callback, p
         pool = InlinePool(cfg, net, shared, train, val)
     history = new_history()
     stopped = False
+    first = 0
+    state = _load_resume(resume, cfg, partition, device) if resume is not None else None
+    if state is not None:
+        with torch.no_grad():
+            shared.x.copy_(state["x"].to(shared.x))
+        history = state["history"]
+        first = int(state["iteration"])
+        stopped = bool(state.get("stopped_early"))
     with pool:
+        if state is not None:
+            pool.run("load", first, payloads=state["solvers"])
         startup = time.perf_counter() - t_start
         init_loss, init_acc = net.evaluate(shared.x, *val)
-        for k in range(cfg.iterations):
+        for k in range(first, cfg.iterations if not stopped else first):
             t0 = time.perf_counter()
             replies = pool.run("gradient", k)
             make_direction(shared, partition, sum(r["count"] for r in replies),
@@ -137,6 +162,14 @@ def _train_shared(model, data, cfg: PVDConfig, backend: str, device, callback, p
             )
             history["lambda"].append(info.get("lambda"))
             stopped = cfg.target_accuracy is not None and val_acc >= cfg.target_accuracy
+            if checkpoint is not None:
+                ckpt.save(checkpoint, {
+                    "trainer": "pvd", "backend": backend, "iteration": k + 1,
+                    "x": shared.x.detach().cpu().clone(), "history": history,
+                    "solvers": [r["state"] for r in pool.run("state", k)],
+                    "model_config": model.config() if hasattr(model, "config") else None,
+                    "stopped_early": stopped, **(checkpoint_extra or {}),
+                })
             if callback is not None:
                 callback({"iteration": k + 1, "val_accuracy": val_acc, "val_loss": val_loss,
                           "pids": list(pool.pids), "sync": info, "backend": backend})
@@ -147,7 +180,7 @@ def _train_shared(model, data, cfg: PVDConfig, backend: str, device, callback, p
     extra = {"backend": backend, "startup_seconds": startup,
              "wall_seconds": time.perf_counter() - t_start,
              "initial_accuracy": init_acc, "initial_val_loss": init_loss}
-    if stopped:  # everything included: start-up, verification, evaluation
+    if stopped and state is None:  # everything included: start-up, verification, evaluation
         extra["seconds_to_target_wall"] = target_wall
     return result_dict(history, stopped, cfg, partition, extra)
 
@@ -165,7 +198,8 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
               init_method: str | None = None, dist_timeout: float = 300.0,
               eval_train: int = 2048, verify: bool = True, start_method: str = "spawn",
               heartbeat_timeout: float | None = runtime.DEFAULT_TIMEOUT,
-              start_timeout: float = 120.0, fault=None) -> dict:
+              start_timeout: float = 120.0, checkpoint=None, resume=None,
+              checkpoint_extra=None, fault=None) -> dict:
     """Train ``model`` (a :class:`~stablenets_ext.models.StableNet`) in place with PVD.
 
     ``workers``: P, the number of blocks and processes (ranks for ``dist``).
@@ -189,7 +223,11 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
     cheaper when one process trains repeatedly). ``heartbeat_timeout``: seconds
     a live worker may go without a heartbeat before it is reported as hung
     (SIGSTOP, deadlock; None: never); ``start_timeout``: seconds the workers
-    may take to start. ``fault``: tests only, ``(kind, worker, iteration)``.
+    may take to start. ``checkpoint``: a path written (atomically) after every
+    iteration: the point, every worker's optimiser state and the history;
+    ``resume``: a path to continue from, exactly (the same iterates as an
+    uninterrupted run); process and sequential backends. ``fault``: tests
+    only, ``(kind, worker, iteration)``.
 
     Raises :class:`WorkerError` when a worker fails or dies (naming it);
     workers are reaped and shared memory released before it propagates, as on
@@ -212,14 +250,18 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
     ).check()
     BlockPartition(model, workers)  # fail early on a model PVD cannot split
     device = _device_of(model, device)
+    if backend == "dist" and (checkpoint is not None or resume is not None):
+        raise ValueError("checkpoint, resume: the PVD dist backend does not checkpoint yet; use "
+                         "backend 'process' or 'sequential'")
     if backend == "dist":
-        from .pvd_dist import train_dist
+        from .dist import train_dist
 
         return train_dist(model, data, cfg, device, init_method=init_method, timeout=dist_timeout,
                           callback=callback, eval_train=eval_train, verify=verify,
                           start_method=start_method, heartbeat_timeout=heartbeat_timeout)
     return _train_shared(model, data, cfg, backend, device, callback, phase_timeout, eval_train,
-                         verify, start_method, heartbeat_timeout, start_timeout)
+                         verify, start_method, heartbeat_timeout, start_timeout,
+                         checkpoint=checkpoint, resume=resume, checkpoint_extra=checkpoint_extra)
 
 
 # ------------------------------------------------------------- comparisons
@@ -291,94 +333,3 @@ def compare(model, data, *, pvd: dict | None = None, sequential: bool = True,
             (p_t + pvd.get("startup_seconds", 0.0)) / bp_t if (p_t and bp_t) else None)
     out["comparison"] = comp
     return out
-
-
-# --------------------------------------------------------------------- CLI
-
-
-def add_cli_arguments(group) -> None:
-    """PVD's own options (``--workers``, ``--backend``, ``--epochs``... are the CLI's)."""
-    group.add_argument("--pvd-sync", choices=("best", "hull"), default="hull",
-                       help="synchronisation: best of the P points, or best point of their "
-                            "affine hull (default: hull)")
-    group.add_argument("--pvd-iterations", type=int, default=None,
-                       help="PVD iteration limit (default: --epochs)")
-    group.add_argument("--pvd-inner-epochs", type=float, default=3.0,
-                       help="epochs each worker trains its block per iteration (default: 3)")
-    group.add_argument("--pvd-inner-batches", type=int, default=None,
-                       help="mini-batches per worker per iteration (overrides --pvd-inner-epochs)")
-    group.add_argument("--pvd-direction-batches", type=int, default=8,
-                       help="mini-batches the direction -grad f(x) is computed on (default: 8)")
-    group.add_argument("--pvd-mu-lr", type=float, default=None,
-                       help="Adam learning rate of the forget-me-not multipliers (default: --lr)")
-    group.add_argument("--pvd-sync-batch", type=int, default=1024,
-                       help="validation examples the synchronisation is judged on (default: 1024)")
-    group.add_argument("--pvd-hull-steps", type=int, default=10,
-                       help="L-BFGS iterations of the affine-hull step (default: 10)")
-    group.add_argument("--pvd-threads", type=int, default=None,
-                       help="torch threads per worker (default: cores // workers)")
-    group.add_argument("--pvd-start-method", choices=("spawn", "forkserver"), default="spawn",
-                       help="how worker processes start (default: spawn)")
-    group.add_argument("--pvd-compare", choices=("all", "sequential", "backprop", "none"),
-                       default="all",
-                       help="also run the P subproblems one after another (measured speed-up) "
-                            "and/or plain Adam backprop (time to target); default: all")
-
-
-def _arg(args, name, default=None):
-    v = getattr(args, name, None)
-    return default if v is None else v
-
-
-def run_cli(args, data, device) -> dict:
-    """``stablenets train --trainer pvd``: train ``args.model`` (the CLI builds it
-    from the resolved preset) with PVD, then run the comparisons ``--pvd-compare``
-    asks for from the same initial parameters."""
-    model = getattr(args, "model", None)
-    if model is None:
-        from ..models import StableNet
-
-        torch.manual_seed(_arg(args, "seed", 0))
-        model = _build_model(args, data, StableNet)
-    model = model.to(device)
-    epochs = _arg(args, "epochs", 20)
-    backend = _arg(args, "backend", "process")
-    workers = getattr(args, "workers", None)
-    if workers is None:  # under torchrun: one block per rank
-        workers = int(os.environ.get("WORLD_SIZE", 2)) if backend == "dist" else 2
-    kwargs = dict(
-        workers=workers, sync=args.pvd_sync,
-        iterations=_arg(args, "pvd_iterations", epochs), inner_epochs=args.pvd_inner_epochs,
-        inner_batches=args.pvd_inner_batches, direction_batches=args.pvd_direction_batches,
-        batch_size=_arg(args, "batch_size", 64), lr=_arg(args, "lr", 1e-2), mu_lr=args.pvd_mu_lr,
-        sync_batch=args.pvd_sync_batch, hull_steps=args.pvd_hull_steps,
-        target_accuracy=_target(args), seed=_arg(args, "seed", 0), threads=args.pvd_threads,
-        device=device,
-    )
-    mode = args.pvd_compare
-    start = copy.deepcopy(model)
-    result = train_pvd(model, data, backend=backend, start_method=args.pvd_start_method, **kwargs)
-    if mode != "none" and result.get("rank", 0) == 0:
-        bp = {k: getattr(args, k) for k in ("weight_decay", "lr_step", "lr_gamma", "alpha", "alpha_c")
-              if getattr(args, k, None) is not None}
-        result = compare(start, data, pvd=result, sequential=mode in ("all", "sequential"),
-                         backprop_epochs=epochs if mode in ("all", "backprop") else None,
-                         backprop_kwargs=bp, **kwargs)
-    result["model"] = model
-    return result
-
-
-def _target(args):
-    t = getattr(args, "target_accuracy", None)
-    if t is None:
-        return None
-    return t / 100.0 if t > 1 else t
-
-
-def _build_model(args, data, StableNet):
-    kw = {}
-    for name in ("width", "step", "activation", "impl", "gamma", "reversible"):
-        v = getattr(args, name, None)
-        if v is not None:
-            kw[name] = v
-    return StableNet(args.arch, data.features, data.classes, args.layers, **kw)

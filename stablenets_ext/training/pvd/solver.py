@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .pvd_blocks import BlockPartition
+from .blocks import BlockPartition
 
 
 @dataclass
@@ -244,6 +244,27 @@ class BlockSolver:
         self.mu = torch.zeros(self.partition.blocks, dtype=x.dtype, device=x.device, requires_grad=True)
         self.opt_y = Adam([self.y], lr=cfg.lr)
         self.opt_mu = Adam([self.mu], lr=cfg.mu_lr or cfg.lr)
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs from this worker: its block's Adam moments
+        (``y`` and ``mu`` restart from ``x`` and 0 at every iteration anyway).
+        Numpy arrays, so that it travels through a pipe by value."""
+        opt = self.opt_y
+        return {"t": opt.t, "m": [m.detach().cpu().numpy().copy() for m in opt.m],
+                "v": [v.detach().cpu().numpy().copy() for v in opt.v]}
+
+    def load_state_dict(self, state: dict) -> None:
+        opt = self.opt_y
+        if len(state["m"]) != len(opt.m) or any(a.shape != tuple(m.shape)
+                                                for a, m in zip(state["m"], opt.m)):
+            raise ValueError(f"worker {self.index}: the checkpoint's optimiser state does not "
+                             "fit this block")
+        opt.t = int(state["t"])
+        with torch.no_grad():
+            for dst, src in zip(opt.m + opt.v, list(state["m"]) + list(state["v"])):
+                dst.copy_(torch.as_tensor(src))
 
     # ------------------------------------------------------------ direction
 

@@ -17,7 +17,7 @@ evaluation and the fingerprint check), with these added:
 
 from __future__ import annotations
 
-from . import backprop
+from .. import loop
 
 PVD_HISTORY_KEYS = (
     "direction_seconds", "phase_seconds", "sync_seconds", "worker_seconds", "worker_cpu_seconds",
@@ -27,7 +27,7 @@ PVD_HISTORY_KEYS = (
 
 
 def new_history() -> dict:
-    h = backprop.new_history()
+    h = loop.new_history()
     for k in PVD_HISTORY_KEYS:
         h[k] = []
     return h
@@ -40,7 +40,7 @@ def record(history, **values):
 
 def result_dict(history, stopped, cfg, partition, extra) -> dict:
     """:func:`.backprop.summary` plus the PVD figures derived from ``history``."""
-    res = backprop.summary(history, stopped)
+    res = loop.summary(history, stopped)
     phases = history["phase_seconds"]
     reached = [i for i, a in enumerate(history["val_accuracy"])
                if cfg.target_accuracy is not None and a >= cfg.target_accuracy]

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from ..models import StableNet, double_layers
-from . import backprop
-from . import checkpoint as ckpt
+from ...models import StableNet, double_layers
+from .. import loop
+from ..outputs import write_json
+from . import engine as backprop
+from .. import checkpoint as ckpt
 
 
 def _per_level(value, levels, name):
@@ -40,7 +42,7 @@ def train_multilevel(model, data, *, levels, epochs, resume=None, checkpoint=Non
         raise ValueError("lr: required")
     lrs = _per_level(lr, levels, "lr")
     steps = None if steps is None else _per_level(steps, levels, "steps")
-    device = torch.device(device) if device is not None else backprop.model_device(model)
+    device = torch.device(device) if device is not None else loop.model_device(model)
     start, per_level = 0, []
     if resume is not None:
         state = ckpt.load(resume)
@@ -51,7 +53,7 @@ def train_multilevel(model, data, *, levels, epochs, resume=None, checkpoint=Non
         for _ in range(start - len(per_level)):
             per_level.append({})
     model.to(device)
-    history = backprop.new_history()
+    history = loop.new_history()
     result = None
     for level in range(start, levels):
         if steps is not None:
@@ -72,8 +74,8 @@ def train_multilevel(model, data, *, levels, epochs, resume=None, checkpoint=Non
         if result["stopped_early"] or level == levels - 1:
             break
         model = double_layers(model)
-    result = backprop.summary(history, result["stopped_early"])
+    result = loop.summary(history, result["stopped_early"])
     result["levels"] = per_level
     if history_path is not None:
-        backprop.write_json(history_path, result)
+        write_json(history_path, result)
     return model, result

@@ -17,7 +17,7 @@ allocated once, before the processes start:
   coordinator evaluates and returns them without any transfer.
 
 Pipes carry only small tuples (``("fwd", t, n)``, ``("grad", t)``, replies).
-The schedule is that of :mod:`.synthetic_stages`, fixed by ``inflight`` and
+The schedule is that of :mod:`.stages`, fixed by ``inflight`` and
 not by timing, so a pipeline run equals the in-process trainer run with the
 same ``inflight`` (up to the floating-point effects of thread counts).
 
@@ -29,7 +29,7 @@ leaves a file behind (``file_system`` would leave named segments).
 Failures: every wait is :func:`multiprocessing.connection.wait` on the pipes
 *and* the process sentinels with a timeout. A stage that raises sends its
 traceback; a stage that dies (kill -9) fires its sentinel; either becomes a
-:class:`~.synthetic.StageError` naming the stage, and the engine terminates
+:class:`~..runtime.StageError` naming the stage, and the engine terminates
 and reaps the others. Stages ignore SIGINT (Ctrl-C is the coordinator's: it
 raises KeyboardInterrupt there and the engine is closed on the way out), exit
 by themselves when the coordinator's sentinel fires, and exit quietly with
@@ -51,9 +51,9 @@ from multiprocessing import connection
 import torch
 import torch.multiprocessing as tmp
 
-from . import runtime
-from .runtime import StageError, fd_sharing
-from .synthetic_stages import StageRunner, batch_order
+from .. import runtime
+from ..runtime import StageError, fd_sharing
+from .stages import StageRunner, batch_order
 
 EXIT_PEER_LOST = 75
 EXIT_PARENT_GONE = 76
@@ -253,7 +253,7 @@ def _stage_main(spec, net, sg, ctrl, up, down, inbuf, outbuf):
 
 class PipelineEngine:
     """The coordinator's side; see the module doc. Engine protocol of
-    :mod:`.synthetic`: ``start``, ``run_epoch``, ``state_dicts``,
+    :mod:`.trainer`: ``start``, ``run_epoch``, ``state_dicts``,
     ``load_states``, ``finish``, ``close``, ``nets``, ``sgs``."""
 
     def __init__(self, nets, sgs, data, device, *, batch_size, seed, inflight, epochs, settings,

@@ -22,7 +22,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from . import backprop
+from . import engine as backprop
 
 
 class Shard:
