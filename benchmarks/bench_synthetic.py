@@ -42,7 +42,7 @@ from stablenets_ext import models
 from stablenets_ext.data import load_dataset
 from stablenets_ext.training import backprop
 from stablenets_ext.training.presets import preset
-from stablenets_ext.training.synthetic import train_sg
+from stablenets_ext.training.sg import train_sg
 
 warnings.filterwarnings("ignore", message="stablenets_ext: no compiled kernel")
 

@@ -17,7 +17,7 @@ import torch
 from stablenets_ext.data import load_dataset
 from stablenets_ext.models import StableNet
 from stablenets_ext.training import pvd, runtime
-from stablenets_ext.training.synthetic import train_sg
+from stablenets_ext.training.sg import train_sg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

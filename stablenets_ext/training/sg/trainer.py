@@ -256,7 +256,7 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
         nets = split_model(coarse, bounds=cb)
         sgs = make_sg_modules(nets, data.train_x[:1], data.classes, sg_hidden, conditional)
         if not skip:
-            runners = _make_runners(nets, sgs, coarse_epochs, settings, device)
+            runners = make_runners(nets, sgs, coarse_epochs, settings, device)
             engine = InProcessEngine(runners, data, device, batch_size=batch_size, seed=seed,
                                      synthetic=False)
             coarse_result = epoch_loop(
@@ -285,7 +285,7 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
                   extra={"mode": mode, "inflight": inflight, "workers": workers,
                          "threads": threads, "cores": cores})
     if mode == "inprocess":
-        runners = _make_runners(nets, [s.to(device) for s in sgs], epochs, settings, device)
+        runners = make_runners(nets, [s.to(device) for s in sgs], epochs, settings, device)
         engine = InProcessEngine(runners, data, device, batch_size=batch_size, seed=seed,
                                  inflight=inflight)
     elif mode == "process":
@@ -319,7 +319,7 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
     return result
 
 
-def _make_runners(nets, sgs, epochs, settings, device):
+def make_runners(nets, sgs, epochs, settings, device):
     runners = []
     for k, net in enumerate(nets):
         sg = sgs[k].to(device) if k < len(nets) - 1 else None
