@@ -18,26 +18,10 @@ import sys
 from ..training.runtime import WorkerError
 from ..training.runtime.torchrun import sigterm_as_interrupt
 from .errors import CliError
-from .train import build_train_parser, cmd_train
+from .parser import build_parser
+from .train import cmd_train
 
 __all__ = ["CliError", "build_parser", "main"]
-
-
-def build_parser(suppress_defaults=False):
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="stablenets",
-        description="Stable deep networks (Haber & Ruthotto 2017) with fused kernels.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="{train,info,stability}")
-    sub.required = True
-    build_train_parser(sub, suppress_defaults)
-    i = sub.add_parser("info", help="version, torch, and which devices have fused kernels")
-    i.add_argument("--json", action="store_true")
-    sub.add_parser("stability", help="stability analysis (see `stablenets stability --help`)",
-                   add_help=False)
-    return parser
 
 
 def cmd_info(args) -> int:

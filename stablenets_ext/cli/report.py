@@ -28,6 +28,15 @@ def diverged(result: dict) -> bool:
     return any(isinstance(v, float) and not math.isfinite(v) for v in values)
 
 
+def kernel_used(arch, impl, device) -> str:
+    from .. import ops
+    from ..models import is_conv
+
+    if is_conv(arch):
+        return "aten"
+    return "fused" if impl != "reference" and ops.has_kernel(device) else "reference"
+
+
 def write_plots(folder, result, model, data, cfg):
     from ..training import plots
 
@@ -41,8 +50,6 @@ def write_plots(folder, result, model, data, cfg):
 
 
 def finish(args, cfg, result, model, data, device) -> int:
-    from .train import kernel_used
-
     bad = diverged(result)
     if args.history:
         write_json(args.history, {**result, "diverged": bad})

@@ -9,6 +9,12 @@ import dataclasses
 
 from .errors import CliError
 
+# Settings that identify a run: a resume must match them (the others may change).
+NOT_IDENTITY = {"epochs", "target_accuracy", "threads", "device", "quiet", "json", "save",
+                "resume", "plot", "history", "compare", "cache", "data_root", "no_download",
+                "heartbeat_timeout", "sg_timeout", "sg_baseline_epochs", "sg_threads",
+                "pvd_threads", "pvd_start_method", "impl", "command"}
+
 MODEL_KWARGS = ("gamma", "reversible", "kernel_size", "lift", "pool", "batch_norm")
 CONFIG_IDENTITY = ("batch_size", "lr", "weight_decay", "lr_step", "lr_gamma", "alpha", "alpha_c")
 MODEL_IDENTITY = ("arch", "layers", "width", "step", "activation")
@@ -32,8 +38,6 @@ def make_options(trainer, args, given):
 
 def run_settings(args, cfg, options) -> dict:
     """The settings that identify this run (written into every checkpoint)."""
-    from .train import NOT_IDENTITY
-
     run = {"trainer": args.trainer, "dataset": args.dataset, "seed": args.seed}
     for key in MODEL_IDENTITY + CONFIG_IDENTITY:
         if key in cfg:
@@ -59,8 +63,6 @@ def reconcile(args, given: set, state: dict) -> dict:
     """Check the command line against the checkpoint's run settings; returns the
     settings adopted from the checkpoint (the flags left out). Options that
     live on ``args`` are set there too."""
-    from .train import NOT_IDENTITY
-
     saved = state.get("run")
     if not isinstance(saved, dict):
         return {}  # written before runs were recorded: the model itself is still checked

@@ -39,7 +39,6 @@ the one reported.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import os

@@ -42,8 +42,6 @@ from .epochs import epoch_loop, median, new_history
 from .stages import (
     StageRunner,
     batch_order,
-    combine_epoch,
-    evaluate_stages,
     make_sg_modules,
     merge_stages,
     split_bounds,
