@@ -12,6 +12,7 @@ import torch
 from ...data import Dataset, TensorLoader
 from .. import checkpoint as ckpt
 from .. import regularizers
+from .. import loop
 from ..loop import (HISTORY_KEYS, check_positive, model_device, new_history,  # noqa: F401
                     progress_enabled, summary, sync)
 from ..outputs import write_json
@@ -82,46 +83,56 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
         raise ValueError(f"target_accuracy: expected a fraction in (0, 1], got {target_accuracy!r}")
     device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
-    opt, sched = make_optimizer(model, lr, weight_decay, lr_step, lr_gamma, epochs)
     history = new_history() if history is None else history
-    start = 0
+    engine = BackpropEngine(model, data, device=device, batch_size=batch_size, lr=lr,
+                            weight_decay=weight_decay, lr_step=lr_step, lr_gamma=lr_gamma,
+                            epochs=epochs, alpha=alpha, alpha_c=alpha_c, seed=seed,
+                            eval_batch_size=eval_batch_size, shard=shard)
+    start, stopped = 0, False
     if resume is not None:
         state = ckpt.load(resume, map_location=device,
                           require=("model", "optimizer", "scheduler", "rng", "epoch", "history"))
         try:
-            model.load_state_dict(state["model"])
+            start, stopped = loop.resume(engine, state, history)
         except RuntimeError as exc:
             raise ValueError(f"resume: checkpoint {os.fspath(resume)!r} does not fit this model "
                              f"({state.get('model_config')}): {exc}") from None
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        start = state["epoch"]
-        history.clear()
-        history.update(state["history"])
-        if state.get("stopped_early"):
-            return summary(history, True)
-
-    loader = TensorLoader(data.train_x, data.train_y, batch_size, shuffle=True, seed=seed,
-                          device=device)
-    val = TensorLoader(data.val_x, data.val_y, eval_batch_size, device=device)  # resident once
-    stopped = False
-    bar = None
     main = shard is None or shard.rank == 0
-    forward = model if shard is None else shard.forward
-    if progress_enabled(quiet) and start < epochs and main:
-        from tqdm import tqdm
+    if not stopped:
+        model.train()
+        stopped = loop.run_epochs(
+            engine, epochs=epochs, start=start, history=history,
+            target_accuracy=target_accuracy, checkpoint=checkpoint,
+            checkpoint_extra=checkpoint_extra, quiet=quiet, on_epoch=on_epoch, main=main,
+            desc=desc or f"{model.arch} L={model.layers}")
+    result = summary(history, stopped)
+    if history_path is not None and main:
+        write_json(history_path, result)
+    return result
 
-        bar = tqdm(total=epochs, initial=start, desc=desc or f"{model.arch} L={model.layers}",
-                   unit="ep", dynamic_ncols=True, leave=True)
-    model.train()
-    for epoch in range(start, epochs):
-        loader.set_epoch(epoch)
+
+class BackpropEngine:
+    """One process (or one DDP rank: ``shard``) of plain backprop: the engine
+    protocol of :func:`..loop.run_epochs`."""
+
+    def __init__(self, model, data, *, device, batch_size, lr, weight_decay, lr_step, lr_gamma,
+                 epochs, alpha, alpha_c, seed, eval_batch_size, shard=None):
+        self.model, self.device, self.shard = model, device, shard
+        self.alpha, self.alpha_c, self.eval_batch_size = alpha, alpha_c, eval_batch_size
+        self.opt, self.sched = make_optimizer(model, lr, weight_decay, lr_step, lr_gamma, epochs)
+        self.loader = TensorLoader(data.train_x, data.train_y, batch_size, shuffle=True,
+                                   seed=seed, device=device)
+        self.val = TensorLoader(data.val_x, data.val_y, eval_batch_size, device=device)
+        self.forward = model if shard is None else shard.forward
+
+    def run_epoch(self, epoch: int) -> dict:
+        model, opt, shard, device = self.model, self.opt, self.shard, self.device
+        self.loader.set_epoch(epoch)
         sync(device)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
-        for xb, yb in loader:
+        for xb, yb in self.loader:
             opt.zero_grad(set_to_none=True)
             if shard is None:
                 logits = model(xb)
@@ -130,15 +141,15 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
                 batch_loss, labels = loss.detach() * yb.shape[0], yb
             else:
                 xb, labels, scale = shard.slice(xb, yb)
-                logits = forward(xb)
+                logits = self.forward(xb)
                 loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
                 loss_total = loss * scale
                 batch_loss = loss.detach() * (1.0 if scale else 0.0)
                 if not scale:
                     labels = labels[:0]
                     logits = logits[:0]
-            if alpha or alpha_c:
-                loss_total = loss_total + regularizers.penalty(model, alpha, alpha_c)
+            if self.alpha or self.alpha_c:
+                loss_total = loss_total + regularizers.penalty(model, self.alpha, self.alpha_c)
             loss_total.backward()
             opt.step()
             loss_sum += batch_loss
@@ -146,37 +157,26 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
         if shard is not None:
             loss_sum, correct = shard.total(loss_sum, correct)
         lr_now = opt.param_groups[0]["lr"]
-        sched.step()
+        self.sched.step()
         sync(device)
         seconds = time.perf_counter() - t0
-        n = loader.x.shape[0]
-        t1 = time.perf_counter()
-        val_loss, val_acc = evaluate(model, val.x, val.y, eval_batch_size, device)
-        record = {
-            "epoch": epoch + 1, "loss": loss_sum.item() / n, "train_accuracy": correct.item() / n,
-            "val_loss": val_loss, "val_accuracy": val_acc, "seconds": seconds,
-            "eval_seconds": time.perf_counter() - t1, "lr": lr_now, "layers": model.layers,
-        }
-        for k, v in record.items():
-            history.setdefault(k, []).append(v)
-        stopped = target_accuracy is not None and val_acc >= target_accuracy
-        if checkpoint is not None and main:
-            ckpt.save(checkpoint, {
-                "model_config": model.config() if hasattr(model, "config") else None,
-                "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": ckpt.rng_state(), "epoch": epoch + 1,
-                "history": history, "stopped_early": stopped, **(checkpoint_extra or {}),
-            })
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{100 * val_acc:.2f}%")
-        if on_epoch is not None:
-            on_epoch(record)
-        if stopped:
-            break
-    if bar is not None:
-        bar.close()
-    result = summary(history, stopped)
-    if history_path is not None and main:
-        write_json(history_path, result)
-    return result
+        n = self.loader.x.shape[0]
+        return {"epoch": epoch + 1, "loss": loss_sum.item() / n,
+                "train_accuracy": correct.item() / n, "seconds": seconds, "lr": lr_now,
+                "layers": model.layers}
+
+    def evaluate(self) -> dict:
+        val_loss, val_acc = evaluate(self.model, self.val.x, self.val.y, self.eval_batch_size,
+                                     self.device)
+        return {"val_loss": val_loss, "val_accuracy": val_acc}
+
+    def state_dict(self) -> dict:
+        model = self.model
+        return {"model_config": model.config() if hasattr(model, "config") else None,
+                "model": model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])

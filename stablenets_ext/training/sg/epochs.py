@@ -4,9 +4,6 @@ history, checkpoints, early stop."""
 
 from __future__ import annotations
 
-import time
-
-from .. import checkpoint as ckpt
 from .. import loop
 from .stages import combine_epoch, evaluate_stages
 
@@ -51,62 +48,53 @@ def finish_summary(history: dict, stopped: bool, phase: str, extra: dict) -> dic
     return result
 
 
+class _LoopEngine:
+    """An SG engine (in-process, pipeline, dist rank 0) seen through the protocol
+    of :func:`..loop.run_epochs`."""
+
+    def __init__(self, engine, phase, data, device, history, bounds, model, eval_batch_size):
+        self.engine, self.phase, self.data, self.history = engine, phase, data, history
+        self.device = getattr(engine, "eval_device", device)
+        self.bounds, self.model, self.eval_batch_size = list(bounds), model, eval_batch_size
+
+    def run_epoch(self, epoch):
+        seconds, stats = self.engine.run_epoch(epoch)
+        return {"epoch": len(self.history["epoch"]) + 1, "seconds": seconds,
+                "layers": self.model.layers, "phase": self.phase, **combine_epoch(stats)}
+
+    def evaluate(self):
+        val_loss, val_acc = evaluate_stages(self.engine.nets, self.data.val_x, self.data.val_y,
+                                            self.eval_batch_size, self.device)
+        return {"val_loss": val_loss, "val_accuracy": val_acc}
+
+    def state_dict(self):
+        return {"trainer": "sg", "phase": self.phase, "bounds": self.bounds,
+                "model_config": self.model.config(), "runners": self.engine.state_dicts()}
+
+    def load_state_dict(self, state):
+        if state["bounds"] != self.bounds:
+            raise ValueError(f"resume: the checkpoint cuts the network at {state['bounds']}, "
+                             f"this run at {self.bounds}")
+        load_runner_states(self.engine, state["runners"])
+
+
 def epoch_loop(engine, phase, data, device, epochs, history, *, checkpoint, resume_state, bounds,
-                model, target_accuracy, quiet, eval_batch_size, on_epoch, extra,
-                checkpoint_extra=None):
-    start = 0
-    stopped = False
+               model, target_accuracy, quiet, eval_batch_size, on_epoch, extra,
+               checkpoint_extra=None):
+    """Run ``engine`` for ``phase`` through :func:`..loop.run_epochs`."""
+    adapter = _LoopEngine(engine, phase, data, device, history, bounds, model, eval_batch_size)
+    start, stopped = 0, False
     try:
         if resume_state is not None and resume_state.get("phase") == phase:
-            if resume_state["bounds"] != list(bounds):
-                raise ValueError(f"resume: the checkpoint cuts the network at "
-                                 f"{resume_state['bounds']}, this run at {list(bounds)}")
-            load_runner_states(engine, resume_state["runners"])
-            ckpt.set_rng_state(resume_state["rng"])
-            start = resume_state["epoch"]
-            history.clear()
-            history.update(resume_state["history"])
-            if resume_state.get("stopped_early"):
-                return finish_summary(history, True, phase, dict(extra, bounds=list(bounds)))
-        engine.start()
-        bar = None
-        if loop.progress_enabled(quiet) and start < epochs:
-            from tqdm import tqdm
-
-            bar = tqdm(total=epochs, initial=start, unit="ep", dynamic_ncols=True, leave=True,
-                       desc=f"sg {phase} M={len(engine.nets)} L={model.layers}")
-        for epoch in range(start, epochs):
-            seconds, stats = engine.run_epoch(epoch)
-            t1 = time.perf_counter()
-            val_loss, val_acc = evaluate_stages(engine.nets, data.val_x, data.val_y,
-                                                eval_batch_size,
-                                                getattr(engine, "eval_device", device))
-            record = {
-                "epoch": len(history["epoch"]) + 1, "seconds": seconds,
-                "val_loss": val_loss, "val_accuracy": val_acc,
-                "eval_seconds": time.perf_counter() - t1,
-                "layers": model.layers, "phase": phase, **combine_epoch(stats),
-            }
-            for k, v in record.items():
-                history.setdefault(k, []).append(v)
-            stopped = target_accuracy is not None and val_acc >= target_accuracy
-            if checkpoint is not None:
-                ckpt.save(checkpoint, {
-                    "trainer": "sg", "phase": phase, "bounds": list(bounds),
-                    "model_config": model.config(), "runners": engine.state_dicts(),
-                    "rng": ckpt.rng_state(), "epoch": epoch + 1, "history": history,
-                    "stopped_early": stopped, **(checkpoint_extra or {}),
-                })
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{100 * val_acc:.2f}%")
-            if on_epoch is not None:
-                on_epoch(record)
-            if stopped:
-                break
-        if bar is not None:
-            bar.close()
-        engine.finish()
+            start, stopped = loop.resume(adapter, resume_state, history)
+        if not stopped:
+            engine.start()
+            stopped = loop.run_epochs(
+                adapter, epochs=epochs, start=start, history=history,
+                target_accuracy=target_accuracy, checkpoint=checkpoint,
+                checkpoint_extra=checkpoint_extra, quiet=quiet, on_epoch=on_epoch,
+                desc=f"sg {phase} M={len(engine.nets)} L={model.layers}")
+            engine.finish()
     finally:
         engine.close()
     return finish_summary(history, stopped, phase, dict(extra, bounds=list(bounds)))
