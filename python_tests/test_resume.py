@@ -42,7 +42,7 @@ def test_pvd_resume_continues_exactly(ellipse, backend, tmp_path):
     ck = tmp_path / "pvd.pt"
     pvd.train_pvd(model(), ellipse, iterations=2, checkpoint=ck, **kw)
     state = checkpoint.load(ck)
-    assert state["trainer"] == "pvd" and state["iteration"] == 2 and len(state["solvers"]) == 2
+    assert state["trainer"] == "pvd" and state["epoch"] == 2 and len(state["solvers"]) == 2
     resumed = model()  # its own parameters are replaced by the checkpoint's
     res = pvd.train_pvd(resumed, ellipse, iterations=4, resume=ck, **kw)
     assert torch.equal(flat(resumed), flat(whole))

@@ -45,7 +45,7 @@ from .. import checkpoint as ckpt
 from .. import loop, runtime
 from ..backprop import engine as backprop
 from .blocks import BlockPartition, digest, write_back
-from .history import new_history, record, result_dict
+from .history import new_history, result_dict
 from .process import InlinePool, ProcessPool, mp_context, shared_copy, skeleton
 from ..runtime import WorkerError, fd_sharing
 from .solver import Net, PVDConfig, SharedState, make_direction
@@ -72,7 +72,7 @@ def _sync_device(device):
 
 def _load_resume(path, cfg: PVDConfig, partition, device):
     state = ckpt.load(path, map_location=device,
-                      require=("trainer", "x", "solvers", "history", "iteration"))
+                      require=("trainer", "x", "solvers", "history", "epoch", "rng"))
     if state["trainer"] != "pvd":
         raise ckpt.CheckpointError(f"resume: {os.fspath(path)!r} was written by the "
                                    f"{state['trainer']} trainer, not pvd")
@@ -110,79 +110,104 @@ def _train_shared(model, data, cfg: PVDConfig, backend: str, device, callback, p
     else:
         pool = InlinePool(cfg, net, shared, train, val)
     history = new_history()
-    stopped = False
-    first = 0
-    state = _load_resume(resume, cfg, partition, device) if resume is not None else None
-    if state is not None:
-        with torch.no_grad():
-            shared.x.copy_(state["x"].to(shared.x))
-        history = state["history"]
-        first = int(state["iteration"])
-        stopped = bool(state.get("stopped_early"))
+    coordinator = _Coordinator(pool, net, shared, partition, cfg, device, val, train_eval,
+                               verify, backend, model)
+    first, stopped = 0, False
+    if resume is not None:
+        state = _load_resume(resume, cfg, partition, device)
+        first, stopped = loop.resume(coordinator, state, history)
+
+    def on_iteration(rec):
+        if callback is not None:
+            callback({"iteration": rec["epoch"], "val_accuracy": rec["val_accuracy"],
+                      "val_loss": rec["val_loss"], "pids": list(pool.pids),
+                      "sync": coordinator.info, "backend": backend})
+
     with pool:
-        if state is not None:
-            pool.run("load", first, payloads=state["solvers"])
+        coordinator.push_state()
         startup = time.perf_counter() - t_start
         init_loss, init_acc = net.evaluate(shared.x, *val)
-        for k in range(first, cfg.iterations if not stopped else first):
-            t0 = time.perf_counter()
-            replies = pool.run("gradient", k)
-            make_direction(shared, partition, sum(r["count"] for r in replies),
-                           cfg.normalize_direction)
-            _sync_device(device)
-            t1 = time.perf_counter()
-            results = pool.run("solve", k)
-            t2 = time.perf_counter()
-            new, info = synchronise(net, shared, [r["sync_loss"] for r in results], cfg, k, val)
-            with torch.no_grad():
-                shared.x.copy_(new)
-            _sync_device(device)
-            t3 = time.perf_counter()
-            if verify:
-                worker_digests = [r["digest"] for r in pool.run("digest", k)]
-                own = digest(shared.x)
-            else:
-                worker_digests, own = [], None
-            t4 = time.perf_counter()
-            val_loss, val_acc = net.evaluate(shared.x, *val)
-            train_loss, train_acc = net.evaluate(shared.x, *train_eval)
-            eval_seconds = time.perf_counter() - t4
-            best = results[info["best_worker"]]
-            record(
-                history, epoch=k + 1, loss=train_loss, train_accuracy=train_acc, val_loss=val_loss,
-                val_accuracy=val_acc, seconds=t3 - t0, eval_seconds=eval_seconds, lr=cfg.lr,
-                layers=partition.layers, direction_seconds=t1 - t0, phase_seconds=t2 - t1,
-                sync_seconds=t3 - t2, worker_seconds=[r["seconds"] for r in results],
-                worker_cpu_seconds=[r["cpu_seconds"] for r in results],
-                worker_steps=best["steps"], candidate_losses=info["candidate_losses"],
-                best_worker=info["best_worker"], best_loss=info["best_loss"],
-                hull_loss=info.get("hull_loss"), sync_loss=info["sync_loss"],
-                sync_choice=info["choice"], mu=[r["mu"] for r in results],
-                digest=own, worker_digests=worker_digests,
-            )
-            history["lambda"].append(info.get("lambda"))
-            stopped = cfg.target_accuracy is not None and val_acc >= cfg.target_accuracy
-            if checkpoint is not None:
-                ckpt.save(checkpoint, {
-                    "trainer": "pvd", "backend": backend, "iteration": k + 1,
-                    "x": shared.x.detach().cpu().clone(), "history": history,
-                    "solvers": [r["state"] for r in pool.run("state", k)],
-                    "model_config": model.config() if hasattr(model, "config") else None,
-                    "stopped_early": stopped, **(checkpoint_extra or {}),
-                })
-            if callback is not None:
-                callback({"iteration": k + 1, "val_accuracy": val_acc, "val_loss": val_loss,
-                          "pids": list(pool.pids), "sync": info, "backend": backend})
-            if stopped:
-                target_wall = time.perf_counter() - t_start
-                break
+        if not stopped:
+            stopped = loop.run_epochs(
+                coordinator, epochs=cfg.iterations, start=first, history=history,
+                target_accuracy=cfg.target_accuracy, checkpoint=checkpoint,
+                checkpoint_extra=checkpoint_extra, quiet=True, on_epoch=on_iteration)
+            target_wall = time.perf_counter() - t_start
     write_back(model, partition, shared.x)
     extra = {"backend": backend, "startup_seconds": startup,
              "wall_seconds": time.perf_counter() - t_start,
              "initial_accuracy": init_acc, "initial_val_loss": init_loss}
-    if stopped and state is None:  # everything included: start-up, verification, evaluation
+    if stopped and first == 0:  # everything included: start-up, verification, evaluation
         extra["seconds_to_target_wall"] = target_wall
     return result_dict(history, stopped, cfg, partition, extra)
+
+
+class _Coordinator:
+    """One PVD iteration (direction, parallel phase, synchronisation, check) on
+    a worker pool: the engine protocol of :func:`..loop.run_epochs`."""
+
+    def __init__(self, pool, net, shared, partition, cfg, device, val, train_eval, verify,
+                 backend, model):
+        self.pool, self.net, self.shared, self.partition = pool, net, shared, partition
+        self.cfg, self.device, self.val, self.train_eval = cfg, device, val, train_eval
+        self.verify, self.backend, self.model = verify, backend, model
+        self.info, self.pending = None, None
+
+    def run_epoch(self, k: int) -> dict:
+        pool, shared, partition, cfg = self.pool, self.shared, self.partition, self.cfg
+        t0 = time.perf_counter()
+        replies = pool.run("gradient", k)
+        make_direction(shared, partition, sum(r["count"] for r in replies),
+                       cfg.normalize_direction)
+        _sync_device(self.device)
+        t1 = time.perf_counter()
+        results = pool.run("solve", k)
+        t2 = time.perf_counter()
+        new, info = synchronise(self.net, shared, [r["sync_loss"] for r in results], cfg, k,
+                                self.val)
+        with torch.no_grad():
+            shared.x.copy_(new)
+        _sync_device(self.device)
+        t3 = time.perf_counter()
+        if self.verify:
+            worker_digests = [r["digest"] for r in pool.run("digest", k)]
+            own = digest(shared.x)
+        else:
+            worker_digests, own = [], None
+        self.info = info
+        best = results[info["best_worker"]]
+        return dict(
+            epoch=k + 1, seconds=t3 - t0, lr=cfg.lr, layers=partition.layers,
+            direction_seconds=t1 - t0, phase_seconds=t2 - t1, sync_seconds=t3 - t2,
+            worker_seconds=[r["seconds"] for r in results],
+            worker_cpu_seconds=[r["cpu_seconds"] for r in results], worker_steps=best["steps"],
+            candidate_losses=info["candidate_losses"], best_worker=info["best_worker"],
+            best_loss=info["best_loss"], hull_loss=info.get("hull_loss"),
+            sync_loss=info["sync_loss"], sync_choice=info["choice"],
+            mu=[r["mu"] for r in results], digest=own, worker_digests=worker_digests,
+            **{"lambda": info.get("lambda")})
+
+    def evaluate(self) -> dict:
+        val_loss, val_acc = self.net.evaluate(self.shared.x, *self.val)
+        train_loss, train_acc = self.net.evaluate(self.shared.x, *self.train_eval)
+        return {"val_loss": val_loss, "val_accuracy": val_acc, "loss": train_loss,
+                "train_accuracy": train_acc}
+
+    def state_dict(self) -> dict:
+        return {"trainer": "pvd", "backend": self.backend,
+                "x": self.shared.x.detach().cpu().clone(),
+                "solvers": [r["state"] for r in self.pool.run("state", -1)],
+                "model_config": self.model.config() if hasattr(self.model, "config") else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.shared.x.copy_(state["x"].to(self.shared.x))
+        self.pending = state["solvers"]  # the workers get them once they run
+
+    def push_state(self) -> None:
+        if self.pending is not None:
+            self.pool.run("load", -1, payloads=self.pending)
+            self.pending = None
 
 
 # --------------------------------------------------------------------- API
