@@ -102,7 +102,7 @@ def test_stopped_sg_stage_is_named_within_the_limit(ellipse):
 def test_pool_is_reaped_when_start_up_fails(ellipse, monkeypatch):
     """A worker that never answers at start-up is reported after start_timeout,
     and the pool is closed (the parent used to hang for ever after that)."""
-    from stablenets_ext.training import pvd_process
+    from stablenets_ext.training.pvd import process as pvd_process
 
     monkeypatch.setattr(pvd_process, "_worker_main", _never_ready)
     t0 = time.monotonic()

@@ -33,32 +33,22 @@ def _number(text, kind, what):
     return value
 
 
-def positive_int(text):
-    value = _number(text, int, "a positive integer")
-    if value < 1:
-        raise BadValue(f"expected a positive integer, got {text!r}")
-    return value
+def _at_least(kind, low, strict, what):
+    def parse(text):
+        value = _number(text, kind, what)
+        if value < low or (strict and value == low):
+            raise BadValue(f"expected {what}, got {text!r}")
+        return value
+    return parse
 
 
-def nonneg_int(text):
-    value = _number(text, int, "an integer >= 0")
-    if value < 0:
-        raise BadValue(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def positive_float(text):
-    value = _number(text, float, "a positive number")
-    if value <= 0:
-        raise BadValue(f"expected a positive number, got {text!r}")
-    return value
-
-
-def nonneg_float(text):
-    value = _number(text, float, "a number >= 0")
-    if value < 0:
-        raise BadValue(f"expected a number >= 0, got {text!r}")
-    return value
+positive_int = _at_least(int, 0, True, "a positive integer")
+nonneg_int = _at_least(int, 0, False, "an integer >= 0")
+positive_float = _at_least(float, 0.0, True, "a positive number")
+nonneg_float = _at_least(float, 0.0, False, "a number >= 0")
+for _parse, _name in ((positive_int, "positive_int"), (nonneg_int, "nonneg_int"),
+                      (positive_float, "positive_float"), (nonneg_float, "nonneg_float")):
+    _parse.__name__ = _name
 
 
 def accuracy(text):

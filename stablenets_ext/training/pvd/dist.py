@@ -32,18 +32,17 @@ import copy
 import datetime
 import os
 import time
-import traceback
 from multiprocessing import connection
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
+from .. import runtime
+from ..runtime import WorkerError, describe_exit, fd_sharing, free_port, sigint_ignored
 from .blocks import BlockPartition, digest, write_back
 from .history import new_history, record, result_dict
-from .. import runtime
 from .process import mp_context, shared_copy, skeleton, warm_optimizers
-from ..runtime import WorkerError, describe_exit, fd_sharing, free_port, sigint_ignored
 from .solver import BlockSolver, Net, PVDConfig, SharedState, make_direction
 from .sync import synchronise
 
@@ -225,7 +224,7 @@ def train_dist(model, data, cfg: PVDConfig, device: torch.device, *, init_method
 def _rank_main(rank: int, world: int, init_method: str, backend: str, conn, payload: dict):
     """Entry point of a locally spawned rank."""
     runtime.exit_with_parent()  # no orphans: leave when the launcher disappears
-    try:
+    with runtime.reporting_to(conn, rank):
         payload["heartbeats"].start(rank)
         torch.set_num_threads(payload["threads"])
         device = payload["device"]
@@ -245,13 +244,6 @@ def _rank_main(rank: int, world: int, init_method: str, backend: str, conn, payl
             # process must still be alive to hand over.
             final = {n: p.detach().cpu().numpy() for n, p in model.named_parameters()}
             conn.send(("ok", rank, (result, final)))
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.send(("error", rank, traceback.format_exc()))
-        raise SystemExit(1)
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
 
 
 def spawn_local(model, data, cfg: PVDConfig, device: torch.device, *, init_method=None,

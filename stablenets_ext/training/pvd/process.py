@@ -33,16 +33,15 @@ import copy
 import os
 import signal
 import time
-import traceback
 from multiprocessing import connection
 
 import torch
 import torch.multiprocessing as tmp
 
 from .. import runtime
+from ..runtime import WorkerError, describe_exit, fd_sharing, sigint_ignored
 from .blocks import digest
 from .solver import BlockSolver, Net, PVDConfig, SharedState
-from ..runtime import WorkerError, describe_exit, fd_sharing, sigint_ignored
 
 __all__ = ["InlinePool", "ProcessPool", "WorkerError", "mp_context", "shared_copy", "skeleton",
            "warm_optimizers"]
@@ -61,58 +60,58 @@ def warm_optimizers():
     torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
 
 
+def execute(solver: BlockSolver, cmd: str, iteration: int, payload=None, heartbeat=None) -> dict:
+    """Worker command ``cmd`` on ``solver``: the same in a worker process and inline."""
+    t0 = time.perf_counter()
+    if cmd == "gradient":
+        reply = {"count": solver.gradient(iteration)}
+    elif cmd == "solve":
+        reply = solver.solve(iteration, heartbeat)
+    elif cmd == "digest":
+        reply = {"digest": digest(solver.shared.x)}
+    elif cmd == "state":
+        reply = {"state": solver.state_dict()}
+    elif cmd == "load":
+        solver.load_state_dict(payload)
+        reply = {}
+    else:
+        raise ValueError(f"unknown command {cmd!r}")
+    reply.setdefault("seconds", time.perf_counter() - t0)
+    return reply
+
+
 def _worker_main(index: int, conn, payload: dict):
     """Entry point of worker ``index`` (top level: spawn imports it by name)."""
     parent = tmp.parent_process()
     try:
-        payload["heartbeats"].start(index)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        runtime.set_threads(payload["threads"])
-        net = Net(payload["module"], payload["buffers"], payload["partition"])
-        solver = BlockSolver(index, net, payload["shared"], payload["train"], payload["val"],
-                             payload["config"])
-        watch = [conn] + ([parent.sentinel] if parent is not None else [])
+        with runtime.reporting_to(conn, index, quiet=(EOFError, BrokenPipeError,
+                                                      KeyboardInterrupt)):
+            payload["heartbeats"].start(index)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            runtime.set_threads(payload["threads"])
+            net = Net(payload["module"], payload["buffers"], payload["partition"])
+            solver = BlockSolver(index, net, payload["shared"], payload["train"],
+                                 payload["val"], payload["config"])
+            watch = [conn] + ([parent.sentinel] if parent is not None else [])
 
-        def heartbeat():  # the coordinator is gone: leave instead of computing for nobody
-            if parent is not None and connection.wait([parent.sentinel], 0):
-                os._exit(1)
+            def heartbeat():  # the coordinator is gone: leave instead of computing for nobody
+                if parent is not None and connection.wait([parent.sentinel], 0):
+                    os._exit(1)
 
-        conn.send(("ok", index, {"pid": os.getpid()}))
-        while True:
-            ready = connection.wait(watch, timeout=1.0)
-            if not ready:
-                continue
-            if parent is not None and parent.sentinel in ready:
-                os._exit(1)
-            msg = conn.recv()
-            cmd = msg[0]
-            if cmd == "stop":
-                break
-            t0 = time.perf_counter()
-            if cmd == "gradient":
-                reply = {"count": solver.gradient(msg[1])}
-            elif cmd == "solve":
-                reply = solver.solve(msg[1], heartbeat)
-            elif cmd == "digest":
-                reply = {"digest": digest(solver.shared.x)}
-            elif cmd == "state":
-                reply = {"state": solver.state_dict()}
-            elif cmd == "load":
-                solver.load_state_dict(msg[2])
-                reply = {}
-            else:
-                raise ValueError(f"unknown command {cmd!r}")
-            reply.setdefault("seconds", time.perf_counter() - t0)
-            conn.send(("ok", index, reply))
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):
-        pass  # the coordinator closed the pipe: it is shutting down
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.send(("error", index, traceback.format_exc()))
-        raise SystemExit(1)
+            conn.send(("ok", index, {"pid": os.getpid()}))
+            while True:
+                ready = connection.wait(watch, timeout=1.0)
+                if not ready:
+                    continue
+                if parent is not None and parent.sentinel in ready:
+                    os._exit(1)
+                msg = conn.recv()
+                if msg[0] == "stop":
+                    break
+                reply = execute(solver, msg[0], msg[1], msg[2] if len(msg) > 2 else None,
+                                heartbeat)
+                conn.send(("ok", index, reply))
     finally:
-        with contextlib.suppress(Exception):
-            conn.close()
         # The Process object keeps ``payload`` alive until exit, when destructors
         # may not run: drop the shared tensors now so CUDA IPC references are
         # released while the coordinator (their producer) still waits for us.
@@ -291,25 +290,8 @@ class InlinePool:
             torch.set_num_threads(threads)
 
     def _run(self, cmd: str, iteration: int, payloads=None) -> list[dict]:
-        out = []
-        for l, s in enumerate(self.solvers):
-            t0 = time.perf_counter()
-            if cmd == "state":
-                reply = {"state": s.state_dict()}
-            elif cmd == "load":
-                s.load_state_dict(payloads[l])
-                reply = {}
-            elif cmd == "gradient":
-                reply = {"count": s.gradient(iteration)}
-            elif cmd == "solve":
-                reply = s.solve(iteration)
-            elif cmd == "digest":
-                reply = {"digest": digest(s.shared.x)}
-            else:
-                raise ValueError(f"unknown command {cmd!r}")
-            reply.setdefault("seconds", time.perf_counter() - t0)
-            out.append(reply)
-        return out
+        return [execute(s, cmd, iteration, None if payloads is None else payloads[l])
+                for l, s in enumerate(self.solvers)]
 
 
 def skeleton(module):

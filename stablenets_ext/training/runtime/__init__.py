@@ -6,12 +6,12 @@ detection, reaping, dying with the parent, the torchrun launcher, and the
 from .errors import HungWorkerError, StageError, WorkerError
 from .heartbeat import DEFAULT_TIMEOUT, FileHeartbeats, Heartbeats, check_timeout
 from .processes import (START_METHODS, describe_exit, die_with_parent_preexec, exit_with_parent,
-                        fd_sharing, free_port, mp_context, process_state, reap, set_threads,
-                        sigint_ignored)
+                        fd_sharing, free_port, mp_context, process_state, reap, reporting_to,
+                        set_threads, sigint_ignored)
 
 __all__ = [
     "DEFAULT_TIMEOUT", "FileHeartbeats", "Heartbeats", "HungWorkerError", "START_METHODS",
     "StageError", "WorkerError", "check_timeout", "describe_exit", "die_with_parent_preexec",
     "exit_with_parent", "fd_sharing", "free_port", "mp_context", "process_state", "reap",
-    "set_threads", "sigint_ignored",
+    "reporting_to", "set_threads", "sigint_ignored",
 ]

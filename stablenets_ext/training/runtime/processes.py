@@ -160,3 +160,24 @@ def die_with_parent_preexec():
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def reporting_to(conn, index: int, quiet=()):
+    """In a worker: an exception inside the block goes back to the coordinator
+    as ``("error", index, traceback)`` and the worker exits with status 1;
+    exceptions in ``quiet`` (the coordinator hanging up) end it silently. The
+    pipe is closed on the way out."""
+    import traceback
+
+    try:
+        yield
+    except quiet:
+        pass
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.send(("error", index, traceback.format_exc()))
+        raise SystemExit(1)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
