@@ -86,3 +86,11 @@ class TrainConfig:
         return {k: getattr(self, k) for k in (
             "epochs", "batch_size", "lr", "weight_decay", "lr_step", "lr_gamma", "alpha",
             "alpha_c", "target_accuracy", "device", "seed", "quiet")}
+
+
+def prepare(config: TrainConfig, options, options_cls, unsupported, trainer: str):
+    """The checks every ``fit`` starts with; returns the (default) options."""
+    options = (options if options is not None else options_cls()).check()
+    config.check()
+    config.refuse(unsupported, trainer)
+    return options

@@ -110,3 +110,31 @@ def check_fields(options) -> None:
                 meta["type"](v)
             except ValueError as exc:
                 raise OptionError(f"{f.name}: {exc}") from None
+
+
+@dataclasses.dataclass
+class ParallelOptions:
+    """The options every multi-process trainer shares (the CLI's ``--workers``,
+    ``--backend`` and ``--heartbeat-timeout``)."""
+
+    BACKENDS = ()
+
+    workers: int | None = None
+    backend: str | None = None
+    heartbeat_timeout: float | None = 30.0
+
+    def check(self):
+        check_fields(self)
+        if self.backend is not None and self.backend not in self.BACKENDS:
+            raise OptionError(f"backend: expected one of {list(self.BACKENDS)}, got "
+                              f"{self.backend!r}")
+        if self.workers is not None:
+            try:
+                positive_int(self.workers)
+            except ValueError as exc:
+                raise OptionError(f"workers: {exc}") from None
+        if self.heartbeat_timeout is not None:
+            from .runtime import check_timeout
+
+            check_timeout(self.heartbeat_timeout)
+        return self

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import TrainConfig
+from ..config import TrainConfig, prepare
 from ..options import OptionError, check_fields, option, per_level, positive_float, positive_int
 from .engine import evaluate, make_optimizer, train
 from .multilevel import train_multilevel
@@ -58,9 +58,7 @@ class Options:
 def fit(model, data, config: TrainConfig, options: Options | None = None, callbacks=None) -> dict:
     """Train ``model`` (in place where possible) and return the summary plus
     ``model``: the trained model (a new, deeper one after multilevel)."""
-    options = (options or Options()).check()
-    config.check()
-    config.refuse(UNSUPPORTED, NAME)
+    options = prepare(config, options, Options, UNSUPPORTED, NAME)
     on_epoch = (callbacks or {}).get("on_epoch")
     kw = config.common()
     extra = {"run": config.run} if config.run else None

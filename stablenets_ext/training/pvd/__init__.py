@@ -11,9 +11,8 @@ import dataclasses
 import os
 
 from .. import runtime
-from ..config import TrainConfig
-from ..options import (OptionError, check_fields, nonneg_int, option, positive_float,
-                       positive_int)
+from ..config import TrainConfig, prepare
+from ..options import ParallelOptions, nonneg_int, option, positive_float, positive_int
 from ..runtime import WorkerError
 from .solver import PVDConfig
 from .trainer import compare as compare_runs
@@ -32,7 +31,9 @@ __all__ = ["COMPARISONS", "ENGINES", "Options", "PVDConfig", "UNSUPPORTED", "Wor
 
 
 @dataclasses.dataclass
-class Options:
+class Options(ParallelOptions):
+    BACKENDS = ("process", "sequential", "dist")
+
     pvd_sync: str = option("--pvd-sync", "hull", choices=("best", "hull"),
                            help="synchronisation: best of the P points, or best point of their "
                                 "affine hull (default: hull)")
@@ -60,18 +61,7 @@ class Options:
                                           "cores // workers)")
     pvd_start_method: str = option("--pvd-start-method", "spawn", choices=runtime.START_METHODS,
                                    help="how worker processes start (default: spawn)")
-    workers: int | None = None        # the CLI's --workers: P, the number of blocks
-    backend: str | None = None        # the CLI's --backend: process (default), sequential, dist
-    heartbeat_timeout: float = runtime.DEFAULT_TIMEOUT  # the CLI's --heartbeat-timeout
 
-    def check(self) -> "Options":
-        check_fields(self)
-        if self.backend not in (None, "process", "sequential", "dist"):
-            raise OptionError(f"backend: the pvd trainer runs 'process', 'sequential' or "
-                              f"'dist', not {self.backend!r}")
-        if self.heartbeat_timeout is not None:
-            runtime.check_timeout(self.heartbeat_timeout)
-        return self
 
     def kwargs(self, config: TrainConfig) -> dict:
         """:func:`train_pvd`'s keyword arguments."""
@@ -91,9 +81,7 @@ class Options:
 
 
 def fit(model, data, config: TrainConfig, options: Options | None = None, callbacks=None) -> dict:
-    options = (options or Options()).check()
-    config.check()
-    config.refuse(UNSUPPORTED, NAME)
+    options = prepare(config, options, Options, UNSUPPORTED, NAME)
     kw = options.kwargs(config)
     result = train_pvd(model, data, callback=(callbacks or {}).get("on_iteration"),
                        checkpoint=config.checkpoint, resume=config.resume,

@@ -12,10 +12,8 @@ import dataclasses
 
 import torch
 
-from .. import runtime
-from ..config import TrainConfig
-from ..options import (OptionError, check_fields, nonneg_int, option, positive_float,
-                       positive_int)
+from ..config import TrainConfig, prepare
+from ..options import ParallelOptions, nonneg_int, option, positive_float, positive_int
 from ..runtime import StageError
 from .trainer import InProcessEngine, time_backprop, train_sg
 
@@ -31,7 +29,9 @@ __all__ = ["COMPARISONS", "ENGINES", "InProcessEngine", "Options", "StageError",
 
 
 @dataclasses.dataclass
-class Options:
+class Options(ParallelOptions):
+    BACKENDS = ("process", "dist")
+
     stages: int | None = option("--stages", None, type=positive_int, metavar="M",
                                 help="sub-networks joined by M-1 synthetic-gradient modules "
                                      "(default: --workers, else 2)")
@@ -58,24 +58,10 @@ class Options:
     sg_baseline_epochs: int = option("--sg-baseline-epochs", 3, type=positive_int, metavar="E",
                                      help="with --compare backprop: epochs of single-process "
                                           "backprop timed for the speed-up (median; default 3)")
-    workers: int | None = None       # the CLI's --workers: one process/rank per stage
-    backend: str | None = None       # the CLI's --backend: "process" (default) or "dist"
-    heartbeat_timeout: float = runtime.DEFAULT_TIMEOUT  # the CLI's --heartbeat-timeout
-
-    def check(self) -> "Options":
-        check_fields(self)
-        if self.backend not in (None, "process", "dist"):
-            raise OptionError(f"backend: the sg trainer runs 'process' or 'dist', not "
-                              f"{self.backend!r}")
-        if self.heartbeat_timeout is not None:
-            runtime.check_timeout(self.heartbeat_timeout)
-        return self
 
 
 def fit(model, data, config: TrainConfig, options: Options | None = None, callbacks=None) -> dict:
-    options = (options or Options()).check()
-    config.check()
-    config.refuse(UNSUPPORTED, NAME)
+    options = prepare(config, options, Options, UNSUPPORTED, NAME)
     callbacks = callbacks or {}
     workers = options.workers
     if workers is None and options.backend is not None:
