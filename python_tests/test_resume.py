@@ -1,7 +1,7 @@
 """Checkpoint and resume for every trainer: a run stopped and resumed gives the
 same numbers as the uninterrupted run (CPU). Backprop (plain, multilevel) and
 SG (in-process, pipeline) are covered in test_training / test_synthetic, DDP in
-test_ddp; here PVD on both shared-memory backends, and the CLI round trip for
+test_ddp; here PVD on every backend, and the CLI round trip for
 each trainer."""
 
 import json
@@ -25,7 +25,7 @@ def flat(model):
     return BlockPartition(model, 2).flatten(dict(model.named_parameters()))
 
 
-@pytest.mark.parametrize("backend", ["sequential", "process"])
+@pytest.mark.parametrize("backend", ["sequential", "process", "dist"])
 def test_pvd_resume_continues_exactly(ellipse, backend, tmp_path):
     kw = dict(workers=2, backend=backend, inner_batches=6, batch_size=32, lr=0.05, threads=1,
               start_method="forkserver", sync="hull")
@@ -48,14 +48,9 @@ def test_pvd_resume_continues_exactly(ellipse, backend, tmp_path):
     assert torch.equal(flat(resumed), flat(whole))
     assert res["history"]["digest"] == ref["history"]["digest"]
     assert res["history"]["val_loss"] == ref["history"]["val_loss"]
-    with pytest.raises(ValueError, match="2 workers.*not 4"):
-        pvd.train_pvd(model(), ellipse, iterations=4, resume=ck, **dict(kw, workers=4))
-
-
-def test_pvd_dist_refuses_checkpoints(ellipse, tmp_path):
-    with pytest.raises(ValueError, match="dist backend does not checkpoint"):
-        pvd.train_pvd(StableNet("verlet", 2, 2, 4, width=4), ellipse, workers=2,
-                      backend="dist", iterations=1, checkpoint=tmp_path / "x.pt")
+    if backend == "sequential":
+        with pytest.raises(ValueError, match="2 workers.*not 4"):
+            pvd.train_pvd(model(), ellipse, iterations=4, resume=ck, **dict(kw, workers=4))
 
 
 @pytest.mark.parametrize("trainer,extra", [

@@ -17,6 +17,9 @@ evaluation and the fingerprint check), with these added:
 
 from __future__ import annotations
 
+import os
+
+from .. import checkpoint as ckpt
 from .. import loop
 
 PVD_HISTORY_KEYS = (
@@ -68,3 +71,17 @@ def result_dict(history, stopped, cfg, partition, extra) -> dict:
     })
     res.update(extra)
     return res
+
+
+def load_resume(path, cfg, partition, device):
+    """A PVD checkpoint that fits this run (``cfg.workers`` blocks of ``partition``)."""
+    state = ckpt.load(path, map_location=device,
+                      require=("trainer", "x", "solvers", "history", "epoch", "rng"))
+    if state["trainer"] != "pvd":
+        raise ckpt.CheckpointError(f"resume: {os.fspath(path)!r} was written by the "
+                                   f"{state['trainer']} trainer, not pvd")
+    if len(state["solvers"]) != cfg.workers or state["x"].numel() != partition.numel:
+        raise ckpt.CheckpointError(
+            f"resume: {os.fspath(path)!r} holds a PVD run of {len(state['solvers'])} workers "
+            f"and {state['x'].numel()} parameters, not {cfg.workers} and {partition.numel}")
+    return state

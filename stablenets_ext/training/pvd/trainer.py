@@ -36,16 +36,14 @@ parallel speed-up) and plain Adam backprop (time to the target accuracy).
 from __future__ import annotations
 
 import copy
-import os
 import time
 
 import torch
 
-from .. import checkpoint as ckpt
 from .. import loop, runtime
 from ..backprop import engine as backprop
 from .blocks import BlockPartition, digest, write_back
-from .history import new_history, result_dict
+from .history import load_resume, new_history, result_dict
 from .process import InlinePool, ProcessPool, mp_context, shared_copy, skeleton
 from ..runtime import WorkerError, fd_sharing
 from .solver import Net, PVDConfig, SharedState, make_direction
@@ -68,19 +66,6 @@ def _sync_device(device):
 
 
 # ------------------------------------------------------------------ shared
-
-
-def _load_resume(path, cfg: PVDConfig, partition, device):
-    state = ckpt.load(path, map_location=device,
-                      require=("trainer", "x", "solvers", "history", "epoch", "rng"))
-    if state["trainer"] != "pvd":
-        raise ckpt.CheckpointError(f"resume: {os.fspath(path)!r} was written by the "
-                                   f"{state['trainer']} trainer, not pvd")
-    if len(state["solvers"]) != cfg.workers or state["x"].numel() != partition.numel:
-        raise ckpt.CheckpointError(
-            f"resume: {os.fspath(path)!r} holds a PVD run of {len(state['solvers'])} workers "
-            f"and {state['x'].numel()} parameters, not {cfg.workers} and {partition.numel}")
-    return state
 
 
 def _train_shared(model, data, cfg: PVDConfig, backend: str, device, callback, phase_timeout,
@@ -114,7 +99,7 @@ def _train_shared(model, data, cfg: PVDConfig, backend: str, device, callback, p
                                verify, backend, model)
     first, stopped = 0, False
     if resume is not None:
-        state = _load_resume(resume, cfg, partition, device)
+        state = load_resume(resume, cfg, partition, device)
         first, stopped = loop.resume(coordinator, state, history)
 
     def on_iteration(rec):
@@ -251,7 +236,7 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
     may take to start. ``checkpoint``: a path written (atomically) after every
     iteration: the point, every worker's optimiser state and the history;
     ``resume``: a path to continue from, exactly (the same iterates as an
-    uninterrupted run); process and sequential backends. ``fault``: tests
+    uninterrupted run); every backend. ``fault``: tests
     only, ``(kind, worker, iteration)``.
 
     Raises :class:`WorkerError` when a worker fails or dies (naming it);
@@ -275,15 +260,14 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
     ).check()
     BlockPartition(model, workers)  # fail early on a model PVD cannot split
     device = _device_of(model, device)
-    if backend == "dist" and (checkpoint is not None or resume is not None):
-        raise ValueError("checkpoint, resume: the PVD dist backend does not checkpoint yet; use "
-                         "backend 'process' or 'sequential'")
     if backend == "dist":
         from .dist import train_dist
 
         return train_dist(model, data, cfg, device, init_method=init_method, timeout=dist_timeout,
                           callback=callback, eval_train=eval_train, verify=verify,
-                          start_method=start_method, heartbeat_timeout=heartbeat_timeout)
+                          start_method=start_method, heartbeat_timeout=heartbeat_timeout,
+                          checkpoint=checkpoint, resume=resume,
+                          checkpoint_extra=checkpoint_extra)
     return _train_shared(model, data, cfg, backend, device, callback, phase_timeout, eval_train,
                          verify, start_method, heartbeat_timeout, start_timeout,
                          checkpoint=checkpoint, resume=resume, checkpoint_extra=checkpoint_extra)
