@@ -180,3 +180,53 @@ def test_train_conv_arch_on_self_written_mnist(tmp_path, capsys):
     empty.mkdir()
     assert cli.main(["train", "--dataset", "mnist", "--data-root", str(empty), "--no-download"]) == 2
     assert "MNIST/raw" in capsys.readouterr().err
+
+
+def test_image_runs_report_the_test_set_once(tmp_path, capsys):
+    from test_data import write_mnist
+
+    write_mnist(tmp_path, n_train=24, n_test=8, side=6)
+    ck = tmp_path / "ck.pt"
+    argv = ["train", "--dataset", "mnist", "--data-root", str(tmp_path), "--no-download",
+            "--arch", "conv-verlet", "--width", "4", "--layers", "2", "--epochs", "1",
+            "--batch-size", "8", "--json", "--quiet", "--kernel-size", "5", "--pool", "2",
+            "--lift", "learn", "--save", str(ck)]
+    assert cli.main(argv) == 0
+    line = json_line(capsys.readouterr().out)
+    assert 0 <= line["test_accuracy"] <= 1 and "test_loss" in line
+    config = torch.load(ck, weights_only=False)["model_config"]
+    assert config["kernel_size"] == 5 and config["pool"] == 2 and config["lift"] is True
+
+
+def test_batch_norm_flag_reaches_the_model_or_is_refused(tmp_path, capsys):
+    import inspect
+
+    from stablenets_ext import conv
+    from test_data import write_mnist
+
+    write_mnist(tmp_path, n_train=16, n_test=8, side=6)
+    argv = ["train", "--dataset", "mnist", "--data-root", str(tmp_path), "--no-download",
+            "--arch", "conv-verlet", "--width", "4", "--layers", "2", "--epochs", "1",
+            "--batch-size", "8", "--json", "--quiet", "--batch-norm"]
+    accepts = "batch_norm" in inspect.signature(conv.ConvVerletStack.__init__).parameters \
+        or "batch_norm" in inspect.signature(conv.ConvStack.__init__).parameters \
+        if hasattr(conv, "ConvStack") else False
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    if accepts:
+        assert code == 0, err
+    else:
+        assert code == 2 and "--batch-norm" in err and "does not accept" in err
+
+
+def test_multilevel_takes_lr_and_step_per_level(tmp_path, capsys):
+    hist = tmp_path / "h.json"
+    assert cli.main(["train", "--dataset", "ellipse", "--layers", "4", "--epochs", "2",
+                     "--levels", "2", "--level-lr", "0.05,0.01", "--level-step", "0.2,0.05",
+                     "--json", "--quiet", "--threads", "1", "--history", str(hist)]) == 0
+    levels = json.loads(hist.read_text())["levels"]
+    assert [lv["lr"] for lv in levels] == [0.05, 0.01]
+    assert [lv["step"] for lv in levels] == [0.2, 0.05]
+    assert [lv["layers"] for lv in levels] == [4, 8]
+    assert cli.main(["train", "--levels", "2", "--level-lr", "0.1,0.2,0.3"]) == 2
+    assert "--level-lr: expected one value per level (2), got 3" in capsys.readouterr().err

@@ -33,7 +33,14 @@ def make_options(trainer, args, given):
             value = getattr(args, f.name)
             if value is not None or f.name in given:
                 kw[f.name] = value
-    return trainer.Options(**kw)
+    options = trainer.Options(**kw)
+    try:
+        return options.check()
+    except ValueError as exc:  # name the flag, not the field
+        name, _, rest = str(exc).partition(":")
+        if name in kw:
+            raise CliError(f"{_flag(name)}:{rest}") from None
+        raise
 
 
 def run_settings(args, cfg, options) -> dict:
