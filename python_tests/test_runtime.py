@@ -160,3 +160,44 @@ def test_dist_ranks_die_with_the_cli(sig, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _rank_of(pid):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        return int(env[b"RANK"]) if b"RANK" in env else None
+    except (OSError, ValueError):
+        return None
+
+
+def test_stopped_dist_rank_is_named_not_the_healthy_one(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stablenets_ext", "train", "--trainer", "sg", "--backend", "dist",
+         "--workers", "2", "--dataset", "swiss", "--layers", "8", "--epochs", "100000",
+         "--quiet", "--heartbeat-timeout", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 90
+        ranks = {}
+        while time.monotonic() < deadline and len(ranks) < 2:
+            ranks = {_rank_of(k): k for k in _children(proc.pid) if _rank_of(k) is not None}
+            time.sleep(0.5)
+        assert len(ranks) == 2, "the ranks never started"
+        while time.monotonic() < deadline and len(glob.glob(os.path.join(
+                tempfile.gettempdir(), "stablenets-sg-*", "heartbeat-*"))) < 2:
+            time.sleep(0.5)
+        time.sleep(1.0)
+        os.kill(ranks[1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - t0 < 30
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # an orderly stop: the CLI stops torchrun's session
+            proc.wait(30)
+    assert proc.returncode == 1
+    assert b"stage 1 (torchrun rank 1) stopped responding" in err, err
+    time.sleep(0.5)
+    assert all(gone(p) for p in ranks.values())

@@ -70,6 +70,37 @@ def process_state(pid: int) -> str:
             "t": "stopped by a debugger", "Z": "zombie"}.get(state, state)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux /proc; [] elsewhere)."""
+    parents = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
+def kill_all(pids) -> None:
+    """SIGKILL each process (a stopped one too), ignoring those already gone."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def mp_context(start_method: str = "spawn", preload=()):
     """A spawn or forkserver context (never fork: torch's threads and CUDA do not
     survive it). The forkserver imports ``preload`` once and forks every later

@@ -31,7 +31,7 @@ import time
 
 from .errors import WorkerError
 from .heartbeat import DEFAULT_TIMEOUT, FileHeartbeats
-from .processes import die_with_parent_preexec, exit_with_parent, free_port
+from .processes import descendants, die_with_parent_preexec, exit_with_parent, free_port, kill_all
 
 ENV_LAUNCHER = "STABLENETS_LAUNCHER_PID"
 ENV_RUN_DIR = "STABLENETS_RUN_DIR"
@@ -86,7 +86,10 @@ def sigterm_as_interrupt():
 
 
 def stop_session(proc, grace: float = 10.0) -> None:
-    """SIGINT to torchrun's session (it stops its ranks), then SIGKILL it."""
+    """SIGINT to torchrun's session (it stops its ranks), then SIGKILL to it and
+    to every rank it started (they may sit in sessions of their own, and a
+    stopped one acts on nothing else)."""
+    ranks = descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(grace)
@@ -94,6 +97,7 @@ def stop_session(proc, grace: float = 10.0) -> None:
         pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+    kill_all(ranks)
     proc.wait()
 
 
@@ -119,13 +123,15 @@ def summarise_failure(code, log, world, what) -> tuple[str, int | None]:
 
 def launch(module: str, argv: list, world: int, *, threads: int = 1, name: str = "run",
            prepare=None, collect=None, heartbeat_timeout: float | None = DEFAULT_TIMEOUT,
-           error_type=WorkerError, what=lambda r: f"rank {r}"):
+           start_timeout: float = 180.0, error_type=WorkerError, what=lambda r: f"rank {r}"):
     """Run ``python -m module *argv`` as ``world`` local torchrun ranks.
 
     ``prepare(folder)`` writes the ranks' inputs into the run folder before the
     start and may return extra arguments; ``collect(folder)`` reads the result
     after a clean exit (its return value is returned). ``what(rank)`` names a
-    rank in messages; failures raise ``error_type``."""
+    rank in messages; failures raise ``error_type``. A rank that has not
+    beaten ``start_timeout`` seconds after the start is reported as not
+    starting; one that stops beating, after ``heartbeat_timeout``."""
     folder = tempfile.mkdtemp(prefix=f"stablenets-{name}-")
     try:
         extra = list(prepare(folder) or []) if prepare is not None else []
@@ -144,11 +150,16 @@ def launch(module: str, argv: list, world: int, *, threads: int = 1, name: str =
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True, preexec_fn=die_with_parent_preexec)
+            started = time.monotonic()
             try:
                 while proc.poll() is None:
                     time.sleep(0.1)
                     beats.check(range(world), heartbeat_timeout,
                                 lambda r: f"{what(r)} (torchrun rank {r})")
+                    silent = [r for r in range(world) if beats.age(r) is None]
+                    if silent and time.monotonic() - started > start_timeout:
+                        raise WorkerError(f"{what(silent[0])} (torchrun rank {silent[0]}) did "
+                                          f"not start within {start_timeout:.0f} s", silent[0])
             except BaseException as exc:
                 stop_session(proc, grace=0.0 if isinstance(exc, WorkerError) else 10.0)
                 if isinstance(exc, WorkerError):
