@@ -78,3 +78,31 @@ def test_cli_save_then_resume_equals_one_run(trainer, extra, tmp_path, capsys):
     assert again["trainer"] == trainer and again["epochs"] == 4
     assert again["loss"] == pytest.approx(whole["loss"], rel=1e-6)
     assert again["accuracy"] == whole["accuracy"]
+
+
+def test_sg_dist_resume_equals_the_inprocess_run(tmp_path):
+    """The dist backend's schedule is the in-process one with the same inflight:
+    a dist run stopped after 2 epochs and resumed to 4 lands on the parameters
+    of 4 uninterrupted in-process epochs."""
+    from stablenets_ext.training.sg import train_sg
+
+    data = load_dataset("swiss")
+    torch.manual_seed(3)
+    start = StableNet("verlet", 2, 2, 8, width=4).state_dict()
+
+    def model():
+        m = StableNet("verlet", 2, 2, 8, width=4)
+        m.load_state_dict(start)
+        return m
+
+    kw = dict(batch_size=64, lr=0.01, stages=2, quiet=True, inflight=3)
+    whole = model()
+    ref = train_sg(whole, data, epochs=4, **kw)
+    ck = tmp_path / "sg.pt"
+    train_sg(model(), data, epochs=2, workers=2, backend="dist", threads=1, checkpoint=ck, **kw)
+    resumed = model()
+    res = train_sg(resumed, data, epochs=4, workers=2, backend="dist", threads=1, resume=ck, **kw)
+    assert res["mode"] == "dist" and res["epochs"] == 4
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    assert res["history"]["loss"] == pytest.approx(ref["history"]["loss"], rel=1e-5)

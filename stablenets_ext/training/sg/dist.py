@@ -274,7 +274,7 @@ def _rank_devices(device: torch.device, world: int, local_rank: int):
 
 def run_rank(model, data, *, bounds, sgs, device, batch_size, seed, inflight, epochs, settings,
              threads, history, checkpoint, resume, target_accuracy, eval_batch_size, quiet,
-             timeout=None):
+             timeout=None, checkpoint_extra=None):
     """Train as this torchrun rank; rank 0 returns the summary (and has merged
     the trained parameters into ``model``), the others ``{"rank": r}``."""
     from .. import checkpoint as ckpt
@@ -333,7 +333,8 @@ def run_rank(model, data, *, bounds, sgs, device, batch_size, seed, inflight, ep
             target_accuracy=target_accuracy, quiet=quiet, eval_batch_size=eval_batch_size,
             on_epoch=None, extra={"mode": "dist", "inflight": inflight, "workers": world,
                                   "threads": threads, "cores": threads * world,
-                                  "dist_backend": backend})
+                                  "dist_backend": backend},
+            checkpoint_extra=checkpoint_extra)
         merge_stages(nets, model)
         result["sg_modules"] = sgs
         stage.drain()
@@ -357,7 +358,7 @@ def _quiesce():
 
 def launch(model, nets, sgs, data, device, *, batch_size, seed, inflight, epochs, settings, threads,
            history, checkpoint, resume, target_accuracy, eval_batch_size, quiet, timeout=None,
-           heartbeat_timeout=runtime.DEFAULT_TIMEOUT):
+           heartbeat_timeout=runtime.DEFAULT_TIMEOUT, checkpoint_extra=None):
     """Run the dist backend from an ordinary process (see module doc)."""
     world = len(nets)
     bounds = [nets[0].lo] + [n.hi for n in nets]
@@ -366,7 +367,8 @@ def launch(model, nets, sgs, data, device, *, batch_size, seed, inflight, epochs
                         batch_size=batch_size, seed=seed, inflight=inflight, epochs=epochs,
                         settings=settings, threads=threads, history=history,
                         checkpoint=checkpoint, resume=resume, target_accuracy=target_accuracy,
-                        eval_batch_size=eval_batch_size, quiet=quiet, timeout=timeout)
+                        eval_batch_size=eval_batch_size, quiet=quiet, timeout=timeout,
+                        checkpoint_extra=checkpoint_extra)
 
     def prepare(folder):
         spec_path = os.path.join(folder, "spec.pt")
@@ -382,7 +384,7 @@ def launch(model, nets, sgs, data, device, *, batch_size, seed, inflight, epochs
                            inflight=inflight, epochs=epochs, settings=settings, threads=threads,
                            history=history, checkpoint=checkpoint, resume=resume,
                            target_accuracy=target_accuracy, eval_batch_size=eval_batch_size,
-                           quiet=True, timeout=timeout),
+                           quiet=True, timeout=timeout, checkpoint_extra=checkpoint_extra),
         }, spec_path)
         return ["--spec", spec_path, "--result", os.path.join(folder, "result.pt")]
 

@@ -301,7 +301,8 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
                         inflight=inflight, epochs=epochs, settings=settings, threads=threads,
                         history=history, checkpoint=checkpoint, resume=resume,
                         target_accuracy=target_accuracy, eval_batch_size=eval_batch_size,
-                        quiet=quiet, timeout=timeout, heartbeat_timeout=heartbeat_timeout)
+                        quiet=quiet, timeout=timeout, heartbeat_timeout=heartbeat_timeout,
+                        checkpoint_extra=checkpoint_extra)
         result["coarse"] = coarse_result
         result["model"] = model
         if history_path is not None:
