@@ -34,6 +34,8 @@ def make_options(trainer, args, given):
             if value is not None or f.name in given:
                 kw[f.name] = value
     options = trainer.Options(**kw)
+    if not hasattr(options, "check"):
+        return options
     try:
         return options.check()
     except ValueError as exc:  # name the flag, not the field

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from ..config import TrainConfig, prepare
 from ..options import OptionError, check_fields, option, per_level, positive_float, positive_int
 from .engine import evaluate, make_optimizer, train
@@ -59,6 +61,17 @@ def fit(model, data, config: TrainConfig, options: Options | None = None, callba
     """Train ``model`` (in place where possible) and return the summary plus
     ``model``: the trained model (a new, deeper one after multilevel)."""
     options = prepare(config, options, Options, UNSUPPORTED, NAME)
+    if config.threads is None:
+        return _fit(model, data, config, options, callbacks)
+    old = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _fit(model, data, config, options, callbacks)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _fit(model, data, config, options, callbacks):
     on_epoch = (callbacks or {}).get("on_epoch")
     kw = config.common()
     extra = {"run": config.run} if config.run else None

@@ -8,7 +8,7 @@ Each rank holds its own copy of the point and the data. Per iteration:
   (:class:`.pvd_solver.BlockSolver`); the proposals (disjoint blocks, zero
   elsewhere), the multiplier rows and the candidate losses are all-reduced;
 - synchronisation: rank 0 picks the best point or the best hull point
-  (:mod:`.pvd_sync`) and broadcasts it; every rank then fingerprints the
+  (:mod:`.sync`) and broadcasts it; every rank then fingerprints the
   point it holds and rank 0 gathers the fingerprints (history ``worker_digests``);
 - rank 0 evaluates and broadcasts whether to stop.
 

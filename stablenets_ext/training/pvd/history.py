@@ -1,7 +1,7 @@
 """What a PVD run records: the backprop trainer's history plus PVD's own columns.
 
 ``history`` is a dict of per-iteration lists, the layout of
-:func:`.backprop.new_history` (``epoch`` is the PVD iteration, ``seconds`` its
+:func:`..loop.new_history` (``epoch`` is the PVD iteration, ``seconds`` its
 training time: direction + parallel phase + synchronisation, without the
 evaluation and the fingerprint check), with these added:
 
@@ -42,7 +42,7 @@ def record(history, **values):
 
 
 def result_dict(history, stopped, cfg, partition, extra) -> dict:
-    """:func:`.backprop.summary` plus the PVD figures derived from ``history``."""
+    """:func:`..loop.summary` plus the PVD figures derived from ``history``."""
     res = loop.summary(history, stopped)
     phases = history["phase_seconds"]
     reached = [i for i, a in enumerate(history["val_accuracy"])

@@ -1,7 +1,7 @@
 """One PVD worker's work: its share of the direction, and its block subproblem.
 
 Worker ``l`` owns block ``l``. At iteration ``k``, given the current point ``x``
-and the direction ``d`` (both flat vectors, see :mod:`.pvd_blocks`), it solves
+and the direction ``d`` (both flat vectors, see :mod:`.blocks`), it solves
 
     min over (y_l, mu)   f( x_1 + mu_1 d_1, ..., y_l, ..., x_P + mu_P d_P )
 

@@ -11,22 +11,22 @@ iteration:
 2. **parallel phase**: worker ``l`` optimises its block ``x_l`` together with
    P-1 scalars ``mu_m`` that move every other block along ``d_m`` only (the
    forget-me-not terms), with Adam, for ``inner_epochs`` epochs (or
-   ``inner_batches`` mini-batches); see :mod:`.pvd_solver`;
+   ``inner_batches`` mini-batches); see :mod:`.solver`;
 3. **synchronisation**: the best of the P points (``sync="best"``) or the best
    point of the affine hull of ``x`` and the P points (``sync="hull"``), both
-   judged on a batch of the validation set; see :mod:`.pvd_sync`. The new
+   judged on a batch of the validation set; see :mod:`.sync`. The new
    point is written into the shared ``x`` that every worker maps.
 
 It stops at ``target_accuracy`` (validation) or after ``iterations``.
 
 Backends: ``process`` (P ``torch.multiprocessing`` workers over shared
-memory, :mod:`.pvd_process`), ``sequential`` (the same P subproblems run one
+memory, :mod:`.process`), ``sequential`` (the same P subproblems run one
 after another in this process: the baseline the parallel phase is timed
 against, and bit-for-bit the same iterates when each worker has one thread)
 and ``dist`` (one rank per block over ``torch.distributed``, gloo or NCCL,
-:mod:`.pvd_dist`).
+:mod:`.dist`).
 
-The result dict is the backprop trainer's (:func:`.backprop.summary`:
+The result dict is the backprop trainer's (:func:`..loop.summary`:
 ``accuracy``, ``loss``, ``seconds``, ``epochs``, ``history``...) plus the PVD
 measurements: ``phase_seconds`` per iteration, ``startup_seconds``,
 ``seconds_to_target``... :func:`compare` adds the sequential run (measured
@@ -226,7 +226,7 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
     iteration, accuracy, and the worker pids). ``phase_timeout``: seconds a
     phase may take before the workers are declared hung (None: no limit; dead
     workers are detected at once regardless). ``init_method``/``dist_timeout``:
-    for ``dist`` (see :mod:`.pvd_dist`). ``verify``: after every
+    for ``dist`` (see :mod:`.dist`). ``verify``: after every
     synchronisation each worker fingerprints the point it now holds (history
     ``worker_digests``). ``start_method``: ``"spawn"`` (default) or
     ``"forkserver"`` (torch imported once, later workers forked from it: much

@@ -26,7 +26,7 @@ def median(values):
 
 
 def finish_summary(history: dict, stopped: bool, phase: str, extra: dict) -> dict:
-    """:func:`~.backprop.summary` over ``phase``'s epochs plus the SG figures."""
+    """:func:`..loop.summary` over ``phase``'s epochs plus the SG figures."""
     idx = [i for i, p in enumerate(history["phase"]) if p == phase]
     result = loop.summary(history, stopped)
     seconds = [history["seconds"][i] for i in idx]

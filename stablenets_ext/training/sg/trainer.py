@@ -3,16 +3,16 @@
 produced its output (Jaderberg et al. 2016), as in the original research's
 ``ParallelNetworks.py``.
 
-Three ways to run the same schedule (:mod:`.synthetic_stages` defines it):
+Three ways to run the same schedule (:mod:`.stages` defines it):
 
 - in-process (``workers=None``): every stage in this process, one after the
   other; exact and deterministic, the reference the others are checked against;
 - ``backend="process"`` with ``workers=M``: one process per stage, activations
   and gradients handed on through shared-memory buffers
-  (:mod:`.synthetic_pipeline`);
+  (:mod:`.pipeline`);
 - ``backend="dist"``: one torch.distributed rank per stage, point-to-point
   sends (gloo on CPU, NCCL on GPUs), launched with torchrun
-  (:mod:`.synthetic_dist`).
+  (:mod:`.dist`).
 
 Multilevel (``coarse_epochs > 0``): a network with half the layers and twice
 the step is first trained with true gradients while the SG modules learn to
@@ -188,7 +188,7 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
              heartbeat_timeout=runtime.DEFAULT_TIMEOUT, checkpoint_extra=None) -> dict:
     """Train ``model`` (a :class:`~stablenets_ext.models.StableNet`, or its
     ``config()`` dict to build one) in place with synthetic gradients; returns
-    :func:`~.backprop.summary` plus the SG figures.
+    :func:`..loop.summary` plus the SG figures.
 
     ``stages``: sub-networks ``M`` (default ``workers`` or 2), cut at ``bounds``
     (default: near-equal layer counts). ``workers``: None for the in-process
