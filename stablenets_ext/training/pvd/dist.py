@@ -274,11 +274,19 @@ def train_dist(model, data, cfg: PVDConfig, device: torch.device, *, init_method
                        heartbeat_timeout=heartbeat_timeout, **ck)
 
 
+@contextlib.contextmanager
+def _beating(heartbeats, index):
+    heartbeats.start(index)
+    try:
+        yield
+    finally:
+        heartbeats.stop()
+
+
 def _rank_main(rank: int, world: int, init_method: str, backend: str, conn, payload: dict):
     """Entry point of a locally spawned rank."""
     runtime.exit_with_parent()  # no orphans: leave when the launcher disappears
-    with runtime.reporting_to(conn, rank):
-        payload["heartbeats"].start(rank)
+    with runtime.reporting_to(conn, rank), _beating(payload["heartbeats"], rank):
         torch.set_num_threads(payload["threads"])
         device = payload["device"]
         if device.type == "cuda" and backend == "nccl":

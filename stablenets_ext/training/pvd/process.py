@@ -112,6 +112,7 @@ def _worker_main(index: int, conn, payload: dict):
                                 heartbeat)
                 conn.send(("ok", index, reply))
     finally:
+        payload["heartbeats"].stop()
         # The Process object keeps ``payload`` alive until exit, when destructors
         # may not run: drop the shared tensors now so CUDA IPC references are
         # released while the coordinator (their producer) still waits for us.

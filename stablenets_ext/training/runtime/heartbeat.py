@@ -35,17 +35,36 @@ def check_timeout(value, name="heartbeat_timeout") -> float:
 
 
 class _Beats:
+    _thread = None
+    _stop = None
+
     def start(self, index: int, interval: float = INTERVAL) -> None:
         """Beat now and then every ``interval`` seconds from a daemon thread."""
         self.beat(index)
+        stop = threading.Event()
 
         def loop():
-            while True:
-                time.sleep(interval)
+            while not stop.wait(interval):
                 with contextlib.suppress(Exception):
                     self.beat(index)
 
-        threading.Thread(target=loop, name=f"heartbeat-{index}", daemon=True).start()
+        self._stop = stop
+        self._thread = threading.Thread(target=loop, name=f"heartbeat-{index}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the beating thread (before the process exits: a thread still
+        inside torch while the interpreter shuts down can abort it)."""
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(2 * INTERVAL)
+            self._stop = self._thread = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_thread", None)
+        state.pop("_stop", None)
+        return state
 
     def overdue(self, indices, timeout: float):
         """``(index, seconds since its last beat)`` of the first worker among

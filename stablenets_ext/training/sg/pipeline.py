@@ -236,6 +236,7 @@ def _stage_main(spec, net, sg, ctrl, up, down, inbuf, outbuf):
     torch.set_num_threads(spec["threads"])
     try:
         _StageWorker(spec, net, sg, ctrl, up, down, inbuf, outbuf).run()
+        spec["heartbeats"].stop()
     except PeerLost:
         os._exit(EXIT_PEER_LOST)
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the coordinator
