@@ -236,3 +236,14 @@ def test_second_run_on_the_same_checkpoint_is_refused(tmp_path, capsys):
         assert not ck.exists()
     assert run(["train", *TINY, "--epochs", "1", "--save", str(ck)], capsys)[0] == 0
     assert ck.exists() and not os.path.exists(str(ck) + ".lock")
+
+
+def test_sg_library_checks_threads_and_timeout():
+    from stablenets_ext.data import load_dataset
+    from stablenets_ext.models import StableNet
+
+    data = load_dataset("swiss")
+    for kw, name in (({"threads": 0}, "threads"), ({"timeout": float("nan")}, "timeout")):
+        with pytest.raises(ValueError, match=name):
+            sg.train_sg(StableNet("verlet", 2, 2, 4, width=4), data, epochs=1, batch_size=32,
+                        lr=0.01, workers=2, **kw)

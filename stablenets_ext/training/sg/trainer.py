@@ -218,6 +218,11 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
     loop.check_positive(sg_lr, "sg_lr", float)
     if not isinstance(coarse_epochs, int) or coarse_epochs < 0:
         raise ValueError(f"coarse_epochs: expected an int >= 0, got {coarse_epochs!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                or threads < 1):
+        raise ValueError(f"threads: expected a positive int, got {threads!r}")
+    if timeout is not None:
+        runtime.check_timeout(timeout, "timeout")
     if not isinstance(sg_hidden, int) or sg_hidden < 0:
         raise ValueError(f"sg_hidden: expected an int >= 0, got {sg_hidden!r}")
     if target_accuracy is not None and not 0 < target_accuracy <= 1:
