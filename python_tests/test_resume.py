@@ -21,6 +21,13 @@ def ellipse():
     return load_dataset("ellipse")
 
 
+def from_state(state):
+    """A fresh model holding ``state`` (the same start for every run)."""
+    m = StableNet("verlet", 2, 2, 8, width=4)
+    m.load_state_dict(state)
+    return m
+
+
 def flat(model):
     return BlockPartition(model, 2).flatten(dict(model.named_parameters()))
 
@@ -33,9 +40,7 @@ def test_pvd_resume_continues_exactly(ellipse, backend, tmp_path):
     start = StableNet("verlet", 2, 2, 8, width=4).state_dict()
 
     def model():
-        m = StableNet("verlet", 2, 2, 8, width=4)
-        m.load_state_dict(start)
-        return m
+        return from_state(start)
 
     whole = model()
     ref = pvd.train_pvd(whole, ellipse, iterations=4, **kw)
@@ -91,9 +96,7 @@ def test_sg_dist_resume_equals_the_inprocess_run(tmp_path):
     start = StableNet("verlet", 2, 2, 8, width=4).state_dict()
 
     def model():
-        m = StableNet("verlet", 2, 2, 8, width=4)
-        m.load_state_dict(start)
-        return m
+        return from_state(start)
 
     kw = dict(batch_size=64, lr=0.01, stages=2, quiet=True, inflight=3)
     whole = model()
