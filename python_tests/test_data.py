@@ -275,3 +275,15 @@ def test_corrupt_cifar_batch_is_named(tmp_path):
         pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, fh)
     with pytest.raises(D.DataError, match=r"data_batch_3.*0\.\.9"):
         D.load_dataset("cifar10", root=str(tmp_path), download=False)
+
+
+def test_cache_of_an_older_version_is_rebuilt(tmp_path):
+    import h5py
+
+    path = tmp_path / "old.h5"
+    good = D.load_dataset("swiss", cache=str(path))
+    with h5py.File(path, "a") as f:
+        del f.attrs["key"]
+    with pytest.warns(UserWarning, match="older version.*rebuilt"):
+        again = D.load_dataset("swiss", cache=str(path))
+    assert torch.equal(again.train_x, good.train_x)

@@ -409,13 +409,15 @@ def load_hdf5(path, with_key=False):
             t = {k: torch.from_numpy(f[k][()]) if k in f else None for k in TENSORS}
             features = json.loads(f.attrs["features"])
             features = tuple(features) if isinstance(features, list) else int(features)
-            key = json.loads(f.attrs["key"]) if "key" in f.attrs else {"name": str(f.attrs["name"])}
+            if "key" not in f.attrs:
+                raise KeyError("written by an older version, without its data parameters")
+            key = json.loads(f.attrs["key"])
             data = Dataset(str(f.attrs["name"]), t["train_x"], t["train_y"], t["val_x"],
                            t["val_y"], features, int(f.attrs["classes"]),
                            json.loads(f.attrs["meta"]), t["test_x"], t["test_y"])
     except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise CacheUnreadable(f"cache {os.fspath(path)!r} cannot be read ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        why = str(exc).strip("'\"").splitlines()[0] if str(exc) else type(exc).__name__
+        raise CacheUnreadable(f"cache {os.fspath(path)!r} cannot be used ({why})") from None
     if any(t is None for t in (data.train_x, data.train_y, data.val_x, data.val_y)):
         raise CacheUnreadable(f"cache {os.fspath(path)!r} is incomplete")
     return (data, key) if with_key else data

@@ -90,6 +90,10 @@ def train_ddp(model, data, *, init_method=None, rank=None, world=None, timeout=3
         result = backprop.train(model, data, device=device, quiet=quiet, shard=shard,
                                 **train_kwargs)
         result.update(workers=world, dist_backend=backend, rank=rank)
+        # Every rank gets here before any tears the group down: destroying a gloo
+        # group while a peer still has traffic in flight can abort the process
+        # ("terminate called without an active exception").
+        dist.barrier()
         return result
     finally:
         if own and dist.is_initialized():
