@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -133,8 +132,10 @@ def _children(pid):
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_dist_ranks_die_with_the_cli(sig, tmp_path):
-    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "stablenets-*")))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    tmp = tmp_path / "tmp"  # the launcher's run folders go here (TMPDIR), nobody else's
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp),
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen(
         [sys.executable, "-m", "stablenets_ext", "train", "--trainer", "sg", "--backend", "dist",
          "--workers", "2", "--dataset", "swiss", "--layers", "8", "--epochs", "100000", "--quiet"],
@@ -144,8 +145,7 @@ def test_dist_ranks_die_with_the_cli(sig, tmp_path):
         kids = []
         while time.monotonic() < deadline:
             kids = _children(proc.pid)
-            if len(kids) >= 3 and glob.glob(os.path.join(tempfile.gettempdir(), "stablenets-sg-*",
-                                                         "heartbeat-1")):
+            if len(kids) >= 3 and glob.glob(os.path.join(tmp, "stablenets-sg-*", "heartbeat-1")):
                 break
             time.sleep(0.5)
         assert len(kids) >= 3, "torchrun and its ranks never started"
@@ -156,7 +156,7 @@ def test_dist_ranks_die_with_the_cli(sig, tmp_path):
             time.sleep(0.5)
         assert all(gone(k) for k in kids), "ranks outlived the CLI"
         time.sleep(0.5)
-        assert set(glob.glob(os.path.join(tempfile.gettempdir(), "stablenets-*"))) <= before
+        assert glob.glob(os.path.join(tmp, "stablenets-*")) == []
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -172,7 +172,10 @@ def _rank_of(pid):
 
 
 def test_stopped_dist_rank_is_named_not_the_healthy_one(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp),
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen(
         [sys.executable, "-m", "stablenets_ext", "train", "--trainer", "sg", "--backend", "dist",
          "--workers", "2", "--dataset", "swiss", "--layers", "8", "--epochs", "100000",
@@ -186,7 +189,7 @@ def test_stopped_dist_rank_is_named_not_the_healthy_one(tmp_path):
             time.sleep(0.5)
         assert len(ranks) == 2, "the ranks never started"
         while time.monotonic() < deadline and len(glob.glob(os.path.join(
-                tempfile.gettempdir(), "stablenets-sg-*", "heartbeat-*"))) < 2:
+                tmp, "stablenets-sg-*", "heartbeat-*"))) < 2:
             time.sleep(0.5)
         time.sleep(1.0)
         os.kill(ranks[1], signal.SIGSTOP)
@@ -201,3 +204,4 @@ def test_stopped_dist_rank_is_named_not_the_healthy_one(tmp_path):
     assert b"stage 1 (torchrun rank 1) stopped responding" in err, err
     time.sleep(0.5)
     assert all(gone(p) for p in ranks.values())
+    assert glob.glob(os.path.join(tmp, "stablenets-*")) == []
