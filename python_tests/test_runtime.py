@@ -2,6 +2,7 @@
 named within the heartbeat limit, launched torchrun ranks die with their
 launcher and leave nothing in /tmp, start-up failures reap the pool."""
 
+import contextlib
 import glob
 import os
 import signal
@@ -200,8 +201,13 @@ def test_stopped_dist_rank_is_named_not_the_healthy_one(tmp_path):
         if proc.poll() is None:
             proc.terminate()  # an orderly stop: the CLI stops torchrun's session
             proc.wait(30)
+        leftover = [p for p in ranks.values() if not gone(p)]
+        time.sleep(1.0)
+        for pid in leftover:  # never leave a stopped rank behind, even when the test fails
+            if not gone(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert not leftover
     assert proc.returncode == 1
     assert b"stage 1 (torchrun rank 1) stopped responding" in err, err
-    time.sleep(0.5)
-    assert all(gone(p) for p in ranks.values())
     assert glob.glob(os.path.join(tmp, "stablenets-*")) == []
