@@ -20,6 +20,9 @@ SHARED = {
                               metavar="S", help="seconds a live worker may go without a "
                                                 "heartbeat before it is reported hung (sg, "
                                                 "pvd; default 30)"),
+    "start_timeout": dict(flags=("--start-timeout",), type=T.positive_float, metavar="S",
+                          help="seconds the workers may take to start before they are "
+                               "reported (sg, pvd; default 120)"),
 }
 # TrainConfig fields set from flags of the same name.
 CONFIG_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "lr_step", "lr_gamma", "alpha",

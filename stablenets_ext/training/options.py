@@ -122,6 +122,7 @@ class ParallelOptions:
     workers: int | None = None
     backend: str | None = None
     heartbeat_timeout: float | None = 30.0
+    start_timeout: float = 120.0
 
     def check(self):
         check_fields(self)
@@ -133,8 +134,9 @@ class ParallelOptions:
                 positive_int(self.workers)
             except ValueError as exc:
                 raise OptionError(f"workers: {exc}") from None
-        if self.heartbeat_timeout is not None:
-            from .runtime import check_timeout
+        from .runtime import check_timeout
 
+        if self.heartbeat_timeout is not None:
             check_timeout(self.heartbeat_timeout)
+        check_timeout(self.start_timeout, "start_timeout")
         return self

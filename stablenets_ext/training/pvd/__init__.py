@@ -77,7 +77,8 @@ class Options(ParallelOptions):
             sync_batch=self.pvd_sync_batch, hull_steps=self.pvd_hull_steps,
             target_accuracy=config.target_accuracy, seed=config.seed,
             threads=self.pvd_threads or config.threads, device=config.device,
-            start_method=self.pvd_start_method, heartbeat_timeout=self.heartbeat_timeout)
+            start_method=self.pvd_start_method, heartbeat_timeout=self.heartbeat_timeout,
+            start_timeout=self.start_timeout)
 
 
 def fit(model, data, config: TrainConfig, options: Options | None = None, callbacks=None) -> dict:

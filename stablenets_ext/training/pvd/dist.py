@@ -250,7 +250,7 @@ def train_dist(model, data, cfg: PVDConfig, device: torch.device, *, init_method
                timeout: float = 300.0, callback=None, eval_train=2048, verify=True,
                start_method: str = "spawn",
                heartbeat_timeout: float | None = runtime.DEFAULT_TIMEOUT, checkpoint=None,
-               resume=None, checkpoint_extra=None) -> dict:
+               resume=None, checkpoint_extra=None, start_timeout: float = 120.0) -> dict:
     """Run on the current process group, a torchrun one, or spawn local ranks."""
     ck = dict(checkpoint=checkpoint, resume=resume, checkpoint_extra=checkpoint_extra)
     if dist.is_available() and dist.is_initialized():
@@ -271,7 +271,7 @@ def train_dist(model, data, cfg: PVDConfig, device: torch.device, *, init_method
             dist.destroy_process_group()
     return spawn_local(model, data, cfg, device, init_method=init_method, timeout=timeout,
                        eval_train=eval_train, verify=verify, start_method=start_method,
-                       heartbeat_timeout=heartbeat_timeout, **ck)
+                       heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout, **ck)
 
 
 @contextlib.contextmanager
@@ -312,7 +312,7 @@ def spawn_local(model, data, cfg: PVDConfig, device: torch.device, *, init_metho
                 timeout: float = 300.0, eval_train=2048, verify=True,
                 start_method: str = "spawn",
                 heartbeat_timeout: float | None = runtime.DEFAULT_TIMEOUT, checkpoint=None,
-                resume=None, checkpoint_extra=None) -> dict:
+                resume=None, checkpoint_extra=None, start_timeout: float = 120.0) -> dict:
     """Spawn ``cfg.workers`` ranks on this machine, wait for rank 0's result and
     copy the final parameters into ``model``."""
     world = cfg.workers
@@ -343,7 +343,8 @@ def spawn_local(model, data, cfg: PVDConfig, device: torch.device, *, init_metho
                 theirs.close()
                 procs.append(p)
                 conns.append(ours)
-        result = _wait_for_result(procs, conns, payload["heartbeats"], heartbeat_timeout)
+        result = _wait_for_result(procs, conns, payload["heartbeats"], heartbeat_timeout,
+                                  start_timeout)
         for p in procs:
             p.join(10.0)
     finally:
@@ -358,9 +359,11 @@ def spawn_local(model, data, cfg: PVDConfig, device: torch.device, *, init_metho
     return result
 
 
-def _wait_for_result(procs, conns, heartbeats=None, heartbeat_timeout=None):
+def _wait_for_result(procs, conns, heartbeats=None, heartbeat_timeout=None, start_timeout=None):
     """Rank 0's ``(result, parameters)``; a WorkerError as soon as any rank fails or
-    dies, or stops beating for ``heartbeat_timeout`` seconds."""
+    dies, stops beating for ``heartbeat_timeout`` seconds, or has not started
+    (beaten once) ``start_timeout`` seconds after the start."""
+    started = time.monotonic()
     watch = {id(c): r for r, c in enumerate(conns)}
     live_conns = list(conns)
     sentinels = {p.sentinel: r for r, p in enumerate(procs)}
@@ -370,6 +373,12 @@ def _wait_for_result(procs, conns, heartbeats=None, heartbeat_timeout=None):
             heartbeats.check(list(sentinels.values()), heartbeat_timeout,
                              lambda r: f"PVD rank {r} (pid {procs[r].pid})",
                              [p.pid for p in procs])
+            silent = [r for r in sentinels.values() if heartbeats.age(r) is None]
+            if silent and start_timeout is not None and \
+                    time.monotonic() - started > start_timeout:
+                r = silent[0]
+                raise WorkerError(f"PVD rank {r} (pid {procs[r].pid}) did not start within "
+                                  f"{start_timeout:.0f} s", r)
         # Messages before deaths: a rank that reported its traceback and exited is an error.
         for obj in sorted(ready, key=lambda o: isinstance(o, int)):
             if not isinstance(obj, int):

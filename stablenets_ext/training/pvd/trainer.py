@@ -266,7 +266,7 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
         return train_dist(model, data, cfg, device, init_method=init_method, timeout=dist_timeout,
                           callback=callback, eval_train=eval_train, verify=verify,
                           start_method=start_method, heartbeat_timeout=heartbeat_timeout,
-                          checkpoint=checkpoint, resume=resume,
+                          start_timeout=start_timeout, checkpoint=checkpoint, resume=resume,
                           checkpoint_extra=checkpoint_extra)
     return _train_shared(model, data, cfg, backend, device, callback, phase_timeout, eval_train,
                          verify, start_method, heartbeat_timeout, start_timeout,

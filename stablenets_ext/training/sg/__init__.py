@@ -75,6 +75,7 @@ def fit(model, data, config: TrainConfig, options: Options | None = None, callba
         conditional=not options.sg_unconditional, coarse_epochs=options.coarse_epochs,
         threads=threads, checkpoint=config.checkpoint, resume=config.resume,
         timeout=options.sg_timeout, heartbeat_timeout=options.heartbeat_timeout,
+        start_timeout=options.start_timeout,
         on_epoch=callbacks.get("on_epoch"), on_workers_started=callbacks.get("on_workers_started"),
         checkpoint_extra={"run": config.run} if config.run else None, **kw)
     if "rank" in result:  # a torchrun rank other than 0: rank 0 reports

@@ -358,7 +358,8 @@ def _quiesce():
 
 def launch(model, nets, sgs, data, device, *, batch_size, seed, inflight, epochs, settings, threads,
            history, checkpoint, resume, target_accuracy, eval_batch_size, quiet, timeout=None,
-           heartbeat_timeout=runtime.DEFAULT_TIMEOUT, checkpoint_extra=None):
+           heartbeat_timeout=runtime.DEFAULT_TIMEOUT, checkpoint_extra=None,
+           start_timeout=120.0):
     """Run the dist backend from an ordinary process (see module doc)."""
     world = len(nets)
     bounds = [nets[0].lo] + [n.hi for n in nets]
@@ -397,7 +398,8 @@ def launch(model, nets, sgs, data, device, *, batch_size, seed, inflight, epochs
 
     out = torchrun.launch("stablenets_ext.training.sg.dist", [], world, threads=threads,
                           name="sg", prepare=prepare, collect=collect,
-                          heartbeat_timeout=heartbeat_timeout, error_type=StageError,
+                          heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout,
+                          error_type=StageError,
                           what=lambda r: f"synthetic-gradient stage {r}")
     model.load_state_dict(out["model_state"])
     for sg, state in zip(sgs, out["sg_states"]):

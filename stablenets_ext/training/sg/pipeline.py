@@ -258,7 +258,7 @@ class PipelineEngine:
 
     def __init__(self, nets, sgs, data, device, *, batch_size, seed, inflight, epochs, settings,
                  threads=1, on_started=None, timeout=300.0,
-                 heartbeat_timeout=runtime.DEFAULT_TIMEOUT):
+                 heartbeat_timeout=runtime.DEFAULT_TIMEOUT, start_timeout=120.0):
         self.count = len(nets)
         self.nets = [net.cpu() for net in nets]
         self.sgs = [sg.cpu() for sg in sgs]
@@ -270,7 +270,7 @@ class PipelineEngine:
         self.devices = stage_devices(device, self.count)
         self.on_started, self.timeout = on_started, timeout
         self.heartbeats = runtime.Heartbeats(self.count)
-        self.heartbeat_timeout = heartbeat_timeout
+        self.heartbeat_timeout, self.start_timeout = heartbeat_timeout, start_timeout
         self.procs, self.ctrl, self.pids = [], [], []
         self.init_states = [None] * self.count
         self.inbuf = None
@@ -325,7 +325,7 @@ class PipelineEngine:
         for a, b in links:
             a.close()
             b.close()
-        replies = self._collect("ready", range(self.count))
+        replies = self._collect("ready", range(self.count), limit=self.start_timeout)
         self.pids = [replies[k][2] for k in range(self.count)]
         if self.on_started is not None:
             self.on_started(list(self.pids))
@@ -409,13 +409,14 @@ class PipelineEngine:
 
     # -- waiting
 
-    def _check_stall(self, last_progress):
+    def _check_stall(self, last_progress, limit=None):
         self.heartbeats.check(range(len(self.procs)), self.heartbeat_timeout,
                               lambda k: f"synthetic-gradient stage {k} (pid {self.procs[k].pid})",
                               [p.pid for p in self.procs])
-        if time.monotonic() - last_progress > self.timeout:
+        limit = self.timeout if limit is None else limit
+        if time.monotonic() - last_progress > limit:
             raise stage_error(
-                f"synthetic-gradient pipeline: no progress for {self.timeout:.0f} s "
+                f"synthetic-gradient pipeline: no progress for {limit:.0f} s "
                 f"(stages alive: {[p.is_alive() for p in self.procs]})")
 
     def _poll(self):
@@ -444,7 +445,7 @@ class PipelineEngine:
             raise self._failure(failed)
         return out
 
-    def _collect(self, kind, stages):
+    def _collect(self, kind, stages, limit=None):
         want = set(stages)
         replies = {}
         last_progress = time.monotonic()
@@ -457,7 +458,7 @@ class PipelineEngine:
                 elif msg[0] not in ("free", "done"):
                     raise stage_error(f"synthetic-gradient pipeline: unexpected message {msg[0]!r} "
                                       f"from stage {k} while waiting for {kind!r}", k)
-            self._check_stall(last_progress)
+            self._check_stall(last_progress, limit)
         return replies
 
     def _failure(self, k, msg=None):

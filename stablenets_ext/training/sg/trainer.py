@@ -185,7 +185,8 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
              alpha=0.0, alpha_c=0.0, target_accuracy=None, device=None, seed=0, threads=None,
              checkpoint=None, resume=None, history_path=None, quiet=False, eval_batch_size=4096,
              history=None, on_epoch=None, on_workers_started=None, timeout=None,
-             heartbeat_timeout=runtime.DEFAULT_TIMEOUT, checkpoint_extra=None) -> dict:
+             heartbeat_timeout=runtime.DEFAULT_TIMEOUT, checkpoint_extra=None,
+             start_timeout=120.0) -> dict:
     """Train ``model`` (a :class:`~stablenets_ext.models.StableNet`, or its
     ``config()`` dict to build one) in place with synthetic gradients; returns
     :func:`..loop.summary` plus the SG figures.
@@ -203,7 +204,8 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
     ``on_workers_started(pids)``: called once the worker processes run.
     ``timeout``: seconds without progress after which a pipeline is declared
     stuck (default 300); ``heartbeat_timeout``: seconds a live stage may go
-    without a heartbeat before it is reported as hung (None: never). Other
+    without a heartbeat before it is reported as hung (None: never);
+    ``start_timeout``: seconds the stage processes may take to start. Other
     arguments as :func:`~.backprop.train`.
 
     The returned dict also holds ``model``, ``sg_modules`` (the trained SG
@@ -298,7 +300,8 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
                                 inflight=inflight, epochs=epochs, settings=settings,
                                 threads=threads, on_started=on_workers_started,
                                 timeout=300.0 if timeout is None else timeout,
-                                heartbeat_timeout=heartbeat_timeout)
+                                heartbeat_timeout=heartbeat_timeout,
+                                start_timeout=start_timeout)
     else:
         from .dist import launch
 
@@ -307,7 +310,7 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
                         history=history, checkpoint=checkpoint, resume=resume,
                         target_accuracy=target_accuracy, eval_batch_size=eval_batch_size,
                         quiet=quiet, timeout=timeout, heartbeat_timeout=heartbeat_timeout,
-                        checkpoint_extra=checkpoint_extra)
+                        checkpoint_extra=checkpoint_extra, start_timeout=start_timeout)
         result["coarse"] = coarse_result
         result["model"] = model
         if history_path is not None:
