@@ -61,6 +61,20 @@ def rank_setup() -> None:
         exit_with_parent(int(launcher), on_exit=cleanup)
 
 
+def exit_rank(code: int) -> None:
+    """End a torchrun rank without the interpreter's shutdown: its process group
+    is already destroyed, and tearing down what remains of gloo's threads, or
+    daemon threads still running, at interpreter exit can abort the process
+    (SIGABRT, "terminate called without an active exception"), which torchrun
+    would report as a failed rank."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(int(code or 0))
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM, delivered as an exception so that ``finally`` blocks run."""
 

@@ -464,4 +464,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if under_torchrun():
+        torchrun.exit_rank(code)
+    sys.exit(code)
