@@ -32,7 +32,6 @@ parallel phase >= 1.7x faster than the sequential one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -45,6 +44,7 @@ import torch  # noqa: E402
 from stablenets_ext import data as D, models as M, ops  # noqa: E402
 from stablenets_ext.training import backprop, pvd  # noqa: E402
 from stablenets_ext.training.presets import preset  # noqa: E402
+from stablenets_ext.training.outputs import write_json  # noqa: E402
 
 
 def build(data, cfg, seed=0):
@@ -192,8 +192,7 @@ def main(argv=None):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# load average at the end {load:.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     return 0
 
 

@@ -28,7 +28,6 @@ printed with the results; rerun when the machine is quiet.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -42,7 +41,8 @@ from stablenets_ext import models
 from stablenets_ext.data import load_dataset
 from stablenets_ext.training import backprop
 from stablenets_ext.training.presets import preset
-from stablenets_ext.training.synthetic import train_sg
+from stablenets_ext.training.outputs import write_json
+from stablenets_ext.training.sg import train_sg
 
 warnings.filterwarnings("ignore", message="stablenets_ext: no compiled kernel")
 
@@ -207,8 +207,7 @@ def main(argv=None):
     if args.part in ("all", "speed"):
         out["speed"] = speed_part(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     return 0
 
 

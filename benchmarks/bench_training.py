@@ -6,6 +6,11 @@ seed for a few epochs; the median seconds per epoch (training only, and
 training + evaluation) are compared. Target: reference / fused >= 3.
 
     python benchmarks/bench_training.py [--arch verlet|all] [--epochs 8] [--threads N] [--json]
+
+``--ddp W``: instead, data-parallel backprop (DDP, gloo, ``W`` ranks of one
+thread, ``stablenets train --backend dist``) against one process with ``W``
+threads on the same dataset preset (default digits): seconds per epoch (the
+median) and accuracy, through the CLI.
 """
 
 from __future__ import annotations
@@ -39,6 +44,33 @@ def epoch_seconds(arch, impl, cfg, data, epochs, device):
     return statistics.median(train), statistics.median(total), h["loss"][0]
 
 
+def _cli(extra, threads):
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-m", "stablenets_ext", "train", "--json", "--quiet",
+                          "--threads", str(threads), *extra], capture_output=True, text=True,
+                         env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ddp_part(dataset, world, history_dir=None):
+    """One process with ``world`` threads against ``world`` DDP ranks of one thread."""
+    rows = []
+    for label, extra, threads in (
+            ("1 process, 1 thread", [], 1),
+            (f"1 process, {world} threads", [], world),
+            (f"DDP {world} ranks x 1 thread", ["--backend", "dist", "--workers", str(world)], 1)):
+        line = _cli(["--dataset", dataset, *extra], threads)
+        rows.append({"run": label, "seconds_per_epoch": line["seconds_per_epoch"],
+                     "accuracy": line["accuracy"], "test_accuracy": line.get("test_accuracy"),
+                     "epochs": line["epochs"]})
+        print(f"{label:<28} {line['seconds_per_epoch']:.4f} s/epoch  accuracy "
+              f"{100 * line['accuracy']:.2f}% after {line['epochs']} epochs", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="swiss")
@@ -50,7 +82,14 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--json", action="store_true", help="one JSON line per arch")
+    p.add_argument("--ddp", type=int, metavar="W",
+                   help="compare DDP with W ranks against one process (default dataset digits)")
     args = p.parse_args(argv)
+    if args.ddp:
+        rows = ddp_part("digits" if args.dataset == "swiss" else args.dataset, args.ddp)
+        if args.json:
+            print(json.dumps(rows))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

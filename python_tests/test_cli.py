@@ -46,11 +46,12 @@ def test_train_json_line_history_plot_and_resume(tmp_path, capsys):
     assert json.loads(hist.read_text())["history"]["val_accuracy"][-1] == line["accuracy"]
     assert sorted(p.name for p in plot.iterdir()) == ["swiss-resnet-curves.png",
                                                       "swiss-resnet-trajectories.png"]
-    # resume to 3 epochs continues the saved run
-    assert cli.main(["train", "--resume", str(ck), "--json", "--dataset", "swiss", "--arch",
-                     "resnet", "--seed", "3", "--layers", "4", "--epochs", "3", "--quiet"]) == 0
+    # resume to 3 epochs continues the saved run (settings left out come from it)
+    saved = ck.read_bytes()
+    assert cli.main(["train", "--resume", str(ck), "--json", "--epochs", "3", "--quiet"]) == 0
     again = json_line(capsys.readouterr().out)
-    assert again["epochs"] == 3
+    assert again["epochs"] == 3 and again["arch"] == "resnet" and again["layers"] == 4
+    assert ck.read_bytes() == saved  # without --save the checkpoint is not written
 
 
 def test_train_human_output_and_levels(capsys):
@@ -62,7 +63,7 @@ def test_train_human_output_and_levels(capsys):
 @pytest.mark.parametrize("argv,needle", [
     (["train", "--arch", "conv-verlet"], "--arch conv-verlet"),
     (["train", "--workers", "2"], "--workers"),
-    (["train", "--backend", "dist"], "--backend"),
+    (["train", "--backend", "sequential"], "--backend"),
     (["train", "--resume", "/nonexistent/ck.pt"], "--resume"),
     (["train", "--gamma", "0.1", "--arch", "verlet"], "--gamma"),
     (["train", "--device", "tpu"], "--device"),
@@ -101,34 +102,54 @@ def test_fused_without_kernel(capsys):
     assert "--impl fused" in capsys.readouterr().err
 
 
-def test_missing_external_trainer(monkeypatch, capsys):
-    monkeypatch.setitem(cli.EXTERNAL_TRAINERS, "sg", "stablenets_ext.training.no_such_module")
+def test_missing_trainer_module(monkeypatch, capsys):
+    from stablenets_ext import training
+
+    monkeypatch.setitem(training.TRAINERS, "sg", "stablenets_ext.training.no_such_module")
     assert cli.main(["train", "--trainer", "sg", *SMALL]) == 2
     err = capsys.readouterr().err
     assert "--trainer sg" in err and "no_such_module" in err
 
 
-def test_external_trainer_contract(monkeypatch, capsys):
+def test_registry_trainer_contract(monkeypatch, capsys):
+    """A trainer is a module with Options (flags in the field metadata), ENGINES,
+    UNSUPPORTED, COMPARISONS and fit(): one registry entry makes it a CLI trainer."""
+    import dataclasses
+
+    from stablenets_ext import training
+    from stablenets_ext.training.options import option, positive_int
+
     fake = types.ModuleType("fake_trainer")
     seen = {}
 
-    def add_cli_arguments(group):
-        group.add_argument("--fake-knob", type=int, default=1)
+    @dataclasses.dataclass
+    class Options:
+        fake_knob: int = option("--fake-knob", 1, type=positive_int, help="a knob")
+        workers: int = None
 
-    def run_cli(args, data, device):
-        seen.update(knob=args.fake_knob, workers=args.workers, arch=args.arch, data=data.name)
+    def fit(model, data, config, options=None, callbacks=None):
+        seen.update(knob=options.fake_knob, workers=options.workers, arch=model.arch,
+                    data=data.name, epochs=config.epochs, alpha=config.alpha)
         return {"accuracy": 0.5, "loss": 0.7, "seconds": 1.0, "epochs": 1, "history": {},
-                "extra": "x"}
+                "extra": "x", "model": model}
 
-    fake.add_cli_arguments, fake.run_cli = add_cli_arguments, run_cli
+    fake.Options, fake.fit, fake.ENGINES = Options, fit, {"inprocess": "here"}
+    fake.UNSUPPORTED, fake.COMPARISONS = frozenset({"alpha"}), ()
     monkeypatch.setitem(sys.modules, "fake_trainer", fake)
-    monkeypatch.setitem(cli.EXTERNAL_TRAINERS, "pvd", "fake_trainer")
-    assert cli.main(["train", "--trainer", "pvd", "--workers", "3", "--fake-knob", "5", "--json",
-                     "--dataset", "ellipse"]) == 0
+    monkeypatch.setitem(training.TRAINERS, "fake", "fake_trainer")
+    assert cli.main(["train", "--trainer", "fake", "--workers", "3", "--fake-knob", "5",
+                     "--json", "--dataset", "ellipse", "--epochs", "4"]) == 0
     line = json_line(capsys.readouterr().out)
-    assert seen == {"knob": 5, "workers": 3, "arch": "verlet", "data": "ellipse"}
-    assert line["accuracy"] == 0.5 and line["trainer"] == "pvd" and line["extra"] == "x"
-    assert cli.main(["train", "--trainer", "pvd", "--levels", "2"]) == 2
+    assert seen == {"knob": 5, "workers": 3, "arch": "verlet", "data": "ellipse", "epochs": 4,
+                    "alpha": 0.0}
+    assert line["accuracy"] == 0.5 and line["trainer"] == "fake" and line["extra"] == "x"
+    # flags the trainer does not declare, or settings it cannot honour, are refused
+    assert cli.main(["train", "--trainer", "fake", "--levels", "2"]) == 2
+    assert "--levels: only applies to --trainer backprop" in capsys.readouterr().err
+    assert cli.main(["train", "--trainer", "fake", "--alpha", "0.1"]) == 2
+    assert "--alpha" in capsys.readouterr().err
+    assert cli.main(["train", "--trainer", "fake", "--compare", "backprop"]) == 2
+    assert "--compare" in capsys.readouterr().err
 
 
 def test_stability_delegates(monkeypatch):
@@ -159,3 +180,53 @@ def test_train_conv_arch_on_self_written_mnist(tmp_path, capsys):
     empty.mkdir()
     assert cli.main(["train", "--dataset", "mnist", "--data-root", str(empty), "--no-download"]) == 2
     assert "MNIST/raw" in capsys.readouterr().err
+
+
+def test_image_runs_report_the_test_set_once(tmp_path, capsys):
+    from test_data import write_mnist
+
+    write_mnist(tmp_path, n_train=24, n_test=8, side=6)
+    ck = tmp_path / "ck.pt"
+    argv = ["train", "--dataset", "mnist", "--data-root", str(tmp_path), "--no-download",
+            "--arch", "conv-verlet", "--width", "4", "--layers", "2", "--epochs", "1",
+            "--batch-size", "8", "--json", "--quiet", "--kernel-size", "5", "--pool", "2",
+            "--lift", "learn", "--save", str(ck)]
+    assert cli.main(argv) == 0
+    line = json_line(capsys.readouterr().out)
+    assert 0 <= line["test_accuracy"] <= 1 and "test_loss" in line
+    config = torch.load(ck, weights_only=False)["model_config"]
+    assert config["kernel_size"] == 5 and config["pool"] == 2 and config["lift"] is True
+
+
+def test_batch_norm_flag_reaches_the_model_or_is_refused(tmp_path, capsys):
+    import inspect
+
+    from stablenets_ext import conv
+    from test_data import write_mnist
+
+    write_mnist(tmp_path, n_train=16, n_test=8, side=6)
+    argv = ["train", "--dataset", "mnist", "--data-root", str(tmp_path), "--no-download",
+            "--arch", "conv-verlet", "--width", "4", "--layers", "2", "--epochs", "1",
+            "--batch-size", "8", "--json", "--quiet", "--batch-norm"]
+    accepts = "batch_norm" in inspect.signature(conv.ConvVerletStack.__init__).parameters \
+        or "batch_norm" in inspect.signature(conv.ConvStack.__init__).parameters \
+        if hasattr(conv, "ConvStack") else False
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    if accepts:
+        assert code == 0, err
+    else:
+        assert code == 2 and "--batch-norm" in err and "does not accept" in err
+
+
+def test_multilevel_takes_lr_and_step_per_level(tmp_path, capsys):
+    hist = tmp_path / "h.json"
+    assert cli.main(["train", "--dataset", "ellipse", "--layers", "4", "--epochs", "2",
+                     "--levels", "2", "--level-lr", "0.05,0.01", "--level-step", "0.2,0.05",
+                     "--json", "--quiet", "--threads", "1", "--history", str(hist)]) == 0
+    levels = json.loads(hist.read_text())["levels"]
+    assert [lv["lr"] for lv in levels] == [0.05, 0.01]
+    assert [lv["step"] for lv in levels] == [0.2, 0.05]
+    assert [lv["layers"] for lv in levels] == [4, 8]
+    assert cli.main(["train", "--levels", "2", "--level-lr", "0.1,0.2,0.3"]) == 2
+    assert "--level-lr: expected one value per level (2), got 3" in capsys.readouterr().err

@@ -102,13 +102,17 @@ def test_mnist_from_self_written_idx_files(tmp_path):
     arrays = write_mnist(tmp_path)
     d = D.load_dataset("mnist", root=str(tmp_path), download=False)
     assert d.features == (1, 5, 5) and d.classes == 10
-    assert d.train_x.shape == (12, 1, 5, 5) and d.val_x.shape == (6, 1, 5, 5)
-    assert d.train_y.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
+    # validation is held out of the training files; the test files are kept apart
+    assert d.train_x.shape == (11, 1, 5, 5) and d.val_x.shape == (1, 1, 5, 5)
+    assert d.test_x.shape == (6, 1, 5, 5)
+    assert d.test_y.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
+    labels = sorted(d.train_y.tolist() + d.val_y.tolist())
+    assert labels == sorted(arrays["train-labels-idx1-ubyte"].tolist())
     assert abs(float(d.train_x.mean())) < 1e-5 and abs(float(d.train_x.std()) - 1) < 0.05
     # standardisation is monotone: the pixel order is the file's
-    flat = arrays["train-images-idx3-ubyte"].reshape(-1)
+    flat = arrays["t10k-images-idx3-ubyte"].reshape(-1)
     order = np.argsort(flat, kind="stable")
-    assert np.all(np.diff(d.train_x.reshape(-1).numpy()[order]) >= -1e-6)
+    assert np.all(np.diff(d.test_x.reshape(-1).numpy()[order]) >= -1e-6)
 
 
 def write_cifar(root, name, n=4):
@@ -128,7 +132,9 @@ def test_cifar_from_self_written_pickles(tmp_path, name, train):
     write_cifar(tmp_path, name)
     d = D.load_dataset(name, root=str(tmp_path), download=False)
     assert d.features == (3, 32, 32) and d.classes == D.CIFAR[name]["classes"]
-    assert d.train_x.shape == (train, 3, 32, 32) and d.val_x.shape == (4, 3, 32, 32)
+    n_val = max(1, round(train / 12))
+    assert d.train_x.shape == (train - n_val, 3, 32, 32) and d.val_x.shape == (n_val, 3, 32, 32)
+    assert d.test_x.shape == (4, 3, 32, 32)
     assert d.train_y.dtype == torch.int64
     assert torch.allclose(d.train_x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
 
@@ -167,8 +173,9 @@ def test_hdf5_cache_round_trip(tmp_path, name):
         for f in (tmp_path / "MNIST" / "raw").iterdir():
             f.unlink()
     second = D.load_dataset(name, root=str(tmp_path), download=False, cache=str(path))
-    for key in ("train_x", "train_y", "val_x", "val_y"):
-        assert torch.equal(getattr(first, key), getattr(second, key))
+    for key in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        a, b = getattr(first, key), getattr(second, key)
+        assert (a is None and b is None) or torch.equal(a, b)
     assert second.features == first.features and second.classes == first.classes
     with pytest.raises(ValueError, match="cache"):
         D.load_dataset("ellipse", cache=str(path))
@@ -195,3 +202,88 @@ def test_tensor_loader_batches_and_shuffles_by_epoch():
     assert len(D.TensorLoader(x, y, 4, drop_last=True)) == 2
     with pytest.raises(ValueError, match="batch_size"):
         D.TensorLoader(x, y, 0)
+
+
+# ------------------------------------------------------- hostile inputs
+
+
+def test_cache_is_keyed_by_every_data_parameter(tmp_path):
+    path = tmp_path / "e.h5"
+    zero = D.load_dataset("ellipse", cache=str(path), seed=0)
+    with pytest.raises(ValueError, match=r"seed 0, not 1"):
+        D.load_dataset("ellipse", cache=str(path), seed=1)
+    assert torch.equal(D.load_dataset("ellipse", cache=str(path), seed=0).train_x, zero.train_x)
+    # the default location keys the file name by the seed
+    one = D.load_dataset("ellipse", root=str(tmp_path), cache=True, seed=1)
+    assert not torch.equal(one.train_x, zero.train_x)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_unreadable_cache_is_rebuilt_with_a_warning(tmp_path, damage):
+    path = tmp_path / "s.h5"
+    good = D.load_dataset("swiss", cache=str(path))
+    raw = path.read_bytes()
+    path.write_bytes({"truncate": raw[:len(raw) // 3], "garbage": b"not hdf5" * 10,
+                      "empty": b""}[damage])
+    with pytest.warns(UserWarning, match=r"cache .*s\.h5.* rebuilt"):
+        again = D.load_dataset("swiss", cache=str(path))
+    assert torch.equal(again.train_x, good.train_x)
+    assert torch.equal(D.load_dataset("swiss", cache=str(path)).train_x, good.train_x)
+
+
+def _damage_mnist(root, kind):
+    raw = root / "MNIST" / "raw"
+    name = "train-images-idx3-ubyte"
+    if kind == "truncated":
+        data = (raw / name).read_bytes()
+        (raw / name).write_bytes(data[:len(data) - 7])
+        return name
+    if kind == "bad-gzip":
+        (raw / name).unlink()
+        (raw / (name + ".gz")).write_bytes(b"\x1f\x8b\x08\x00garbage")
+        return name + ".gz"
+    if kind == "2-d images":
+        write_idx(raw / name, np.zeros((12, 25)))
+        return name
+    if kind == "labels out of range":
+        write_idx(raw / "train-labels-idx1-ubyte", np.full(12, 11))
+        return "train-labels-idx1-ubyte"
+    if kind == "label count":
+        write_idx(raw / "train-labels-idx1-ubyte", np.zeros(5))
+        return "train-labels-idx1-ubyte"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "bad-gzip", "2-d images", "labels out of range",
+                                  "label count"])
+def test_corrupt_mnist_files_are_named(tmp_path, kind):
+    write_mnist(tmp_path)
+    name = _damage_mnist(tmp_path, kind)
+    with pytest.raises(D.DataError) as err:
+        D.load_dataset("mnist", root=str(tmp_path), download=False)
+    msg = str(err.value)
+    assert name in msg and "\n" not in msg
+
+
+def test_corrupt_cifar_batch_is_named(tmp_path):
+    write_cifar(tmp_path, "cifar10")
+    bad = tmp_path / D.CIFAR["cifar10"]["folder"] / "data_batch_3"
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(D.DataError, match="data_batch_3"):
+        D.load_dataset("cifar10", root=str(tmp_path), download=False)
+    with open(bad, "wb") as fh:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, fh)
+    with pytest.raises(D.DataError, match=r"data_batch_3.*0\.\.9"):
+        D.load_dataset("cifar10", root=str(tmp_path), download=False)
+
+
+def test_cache_of_an_older_version_is_rebuilt(tmp_path):
+    import h5py
+
+    path = tmp_path / "old.h5"
+    good = D.load_dataset("swiss", cache=str(path))
+    with h5py.File(path, "a") as f:
+        del f.attrs["key"]
+    with pytest.warns(UserWarning, match="older version.*rebuilt"):
+        again = D.load_dataset("swiss", cache=str(path))
+    assert torch.equal(again.train_x, good.train_x)

@@ -20,9 +20,9 @@ from stablenets_ext.data import load_dataset
 from stablenets_ext.models import StableNet
 from stablenets_ext.training import pvd
 from stablenets_ext.training.presets import preset
-from stablenets_ext.training.pvd_blocks import BlockPartition, digest, split_layers
-from stablenets_ext.training.pvd_solver import Net, PVDConfig, SharedState
-from stablenets_ext.training.pvd_sync import synchronise
+from stablenets_ext.training.pvd.blocks import BlockPartition, digest, split_layers
+from stablenets_ext.training.pvd.solver import Net, PVDConfig, SharedState
+from stablenets_ext.training.pvd.sync import synchronise
 
 from conftest import needs_cuda
 
@@ -159,7 +159,7 @@ def test_hull_never_worse_than_best(ellipse):
         net = Net(model, {}, part)
         losses = []
         for l in range(3):
-            from stablenets_ext.training.pvd_solver import candidate
+            from stablenets_ext.training.pvd.solver import candidate
 
             point = candidate(part, shared.x, shared.d, shared.proposal, shared.mu[l], l)
             losses.append(net.loss(point, ellipse.val_x, ellipse.val_y).item())
@@ -198,7 +198,7 @@ def test_cli_ellipse_reaches_target_identical_workers(ellipse, tmp_path, capsys)
     hist = tmp_path / "history.json"
     rc = cli.main(["train", "--dataset", "ellipse", "--trainer", "pvd", "--workers", "2",
                    "--target-accuracy", "95", "--epochs", "10", "--pvd-threads", "1",
-                   "--pvd-compare", "all", "--json", "--quiet", "--history", str(hist)])
+                   "--compare", "sequential,backprop", "--json", "--quiet", "--history", str(hist)])
     assert rc == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["trainer"] == "pvd" and line["accuracy"] >= 0.95 and line["reached_target"]

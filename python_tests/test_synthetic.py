@@ -19,8 +19,8 @@ from torch import nn
 from stablenets_ext import models
 from stablenets_ext.data import load_dataset
 from stablenets_ext.training import backprop
-from stablenets_ext.training.synthetic import InProcessEngine, StageError, _make_runners, train_sg
-from stablenets_ext.training.synthetic_stages import (
+from stablenets_ext.training.sg.trainer import InProcessEngine, StageError, make_runners, train_sg
+from stablenets_ext.training.sg.stages import (
     SyntheticGradient,
     chain_forward,
     make_sg_modules,
@@ -101,11 +101,11 @@ def test_true_gradients_through_the_cuts_are_backprop(arch, swiss, one_thread):
     backprop.train(ref, swiss, epochs=1, batch_size=64, lr=0.01, quiet=True)
     nets = split_model(cut, stages=3)
     sgs = make_sg_modules(nets, swiss.train_x[:1], swiss.classes)
-    runners = _make_runners(nets, sgs, 1, dict(lr=0.01), torch.device("cpu"))
+    runners = make_runners(nets, sgs, 1, dict(lr=0.01), torch.device("cpu"))
     engine = InProcessEngine(runners, swiss, torch.device("cpu"), batch_size=64, seed=0,
                              synthetic=False)
     engine.run_epoch(0)
-    from stablenets_ext.training.synthetic_stages import merge_stages
+    from stablenets_ext.training.sg.stages import merge_stages
 
     merge_stages(nets, cut)
     torch.testing.assert_close(params(cut), params(ref), rtol=1e-4, atol=1e-5)
@@ -199,7 +199,7 @@ def test_cli_json_line(capsys):
     from stablenets_ext import cli
 
     rc = cli.main(["train", "--trainer", "sg", "--dataset", "swiss", "--layers", "4",
-                   "--epochs", "2", "--stages", "2", "--sg-baseline-epochs", "1", "--json"])
+                   "--epochs", "2", "--stages", "2", "--compare", "backprop", "--sg-baseline-epochs", "1", "--json"])
     assert rc == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("accuracy", "seconds_per_epoch", "theoretical_seconds_per_epoch", "sg_loss",
@@ -328,7 +328,7 @@ def test_ctrl_c_stops_the_pipeline(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen(
         [sys.executable, "-m", "stablenets_ext", "train", "--trainer", "sg", "--workers", "2",
-         "--dataset", "swiss", "--epochs", "1000", "--sg-baseline-epochs", "0", "--quiet"],
+         "--dataset", "swiss", "--epochs", "1000", "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 90
@@ -353,14 +353,14 @@ def test_ctrl_c_stops_the_pipeline(tmp_path):
 
 
 def test_torchrun_two_ranks(tmp_path):
-    from stablenets_ext.training.synthetic_dist import free_port
+    from stablenets_ext.training.runtime import free_port
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           "-m", "stablenets_ext.training.synthetic_dist", "--dataset", "digits", "--layers", "8",
+           "-m", "stablenets_ext.training.sg.dist", "--dataset", "digits", "--layers", "8",
            "--width", "64", "--epochs", "6", "--batch-size", "64", "--lr", "0.01",
-           "--target-accuracy", "0.9", "--sg-baseline-epochs", "0", "--json"]
+           "--target-accuracy", "0.9", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=150)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from stablenets_ext import data as D, models as M, ops
-from stablenets_ext.training import backprop, checkpoint, multilevel, plots, regularizers
+from stablenets_ext.training import backprop, checkpoint, plots, regularizers
+from stablenets_ext.training.backprop import multilevel
 from stablenets_ext.training.presets import ARCH_PRESETS, PRESETS, preset
 
 needs_cpu_kernel = pytest.mark.skipif(not ops.has_kernel("cpu"), reason="no fused CPU kernel built")

@@ -13,9 +13,18 @@ labels, split into train and validation (the test set, for the image data):
 - ``mnist``, ``cifar10``, ``cifar100``: read from the files torchvision
   downloads (IDX files; pickled batches), downloaded through torchvision when
   online. Images keep their ``(C, H, W)`` shape and are standardised per
-  channel with the training mean and standard deviation.
+  channel with the training mean and standard deviation. Validation is a
+  fixed split held out of the training files (``val_fraction``, 1/12: 5000
+  MNIST images); the test files become ``test_x``/``test_y``, which the CLI
+  evaluates once, at the end.
 
-Any dataset can be cached as HDF5 (``cache=``) and read back in one go;
+Files that are not what they should be (truncated, bad gzip, wrong shape,
+labels out of range, a foreign pickle) raise :class:`DataError`, one line
+naming the file.
+
+Any dataset can be cached as HDF5 (``cache=``) and read back in one go; the
+cache records every parameter that shapes the data (a cache of other data is
+refused, naming the parameters; an unreadable one is rebuilt with a warning);
 :class:`TensorLoader` then serves batches by indexing the resident tensors, so
 no Python decoding happens per batch.
 """
@@ -24,11 +33,14 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import json
 import math
 import os
 import pickle
 import socket
 import struct
+import warnings
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +49,12 @@ import torch
 DATASETS = ("ellipse", "swiss", "digits", "mnist", "cifar10", "cifar100")
 IMAGE_DATASETS = ("mnist", "cifar10", "cifar100")
 DATA_ENV = "STABLENETS_DATA"
+IMAGE_VAL_FRACTION = 1 / 12  # MNIST: 5000 of the 60000 training images
+CACHE_VERSION = 2
+
+
+class DataError(ValueError):
+    """A data file that is not what it should be; the message names it."""
 
 
 @dataclass
@@ -51,15 +69,18 @@ class Dataset:
     features: int | tuple
     classes: int
     meta: dict = field(default_factory=dict)
+    test_x: torch.Tensor | None = None  # image sets: the test files, evaluated once at the end
+    test_y: torch.Tensor | None = None
 
     @property
     def is_image(self) -> bool:
         return isinstance(self.features, tuple)
 
     def to(self, device) -> "Dataset":
+        move = (lambda t: None if t is None else t.to(device))
         return Dataset(self.name, self.train_x.to(device), self.train_y.to(device),
                        self.val_x.to(device), self.val_y.to(device), self.features,
-                       self.classes, dict(self.meta))
+                       self.classes, dict(self.meta), move(self.test_x), move(self.test_y))
 
     def __repr__(self):
         return (f"Dataset({self.name!r}, train={tuple(self.train_x.shape)}, "
@@ -144,16 +165,25 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 def read_idx(path) -> np.ndarray:
     """Read an IDX file (optionally gzipped), the format of the MNIST files."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: cannot be read ({'truncated or corrupt gzip: ' if str(path).endswith('.gz') else ''}"
+                        f"{type(exc).__name__}: {exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
     ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: expected {int(np.prod(dims))} values for shape {dims}, "
-                         f"found {data.size}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX file (the header promises {ndim} dimensions)")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    itemsize = np.dtype(_IDX_DTYPES[raw[2]]).itemsize
+    count = (len(raw) - header) // itemsize
+    if count != int(np.prod(dims)):
+        raise DataError(f"{path}: truncated or padded IDX file: expected {int(np.prod(dims))} "
+                        f"values for shape {dims}, found {count}")
+    data = np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=header, count=count)
     return data.reshape(dims)
 
 
@@ -225,7 +255,29 @@ def _standardise(train, val):
     return (train - mean) / std, (val - mean) / std, mean.flatten().tolist(), std.flatten().tolist()
 
 
-def mnist(root=None, download=None) -> Dataset:
+def _check_labels(labels, classes, path):
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise DataError(f"{path}: labels must lie in 0..{classes - 1}, found "
+                        f"{int(labels.min())}..{int(labels.max())}")
+
+
+def _held_out(name, images, labels, test_x, test_y, classes, val_fraction) -> Dataset:
+    """Validation = a fixed random ``val_fraction`` of the training images;
+    standardised with the remaining training images' statistics."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction: expected a fraction in (0, 1), got {val_fraction!r}")
+    n = images.shape[0]
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    tr_i, va_i = perm[n_val:].sort().values, perm[:n_val].sort().values
+    tr, va = images[tr_i], images[va_i]
+    tr, va, mean, std = _standardise(tr, va)
+    te = (test_x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    return Dataset(name, tr, labels[tr_i], va, labels[va_i], tuple(tr.shape[1:]), classes,
+                   {"mean": mean, "std": std, "val_fraction": val_fraction}, te, test_y)
+
+
+def mnist(root=None, download=None, val_fraction=IMAGE_VAL_FRACTION) -> Dataset:
     root = root or default_root()
     paths = _mnist_paths(root)
     if paths is None:
@@ -235,20 +287,37 @@ def mnist(root=None, download=None) -> Dataset:
             where = ", ".join(MNIST_FILES.values()) + " (IDX files, optionally .gz) in MNIST/raw/"
             raise _missing("mnist", root, where, why or "torchvision did not write them")
     arr = {k: read_idx(p) for k, p in paths.items()}
-    tr = torch.from_numpy(arr["train_x"].astype(np.float32) / 255.0).unsqueeze(1)
-    va = torch.from_numpy(arr["val_x"].astype(np.float32) / 255.0).unsqueeze(1)
-    tr, va, mean, std = _standardise(tr, va)
-    ytr = torch.from_numpy(arr["train_y"].astype(np.int64))
-    yva = torch.from_numpy(arr["val_y"].astype(np.int64))
-    return Dataset("mnist", tr, ytr, va, yva, tuple(tr.shape[1:]), 10, {"mean": mean, "std": std})
+    for part in ("train", "val"):
+        images, labels = arr[f"{part}_x"], arr[f"{part}_y"]
+        if images.ndim != 3:
+            raise DataError(f"{paths[part + '_x']}: expected images (N, H, W), found an array of "
+                            f"shape {images.shape}")
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise DataError(f"{paths[part + '_y']}: expected {images.shape[0]} labels (one per "
+                            f"image in {os.path.basename(paths[part + '_x'])}), found shape "
+                            f"{labels.shape}")
+        _check_labels(labels, 10, paths[part + "_y"])
+    images = torch.from_numpy(arr["train_x"].astype(np.float32) / 255.0).unsqueeze(1)
+    te = torch.from_numpy(arr["val_x"].astype(np.float32) / 255.0).unsqueeze(1)
+    labels = torch.from_numpy(arr["train_y"].astype(np.int64))
+    yte = torch.from_numpy(arr["val_y"].astype(np.int64))
+    return _held_out("mnist", images, labels, te, yte, 10, val_fraction)
 
 
 def _unpickle(path):
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            ImportError, IndexError, KeyError) as exc:
+        raise DataError(f"{path}: not a CIFAR batch (truncated or another format: "
+                        f"{type(exc).__name__}: {exc})") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{path}: not a CIFAR batch (a {type(batch).__name__}, not a dict)")
+    return batch
 
 
-def cifar(name, root=None, download=None) -> Dataset:
+def cifar(name, root=None, download=None, val_fraction=IMAGE_VAL_FRACTION) -> Dataset:
     root = root or default_root()
     spec = CIFAR[name]
     d = _cifar_dir(root, name)
@@ -262,49 +331,96 @@ def cifar(name, root=None, download=None) -> Dataset:
     def read(files):
         xs, ys = [], []
         for f in files:
-            batch = _unpickle(os.path.join(d, f))
-            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(batch[spec["label"]], dtype=np.int64))
+            path = os.path.join(d, f)
+            batch = _unpickle(path)
+            if b"data" not in batch or spec["label"] not in batch:
+                raise DataError(f"{path}: not a {name} batch (no {b'data'!r} or "
+                                f"{spec['label']!r} entry)")
+            data = np.asarray(batch[b"data"])
+            labels = np.asarray(batch[spec["label"]], dtype=np.int64)
+            if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
+                raise DataError(f"{path}: expected (N, 3072) images and N labels, found "
+                                f"{data.shape} and {labels.shape}")
+            _check_labels(labels, spec["classes"], path)
+            xs.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(labels)
         x = torch.from_numpy(np.concatenate(xs).astype(np.float32) / 255.0)
         return x, torch.from_numpy(np.concatenate(ys))
 
-    tr, ytr = read(spec["train"])
-    va, yva = read(spec["test"])
-    tr, va, mean, std = _standardise(tr, va)
-    return Dataset(name, tr, ytr, va, yva, (3, 32, 32), spec["classes"], {"mean": mean, "std": std})
+    images, labels = read(spec["train"])
+    te, yte = read(spec["test"])
+    return _held_out(name, images, labels, te, yte, spec["classes"], val_fraction)
 
 
 # ------------------------------------------------------------------- cache
 
 
-def save_hdf5(data: Dataset, path) -> None:
+TENSORS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+
+
+def data_key(name, seed=0) -> dict:
+    """Every parameter that shapes a dataset: what a cache must match."""
+    key = {"name": name, "version": CACHE_VERSION}
+    if name == "ellipse":
+        key.update(seed=int(seed), train_per_class=500, val_per_class=100)
+    elif name == "swiss":
+        key.update(points_per_class=513)
+    elif name == "digits":
+        key.update(test_fraction=0.2, split_seed=0)
+    else:
+        key.update(val_fraction=IMAGE_VAL_FRACTION, split_seed=0)
+    return key
+
+
+def save_hdf5(data: Dataset, path, key: dict | None = None) -> None:
     """Write a dataset to one HDF5 file (atomically: a temporary file, then a rename)."""
     import h5py
-    import json
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with h5py.File(tmp, "w") as f:
-        for key in ("train_x", "train_y", "val_x", "val_y"):
-            f.create_dataset(key, data=getattr(data, key).numpy())
-        f.attrs["name"] = data.name
-        f.attrs["features"] = json.dumps(data.features)
-        f.attrs["classes"] = data.classes
-        f.attrs["meta"] = json.dumps(data.meta)
-    os.replace(tmp, path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for k in TENSORS:
+                t = getattr(data, k)
+                if t is not None:
+                    f.create_dataset(k, data=t.numpy())
+            f.attrs["name"] = data.name
+            f.attrs["features"] = json.dumps(data.features)
+            f.attrs["classes"] = data.classes
+            f.attrs["meta"] = json.dumps(data.meta)
+            f.attrs["key"] = json.dumps(key if key is not None else {"name": data.name})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def load_hdf5(path) -> Dataset:
-    """Read a dataset written by :func:`save_hdf5`, wholly into memory."""
+class CacheUnreadable(DataError):
+    """A cache file that cannot be read (truncated, not HDF5)."""
+
+
+def load_hdf5(path, with_key=False):
+    """Read a dataset written by :func:`save_hdf5`, wholly into memory
+    (``with_key``: also return the parameters it was written with)."""
     import h5py
-    import json
 
-    with h5py.File(path, "r") as f:
-        t = {k: torch.from_numpy(f[k][()]) for k in ("train_x", "train_y", "val_x", "val_y")}
-        features = json.loads(f.attrs["features"])
-        features = tuple(features) if isinstance(features, list) else int(features)
-        return Dataset(str(f.attrs["name"]), t["train_x"], t["train_y"], t["val_x"], t["val_y"],
-                       features, int(f.attrs["classes"]), json.loads(f.attrs["meta"]))
+    try:
+        with h5py.File(path, "r") as f:
+            t = {k: torch.from_numpy(f[k][()]) if k in f else None for k in TENSORS}
+            features = json.loads(f.attrs["features"])
+            features = tuple(features) if isinstance(features, list) else int(features)
+            if "key" not in f.attrs:
+                raise KeyError("written by an older version, without its data parameters")
+            key = json.loads(f.attrs["key"])
+            data = Dataset(str(f.attrs["name"]), t["train_x"], t["train_y"], t["val_x"],
+                           t["val_y"], features, int(f.attrs["classes"]),
+                           json.loads(f.attrs["meta"]), t["test_x"], t["test_y"])
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        why = str(exc).strip("'\"").splitlines()[0] if str(exc) else type(exc).__name__
+        raise CacheUnreadable(f"cache {os.fspath(path)!r} cannot be used ({why})") from None
+    if any(t is None for t in (data.train_x, data.train_y, data.val_x, data.val_y)):
+        raise CacheUnreadable(f"cache {os.fspath(path)!r} is incomplete")
+    return (data, key) if with_key else data
 
 
 def load_dataset(name, *, root=None, seed=0, download=None, cache=None) -> Dataset:
@@ -314,18 +430,34 @@ def load_dataset(name, *, root=None, seed=0, download=None, cache=None) -> Datas
     ``~/.cache/stablenets/data``). ``seed``: draw of the random synthetic sets
     (ellipse). ``download``: True, False or None (download when online, image
     sets only). ``cache``: an HDF5 path, True (``<root>/<name>[-seed].h5``), or
-    None/False for none: an existing cache is read, else it is written."""
+    None/False for none: an existing cache is read when it was written with
+    the same parameters (:func:`data_key`; another dataset's or another seed's
+    is refused, naming what differs), an unreadable one is rebuilt with a
+    warning, a missing one is written."""
     if name not in DATASETS:
         raise ValueError(f"dataset: expected one of {list(DATASETS)}, got {name!r}")
+    key = data_key(name, seed)
     path = None
     if cache:
         stem = f"{name}-seed{seed}" if name == "ellipse" else name
         path = os.path.join(root or default_root(), f"{stem}.h5") if cache is True else os.fspath(cache)
+        if os.path.isdir(path):
+            raise DataError(f"cache: {path!r} is a folder; give a file name")
         if os.path.exists(path):
-            data = load_hdf5(path)
-            if data.name != name:
-                raise ValueError(f"cache: {path!r} holds dataset {data.name!r}, not {name!r}")
-            return data
+            try:
+                data, found = load_hdf5(path, with_key=True)
+            except CacheUnreadable as exc:
+                warnings.warn(f"{exc}: it is rebuilt", stacklevel=2)
+            else:
+                if data.name != name:
+                    raise ValueError(f"cache: {path!r} holds dataset {data.name!r}, not {name!r}")
+                differ = sorted(k for k in set(key) | set(found) if key.get(k) != found.get(k))
+                if differ:
+                    raise ValueError(
+                        f"cache: {path!r} holds {name} data made with other parameters ("
+                        + ", ".join(f"{k} {found.get(k)!r}, not {key.get(k)!r}" for k in differ)
+                        + "); give another --cache path or remove it")
+                return data
     if name == "ellipse":
         data = ellipse(seed)
     elif name == "swiss":
@@ -337,7 +469,7 @@ def load_dataset(name, *, root=None, seed=0, download=None, cache=None) -> Datas
     else:
         data = cifar(name, root, download)
     if path is not None:
-        save_hdf5(data, path)
+        save_hdf5(data, path, key)
     return data
 
 

@@ -72,7 +72,6 @@ h = 0.1, tanh, b = 0) with a constant K from points on the unit circle, for
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -81,7 +80,9 @@ import time
 import torch
 
 from . import functional as SF
-from .cli import _positive_float, _positive_int
+from .training.options import positive_float as _positive_float
+from .training.options import positive_int as _positive_int
+from .training.options import seed as _seed
 from . import reference
 
 DEFAULT_DEPTHS = (8, 32, 128, 512, 1024)
@@ -392,7 +393,7 @@ def build_parser():
                    help=f"layer counts (default {','.join(map(str, DEFAULT_DEPTHS))})")
     p.add_argument("--features", type=_positive_int, default=8, help="width d (default 8)")
     p.add_argument("--batch", type=_positive_int, default=16, help="rows of Y_0 (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="weights, inputs and W (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="weights, inputs and W (default 0)")
     p.add_argument("--out", default="stability.png",
                    help="plot file, any format matplotlib writes (default stability.png)")
     p.add_argument("--json", action="store_true",
@@ -416,6 +417,13 @@ def main(argv=None):
     """``stablenets stability [options]``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if not args.no_plot:  # before the computation, not after it
+        from .training.outputs import OutputPathError, check_file
+
+        try:
+            check_file(args.out, "--out")
+        except OutputPathError as exc:
+            parser.error(str(exc))
     try:
         report = stability_report(
             args.depths or DEFAULT_DEPTHS, args.features, args.batch, args.seed,
@@ -431,7 +439,14 @@ def main(argv=None):
         line["example1"] = {name: {k: v for k, v in ex.items() if k != "trajectory"}
                             for name, ex in example.items()}
         line["plot"] = path
-        print(json.dumps(line), flush=True)
+        from .training.outputs import dumps, json_safe
+
+        _, nonfinite = json_safe(line)
+        line["diverged"] = nonfinite
+        if nonfinite:
+            print("stablenets stability: warning: some numbers are not finite (the states or "
+                  "gradients overflowed); they are reported as null", file=sys.stderr)
+        print(dumps(line), flush=True)
     else:
         print(format_table(report, example))
         if path:

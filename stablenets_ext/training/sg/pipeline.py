@@ -17,7 +17,7 @@ allocated once, before the processes start:
   coordinator evaluates and returns them without any transfer.
 
 Pipes carry only small tuples (``("fwd", t, n)``, ``("grad", t)``, replies).
-The schedule is that of :mod:`.synthetic_stages`, fixed by ``inflight`` and
+The schedule is that of :mod:`.stages`, fixed by ``inflight`` and
 not by timing, so a pipeline run equals the in-process trainer run with the
 same ``inflight`` (up to the floating-point effects of thread counts).
 
@@ -29,7 +29,7 @@ leaves a file behind (``file_system`` would leave named segments).
 Failures: every wait is :func:`multiprocessing.connection.wait` on the pipes
 *and* the process sentinels with a timeout. A stage that raises sends its
 traceback; a stage that dies (kill -9) fires its sentinel; either becomes a
-:class:`~.synthetic.StageError` naming the stage, and the engine terminates
+:class:`~..runtime.StageError` naming the stage, and the engine terminates
 and reaps the others. Stages ignore SIGINT (Ctrl-C is the coordinator's: it
 raises KeyboardInterrupt there and the engine is closed on the way out), exit
 by themselves when the coordinator's sentinel fires, and exit quietly with
@@ -39,7 +39,6 @@ the one reported.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import os
@@ -51,7 +50,9 @@ from multiprocessing import connection
 import torch
 import torch.multiprocessing as tmp
 
-from .synthetic_stages import StageRunner, batch_order
+from .. import runtime
+from ..runtime import StageError, fd_sharing
+from .stages import StageRunner, batch_order
 
 EXIT_PEER_LOST = 75
 EXIT_PARENT_GONE = 76
@@ -63,23 +64,7 @@ class PeerLost(Exception):
 
 
 def stage_error(message, stage=None):
-    from .synthetic import StageError
-
     return StageError(message, stage)
-
-
-@contextlib.contextmanager
-def fd_sharing():
-    """torch's file_descriptor sharing strategy inside the block (see module doc)."""
-    old = tmp.get_sharing_strategy()
-    if old == "file_descriptor":
-        yield
-        return
-    tmp.set_sharing_strategy("file_descriptor")
-    try:
-        yield
-    finally:
-        tmp.set_sharing_strategy(old)
 
 
 def stage_devices(device: torch.device, count: int) -> list[str]:
@@ -245,11 +230,13 @@ class _StageWorker:
 
 
 def _stage_main(spec, net, sg, ctrl, up, down, inbuf, outbuf):
+    spec["heartbeats"].start(spec["index"])
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tmp.set_sharing_strategy("file_descriptor")
     torch.set_num_threads(spec["threads"])
     try:
         _StageWorker(spec, net, sg, ctrl, up, down, inbuf, outbuf).run()
+        spec["heartbeats"].stop()
     except PeerLost:
         os._exit(EXIT_PEER_LOST)
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the coordinator
@@ -266,11 +253,12 @@ def _stage_main(spec, net, sg, ctrl, up, down, inbuf, outbuf):
 
 class PipelineEngine:
     """The coordinator's side; see the module doc. Engine protocol of
-    :mod:`.synthetic`: ``start``, ``run_epoch``, ``state_dicts``,
+    :mod:`.trainer`: ``start``, ``run_epoch``, ``state_dicts``,
     ``load_states``, ``finish``, ``close``, ``nets``, ``sgs``."""
 
     def __init__(self, nets, sgs, data, device, *, batch_size, seed, inflight, epochs, settings,
-                 threads=1, on_started=None, timeout=300.0):
+                 threads=1, on_started=None, timeout=300.0,
+                 heartbeat_timeout=runtime.DEFAULT_TIMEOUT, start_timeout=120.0):
         self.count = len(nets)
         self.nets = [net.cpu() for net in nets]
         self.sgs = [sg.cpu() for sg in sgs]
@@ -281,6 +269,8 @@ class PipelineEngine:
         self.epochs, self.settings, self.threads = epochs, settings, threads
         self.devices = stage_devices(device, self.count)
         self.on_started, self.timeout = on_started, timeout
+        self.heartbeats = runtime.Heartbeats(self.count)
+        self.heartbeat_timeout, self.start_timeout = heartbeat_timeout, start_timeout
         self.procs, self.ctrl, self.pids = [], [], []
         self.init_states = [None] * self.count
         self.inbuf = None
@@ -316,7 +306,7 @@ class PipelineEngine:
                     "index": k, "count": self.count, "inflight": self.inflight,
                     "in_slots": self.in_slots, "device": self.devices[k], "epochs": self.epochs,
                     "settings": self.settings, "threads": self.threads,
-                    "state": self.init_states[k],
+                    "state": self.init_states[k], "heartbeats": self.heartbeats,
                 }
                 inbuf = self.inbuf if k == 0 else self.cuts[k - 1]
                 outbuf = self.cuts[k] if k < self.count - 1 else None
@@ -335,7 +325,7 @@ class PipelineEngine:
         for a, b in links:
             a.close()
             b.close()
-        replies = self._collect("ready", range(self.count))
+        replies = self._collect("ready", range(self.count), limit=self.start_timeout)
         self.pids = [replies[k][2] for k in range(self.count)]
         if self.on_started is not None:
             self.on_started(list(self.pids))
@@ -411,16 +401,7 @@ class PipelineEngine:
 
     def close(self):
         """Terminate and reap every stage still running; close the pipes."""
-        started = [p for p in self.procs if p.pid is not None]
-        for proc in started:
-            if proc.is_alive():
-                proc.terminate()
-        deadline = time.monotonic() + 3
-        for proc in started:
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-                proc.join(2)
+        runtime.reap(self.procs, grace=0.0)
         for conn in self.ctrl:
             conn.close()
         self.ctrl = []
@@ -428,10 +409,14 @@ class PipelineEngine:
 
     # -- waiting
 
-    def _check_stall(self, last_progress):
-        if time.monotonic() - last_progress > self.timeout:
+    def _check_stall(self, last_progress, limit=None):
+        self.heartbeats.check(range(len(self.procs)), self.heartbeat_timeout,
+                              lambda k: f"synthetic-gradient stage {k} (pid {self.procs[k].pid})",
+                              [p.pid for p in self.procs])
+        limit = self.timeout if limit is None else limit
+        if time.monotonic() - last_progress > limit:
             raise stage_error(
-                f"synthetic-gradient pipeline: no progress for {self.timeout:.0f} s "
+                f"synthetic-gradient pipeline: no progress for {limit:.0f} s "
                 f"(stages alive: {[p.is_alive() for p in self.procs]})")
 
     def _poll(self):
@@ -460,7 +445,7 @@ class PipelineEngine:
             raise self._failure(failed)
         return out
 
-    def _collect(self, kind, stages):
+    def _collect(self, kind, stages, limit=None):
         want = set(stages)
         replies = {}
         last_progress = time.monotonic()
@@ -473,7 +458,7 @@ class PipelineEngine:
                 elif msg[0] not in ("free", "done"):
                     raise stage_error(f"synthetic-gradient pipeline: unexpected message {msg[0]!r} "
                                       f"from stage {k} while waiting for {kind!r}", k)
-            self._check_stall(last_progress)
+            self._check_stall(last_progress, limit)
         return replies
 
     def _failure(self, k, msg=None):

@@ -11,22 +11,22 @@ iteration:
 2. **parallel phase**: worker ``l`` optimises its block ``x_l`` together with
    P-1 scalars ``mu_m`` that move every other block along ``d_m`` only (the
    forget-me-not terms), with Adam, for ``inner_epochs`` epochs (or
-   ``inner_batches`` mini-batches); see :mod:`.pvd_solver`;
+   ``inner_batches`` mini-batches); see :mod:`.solver`;
 3. **synchronisation**: the best of the P points (``sync="best"``) or the best
    point of the affine hull of ``x`` and the P points (``sync="hull"``), both
-   judged on a batch of the validation set; see :mod:`.pvd_sync`. The new
+   judged on a batch of the validation set; see :mod:`.sync`. The new
    point is written into the shared ``x`` that every worker maps.
 
 It stops at ``target_accuracy`` (validation) or after ``iterations``.
 
 Backends: ``process`` (P ``torch.multiprocessing`` workers over shared
-memory, :mod:`.pvd_process`), ``sequential`` (the same P subproblems run one
+memory, :mod:`.process`), ``sequential`` (the same P subproblems run one
 after another in this process: the baseline the parallel phase is timed
 against, and bit-for-bit the same iterates when each worker has one thread)
 and ``dist`` (one rank per block over ``torch.distributed``, gloo or NCCL,
-:mod:`.pvd_dist`).
+:mod:`.dist`).
 
-The result dict is the backprop trainer's (:func:`.backprop.summary`:
+The result dict is the backprop trainer's (:func:`..loop.summary`:
 ``accuracy``, ``loss``, ``seconds``, ``epochs``, ``history``...) plus the PVD
 measurements: ``phase_seconds`` per iteration, ``startup_seconds``,
 ``seconds_to_target``... :func:`compare` adds the sequential run (measured
@@ -36,20 +36,20 @@ parallel speed-up) and plain Adam backprop (time to the target accuracy).
 from __future__ import annotations
 
 import copy
-import os
 import time
 
 import torch
 
-from . import backprop
-from .pvd_blocks import BlockPartition, digest, write_back
-from .pvd_history import new_history, record, result_dict
-from .pvd_process import (InlinePool, ProcessPool, WorkerError, fd_sharing, mp_context,
-                          shared_copy, skeleton)
-from .pvd_solver import Net, PVDConfig, SharedState, make_direction
-from .pvd_sync import synchronise
+from .. import loop, runtime
+from ..backprop import engine as backprop
+from .blocks import BlockPartition, digest, write_back
+from .history import load_resume, new_history, result_dict
+from .process import InlinePool, ProcessPool, mp_context, shared_copy, skeleton
+from ..runtime import WorkerError, fd_sharing
+from .solver import Net, PVDConfig, SharedState, make_direction
+from .sync import synchronise
 
-__all__ = ["PVDConfig", "WorkerError", "add_cli_arguments", "compare", "run_cli", "train_pvd"]
+__all__ = ["PVDConfig", "WorkerError", "compare", "train_pvd"]
 
 BACKENDS = ("process", "sequential", "dist")
 
@@ -57,7 +57,7 @@ BACKENDS = ("process", "sequential", "dist")
 def _device_of(model, device):
     if device is not None:
         return torch.device(device)
-    return backprop.model_device(model)
+    return loop.model_device(model)
 
 
 def _sync_device(device):
@@ -69,7 +69,8 @@ def _sync_device(device):
 
 
 def _train_shared(model, data, cfg: PVDConfig, backend: str, device, callback, phase_timeout,
-                  eval_train: int, verify: bool, start_method: str) -> dict:
+                  eval_train: int, verify: bool, start_method: str, heartbeat_timeout,
+                  start_timeout, checkpoint=None, resume=None, checkpoint_extra=None) -> dict:
     """The coordinator of the process and sequential backends."""
     t_start = time.perf_counter()
     partition = BlockPartition(model, cfg.workers)
@@ -89,65 +90,109 @@ def _train_shared(model, data, cfg: PVDConfig, backend: str, device, callback, p
 
     if backend == "process":
         pool = ProcessPool(cfg, net, shared, train, val, phase_timeout=phase_timeout,
-                           start_method=start_method)
+                           start_method=start_method, heartbeat_timeout=heartbeat_timeout,
+                           start_timeout=start_timeout)
     else:
         pool = InlinePool(cfg, net, shared, train, val)
     history = new_history()
-    stopped = False
+    coordinator = _Coordinator(pool, net, shared, partition, cfg, device, val, train_eval,
+                               verify, backend, model)
+    first, stopped = 0, False
+    if resume is not None:
+        state = load_resume(resume, cfg, partition, device)
+        first, stopped = loop.resume(coordinator, state, history)
+
+    def on_iteration(rec):
+        if callback is not None:
+            callback({"iteration": rec["epoch"], "val_accuracy": rec["val_accuracy"],
+                      "val_loss": rec["val_loss"], "pids": list(pool.pids),
+                      "sync": coordinator.info, "backend": backend})
+
     with pool:
+        coordinator.push_state()
         startup = time.perf_counter() - t_start
         init_loss, init_acc = net.evaluate(shared.x, *val)
-        for k in range(cfg.iterations):
-            t0 = time.perf_counter()
-            replies = pool.run("gradient", k)
-            make_direction(shared, partition, sum(r["count"] for r in replies),
-                           cfg.normalize_direction)
-            _sync_device(device)
-            t1 = time.perf_counter()
-            results = pool.run("solve", k)
-            t2 = time.perf_counter()
-            new, info = synchronise(net, shared, [r["sync_loss"] for r in results], cfg, k, val)
-            with torch.no_grad():
-                shared.x.copy_(new)
-            _sync_device(device)
-            t3 = time.perf_counter()
-            if verify:
-                worker_digests = [r["digest"] for r in pool.run("digest", k)]
-                own = digest(shared.x)
-            else:
-                worker_digests, own = [], None
-            t4 = time.perf_counter()
-            val_loss, val_acc = net.evaluate(shared.x, *val)
-            train_loss, train_acc = net.evaluate(shared.x, *train_eval)
-            eval_seconds = time.perf_counter() - t4
-            best = results[info["best_worker"]]
-            record(
-                history, epoch=k + 1, loss=train_loss, train_accuracy=train_acc, val_loss=val_loss,
-                val_accuracy=val_acc, seconds=t3 - t0, eval_seconds=eval_seconds, lr=cfg.lr,
-                layers=partition.layers, direction_seconds=t1 - t0, phase_seconds=t2 - t1,
-                sync_seconds=t3 - t2, worker_seconds=[r["seconds"] for r in results],
-                worker_cpu_seconds=[r["cpu_seconds"] for r in results],
-                worker_steps=best["steps"], candidate_losses=info["candidate_losses"],
-                best_worker=info["best_worker"], best_loss=info["best_loss"],
-                hull_loss=info.get("hull_loss"), sync_loss=info["sync_loss"],
-                sync_choice=info["choice"], mu=[r["mu"] for r in results],
-                digest=own, worker_digests=worker_digests,
-            )
-            history["lambda"].append(info.get("lambda"))
-            stopped = cfg.target_accuracy is not None and val_acc >= cfg.target_accuracy
-            if callback is not None:
-                callback({"iteration": k + 1, "val_accuracy": val_acc, "val_loss": val_loss,
-                          "pids": list(pool.pids), "sync": info, "backend": backend})
-            if stopped:
-                target_wall = time.perf_counter() - t_start
-                break
+        if not stopped:
+            stopped = loop.run_epochs(
+                coordinator, epochs=cfg.iterations, start=first, history=history,
+                target_accuracy=cfg.target_accuracy, checkpoint=checkpoint,
+                checkpoint_extra=checkpoint_extra, quiet=True, on_epoch=on_iteration)
+            target_wall = time.perf_counter() - t_start
     write_back(model, partition, shared.x)
     extra = {"backend": backend, "startup_seconds": startup,
              "wall_seconds": time.perf_counter() - t_start,
              "initial_accuracy": init_acc, "initial_val_loss": init_loss}
-    if stopped:  # everything included: start-up, verification, evaluation
+    if stopped and first == 0:  # everything included: start-up, verification, evaluation
         extra["seconds_to_target_wall"] = target_wall
     return result_dict(history, stopped, cfg, partition, extra)
+
+
+class _Coordinator:
+    """One PVD iteration (direction, parallel phase, synchronisation, check) on
+    a worker pool: the engine protocol of :func:`..loop.run_epochs`."""
+
+    def __init__(self, pool, net, shared, partition, cfg, device, val, train_eval, verify,
+                 backend, model):
+        self.pool, self.net, self.shared, self.partition = pool, net, shared, partition
+        self.cfg, self.device, self.val, self.train_eval = cfg, device, val, train_eval
+        self.verify, self.backend, self.model = verify, backend, model
+        self.info, self.pending = None, None
+
+    def run_epoch(self, k: int) -> dict:
+        pool, shared, partition, cfg = self.pool, self.shared, self.partition, self.cfg
+        t0 = time.perf_counter()
+        replies = pool.run("gradient", k)
+        make_direction(shared, partition, sum(r["count"] for r in replies),
+                       cfg.normalize_direction)
+        _sync_device(self.device)
+        t1 = time.perf_counter()
+        results = pool.run("solve", k)
+        t2 = time.perf_counter()
+        new, info = synchronise(self.net, shared, [r["sync_loss"] for r in results], cfg, k,
+                                self.val)
+        with torch.no_grad():
+            shared.x.copy_(new)
+        _sync_device(self.device)
+        t3 = time.perf_counter()
+        if self.verify:
+            worker_digests = [r["digest"] for r in pool.run("digest", k)]
+            own = digest(shared.x)
+        else:
+            worker_digests, own = [], None
+        self.info = info
+        best = results[info["best_worker"]]
+        return dict(
+            epoch=k + 1, seconds=t3 - t0, lr=cfg.lr, layers=partition.layers,
+            direction_seconds=t1 - t0, phase_seconds=t2 - t1, sync_seconds=t3 - t2,
+            worker_seconds=[r["seconds"] for r in results],
+            worker_cpu_seconds=[r["cpu_seconds"] for r in results], worker_steps=best["steps"],
+            candidate_losses=info["candidate_losses"], best_worker=info["best_worker"],
+            best_loss=info["best_loss"], hull_loss=info.get("hull_loss"),
+            sync_loss=info["sync_loss"], sync_choice=info["choice"],
+            mu=[r["mu"] for r in results], digest=own, worker_digests=worker_digests,
+            **{"lambda": info.get("lambda")})
+
+    def evaluate(self) -> dict:
+        val_loss, val_acc = self.net.evaluate(self.shared.x, *self.val)
+        train_loss, train_acc = self.net.evaluate(self.shared.x, *self.train_eval)
+        return {"val_loss": val_loss, "val_accuracy": val_acc, "loss": train_loss,
+                "train_accuracy": train_acc}
+
+    def state_dict(self) -> dict:
+        return {"trainer": "pvd", "backend": self.backend,
+                "x": self.shared.x.detach().cpu().clone(),
+                "solvers": [r["state"] for r in self.pool.run("state", -1)],
+                "model_config": self.model.config() if hasattr(self.model, "config") else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.shared.x.copy_(state["x"].to(self.shared.x))
+        self.pending = state["solvers"]  # the workers get them once they run
+
+    def push_state(self) -> None:
+        if self.pending is not None:
+            self.pool.run("load", -1, payloads=self.pending)
+            self.pending = None
 
 
 # --------------------------------------------------------------------- API
@@ -162,7 +207,9 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
               device=None, callback=None, phase_timeout: float | None = None,
               init_method: str | None = None, dist_timeout: float = 300.0,
               eval_train: int = 2048, verify: bool = True, start_method: str = "spawn",
-              fault=None) -> dict:
+              heartbeat_timeout: float | None = runtime.DEFAULT_TIMEOUT,
+              start_timeout: float = 120.0, checkpoint=None, resume=None,
+              checkpoint_extra=None, fault=None) -> dict:
     """Train ``model`` (a :class:`~stablenets_ext.models.StableNet`) in place with PVD.
 
     ``workers``: P, the number of blocks and processes (ranks for ``dist``).
@@ -179,12 +226,18 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
     iteration, accuracy, and the worker pids). ``phase_timeout``: seconds a
     phase may take before the workers are declared hung (None: no limit; dead
     workers are detected at once regardless). ``init_method``/``dist_timeout``:
-    for ``dist`` (see :mod:`.pvd_dist`). ``verify``: after every
+    for ``dist`` (see :mod:`.dist`). ``verify``: after every
     synchronisation each worker fingerprints the point it now holds (history
     ``worker_digests``). ``start_method``: ``"spawn"`` (default) or
     ``"forkserver"`` (torch imported once, later workers forked from it: much
-    cheaper when one process trains repeatedly). ``fault``: tests only,
-    ``(kind, worker, iteration)``.
+    cheaper when one process trains repeatedly). ``heartbeat_timeout``: seconds
+    a live worker may go without a heartbeat before it is reported as hung
+    (SIGSTOP, deadlock; None: never); ``start_timeout``: seconds the workers
+    may take to start. ``checkpoint``: a path written (atomically) after every
+    iteration: the point, every worker's optimiser state and the history;
+    ``resume``: a path to continue from, exactly (the same iterates as an
+    uninterrupted run); every backend. ``fault``: tests
+    only, ``(kind, worker, iteration)``.
 
     Raises :class:`WorkerError` when a worker fails or dies (naming it);
     workers are reaped and shared memory released before it propagates, as on
@@ -192,6 +245,9 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     mp_context(start_method)  # checks the name
+    if heartbeat_timeout is not None:
+        runtime.check_timeout(heartbeat_timeout)
+    runtime.check_timeout(start_timeout, "start_timeout")
     if target_accuracy is not None and not 0 < target_accuracy <= 1:
         raise ValueError(f"target_accuracy: expected a fraction in (0, 1], got {target_accuracy!r}")
     cfg = PVDConfig(
@@ -205,13 +261,16 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
     BlockPartition(model, workers)  # fail early on a model PVD cannot split
     device = _device_of(model, device)
     if backend == "dist":
-        from .pvd_dist import train_dist
+        from .dist import train_dist
 
         return train_dist(model, data, cfg, device, init_method=init_method, timeout=dist_timeout,
                           callback=callback, eval_train=eval_train, verify=verify,
-                          start_method=start_method)
+                          start_method=start_method, heartbeat_timeout=heartbeat_timeout,
+                          start_timeout=start_timeout, checkpoint=checkpoint, resume=resume,
+                          checkpoint_extra=checkpoint_extra)
     return _train_shared(model, data, cfg, backend, device, callback, phase_timeout, eval_train,
-                         verify, start_method)
+                         verify, start_method, heartbeat_timeout, start_timeout,
+                         checkpoint=checkpoint, resume=resume, checkpoint_extra=checkpoint_extra)
 
 
 # ------------------------------------------------------------- comparisons
@@ -283,94 +342,3 @@ def compare(model, data, *, pvd: dict | None = None, sequential: bool = True,
             (p_t + pvd.get("startup_seconds", 0.0)) / bp_t if (p_t and bp_t) else None)
     out["comparison"] = comp
     return out
-
-
-# --------------------------------------------------------------------- CLI
-
-
-def add_cli_arguments(group) -> None:
-    """PVD's own options (``--workers``, ``--backend``, ``--epochs``... are the CLI's)."""
-    group.add_argument("--pvd-sync", choices=("best", "hull"), default="hull",
-                       help="synchronisation: best of the P points, or best point of their "
-                            "affine hull (default: hull)")
-    group.add_argument("--pvd-iterations", type=int, default=None,
-                       help="PVD iteration limit (default: --epochs)")
-    group.add_argument("--pvd-inner-epochs", type=float, default=3.0,
-                       help="epochs each worker trains its block per iteration (default: 3)")
-    group.add_argument("--pvd-inner-batches", type=int, default=None,
-                       help="mini-batches per worker per iteration (overrides --pvd-inner-epochs)")
-    group.add_argument("--pvd-direction-batches", type=int, default=8,
-                       help="mini-batches the direction -grad f(x) is computed on (default: 8)")
-    group.add_argument("--pvd-mu-lr", type=float, default=None,
-                       help="Adam learning rate of the forget-me-not multipliers (default: --lr)")
-    group.add_argument("--pvd-sync-batch", type=int, default=1024,
-                       help="validation examples the synchronisation is judged on (default: 1024)")
-    group.add_argument("--pvd-hull-steps", type=int, default=10,
-                       help="L-BFGS iterations of the affine-hull step (default: 10)")
-    group.add_argument("--pvd-threads", type=int, default=None,
-                       help="torch threads per worker (default: cores // workers)")
-    group.add_argument("--pvd-start-method", choices=("spawn", "forkserver"), default="spawn",
-                       help="how worker processes start (default: spawn)")
-    group.add_argument("--pvd-compare", choices=("all", "sequential", "backprop", "none"),
-                       default="all",
-                       help="also run the P subproblems one after another (measured speed-up) "
-                            "and/or plain Adam backprop (time to target); default: all")
-
-
-def _arg(args, name, default=None):
-    v = getattr(args, name, None)
-    return default if v is None else v
-
-
-def run_cli(args, data, device) -> dict:
-    """``stablenets train --trainer pvd``: train ``args.model`` (the CLI builds it
-    from the resolved preset) with PVD, then run the comparisons ``--pvd-compare``
-    asks for from the same initial parameters."""
-    model = getattr(args, "model", None)
-    if model is None:
-        from ..models import StableNet
-
-        torch.manual_seed(_arg(args, "seed", 0))
-        model = _build_model(args, data, StableNet)
-    model = model.to(device)
-    epochs = _arg(args, "epochs", 20)
-    backend = _arg(args, "backend", "process")
-    workers = getattr(args, "workers", None)
-    if workers is None:  # under torchrun: one block per rank
-        workers = int(os.environ.get("WORLD_SIZE", 2)) if backend == "dist" else 2
-    kwargs = dict(
-        workers=workers, sync=args.pvd_sync,
-        iterations=_arg(args, "pvd_iterations", epochs), inner_epochs=args.pvd_inner_epochs,
-        inner_batches=args.pvd_inner_batches, direction_batches=args.pvd_direction_batches,
-        batch_size=_arg(args, "batch_size", 64), lr=_arg(args, "lr", 1e-2), mu_lr=args.pvd_mu_lr,
-        sync_batch=args.pvd_sync_batch, hull_steps=args.pvd_hull_steps,
-        target_accuracy=_target(args), seed=_arg(args, "seed", 0), threads=args.pvd_threads,
-        device=device,
-    )
-    mode = args.pvd_compare
-    start = copy.deepcopy(model)
-    result = train_pvd(model, data, backend=backend, start_method=args.pvd_start_method, **kwargs)
-    if mode != "none" and result.get("rank", 0) == 0:
-        bp = {k: getattr(args, k) for k in ("weight_decay", "lr_step", "lr_gamma", "alpha", "alpha_c")
-              if getattr(args, k, None) is not None}
-        result = compare(start, data, pvd=result, sequential=mode in ("all", "sequential"),
-                         backprop_epochs=epochs if mode in ("all", "backprop") else None,
-                         backprop_kwargs=bp, **kwargs)
-    result["model"] = model
-    return result
-
-
-def _target(args):
-    t = getattr(args, "target_accuracy", None)
-    if t is None:
-        return None
-    return t / 100.0 if t > 1 else t
-
-
-def _build_model(args, data, StableNet):
-    kw = {}
-    for name in ("width", "step", "activation", "impl", "gamma", "reversible"):
-        v = getattr(args, name, None)
-        if v is not None:
-            kw[name] = v
-    return StableNet(args.arch, data.features, data.classes, args.layers, **kw)

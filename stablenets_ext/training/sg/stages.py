@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import models
-from . import backprop, regularizers
+from ... import models
+from .. import regularizers
+from ..backprop import engine as backprop
 
 
 def state_parts(arch: str) -> int:

@@ -32,80 +32,26 @@ import contextlib
 import copy
 import os
 import signal
-import threading
 import time
-import traceback
 from multiprocessing import connection
 
 import torch
 import torch.multiprocessing as tmp
 
-from .pvd_blocks import digest
-from .pvd_solver import BlockSolver, Net, PVDConfig, SharedState
+from .. import runtime
+from ..runtime import WorkerError, describe_exit, fd_sharing, sigint_ignored
+from .blocks import digest
+from .solver import BlockSolver, Net, PVDConfig, SharedState
 
-
-class WorkerError(RuntimeError):
-    """A PVD worker raised, died or stopped answering."""
-
-    def __init__(self, message: str, worker: int | None = None):
-        super().__init__(message)
-        self.worker = worker
-
-
-@contextlib.contextmanager
-def fd_sharing():
-    """Use torch's file_descriptor sharing strategy inside the block (see module doc)."""
-    old = tmp.get_sharing_strategy()
-    if old == "file_descriptor" or "file_descriptor" not in tmp.get_all_sharing_strategies():
-        yield
-        return
-    tmp.set_sharing_strategy("file_descriptor")
-    try:
-        yield
-    finally:
-        tmp.set_sharing_strategy(old)
-
-
-@contextlib.contextmanager
-def sigint_ignored():
-    """Children started inside inherit SIG_IGN for SIGINT, so Python never
-    installs its KeyboardInterrupt handler in them."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
-
-
-START_METHODS = ("spawn", "forkserver")
+__all__ = ["InlinePool", "ProcessPool", "WorkerError", "mp_context", "shared_copy", "skeleton",
+           "warm_optimizers"]
 
 
 def mp_context(start_method: str):
-    """A spawn or forkserver context (never fork: torch's threads and CUDA do not
-    survive it). The forkserver imports torch once and forks every later worker
-    from that: much cheaper starts when a process runs PVD more than once."""
-    if start_method not in START_METHODS:
-        raise ValueError(f"start_method: expected one of {START_METHODS}, got {start_method!r}")
-    ctx = tmp.get_context(start_method)
-    if start_method == "forkserver":
-        ctx.set_forkserver_preload([
-            "torch", "torch.distributed", "stablenets_ext.models", "stablenets_ext.training.pvd_process",
-        ])
-    return ctx
+    """A spawn or forkserver context; the forkserver preloads torch and PVD."""
+    return runtime.mp_context(start_method, preload=(
+        "torch", "torch.distributed", "stablenets_ext.models",
+        "stablenets_ext.training.pvd.process"))
 
 
 def warm_optimizers():
@@ -114,58 +60,59 @@ def warm_optimizers():
     torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
 
 
-def _set_threads(threads: int):
-    torch.set_num_threads(threads)
-    with contextlib.suppress(RuntimeError):  # only settable before any parallel work
-        torch.set_num_interop_threads(1)
+def execute(solver: BlockSolver, cmd: str, iteration: int, payload=None, heartbeat=None) -> dict:
+    """Worker command ``cmd`` on ``solver``: the same in a worker process and inline."""
+    t0 = time.perf_counter()
+    if cmd == "gradient":
+        reply = {"count": solver.gradient(iteration)}
+    elif cmd == "solve":
+        reply = solver.solve(iteration, heartbeat)
+    elif cmd == "digest":
+        reply = {"digest": digest(solver.shared.x)}
+    elif cmd == "state":
+        reply = {"state": solver.state_dict()}
+    elif cmd == "load":
+        solver.load_state_dict(payload)
+        reply = {}
+    else:
+        raise ValueError(f"unknown command {cmd!r}")
+    reply.setdefault("seconds", time.perf_counter() - t0)
+    return reply
 
 
 def _worker_main(index: int, conn, payload: dict):
     """Entry point of worker ``index`` (top level: spawn imports it by name)."""
     parent = tmp.parent_process()
     try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _set_threads(payload["threads"])
-        net = Net(payload["module"], payload["buffers"], payload["partition"])
-        solver = BlockSolver(index, net, payload["shared"], payload["train"], payload["val"],
-                             payload["config"])
-        watch = [conn] + ([parent.sentinel] if parent is not None else [])
+        with runtime.reporting_to(conn, index, quiet=(EOFError, BrokenPipeError,
+                                                      KeyboardInterrupt)):
+            payload["heartbeats"].start(index)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            runtime.set_threads(payload["threads"])
+            net = Net(payload["module"], payload["buffers"], payload["partition"])
+            solver = BlockSolver(index, net, payload["shared"], payload["train"],
+                                 payload["val"], payload["config"])
+            watch = [conn] + ([parent.sentinel] if parent is not None else [])
 
-        def heartbeat():  # the coordinator is gone: leave instead of computing for nobody
-            if parent is not None and connection.wait([parent.sentinel], 0):
-                os._exit(1)
+            def heartbeat():  # the coordinator is gone: leave instead of computing for nobody
+                if parent is not None and connection.wait([parent.sentinel], 0):
+                    os._exit(1)
 
-        conn.send(("ok", index, {"pid": os.getpid()}))
-        while True:
-            ready = connection.wait(watch, timeout=1.0)
-            if not ready:
-                continue
-            if parent is not None and parent.sentinel in ready:
-                os._exit(1)
-            msg = conn.recv()
-            cmd = msg[0]
-            if cmd == "stop":
-                break
-            t0 = time.perf_counter()
-            if cmd == "gradient":
-                reply = {"count": solver.gradient(msg[1])}
-            elif cmd == "solve":
-                reply = solver.solve(msg[1], heartbeat)
-            elif cmd == "digest":
-                reply = {"digest": digest(solver.shared.x)}
-            else:
-                raise ValueError(f"unknown command {cmd!r}")
-            reply.setdefault("seconds", time.perf_counter() - t0)
-            conn.send(("ok", index, reply))
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):
-        pass  # the coordinator closed the pipe: it is shutting down
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.send(("error", index, traceback.format_exc()))
-        raise SystemExit(1)
+            conn.send(("ok", index, {"pid": os.getpid()}))
+            while True:
+                ready = connection.wait(watch, timeout=1.0)
+                if not ready:
+                    continue
+                if parent is not None and parent.sentinel in ready:
+                    os._exit(1)
+                msg = conn.recv()
+                if msg[0] == "stop":
+                    break
+                reply = execute(solver, msg[0], msg[1], msg[2] if len(msg) > 2 else None,
+                                heartbeat)
+                conn.send(("ok", index, reply))
     finally:
-        with contextlib.suppress(Exception):
-            conn.close()
+        payload["heartbeats"].stop()
         # The Process object keeps ``payload`` alive until exit, when destructors
         # may not run: drop the shared tensors now so CUDA IPC references are
         # released while the coordinator (their producer) still waits for us.
@@ -180,9 +127,12 @@ class ProcessPool:
     """P worker processes over shared memory; see the module docstring."""
 
     def __init__(self, cfg: PVDConfig, net: Net, shared: SharedState, train, val,
-                 start_timeout: float = 300.0, phase_timeout: float | None = None,
-                 start_method: str = "spawn"):
+                 start_timeout: float = 120.0, phase_timeout: float | None = None,
+                 start_method: str = "spawn",
+                 heartbeat_timeout: float | None = runtime.DEFAULT_TIMEOUT):
         self.cfg, self.net, self.shared = cfg, net, shared
+        self.heartbeats = runtime.Heartbeats(cfg.workers)
+        self.heartbeat_timeout = heartbeat_timeout
         self.start_method = start_method
         self.train, self.val = train, val
         self.start_timeout, self.phase_timeout = start_timeout, phase_timeout
@@ -205,6 +155,7 @@ class ProcessPool:
                     "module": module, "buffers": self.net.buffers, "partition": self.net.partition,
                     "shared": self.shared, "train": self.train, "val": self.val,
                     "config": self.cfg, "threads": self.cfg.worker_threads(),
+                    "heartbeats": self.heartbeats,
                 }
                 proc = ctx.Process(target=_worker_main, args=(l, theirs, payload),
                                    name=f"pvd-worker-{l}", daemon=True)
@@ -223,17 +174,7 @@ class ProcessPool:
             for conn in self.conns:
                 with contextlib.suppress(Exception):
                     conn.send(("stop",))
-            deadline = time.monotonic() + 3.0
-            for p in self.procs:
-                p.join(max(0.0, deadline - time.monotonic()))
-        for p in self.procs:
-            if p.is_alive():
-                p.terminate()
-        for p in self.procs:
-            p.join(2.0)
-            if p.is_alive():
-                p.kill()
-                p.join(2.0)
+        runtime.reap(self.procs, grace=3.0 if graceful else 0.0)
         for conn in self.conns:
             with contextlib.suppress(Exception):
                 conn.close()
@@ -243,19 +184,24 @@ class ProcessPool:
         self.procs, self.conns = [], []
 
     def __enter__(self):
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a worker that never answered, or Ctrl-C: reap them all
+            self.close(graceful=False)
+            raise
 
     def __exit__(self, exc_type, exc, tb):
         self.close(graceful=exc_type is None)
 
     # ------------------------------------------------------------- commands
 
-    def run(self, cmd: str, iteration: int) -> list[dict]:
-        """Send ``cmd`` to every worker and return their replies in worker order."""
+    def run(self, cmd: str, iteration: int, payloads=None) -> list[dict]:
+        """Send ``cmd`` (with ``payloads[l]`` to worker ``l``) to every worker and
+        return their replies in worker order."""
         self.phase, self.iteration = cmd, iteration
         for l, conn in enumerate(self.conns):
             try:
-                conn.send((cmd, iteration))
+                conn.send((cmd, iteration) if payloads is None else (cmd, iteration, payloads[l]))
             except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
                 self._raise_dead(l)
         return self._gather(timeout=self.phase_timeout)
@@ -293,6 +239,9 @@ class ProcessPool:
                     self._raise_dead(l)
                 else:
                     self._receive(conn_index[id(obj)], replies)
+            pending = [l for l in range(P) if l not in replies]
+            self.heartbeats.check(pending, self.heartbeat_timeout, self._name,
+                                  [p.pid for p in self.procs])
             if deadline is not None and time.monotonic() > deadline and len(replies) < P:
                 late = [l for l in range(P) if l not in replies]
                 raise WorkerError(
@@ -331,31 +280,19 @@ class InlinePool:
     def __exit__(self, exc_type, exc, tb):
         self.close()
 
-    def run(self, cmd: str, iteration: int) -> list[dict]:
+    def run(self, cmd: str, iteration: int, payloads=None) -> list[dict]:
         # The workers' thread count for the workers' part only: the coordinator's
         # part (synchronisation, evaluation) runs as it does with ProcessPool.
         threads = torch.get_num_threads()
         torch.set_num_threads(self.cfg.worker_threads())
         try:
-            return self._run(cmd, iteration)
+            return self._run(cmd, iteration, payloads)
         finally:
             torch.set_num_threads(threads)
 
-    def _run(self, cmd: str, iteration: int) -> list[dict]:
-        out = []
-        for s in self.solvers:
-            t0 = time.perf_counter()
-            if cmd == "gradient":
-                reply = {"count": s.gradient(iteration)}
-            elif cmd == "solve":
-                reply = s.solve(iteration)
-            elif cmd == "digest":
-                reply = {"digest": digest(s.shared.x)}
-            else:
-                raise ValueError(f"unknown command {cmd!r}")
-            reply.setdefault("seconds", time.perf_counter() - t0)
-            out.append(reply)
-        return out
+    def _run(self, cmd: str, iteration: int, payloads=None) -> list[dict]:
+        return [execute(s, cmd, iteration, None if payloads is None else payloads[l])
+                for l, s in enumerate(self.solvers)]
 
 
 def skeleton(module):

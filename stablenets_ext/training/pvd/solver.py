@@ -1,7 +1,7 @@
 """One PVD worker's work: its share of the direction, and its block subproblem.
 
 Worker ``l`` owns block ``l``. At iteration ``k``, given the current point ``x``
-and the direction ``d`` (both flat vectors, see :mod:`.pvd_blocks`), it solves
+and the direction ``d`` (both flat vectors, see :mod:`.blocks`), it solves
 
     min over (y_l, mu)   f( x_1 + mu_1 d_1, ..., y_l, ..., x_P + mu_P d_P )
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .pvd_blocks import BlockPartition
+from .blocks import BlockPartition
 
 
 @dataclass
@@ -245,6 +245,27 @@ class BlockSolver:
         self.opt_y = Adam([self.y], lr=cfg.lr)
         self.opt_mu = Adam([self.mu], lr=cfg.mu_lr or cfg.lr)
 
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs from this worker: its block's Adam moments
+        (``y`` and ``mu`` restart from ``x`` and 0 at every iteration anyway).
+        Numpy arrays, so that it travels through a pipe by value."""
+        opt = self.opt_y
+        return {"t": opt.t, "m": [m.detach().cpu().numpy().copy() for m in opt.m],
+                "v": [v.detach().cpu().numpy().copy() for v in opt.v]}
+
+    def load_state_dict(self, state: dict) -> None:
+        opt = self.opt_y
+        if len(state["m"]) != len(opt.m) or any(a.shape != tuple(m.shape)
+                                                for a, m in zip(state["m"], opt.m)):
+            raise ValueError(f"worker {self.index}: the checkpoint's optimiser state does not "
+                             "fit this block")
+        opt.t = int(state["t"])
+        with torch.no_grad():
+            for dst, src in zip(opt.m + opt.v, list(state["m"]) + list(state["v"])):
+                dst.copy_(torch.as_tensor(src))
+
     # ------------------------------------------------------------ direction
 
     def gradient(self, iteration: int) -> int:
@@ -303,7 +324,8 @@ class BlockSolver:
             self.opt_y.zero_grad()
             opt_mu.zero_grad()
             loss.backward()
-            self.mu.grad[l] = 0  # mu_l does not exist: block l moves freely
+            if self.mu.grad is not None:  # None with one block: no other block to move
+                self.mu.grad[l] = 0  # mu_l does not exist: block l moves freely
             self.opt_y.step()
             opt_mu.step()
             loss_sum += loss.detach()

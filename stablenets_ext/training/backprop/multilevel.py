@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from ..models import StableNet, double_layers
-from . import backprop
-from . import checkpoint as ckpt
+from ...models import StableNet, double_layers
+from .. import loop
+from ..outputs import write_json
+from . import engine as backprop
+from .. import checkpoint as ckpt
 
 
 def _per_level(value, levels, name):
@@ -23,9 +25,12 @@ def _per_level(value, levels, name):
 
 
 def train_multilevel(model, data, *, levels, epochs, resume=None, checkpoint=None,
-                     history_path=None, device=None, quiet=False, **train_kwargs):
-    """Train ``model`` over ``levels`` levels; ``epochs`` is per level (an int or
-    one per level). Other keyword arguments go to :func:`backprop.train`.
+                     history_path=None, device=None, quiet=False, lr=None, steps=None,
+                     checkpoint_extra=None, **train_kwargs):
+    """Train ``model`` over ``levels`` levels; ``epochs`` and ``lr`` are per level
+    (a value, or one per level); ``steps``: the step h of each level (default:
+    the model's, halved at every doubling, which keeps ``N h`` fixed). Other
+    keyword arguments go to :func:`backprop.train`.
 
     Returns ``(model, result)``: the final (deepest) model and the summary of
     the whole run, whose ``history`` spans all levels (``layers`` tells them
@@ -33,7 +38,11 @@ def train_multilevel(model, data, *, levels, epochs, resume=None, checkpoint=Non
     if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
         raise ValueError(f"levels: expected a positive int, got {levels!r}")
     epochs = _per_level(epochs, levels, "epochs")
-    device = torch.device(device) if device is not None else backprop.model_device(model)
+    if lr is None:
+        raise ValueError("lr: required")
+    lrs = _per_level(lr, levels, "lr")
+    steps = None if steps is None else _per_level(steps, levels, "steps")
+    device = torch.device(device) if device is not None else loop.model_device(model)
     start, per_level = 0, []
     if resume is not None:
         state = ckpt.load(resume)
@@ -44,26 +53,29 @@ def train_multilevel(model, data, *, levels, epochs, resume=None, checkpoint=Non
         for _ in range(start - len(per_level)):
             per_level.append({})
     model.to(device)
-    history = backprop.new_history()
+    history = loop.new_history()
     result = None
     for level in range(start, levels):
-        extra = {"level": level, "levels": levels, "level_summaries": per_level}
+        if steps is not None:
+            model.stack.step = float(steps[level])
+        extra = {"level": level, "levels": levels, "level_summaries": per_level,
+                 **(checkpoint_extra or {})}
         result = backprop.train(
             model, data, epochs=epochs[level], history=history, device=device, quiet=quiet,
             resume=resume if level == start else None, checkpoint=checkpoint,
             checkpoint_extra=extra, desc=f"level {level + 1}/{levels} L={model.layers}",
-            **train_kwargs,
+            lr=lrs[level], **train_kwargs,
         )
         per_level.append({
-            "level": level + 1, "layers": model.layers, "step": model.step,
+            "level": level + 1, "layers": model.layers, "step": model.step, "lr": lrs[level],
             "epochs": sum(1 for n in history["layers"] if n == model.layers),
             "accuracy": result["accuracy"], "loss": result["loss"],
         })
         if result["stopped_early"] or level == levels - 1:
             break
         model = double_layers(model)
-    result = backprop.summary(history, result["stopped_early"])
+    result = loop.summary(history, result["stopped_early"])
     result["levels"] = per_level
     if history_path is not None:
-        backprop.write_json(history_path, result)
+        write_json(history_path, result)
     return model, result

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .pvd_solver import Net, PVDConfig, SharedState, candidate, sync_indices
+from .solver import Net, PVDConfig, SharedState, candidate, sync_indices
 
 
 def _finite(v: float) -> bool:

@@ -4,7 +4,7 @@ Ranks hand cut states forward and gradients back with point-to-point sends
 (``isend`` from ``inflight`` preallocated buffers per direction, blocking
 ``recv`` into preallocated buffers): gloo on CPU, NCCL when every rank has a
 GPU of its own (several ranks sharing one GPU compute on it and talk through
-gloo). The schedule is that of :mod:`.synthetic_stages`, so a run equals the
+gloo). The schedule is that of :mod:`.stages`, so a run equals the
 in-process trainer with the same ``inflight``. Every rank holds the data and
 draws the same batches from ``(seed, epoch)``, so only cut states and
 gradients travel. Rank 0 is stage 0 and the coordinator: it broadcasts a
@@ -14,35 +14,34 @@ history and writes checkpoints.
 
 Entry points:
 
-- ``torchrun --nproc-per-node M -m stablenets_ext.training.synthetic_dist
+- ``torchrun --nproc-per-node M -m stablenets_ext.training.sg.dist
   [stablenets train options]``: the ``stablenets train`` command line with
   ``--trainer sg --backend dist`` implied; rank 0 prints (``--json``: one line);
 - ``train_sg(..., backend="dist")`` and ``stablenets train --trainer sg
   --backend dist`` outside torchrun: :func:`launch` writes the model, data and
   settings to a file, runs torchrun with ``M`` local ranks on 127.0.0.1 and a
   free port, and reads the result back. A rank that fails makes torchrun stop
-  the others; :func:`launch` raises :class:`~.synthetic.StageError` with
+  the others; :func:`launch` raises :class:`~..runtime.StageError` with
   torchrun's report, which names the failed rank (= stage).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 
-from .. import models
-from .synthetic_stages import (
+from ... import models
+from .. import runtime
+from ..runtime import StageError, torchrun
+from ..runtime.torchrun import under_torchrun
+from .epochs import epoch_loop, new_history
+from .stages import (
     StageRunner,
     batch_order,
     merge_stages,
@@ -51,16 +50,6 @@ from .synthetic_stages import (
 
 CMD_EPOCH, CMD_STATE, CMD_FINISH = 1, 2, 3
 TAG_FWD, TAG_GRAD, TAG_PARAMS = 11, 12, 13
-
-
-def under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------- the rank
@@ -176,7 +165,7 @@ def _load_flat(modules, flat):
 
 
 class DistEngine:
-    """Rank 0's side of the engine protocol of :mod:`.synthetic`."""
+    """Rank 0's side of the engine protocol of :mod:`.trainer`."""
 
     def __init__(self, stage: DistStage, nets, sgs, x, y, seed, comm):
         self.stage, self.nets, self.sgs = stage, nets, sgs
@@ -285,11 +274,10 @@ def _rank_devices(device: torch.device, world: int, local_rank: int):
 
 def run_rank(model, data, *, bounds, sgs, device, batch_size, seed, inflight, epochs, settings,
              threads, history, checkpoint, resume, target_accuracy, eval_batch_size, quiet,
-             timeout=None):
+             timeout=None, checkpoint_extra=None):
     """Train as this torchrun rank; rank 0 returns the summary (and has merged
     the trained parameters into ``model``), the others ``{"rank": r}``."""
-    from .synthetic import _epoch_loop
-    from . import checkpoint as ckpt
+    from .. import checkpoint as ckpt
 
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
@@ -339,13 +327,14 @@ def run_rank(model, data, *, bounds, sgs, device, batch_size, seed, inflight, ep
             _quiesce()
             return {"rank": rank}
         engine = DistEngine(stage, nets, sgs, x, y, seed, comm)
-        result = _epoch_loop(
+        result = epoch_loop(
             engine, "fine", data, torch.device("cpu"), epochs, history, checkpoint=checkpoint,
             resume_state=resume_state, bounds=bounds, model=model,
             target_accuracy=target_accuracy, quiet=quiet, eval_batch_size=eval_batch_size,
             on_epoch=None, extra={"mode": "dist", "inflight": inflight, "workers": world,
                                   "threads": threads, "cores": threads * world,
-                                  "dist_backend": backend})
+                                  "dist_backend": backend},
+            checkpoint_extra=checkpoint_extra)
         merge_stages(nets, model)
         result["sg_modules"] = sgs
         stage.drain()
@@ -368,10 +357,10 @@ def _quiesce():
 
 
 def launch(model, nets, sgs, data, device, *, batch_size, seed, inflight, epochs, settings, threads,
-           history, checkpoint, resume, target_accuracy, eval_batch_size, quiet, timeout=None):
+           history, checkpoint, resume, target_accuracy, eval_batch_size, quiet, timeout=None,
+           heartbeat_timeout=runtime.DEFAULT_TIMEOUT, checkpoint_extra=None,
+           start_timeout=120.0):
     """Run the dist backend from an ordinary process (see module doc)."""
-    from .synthetic import StageError
-
     world = len(nets)
     bounds = [nets[0].lo] + [n.hi for n in nets]
     if under_torchrun():
@@ -379,11 +368,11 @@ def launch(model, nets, sgs, data, device, *, batch_size, seed, inflight, epochs
                         batch_size=batch_size, seed=seed, inflight=inflight, epochs=epochs,
                         settings=settings, threads=threads, history=history,
                         checkpoint=checkpoint, resume=resume, target_accuracy=target_accuracy,
-                        eval_batch_size=eval_batch_size, quiet=quiet, timeout=timeout)
-    with tempfile.TemporaryDirectory(prefix="stablenets-sg-") as tmpdir:
-        spec_path = os.path.join(tmpdir, "spec.pt")
-        result_path = os.path.join(tmpdir, "result.pt")
-        log_path = os.path.join(tmpdir, "torchrun.log")
+                        eval_batch_size=eval_batch_size, quiet=quiet, timeout=timeout,
+                        checkpoint_extra=checkpoint_extra)
+
+    def prepare(folder):
+        spec_path = os.path.join(folder, "spec.pt")
         torch.save({
             "model_config": model.config(), "model_state": _cpu_state(model.state_dict()),
             "sg_config": [(sg.state_shape, sg.parts, sg.classes, sg.hidden) for sg in sgs],
@@ -396,31 +385,22 @@ def launch(model, nets, sgs, data, device, *, batch_size, seed, inflight, epochs
                            inflight=inflight, epochs=epochs, settings=settings, threads=threads,
                            history=history, checkpoint=checkpoint, resume=resume,
                            target_accuracy=target_accuracy, eval_batch_size=eval_batch_size,
-                           quiet=True, timeout=timeout),
+                           quiet=True, timeout=timeout, checkpoint_extra=checkpoint_extra),
         }, spec_path)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-               f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
-               f"--master-port={free_port()}", "--max-restarts=0",
-               "-m", "stablenets_ext.training.synthetic_dist",
-               "--spec", spec_path, "--result", result_path]
-        env = dict(os.environ)
-        env["OMP_NUM_THREADS"] = str(threads)
-        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)
-            try:
-                while proc.poll() is None:
-                    time.sleep(0.1)
-            except BaseException:
-                _stop_group(proc)
-                raise
-        if proc.returncode != 0 or not os.path.exists(result_path):
-            with open(log_path, errors="replace") as f:
-                text = f.read()
-            raise StageError(_summarise_failure(proc.returncode, text, world))
-        out = torch.load(result_path, weights_only=False)
+        return ["--spec", spec_path, "--result", os.path.join(folder, "result.pt")]
+
+    def collect(folder):
+        path = os.path.join(folder, "result.pt")
+        if not os.path.exists(path):
+            raise StageError("synthetic-gradient dist run: torchrun exited 0 but rank 0 wrote "
+                             "no result")
+        return torch.load(path, weights_only=False)
+
+    out = torchrun.launch("stablenets_ext.training.sg.dist", [], world, threads=threads,
+                          name="sg", prepare=prepare, collect=collect,
+                          heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout,
+                          error_type=StageError,
+                          what=lambda r: f"synthetic-gradient stage {r}")
     model.load_state_dict(out["model_state"])
     for sg, state in zip(sgs, out["sg_states"]):
         sg.load_state_dict(state)
@@ -431,44 +411,12 @@ def launch(model, nets, sgs, data, device, *, batch_size, seed, inflight, epochs
     return result
 
 
-def _stop_group(proc):
-    """Ctrl-C: SIGINT to torchrun (it stops its ranks), then SIGKILL the session."""
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _summarise_failure(code, log, world):
-    """Name the rank torchrun's report gives as the root cause."""
-    lines = log.strip().splitlines()
-    start = next((i for i, ln in enumerate(lines) if "Root Cause" in ln), None)
-    stage, details = None, []
-    if start is not None:
-        for ln in lines[start + 1:start + 12]:
-            key = ln.strip().split(":", 1)[0].strip()
-            if key in ("rank", "exitcode", "traceback"):
-                details.append(ln.strip())
-            if key == "rank" and stage is None:
-                with contextlib.suppress(ValueError, IndexError):
-                    stage = int(ln.split(":", 1)[1].split()[0])
-    head = (f"synthetic-gradient stage {stage} (torchrun rank {stage}) failed"
-            if stage is not None else f"synthetic-gradient dist run failed (torchrun exit {code})")
-    tail = "\n".join(lines[-30:])
-    return (f"{head}; torchrun stopped all {world} ranks. " + "; ".join(details)
-            + f"\n--- torchrun log (tail) ---\n{tail}")
-
-
 # ------------------------------------------------------------ entry points
 
 
 def _main_spec(spec_path, result_path):
-    from ..data import Dataset
-    from .synthetic_stages import SyntheticGradient
+    from ...data import Dataset
+    from .stages import SyntheticGradient
 
     spec = torch.load(spec_path, weights_only=False)
     model = models.StableNet.from_config(spec["model_config"])
@@ -484,9 +432,7 @@ def _main_spec(spec_path, result_path):
     kw = dict(spec["kwargs"])
     kw["device"] = torch.device(kw["device"])
     kw["history"] = kw["history"] if kw["history"] is not None else {}
-    from .synthetic import _new_history
-
-    kw["history"] = _new_history(kw["history"])
+    kw["history"] = new_history(kw["history"])
     result = run_rank(model, data, sgs=sgs, **kw)
     if int(os.environ["RANK"]) == 0:
         result = {k: v for k, v in result.items() if k not in ("sg_modules", "coarse")}
@@ -501,14 +447,16 @@ def main(argv=None) -> int:
     p.add_argument("--spec")
     p.add_argument("--result")
     known, rest = p.parse_known_args(argv)
+    if under_torchrun():
+        torchrun.rank_setup()
     if known.spec:
         _main_spec(known.spec, known.result)
         return 0
     if not under_torchrun():
-        print("synthetic_dist: run me under torchrun, e.g. `torchrun --nproc-per-node 2 -m "
-              "stablenets_ext.training.synthetic_dist --dataset digits --json`", file=sys.stderr)
+        print("sg.dist: run me under torchrun, e.g. `torchrun --nproc-per-node 2 -m "
+              "stablenets_ext.training.sg.dist --dataset digits --json`", file=sys.stderr)
         return 2
-    from .. import cli
+    from ... import cli
 
     if int(os.environ["RANK"]) != 0:
         sys.stdout = open(os.devnull, "w")
@@ -516,4 +464,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if under_torchrun():
+        torchrun.exit_rank(code)
+    sys.exit(code)

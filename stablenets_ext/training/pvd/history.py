@@ -1,7 +1,7 @@
 """What a PVD run records: the backprop trainer's history plus PVD's own columns.
 
 ``history`` is a dict of per-iteration lists, the layout of
-:func:`.backprop.new_history` (``epoch`` is the PVD iteration, ``seconds`` its
+:func:`..loop.new_history` (``epoch`` is the PVD iteration, ``seconds`` its
 training time: direction + parallel phase + synchronisation, without the
 evaluation and the fingerprint check), with these added:
 
@@ -17,7 +17,10 @@ evaluation and the fingerprint check), with these added:
 
 from __future__ import annotations
 
-from . import backprop
+import os
+
+from .. import checkpoint as ckpt
+from .. import loop
 
 PVD_HISTORY_KEYS = (
     "direction_seconds", "phase_seconds", "sync_seconds", "worker_seconds", "worker_cpu_seconds",
@@ -27,7 +30,7 @@ PVD_HISTORY_KEYS = (
 
 
 def new_history() -> dict:
-    h = backprop.new_history()
+    h = loop.new_history()
     for k in PVD_HISTORY_KEYS:
         h[k] = []
     return h
@@ -39,8 +42,8 @@ def record(history, **values):
 
 
 def result_dict(history, stopped, cfg, partition, extra) -> dict:
-    """:func:`.backprop.summary` plus the PVD figures derived from ``history``."""
-    res = backprop.summary(history, stopped)
+    """:func:`..loop.summary` plus the PVD figures derived from ``history``."""
+    res = loop.summary(history, stopped)
     phases = history["phase_seconds"]
     reached = [i for i, a in enumerate(history["val_accuracy"])
                if cfg.target_accuracy is not None and a >= cfg.target_accuracy]
@@ -68,3 +71,17 @@ def result_dict(history, stopped, cfg, partition, extra) -> dict:
     })
     res.update(extra)
     return res
+
+
+def load_resume(path, cfg, partition, device):
+    """A PVD checkpoint that fits this run (``cfg.workers`` blocks of ``partition``)."""
+    state = ckpt.load(path, map_location=device,
+                      require=("trainer", "x", "solvers", "history", "epoch", "rng"))
+    if state["trainer"] != "pvd":
+        raise ckpt.CheckpointError(f"resume: {os.fspath(path)!r} was written by the "
+                                   f"{state['trainer']} trainer, not pvd")
+    if len(state["solvers"]) != cfg.workers or state["x"].numel() != partition.numel:
+        raise ckpt.CheckpointError(
+            f"resume: {os.fspath(path)!r} holds a PVD run of {len(state['solvers'])} workers "
+            f"and {state['x'].numel()} parameters, not {cfg.workers} and {partition.numel}")
+    return state

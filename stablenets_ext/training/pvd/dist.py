@@ -8,7 +8,7 @@ Each rank holds its own copy of the point and the data. Per iteration:
   (:class:`.pvd_solver.BlockSolver`); the proposals (disjoint blocks, zero
   elsewhere), the multiplier rows and the candidate losses are all-reduced;
 - synchronisation: rank 0 picks the best point or the best hull point
-  (:mod:`.pvd_sync`) and broadcasts it; every rank then fingerprints the
+  (:mod:`.sync`) and broadcasts it; every rank then fingerprints the
   point it holds and rank 0 gathers the fingerprints (history ``worker_digests``);
 - rank 0 evaluates and broadcasts whether to stop.
 
@@ -31,29 +31,20 @@ import contextlib
 import copy
 import datetime
 import os
-import socket
-import threading
 import time
-import traceback
 from multiprocessing import connection
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as tmp
 
-from .pvd_blocks import BlockPartition, digest, write_back
-from .pvd_history import new_history, record, result_dict
-from .pvd_process import (WorkerError, describe_exit, fd_sharing, mp_context, shared_copy,
-                          sigint_ignored, skeleton, warm_optimizers)
-from .pvd_solver import BlockSolver, Net, PVDConfig, SharedState, make_direction
-from .pvd_sync import synchronise
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .. import loop, runtime
+from ..runtime import WorkerError, describe_exit, fd_sharing, free_port, sigint_ignored
+from .blocks import BlockPartition, digest, write_back
+from .history import load_resume, new_history, result_dict
+from .process import mp_context, shared_copy, skeleton, warm_optimizers
+from .solver import BlockSolver, Net, PVDConfig, SharedState, make_direction
+from .sync import synchronise
 
 
 def choose_backend(device: torch.device, world: int) -> str:
@@ -91,9 +82,12 @@ def _digest_int(flat: torch.Tensor) -> int:
 
 
 def rank_loop(rank: int, world: int, model, data, cfg: PVDConfig, device: torch.device,
-              callback=None, eval_train: int = 2048, verify: bool = True) -> dict:
+              callback=None, eval_train: int = 2048, verify: bool = True, checkpoint=None,
+              resume=None, checkpoint_extra=None) -> dict:
     """Run PVD as rank ``rank`` of an initialised process group; every rank returns
-    rank 0's result (broadcast at the end)."""
+    rank 0's result (broadcast at the end). ``checkpoint`` is written by rank 0
+    (every rank's optimiser state gathered to it); ``resume`` is read by every
+    rank."""
     if world != cfg.workers:
         raise ValueError(f"workers: the process group has {world} ranks but workers={cfg.workers}; "
                          "PVD runs one block per rank")
@@ -114,17 +108,64 @@ def rank_loop(rank: int, world: int, model, data, cfg: PVDConfig, device: torch.
     g = torch.Generator().manual_seed(cfg.seed)
     eval_idx = torch.randperm(train[0].shape[0], generator=g)[:n_eval].to(device)
     train_eval = (train[0][eval_idx], train[1][eval_idx])
-    lo, hi = partition.ranges[rank]
-
+    engine = _RankEngine(rank, world, comm, solver, net, shared, partition, cfg, device, val,
+                         train_eval, verify, model, gather_states=checkpoint is not None)
     history = new_history()
-    stopped = False
+    first, stopped = 0, False
+    if resume is not None:
+        first, stopped = loop.resume(engine, load_resume(resume, cfg, partition, device),
+                                     history)
     dist.barrier()
     startup = time.perf_counter() - t_start
     init_loss, init_acc = net.evaluate(shared.x, *val)
-    flag = torch.zeros(1, device=device)
-    for k in range(cfg.iterations):
+
+    def on_iteration(rec):
+        if callback is not None and rank == 0:
+            callback({"iteration": rec["epoch"], "val_accuracy": rec["val_accuracy"],
+                      "val_loss": rec["val_loss"], "pids": None, "sync": engine.info,
+                      "backend": "dist"})
+
+    if not stopped:
+        stopped = loop.run_epochs(
+            engine, epochs=cfg.iterations, start=first, history=history,
+            target_accuracy=cfg.target_accuracy, checkpoint=checkpoint if rank == 0 else None,
+            checkpoint_extra=checkpoint_extra, quiet=True, on_epoch=on_iteration,
+            main=rank == 0)
+    write_back(model, partition, shared.x)
+    out = [None]
+    if rank == 0:
+        out[0] = result_dict(history, stopped, cfg, partition, {
+            "backend": "dist", "dist_backend": dist.get_backend(), "startup_seconds": startup,
+            "wall_seconds": time.perf_counter() - t_start, "initial_accuracy": init_acc,
+            "initial_val_loss": init_loss,
+        })
+    dist.broadcast_object_list(out, src=0)
+    result = out[0]
+    result["rank"] = rank
+    return result
+
+
+class _RankEngine:
+    """One PVD iteration on this rank (collectives with the others): the engine
+    protocol of :func:`..loop.run_epochs`. Rank 0 synchronises, evaluates and
+    keeps the history; the figures it evaluates are broadcast, so every rank
+    takes the same stop decision."""
+
+    def __init__(self, rank, world, comm, solver, net, shared, partition, cfg, device, val,
+                 train_eval, verify, model, gather_states):
+        self.rank, self.world, self.comm, self.solver = rank, world, comm, solver
+        self.net, self.shared, self.partition, self.cfg = net, shared, partition, cfg
+        self.device, self.val, self.train_eval, self.verify = device, val, train_eval, verify
+        self.model, self.gather_states = model, gather_states
+        self.info, self.states = None, None
+
+    def run_epoch(self, k: int) -> dict:
+        rank, world, comm, shared, partition = (self.rank, self.world, self.comm, self.shared,
+                                                self.partition)
+        cfg, device, dtype = self.cfg, self.device, shared.x.dtype
+        lo, hi = partition.ranges[rank]
         t0 = time.perf_counter()
-        count = solver.gradient(k)
+        count = self.solver.gradient(k)
         grad = shared.grads[rank].clone()
         grad_count = torch.tensor([float(count)], dtype=dtype, device=device)
         comm.all_reduce(grad)
@@ -133,7 +174,7 @@ def rank_loop(rank: int, world: int, model, data, cfg: PVDConfig, device: torch.
         shared.grads[0].copy_(grad)
         make_direction(shared, partition, int(grad_count.item()), cfg.normalize_direction)
         t1 = time.perf_counter()
-        res = solver.solve(k)
+        res = self.solver.solve(k)
         with torch.no_grad():
             own = shared.proposal[lo:hi].clone()
             shared.proposal.zero_()
@@ -150,55 +191,56 @@ def rank_loop(rank: int, world: int, model, data, cfg: PVDConfig, device: torch.
         t2 = time.perf_counter()
         info = None
         if rank == 0:
-            new, info = synchronise(net, shared, stats[:, 0].tolist(), cfg, k, val)
+            new, info = synchronise(self.net, shared, stats[:, 0].tolist(), cfg, k, self.val)
             with torch.no_grad():
                 shared.x.copy_(new)
         comm.broadcast(shared.x, src=0)
         t3 = time.perf_counter()
         digests = torch.zeros(world, dtype=torch.int64, device=device)
-        if verify:
+        if self.verify:
             digests[rank] = _digest_int(shared.x)
             comm.all_reduce(digests)
-        if rank == 0:
-            t4 = time.perf_counter()
-            val_loss, val_acc = net.evaluate(shared.x, *val)
-            train_loss, train_acc = net.evaluate(shared.x, *train_eval)
-            eval_seconds = time.perf_counter() - t4
-            record(
-                history, epoch=k + 1, loss=train_loss, train_accuracy=train_acc,
-                val_loss=val_loss, val_accuracy=val_acc, seconds=t3 - t0,
-                eval_seconds=eval_seconds, lr=cfg.lr, layers=partition.layers,
-                direction_seconds=t1 - t0, phase_seconds=t2 - t1, sync_seconds=t3 - t2,
-                worker_seconds=stats[:, 1].tolist(), worker_cpu_seconds=stats[:, 2].tolist(),
-                worker_steps=res["steps"], candidate_losses=info["candidate_losses"],
-                best_worker=info["best_worker"], best_loss=info["best_loss"],
-                hull_loss=info.get("hull_loss"), sync_loss=info["sync_loss"],
-                sync_choice=info["choice"], mu=shared.mu.tolist(),
-                digest=digest(shared.x) if verify else None,
-                worker_digests=[format(v, "015x") for v in digests.tolist()] if verify else [],
-            )
-            history["lambda"].append(info.get("lambda"))
-            stopped = cfg.target_accuracy is not None and val_acc >= cfg.target_accuracy
-            flag.fill_(1.0 if stopped else 0.0)
-            if callback is not None:
-                callback({"iteration": k + 1, "val_accuracy": val_acc, "val_loss": val_loss,
-                          "pids": None, "sync": info, "backend": "dist"})
-        comm.broadcast(flag, src=0)
-        if flag.item() > 0:
-            stopped = True
-            break
-    write_back(model, partition, shared.x)
-    out = [None]
-    if rank == 0:
-        out[0] = result_dict(history, stopped, cfg, partition, {
-            "backend": "dist", "dist_backend": dist.get_backend(), "startup_seconds": startup,
-            "wall_seconds": time.perf_counter() - t_start, "initial_accuracy": init_acc,
-            "initial_val_loss": init_loss,
-        })
-    dist.broadcast_object_list(out, src=0)
-    result = out[0]
-    result["rank"] = rank
-    return result
+        if self.gather_states:
+            states = [None] * world if rank == 0 else None
+            dist.gather_object(self.solver.state_dict(), states, dst=0)
+            self.states = states
+        self.info = info
+        if rank != 0:
+            return {"epoch": k + 1}
+        return dict(
+            epoch=k + 1, seconds=t3 - t0, lr=cfg.lr, layers=partition.layers,
+            direction_seconds=t1 - t0, phase_seconds=t2 - t1, sync_seconds=t3 - t2,
+            worker_seconds=stats[:, 1].tolist(), worker_cpu_seconds=stats[:, 2].tolist(),
+            worker_steps=res["steps"], candidate_losses=info["candidate_losses"],
+            best_worker=info["best_worker"], best_loss=info["best_loss"],
+            hull_loss=info.get("hull_loss"), sync_loss=info["sync_loss"],
+            sync_choice=info["choice"], mu=shared.mu.tolist(),
+            digest=digest(shared.x) if self.verify else None,
+            worker_digests=[format(v, "015x") for v in digests.tolist()] if self.verify else [],
+            **{"lambda": info.get("lambda")})
+
+    def evaluate(self) -> dict:
+        figures = torch.zeros(5, dtype=torch.float64, device=self.device)
+        if self.rank == 0:
+            t0 = time.perf_counter()
+            val_loss, val_acc = self.net.evaluate(self.shared.x, *self.val)
+            train_loss, train_acc = self.net.evaluate(self.shared.x, *self.train_eval)
+            figures.copy_(torch.tensor([val_loss, val_acc, train_loss, train_acc,
+                                        time.perf_counter() - t0], dtype=torch.float64))
+        self.comm.broadcast(figures, src=0)
+        v = figures.tolist()
+        return {"val_loss": v[0], "val_accuracy": v[1], "loss": v[2], "train_accuracy": v[3],
+                "eval_seconds": v[4]}
+
+    def state_dict(self) -> dict:
+        return {"trainer": "pvd", "backend": "dist", "x": self.shared.x.detach().cpu().clone(),
+                "solvers": self.states,
+                "model_config": self.model.config() if hasattr(self.model, "config") else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.shared.x.copy_(state["x"].to(self.shared.x))
+        self.solver.load_state_dict(state["solvers"][self.rank])
 
 
 # ---------------------------------------------------------------- launchers
@@ -206,11 +248,14 @@ def rank_loop(rank: int, world: int, model, data, cfg: PVDConfig, device: torch.
 
 def train_dist(model, data, cfg: PVDConfig, device: torch.device, *, init_method=None,
                timeout: float = 300.0, callback=None, eval_train=2048, verify=True,
-               start_method: str = "spawn") -> dict:
+               start_method: str = "spawn",
+               heartbeat_timeout: float | None = runtime.DEFAULT_TIMEOUT, checkpoint=None,
+               resume=None, checkpoint_extra=None, start_timeout: float = 120.0) -> dict:
     """Run on the current process group, a torchrun one, or spawn local ranks."""
+    ck = dict(checkpoint=checkpoint, resume=resume, checkpoint_extra=checkpoint_extra)
     if dist.is_available() and dist.is_initialized():
         return rank_loop(dist.get_rank(), dist.get_world_size(), model, data, cfg, device,
-                         callback, eval_train, verify)
+                         callback, eval_train, verify, **ck)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         world = int(os.environ["WORLD_SIZE"])
         if device.type == "cuda" and "LOCAL_RANK" in os.environ:
@@ -221,24 +266,27 @@ def train_dist(model, data, cfg: PVDConfig, device: torch.device, *, init_method
                                 timeout=datetime.timedelta(seconds=timeout))
         try:
             return rank_loop(dist.get_rank(), world, model, data, cfg, device, callback,
-                             eval_train, verify)
+                             eval_train, verify, **ck)
         finally:
             dist.destroy_process_group()
     return spawn_local(model, data, cfg, device, init_method=init_method, timeout=timeout,
-                       eval_train=eval_train, verify=verify, start_method=start_method)
+                       eval_train=eval_train, verify=verify, start_method=start_method,
+                       heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout, **ck)
+
+
+@contextlib.contextmanager
+def _beating(heartbeats, index):
+    heartbeats.start(index)
+    try:
+        yield
+    finally:
+        heartbeats.stop()
 
 
 def _rank_main(rank: int, world: int, init_method: str, backend: str, conn, payload: dict):
     """Entry point of a locally spawned rank."""
-    parent = tmp.parent_process()
-
-    def watchdog():  # no orphans: leave when the launcher disappears
-        if parent is not None:
-            parent.join()
-            os._exit(1)
-
-    threading.Thread(target=watchdog, daemon=True).start()
-    try:
+    runtime.exit_with_parent()  # no orphans: leave when the launcher disappears
+    with runtime.reporting_to(conn, rank), _beating(payload["heartbeats"], rank):
         torch.set_num_threads(payload["threads"])
         device = payload["device"]
         if device.type == "cuda" and backend == "nccl":
@@ -249,7 +297,8 @@ def _rank_main(rank: int, world: int, init_method: str, backend: str, conn, payl
                                 timeout=datetime.timedelta(seconds=payload["timeout"]))
         try:
             result = rank_loop(rank, world, model, payload["data"], payload["config"], device,
-                               None, payload["eval_train"], payload["verify"])
+                               None, payload["eval_train"], payload["verify"],
+                               **payload["checkpointing"])
         finally:
             dist.destroy_process_group()
         if rank == 0:
@@ -257,18 +306,13 @@ def _rank_main(rank: int, world: int, init_method: str, backend: str, conn, payl
             # process must still be alive to hand over.
             final = {n: p.detach().cpu().numpy() for n, p in model.named_parameters()}
             conn.send(("ok", rank, (result, final)))
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.send(("error", rank, traceback.format_exc()))
-        raise SystemExit(1)
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
 
 
 def spawn_local(model, data, cfg: PVDConfig, device: torch.device, *, init_method=None,
                 timeout: float = 300.0, eval_train=2048, verify=True,
-                start_method: str = "spawn") -> dict:
+                start_method: str = "spawn",
+                heartbeat_timeout: float | None = runtime.DEFAULT_TIMEOUT, checkpoint=None,
+                resume=None, checkpoint_extra=None, start_timeout: float = 120.0) -> dict:
     """Spawn ``cfg.workers`` ranks on this machine, wait for rank 0's result and
     copy the final parameters into ``model``."""
     world = cfg.workers
@@ -285,7 +329,9 @@ def spawn_local(model, data, cfg: PVDConfig, device: torch.device, *, init_metho
     payload = {
         "model": model_copy, "data": SimpleNamespace(**shared), "config": cfg, "device": device,
         "threads": cfg.worker_threads(), "timeout": timeout, "eval_train": eval_train,
-        "verify": verify,
+        "verify": verify, "heartbeats": runtime.Heartbeats(world),
+        "checkpointing": dict(checkpoint=checkpoint, resume=resume,
+                              checkpoint_extra=checkpoint_extra),
     }
     try:
         with fd_sharing(), sigint_ignored():
@@ -297,18 +343,12 @@ def spawn_local(model, data, cfg: PVDConfig, device: torch.device, *, init_metho
                 theirs.close()
                 procs.append(p)
                 conns.append(ours)
-        result = _wait_for_result(procs, conns)
+        result = _wait_for_result(procs, conns, payload["heartbeats"], heartbeat_timeout,
+                                  start_timeout)
         for p in procs:
             p.join(10.0)
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(2.0)
-            if p.is_alive():
-                p.kill()
-                p.join(2.0)
+        runtime.reap(procs, grace=0.0)
         for c in conns:
             with contextlib.suppress(Exception):
                 c.close()
@@ -319,13 +359,26 @@ def spawn_local(model, data, cfg: PVDConfig, device: torch.device, *, init_metho
     return result
 
 
-def _wait_for_result(procs, conns):
-    """Rank 0's ``(result, parameters)``; a WorkerError as soon as any rank fails or dies."""
+def _wait_for_result(procs, conns, heartbeats=None, heartbeat_timeout=None, start_timeout=None):
+    """Rank 0's ``(result, parameters)``; a WorkerError as soon as any rank fails or
+    dies, stops beating for ``heartbeat_timeout`` seconds, or has not started
+    (beaten once) ``start_timeout`` seconds after the start."""
+    started = time.monotonic()
     watch = {id(c): r for r, c in enumerate(conns)}
     live_conns = list(conns)
     sentinels = {p.sentinel: r for r, p in enumerate(procs)}
     while True:
         ready = connection.wait(live_conns + list(sentinels), timeout=0.5)
+        if heartbeats is not None and not ready:
+            heartbeats.check(list(sentinels.values()), heartbeat_timeout,
+                             lambda r: f"PVD rank {r} (pid {procs[r].pid})",
+                             [p.pid for p in procs])
+            silent = [r for r in sentinels.values() if heartbeats.age(r) is None]
+            if silent and start_timeout is not None and \
+                    time.monotonic() - started > start_timeout:
+                r = silent[0]
+                raise WorkerError(f"PVD rank {r} (pid {procs[r].pid}) did not start within "
+                                  f"{start_timeout:.0f} s", r)
         # Messages before deaths: a rank that reported its traceback and exited is an error.
         for obj in sorted(ready, key=lambda o: isinstance(o, int)):
             if not isinstance(obj, int):

@@ -1,0 +1,136 @@
+"""The end of ``stablenets train``: history, plots, the summary line (valid
+JSON even when the run diverged), and the local launch of data-parallel runs."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+from ..training.outputs import dumps, json_safe, write_json
+
+LINE_KEYS = ("accuracy", "loss", "seconds", "epochs")
+
+
+def _jsonable(value) -> bool:
+    import json
+
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def diverged(result: dict) -> bool:
+    values = [result.get("loss"), result.get("val_loss")]
+    values += list((result.get("history") or {}).get("loss", []))
+    return any(isinstance(v, float) and not math.isfinite(v) for v in values)
+
+
+def kernel_used(arch, impl, device) -> str:
+    from .. import ops
+    from ..models import is_conv
+
+    if is_conv(arch):
+        return "aten"
+    return "fused" if impl != "reference" and ops.has_kernel(device) else "reference"
+
+
+def write_plots(folder, result, model, data, cfg):
+    from ..training import plots
+
+    os.makedirs(folder, exist_ok=True)
+    stem = f"{data.name}-{cfg['arch']}"
+    if "history" in result and result["history"].get("loss"):
+        plots.plot_history(result, os.path.join(folder, f"{stem}-curves.png"))
+    if data.features == 2 and hasattr(model, "trajectory"):
+        plots.plot_trajectories(model, data.val_x, data.val_y,
+                                os.path.join(folder, f"{stem}-trajectories.png"))
+
+
+def finish(args, cfg, result, model, data, device) -> int:
+    bad = diverged(result)
+    if args.history:
+        write_json(args.history, {**result, "diverged": bad})
+    if args.plot:
+        write_plots(args.plot, result, model, data, cfg)
+    line = {
+        "accuracy": result.get("accuracy"), "loss": result.get("loss"),
+        "seconds": result.get("seconds"), "epochs": result.get("epochs"),
+        "arch": cfg["arch"], "dataset": args.dataset, "impl": args.impl,
+        "kernel": kernel_used(cfg["arch"], args.impl, device), "device": str(device),
+        "trainer": args.trainer, "layers": getattr(model, "layers", cfg["layers"]),
+        "width": cfg["width"], "levels": getattr(args, "levels", 1),
+    }
+    for key, value in result.items():
+        if key not in line and key not in ("history", "levels") and _jsonable(value):
+            line[key] = value
+    line, nonfinite = json_safe(line)
+    line["diverged"] = bad or nonfinite
+    if line["diverged"]:
+        print(f"stablenets train: warning: the run diverged (non-finite loss); non-finite "
+              f"numbers are reported as null. Lower --lr or --step.", file=sys.stderr)
+    if args.json:
+        print(dumps(line), flush=True)
+    else:
+        acc = line["accuracy"]
+        acc_text = "n/a" if acc is None else f"{100 * acc:.2f}%"
+        per_epoch = result.get("seconds_per_epoch")
+        test = line.get("test_accuracy")
+        print(
+            f"{args.dataset} / {cfg['arch']} ({line['layers']} layers, width {cfg['width']}, "
+            f"{line['kernel']} on {device}): validation accuracy {acc_text} after "
+            f"{line['epochs']} epochs, {line['seconds'] or 0:.1f} s training"
+            + (f" ({per_epoch:.3f} s/epoch)" if isinstance(per_epoch, float)
+               and math.isfinite(per_epoch) else "")
+            + (f"; test accuracy {100 * test:.2f}%" if isinstance(test, float) else ""),
+            flush=True,
+        )
+    return 0
+
+
+# ------------------------------------------------------------ data parallel
+
+
+def save_for_launcher(folder, result, model) -> None:
+    import torch
+
+    torch.save({"result": result, "model_config": model.config(),
+                "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
+               os.path.join(folder, "result.pt"))
+
+
+def launch_ddp(args, argv, cfg, device) -> int:
+    """``--backend dist`` outside torchrun: run this same command line as
+    ``--workers`` local torchrun ranks and report rank 0's result."""
+    import torch
+
+    from ..data import load_dataset
+    from ..models import StableNet
+    from ..training import checkpoint as ckpt
+    from ..training.runtime import WorkerError, torchrun
+
+    world = args.workers or 2
+    threads = args.threads or max(1, torch.get_num_threads() // world)
+
+    def collect(folder):
+        path = os.path.join(folder, "result.pt")
+        if not os.path.exists(path):
+            raise WorkerError("DDP run: torchrun exited 0 but rank 0 wrote no result")
+        return torch.load(path, weights_only=False)
+
+    lock = ckpt.CheckpointLock(args.save).acquire() if args.save is not None else None
+    try:
+        out = torchrun.launch("stablenets_ext", ["train", *argv], world, threads=threads,
+                              name="ddp", collect=collect,
+                              heartbeat_timeout=args.heartbeat_timeout or 30.0,
+                              what=lambda r: f"DDP rank {r}")
+    finally:
+        if lock is not None:
+            lock.release()
+    model = StableNet.from_config(out["model_config"])
+    model.load_state_dict(out["model_state"])
+    data = load_dataset(args.dataset, root=args.data_root, seed=args.seed,
+                        download=False if args.no_download else None, cache=args.cache)
+    return finish(args, cfg, out["result"], model, data, device)

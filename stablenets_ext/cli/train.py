@@ -1,0 +1,242 @@
+"""``stablenets train``: flags -> TrainConfig + the trainer's Options -> fit.
+
+Every check that can fail is made before the first epoch: flags that do not
+apply to the chosen trainer or architecture, a resume whose checkpoint was
+made with other settings, output paths that cannot be written, a checkpoint
+another run is writing."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import sys
+
+from ..training import TRAINERS, load_trainer
+from .errors import CliError
+from .parser import CONFIG_FLAGS, MODEL_FLAGS, SHARED, given_options
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+# ------------------------------------------------------------------ checks
+
+
+def resolve_device(text):
+    import torch
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device: expected cpu, cuda, cuda:N or auto, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device: CUDA was requested but torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise CliError(f"--device: expected cpu, cuda, cuda:N or auto, got {text!r}")
+    return device
+
+
+def check_applicable(args, given: set, trainer) -> None:
+    """Refuse every given flag the chosen trainer would ignore."""
+    name = args.trainer
+    fields = {f.name for f in dataclasses.fields(trainer.Options)}
+    for dest in sorted(given):
+        owners = args.option_owners.get(dest)
+        if owners is not None and dest not in fields:
+            raise CliError(f"{_flag(dest)}: only applies to --trainer {' or '.join(owners)}, "
+                           f"not {name}")
+        if dest in SHARED and dest not in fields:
+            raise CliError(f"{SHARED[dest]['flags'][0]}: does not apply to --trainer {name}")
+        if dest in trainer.UNSUPPORTED:
+            raise CliError(f"{_flag(dest)}: --trainer {name} cannot honour it (no schedule or "
+                           f"regulariser there); leave it out")
+    if "compare" in given:
+        bad = [c for c in args.compare if c not in trainer.COMPARISONS]
+        if bad:
+            runs = ", ".join(trainer.COMPARISONS) or "none"
+            raise CliError(f"--compare {','.join(bad)}: --trainer {name} offers: {runs}")
+    if name == "backprop" and "backend" in given and args.backend != "dist":
+        raise CliError(f"--backend {args.backend}: backprop runs in one process or with "
+                       f"--backend dist (DistributedDataParallel)")
+    if name == "backprop" and "workers" in given and args.backend != "dist":
+        raise CliError("--workers: backprop takes it with --backend dist (one rank per worker)")
+
+
+def check_model_flags(args, given: set, arch: str) -> None:
+    from ..models import is_conv
+
+    if "gamma" in given and not arch.endswith("antisymmetric"):
+        raise CliError(f"--gamma: only applies to antisymmetric architectures, not {arch}")
+    if args.reversible and not arch.endswith(("leapfrog", "verlet")):
+        raise CliError(f"--reversible: only leapfrog and verlet stacks run backwards, not {arch}")
+    for flag, dest in (("--kernel-size", "kernel_size"), ("--pool", "pool"),
+                       ("--batch-norm", "batch_norm")):
+        if dest in given and not is_conv(arch):
+            raise CliError(f"{flag}: only applies to convolutional architectures, not {arch}")
+
+
+def check_outputs(args) -> None:
+    from ..training.outputs import check_file, check_folder
+
+    if args.save is not None:
+        check_file(args.save, "--save")
+    if args.history is not None:
+        check_file(args.history, "--history")
+    if args.plot is not None:
+        check_folder(args.plot, "--plot")
+    if args.resume is not None and not os.path.exists(args.resume):
+        raise CliError(f"--resume: checkpoint {args.resume!r} does not exist")
+
+
+# ------------------------------------------------------------------- train
+
+
+def settings(args, adopted: dict) -> dict:
+    """The preset for the dataset/arch, under the checkpoint's settings, under
+    the command line's."""
+    from ..training.presets import preset
+
+    arch = args.arch or adopted.get("arch")
+    out = preset(args.dataset, arch)
+    for key in MODEL_FLAGS + CONFIG_FLAGS:
+        if key in adopted:
+            out[key] = adopted[key]
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def model_kwargs(args) -> dict:
+    kw = {}
+    if args.gamma is not None:
+        kw["gamma"] = args.gamma
+    if args.reversible:
+        kw["reversible"] = True
+    if args.kernel_size is not None:
+        kw["kernel_size"] = args.kernel_size
+    if args.lift is not None:
+        kw["lift"] = {"auto": None, "learn": True, "pad": False}[args.lift]
+    if args.pool is not None:
+        kw["pool"] = args.pool
+    if args.batch_norm:
+        kw["batch_norm"] = True
+    return kw
+
+
+def build_model(cfg, data, impl, kwargs):
+    from ..models import StableNet
+
+    try:
+        return StableNet(cfg["arch"], data.features, data.classes, cfg["layers"],
+                         width=cfg["width"], step=cfg["step"], activation=cfg["activation"],
+                         impl=impl, **kwargs)
+    except TypeError as exc:  # a keyword this build's model or stack does not take yet
+        for key in kwargs:
+            if f"'{key}'" in str(exc):
+                raise CliError(f"{_flag(key)}: the {cfg['arch']} model of this build does not "
+                               f"accept {key} yet") from None
+        raise
+
+
+def cmd_train(args, argv, parser) -> int:
+    import numpy as np
+    import torch
+
+    from ..data import load_dataset
+    from ..models import is_conv
+    from ..training import TrainConfig, checkpoint as ckpt
+    from ..training.runtime import torchrun
+    from . import report, resume
+
+    given = given_options(argv)
+    ranked = torchrun.under_torchrun()
+    if ranked and "backend" not in given:
+        args.backend = "dist"  # under torchrun: one rank of a distributed run
+        given = given | {"backend"}
+    check_outputs(args)
+    state, adopted = None, {}
+    if args.resume is not None:
+        state = ckpt.load(args.resume)
+        adopted = resume.reconcile(args, given, state)
+    name = args.trainer
+    if name in args.missing_trainers:
+        raise CliError(f"--trainer {name}: the module {TRAINERS[name]} is not available "
+                       f"({args.missing_trainers[name]})")
+    trainer = load_trainer(name)
+    check_applicable(args, given, trainer)
+    cfg = settings(args, adopted)
+    check_model_flags(args, given, cfg["arch"])
+    device = resolve_device(args.device)
+
+    if name == "backprop" and args.backend == "dist" and not ranked:
+        return report.launch_ddp(args, argv, cfg, device)
+
+    rank = int(os.environ.get("RANK", 0)) if ranked else 0
+    run_dir = torchrun.run_dir() if ranked else None
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    lock = None
+    if args.save is not None and rank == 0 and run_dir is None:
+        lock = ckpt.CheckpointLock(args.save).acquire()
+    try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        download = False if args.no_download else None
+        data = load_dataset(args.dataset, root=args.data_root, seed=args.seed,
+                            download=download, cache=args.cache)
+        if is_conv(cfg["arch"]) and not data.is_image:
+            raise CliError(
+                f"--arch {cfg['arch']}: a convolutional architecture needs image data (mnist, "
+                f"cifar10, cifar100), but --dataset {args.dataset} has {data.features} features")
+        if args.impl == "fused" and not is_conv(cfg["arch"]):
+            from .. import ops
+
+            if not ops.has_kernel(device):
+                raise CliError(
+                    f"--impl fused: no compiled kernel for device {device.type!r} (compiled "
+                    f"for: {', '.join(ops.compiled_devices()) or 'none'}); use --impl auto or "
+                    "reference")
+
+        torch.manual_seed(args.seed)
+        np.random.seed(args.seed)
+        random.seed(args.seed)
+        model = build_model(cfg, data, args.impl, model_kwargs(args)).to(device)
+        options = resume.make_options(trainer, args, given)
+        run = resume.run_settings(args, cfg, options)
+        config_kw = {k: cfg[k] for k in CONFIG_FLAGS if k in cfg}
+        config_kw["target_accuracy"] = args.target_accuracy
+        for k in trainer.UNSUPPORTED:  # preset values the trainer has no use for
+            config_kw.pop(k, None)
+        config = TrainConfig(**config_kw, seed=args.seed, device=device, threads=args.threads,
+                             checkpoint=args.save, resume=args.resume,
+                             quiet=args.quiet or args.json, run=run)
+        resume.check_progress(args, state, trainer, cfg, options)
+        import copy
+
+        start = copy.deepcopy(model) if args.compare else None
+        result = trainer.fit(model, data, config, options)
+        if "rank" in result and result["rank"] != 0 and name != "backprop":
+            return 0
+        if args.compare and rank == 0:
+            result = trainer.compare(start, data, config, options, result, args.compare)
+        model = result.pop("model", model)
+        if data.test_x is not None and rank == 0:
+            from ..training import evaluate
+
+            result["test_loss"], result["test_accuracy"] = evaluate(model, data.test_x,
+                                                                    data.test_y)
+        if run_dir is not None:  # launched by `--backend dist`: the launcher reports
+            if rank == 0:
+                report.save_for_launcher(run_dir, result, model)
+            return 0
+        if rank != 0:
+            return 0
+        return report.finish(args, cfg, result, model, data, device)
+    finally:
+        if lock is not None:
+            lock.release()
