@@ -20,7 +20,7 @@ template <typename T, Act A>
 void forward_narrow(const T* y, const T* yprev, const T* K, const T* b, T h, int64_t N,
                     int64_t B, int64_t d, T* out, T* out_prev, T* states) {
   const T mh2 = -h * h;
-  for_tiles(B, [&](int64_t, int64_t row0, int64_t rows) {
+  for_tiles(B, N * d * d, [&](int64_t, int64_t row0, int64_t rows) {
     std::vector<T> buf(3 * d * kTile);
     T* Y = buf.data();
     T* Yp = Y + d * kTile;
@@ -54,7 +54,7 @@ void backward_narrow(const T* ga_in, const T* gc_in, const T* states, const T* y
                      const T* y_lo, const T* K, const T* b, T h, int64_t N, int64_t B, int64_t d,
                      T* gy, T* gyprev, T* ry, T* ryprev, Partials<T>& part) {
   const T mh2 = -h * h;
-  for_tiles(B, [&](int64_t c, int64_t row0, int64_t rows) {
+  for_tiles(B, N * d * d, [&](int64_t c, int64_t row0, int64_t rows) {
     std::vector<T> buf(7 * d * kTile);
     T* a = buf.data();
     T* cc = a + d * kTile;
@@ -237,7 +237,7 @@ T6 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& 
     const scalar_t h = static_cast<scalar_t>(step);
     SN_DISPATCH_ACT(act, [&] {
       if (narrow(d)) {
-        Partials<scalar_t> part(num_chunks(B), N, d, ga.options());
+        Partials<scalar_t> part(num_chunks(B, N * d * d), N, d, ga.options());
         backward_narrow<scalar_t, kAct, Reversible>(
             ga.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
             Reversible ? nullptr : states.data_ptr<scalar_t>(),
@@ -246,7 +246,7 @@ T6 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& 
             b.data_ptr<scalar_t>(), h, N, B, d, gy.data_ptr<scalar_t>(),
             gyp.data_ptr<scalar_t>(), Reversible ? ry.data_ptr<scalar_t>() : nullptr,
             Reversible ? ryp.data_ptr<scalar_t>() : nullptr, part);
-        std::tie(gw, gb) = part.sum(num_chunks(B));
+        std::tie(gw, gb) = part.sum(num_chunks(B, N * d * d));
       } else {
         gw = at::empty({N, d, d}, ga.options());
         gb = at::empty({N, d}, ga.options());

@@ -17,7 +17,7 @@ namespace {
 template <typename T, Act A>
 void forward_narrow(const T* y, const T* K, const T* b, T h, int64_t N, int64_t B, int64_t d,
                     T* out, T* states) {
-  for_tiles(B, [&](int64_t, int64_t row0, int64_t rows) {
+  for_tiles(B, N * d * d, [&](int64_t, int64_t row0, int64_t rows) {
     std::vector<T> buf(2 * d * kTile);
     T* Y = buf.data();
     T* P = Y + d * kTile;
@@ -40,7 +40,7 @@ void forward_narrow(const T* y, const T* K, const T* b, T h, int64_t N, int64_t 
 template <typename T, Act A>
 void backward_narrow(const T* gout, const T* states, const T* K, T h, int64_t N, int64_t B,
                      int64_t d, T* gy, Partials<T>& part) {
-  for_tiles(B, [&](int64_t c, int64_t row0, int64_t rows) {
+  for_tiles(B, N * d * d, [&](int64_t c, int64_t row0, int64_t rows) {
     std::vector<T> buf(3 * d * kTile);
     T* L = buf.data();
     T* Y = L + d * kTile;
@@ -170,11 +170,11 @@ T3 resnet_backward_impl(const at::Tensor& gout_in, const at::Tensor& states_in,
     const scalar_t h = static_cast<scalar_t>(step);
     SN_DISPATCH_ACT(act, [&] {
       if (narrow(d)) {
-        Partials<scalar_t> part(num_chunks(B), N, d, gout.options());
+        Partials<scalar_t> part(num_chunks(B, N * d * d), N, d, gout.options());
         backward_narrow<scalar_t, kAct>(gout.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
                                         K.data_ptr<scalar_t>(), h, N, B, d,
                                         gy.data_ptr<scalar_t>(), part);
-        std::tie(gw, gb) = part.sum(num_chunks(B));
+        std::tie(gw, gb) = part.sum(num_chunks(B, N * d * d));
         if (gamma) gw = antisymmetric_weight(gw, 0.0);  // dL/dK = (dL/dW - dL/dW^T) / 2
       } else {
         gw = at::empty({N, d, d}, gout.options());

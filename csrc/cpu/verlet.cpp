@@ -25,7 +25,7 @@ T* slot_ptr(T* states, int64_t j, int64_t s, int64_t B, int64_t row0, int64_t d)
 template <typename T, Act A>
 void forward_narrow(const T* y, const T* z, const T* K, const T* b, T h, int64_t N, int64_t B,
                     int64_t d, T* out_y, T* out_z, T* states) {
-  for_tiles(B, [&](int64_t, int64_t row0, int64_t rows) {
+  for_tiles(B, N * d * d, [&](int64_t, int64_t row0, int64_t rows) {
     std::vector<T> buf(3 * d * kTile);
     T* Y = buf.data();
     T* Z = Y + d * kTile;
@@ -65,7 +65,7 @@ template <typename T, Act A, bool Reversible>
 void backward_narrow(const T* gy_in, const T* gz_in, const T* states, const T* y_out,
                      const T* z_out, const T* K, const T* b, T h, int64_t N, int64_t B,
                      int64_t d, T* gy, T* gz, T* ry, T* rz, Partials<T>& part) {
-  for_tiles(B, [&](int64_t c, int64_t row0, int64_t rows) {
+  for_tiles(B, N * d * d, [&](int64_t c, int64_t row0, int64_t rows) {
     std::vector<T> buf(7 * d * kTile);
     T* ly = buf.data();
     T* lz = ly + d * kTile;
@@ -251,7 +251,7 @@ T6 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& 
       if (narrow(d)) {
         const at::Tensor yo = Reversible ? y_in.contiguous() : at::Tensor();
         const at::Tensor zo = Reversible ? z_in.contiguous() : at::Tensor();
-        Partials<scalar_t> part(num_chunks(B), N, d, gyc.options());
+        Partials<scalar_t> part(num_chunks(B, N * d * d), N, d, gyc.options());
         backward_narrow<scalar_t, kAct, Reversible>(
             gyc.data_ptr<scalar_t>(), gzc.data_ptr<scalar_t>(),
             Reversible ? nullptr : states.data_ptr<scalar_t>(),
@@ -260,7 +260,7 @@ T6 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& 
             b.data_ptr<scalar_t>(), h, N, B, d, gy.data_ptr<scalar_t>(), gz.data_ptr<scalar_t>(),
             Reversible ? ry.data_ptr<scalar_t>() : nullptr,
             Reversible ? rz.data_ptr<scalar_t>() : nullptr, part);
-        std::tie(gw, gb) = part.sum(num_chunks(B));
+        std::tie(gw, gb) = part.sum(num_chunks(B, N * d * d));
       } else {
         gw = at::empty({N, d, d}, gyc.options());
         gb = at::empty({N, d}, gyc.options());
