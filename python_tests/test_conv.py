@@ -106,7 +106,7 @@ def test_fused_is_used_and_modules_match(arch, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gradcheck(arch, device):
-    y, w, b = make(2, 3, 5, 4, 3, 3, torch.float64, device)
+    y, w, b = make(1, 2, 4, 3, 2, 3, torch.float64, device)
     state = state_for(arch, y)
     ins = [t.requires_grad_() for t in (y, w, b) + ((state,) if state is not None else ())]
     modes = [False, True] if arch in TWO_STATE else [False]
@@ -231,7 +231,7 @@ def test_reversible_module_and_options_that_cannot_be_honoured(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_double_backward_falls_back_to_the_reference(arch):
-    y, w, b = make(2, 2, 4, 4, 2, 3, torch.float64, "cpu")
+    y, w, b = make(1, 1, 3, 3, 2, 3, torch.float64, "cpu")
     state = state_for(arch, y)
     ins = [t.requires_grad_() for t in (y, w, b) + ((state,) if state is not None else ())]
 

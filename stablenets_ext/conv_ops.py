@@ -198,8 +198,14 @@ if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
             grads[i] = torch.zeros_like(inputs[i]) if g is None else g
         return grads
 
+    # The states output is for the backward only: marked non-differentiable and
+    # with grads not materialised, autograd does not zero-fill a gradient of
+    # the size of all states (which cost as much as a convolution per layer).
+
     # resnet / antisymmetric: one carried tensor.
     def _setup_one(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
         y, weight, bias, step = inputs[:4]
         ctx.step = step
         ctx.rest = inputs[4:-1]  # (activation,) or (gamma, activation)
@@ -211,6 +217,8 @@ if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
             states, weight, bias, y = ctx.saved_tensors
             if not ctx.stored:
                 raise _no_states(arch)
+            if grad_out is None:
+                grad_out = torch.zeros_like(y)
             if torch.is_grad_enabled():
                 from . import conv
 
@@ -247,6 +255,8 @@ if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
     # leapfrog / verlet: a pair of carried tensors; without stored states the
     # backward runs the integrator in reverse from the final pair.
     def _setup_two(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[2])
+        ctx.set_materialize_grads(False)
         y, other, weight, bias, step, activation, store = inputs
         ctx.step, ctx.activation, ctx.stored = step, activation, store
         if store:

@@ -288,8 +288,9 @@ struct ConvStack {
   static T3 resnet_backward_impl(const Tensor& g, const Tensor& states, const Tensor& K, double h,
                                  Act act) {
     const int64_t N = K.size(0);
-    Tensor gW = at::zeros_like(K), gb = at::zeros({N, K.size(1)}, K.options());
-    if (g.numel() == 0) return {at::zeros_like(g), gW, gb};
+    if (g.numel() == 0)
+      return {at::zeros_like(g), at::zeros_like(K), at::zeros({N, K.size(1)}, K.options())};
+    Tensor gW = at::empty_like(K), gb = at::empty({N, K.size(1)}, K.options());
     Tensor lam = g.clone(), G = at::empty_like(g), gi;
     for (int64_t j = N - 1; j >= 0; --j) {
       E::grad_act(act, lam, gi, slot(states, j, 1), h, G);
@@ -392,8 +393,10 @@ struct ConvStack {
     const int64_t N = K.size(0);
     const bool rev = !states.defined();
     const double h2 = h * h;
-    Tensor gW = at::zeros_like(K), gb = at::zeros({N, K.size(1)}, K.options());
-    if (ga.numel() == 0) return {at::zeros_like(ga), at::zeros_like(ga), gW, gb};
+    if (ga.numel() == 0)
+      return {at::zeros_like(ga), at::zeros_like(ga), at::zeros_like(K),
+              at::zeros({N, K.size(1)}, K.options())};
+    Tensor gW = at::empty_like(K), gb = at::empty({N, K.size(1)}, K.options());
     Tensor a = ga.clone(), c = gc.clone();
     Tensor A = at::empty_like(ga), D = at::empty_like(ga);
     Tensor Y, Yn;
@@ -496,8 +499,10 @@ struct ConvStack {
                                  const Tensor& b, double h, Act act) {
     const int64_t N = K.size(0);
     const bool rev = !states.defined();
-    Tensor gW = at::zeros_like(K), gb = at::zeros({N, K.size(1)}, K.options());
-    if (gy_in.numel() == 0) return {at::zeros_like(gy_in), at::zeros_like(gy_in), gW, gb};
+    if (gy_in.numel() == 0)
+      return {at::zeros_like(gy_in), at::zeros_like(gy_in), at::zeros_like(K),
+              at::zeros({N, K.size(1)}, K.options())};
+    Tensor gW = at::empty_like(K), gb = at::empty({N, K.size(1)}, K.options());
     Tensor gy = gy_in.clone(), gz = gz_in.clone(), G = at::empty_like(gy_in), gi;
     Tensor Y, Z, Zn, P1, P2;
     if (rev) {
