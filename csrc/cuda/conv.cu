@@ -27,6 +27,9 @@ struct ConvLauncher {
   // One instantiation per pass and dtype: the activation switch is uniform
   // across a launch, so a runtime Act costs no divergence.
   static constexpr bool kHoistAct = false;
+  // cuDNN's float32/float64 paths are most at home in NCHW: stay there.
+  static bool channels_last() { return false; }
+  static void fresh_buffer(const at::Tensor&) {}
 
   template <class Op, typename T>
   static void launch(const Op& op, const at::Tensor& like, const T* bias) {

@@ -4,13 +4,18 @@
 // fused elementwise passes (conv_elementwise.h) run by a backend `Launcher`:
 //
 //   struct Launcher {
-//     static constexpr bool kHoistAct;   // instantiate loops per known activation
+//     static constexpr bool kHoistAct;      // instantiate loops per known activation
+//     static bool channels_last();          // run activations channels-last
+//     static void fresh_buffer(const at::Tensor& t);  // called on the states buffer before
+//                                                     // its first write
 //     template <class Op, typename T>
 //     static void launch(const Op& op, const at::Tensor& like, const T* bias);
 //   };
 //
 // `launch` calls op(e, bias[channel(e)]) (or 0 with bias == nullptr) for every
-// element e of the contiguous (B, C, H, W) tensor `like`. csrc/cpu/conv.cpp and
+// element e, in memory order, of the (B, C, H, W) tensor `like`, which is
+// channels-last (channel e % C) or contiguous (channel (e / HW) % C) as the
+// launcher's channels_last() says; every tensor of a pass has that layout. csrc/cpu/conv.cpp and
 // csrc/cuda/conv.cu provide one each and register ConvStack<Launcher>'s ops.
 //
 // The maths (K Y = conv2d(Y, K) with "same" padding, K^T its adjoint
@@ -95,11 +100,11 @@ inline void check_conv_states(const Tensor& states, int64_t slots, const Tensor&
 
 inline int64_t pad_of(const Tensor& K) { return K.size(-1) / 2; }
 
-// K Y (transposed = false) or K^T Y (transposed = true), no bias.
+// K Y (transposed = false) or K^T Y (transposed = true), no bias; in y's memory format.
 inline Tensor conv(const Tensor& y, const Tensor& K, bool transposed) {
   const int64_t p = pad_of(K);
   return at::convolution(y, K, Tensor(), {1, 1}, {p, p}, {1, 1}, transposed, {0, 0}, 1)
-      .contiguous();
+      .contiguous(y.suggest_memory_format());
 }
 
 // Gradients of conv(input, K, transposed) given the output gradient g:
@@ -112,12 +117,19 @@ inline std::tuple<Tensor, Tensor, Tensor> conv_grads(const Tensor& g, const Tens
   auto out = at::convolution_backward(
       g, input, K, mask[2] ? at::OptionalIntArrayRef(at::IntArrayRef(bias_sizes)) : at::OptionalIntArrayRef(),
       {1, 1}, {p, p}, {1, 1}, transposed, {0, 0}, 1, mask);
-  if (std::get<0>(out).defined()) std::get<0>(out) = std::get<0>(out).contiguous();
+  if (std::get<0>(out).defined())
+    std::get<0>(out) = std::get<0>(out).contiguous(input.suggest_memory_format());
   return out;
 }
 
-inline Tensor slot(const Tensor& states, int64_t j, int64_t s) {
-  return states.select(0, j).select(0, s);
+// Layer j's slot s of states (layers, slots, B, C, H, W): a contiguous block,
+// viewed channels-last (its memory then holds (B, H, W, C)) where the backend
+// runs channels-last. Only the matching backward reads states, so the order
+// inside a block is the backend's.
+inline Tensor slot(const Tensor& states, int64_t j, int64_t s, bool channels_last) {
+  Tensor t = states.select(0, j).select(0, s);
+  if (!channels_last) return t;
+  return t.view({t.size(0), t.size(2), t.size(3), t.size(1)}).permute({0, 3, 1, 2});
 }
 
 inline Tensor empty_states(const Tensor& y, int64_t layers, int64_t slots) {
@@ -268,11 +280,28 @@ template <class L>
 struct ConvStack {
   using E = Ew<L>;
 
+  // The layout every activation-sized tensor has inside the ops (oneDNN runs
+  // these convolutions about twice as fast channels-last as in NCHW on the
+  // CPU). Inputs are converted once, outputs returned contiguous (NCHW).
+  static at::MemoryFormat fmt() {
+    return L::channels_last() ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  }
+  static Tensor internal(const Tensor& t) { return t.contiguous(fmt()); }
+  static Tensor nchw(const Tensor& t) { return t.contiguous(); }
+  static Tensor slot(const Tensor& states, int64_t j, int64_t s) {
+    return conv_detail::slot(states, j, s, L::channels_last());
+  }
+  static Tensor empty_states(const Tensor& y, int64_t layers, int64_t slots) {
+    Tensor t = conv_detail::empty_states(y, layers, slots);
+    L::fresh_buffer(t);
+    return t;
+  }
+
   static T2 resnet_forward_impl(const Tensor& y, const Tensor& K, const Tensor& b, double h,
                                 Act act, bool store) {
     const int64_t N = K.size(0);
     Tensor states = empty_states(y, store ? N : 0, 2);
-    if (y.numel() == 0) return {y.clone(), states};
+    if (y.numel() == 0) return {y.clone(at::MemoryFormat::Contiguous), states};
     Tensor out = store ? at::empty_like(y) : y.clone();
     if (store) slot(states, 0, 0).copy_(y);
     for (int64_t j = 0; j < N; ++j) {
@@ -281,7 +310,7 @@ struct ConvStack {
       const Tensor next = store && j + 1 < N ? slot(states, j + 1, 0) : out;
       E::residual_act(act, X, b[j], Yj, h, store ? slot(states, j, 1) : Tensor(), next);
     }
-    return {out, states};
+    return {nchw(out), states};
   }
 
   // Returns (dL/dy, dL/dK, dL/db) for the kernels K the forward ran with.
@@ -289,7 +318,7 @@ struct ConvStack {
                                  Act act) {
     const int64_t N = K.size(0);
     if (g.numel() == 0)
-      return {at::zeros_like(g), at::zeros_like(K), at::zeros({N, K.size(1)}, K.options())};
+      return {at::zeros_like(g, at::MemoryFormat::Contiguous), at::zeros_like(K), at::zeros({N, K.size(1)}, K.options())};
     Tensor gW = at::empty_like(K), gb = at::empty({N, K.size(1)}, K.options());
     Tensor lam = g.clone(), G = at::empty_like(g), gi;
     for (int64_t j = N - 1; j >= 0; --j) {
@@ -300,7 +329,7 @@ struct ConvStack {
       gb[j].copy_(gbj);
     }
     lam.add_(gi);
-    return {lam, gW, gb};
+    return {nchw(lam), gW, gb};
   }
 
   static T2 resnet_forward(const Tensor& y, const Tensor& weight, const Tensor& bias, double step,
@@ -308,7 +337,7 @@ struct ConvStack {
     check_conv_stack(y, weight, bias);
     check_step(step);
     const Act act = parse_activation(activation);
-    return resnet_forward_impl(y.contiguous(), weight.contiguous(), bias.contiguous(), step, act,
+    return resnet_forward_impl(internal(y), weight.contiguous(), bias.contiguous(), step, act,
                                store);
   }
 
@@ -318,7 +347,7 @@ struct ConvStack {
     check_conv_states(states, 2, grad_out, weight);
     check_step(step);
     const Act act = parse_activation(activation);
-    return resnet_backward_impl(grad_out.contiguous(), states.contiguous(), weight.contiguous(),
+    return resnet_backward_impl(internal(grad_out), states.contiguous(), weight.contiguous(),
                                 step, act);
   }
 
@@ -329,7 +358,7 @@ struct ConvStack {
     check_step(step);
     check_gamma(gamma);
     const Act act = parse_activation(activation);
-    return resnet_forward_impl(y.contiguous(), antisymmetric_kernel(weight.contiguous(), gamma),
+    return resnet_forward_impl(internal(y), antisymmetric_kernel(weight.contiguous(), gamma),
                                bias.contiguous(), step, act, store);
   }
 
@@ -342,7 +371,7 @@ struct ConvStack {
     check_gamma(gamma);
     const Act act = parse_activation(activation);
     auto [gy, gA, gb] =
-        resnet_backward_impl(grad_out.contiguous(), states.contiguous(),
+        resnet_backward_impl(internal(grad_out), states.contiguous(),
                              antisymmetric_kernel(weight.contiguous(), gamma), step, act);
     return {gy, antisymmetric_kernel_grad(gA), gb};
   }
@@ -356,12 +385,13 @@ struct ConvStack {
     check_like(yprev_in, "y_prev", y_in);
     check_step(step);
     const Act act = parse_activation(activation);
-    const Tensor y = y_in.contiguous(), yprev = yprev_in.contiguous(), K = weight.contiguous(),
+    const Tensor y = internal(y_in), yprev = internal(yprev_in), K = weight.contiguous(),
                  b = bias.contiguous();
     const int64_t N = K.size(0);
     const double h2 = step * step;
     Tensor states = empty_states(y, store ? N : 0, 2);
-    if (y.numel() == 0) return {y.clone(), yprev.clone(), states};
+    if (y.numel() == 0)
+      return {y.clone(at::MemoryFormat::Contiguous), yprev.clone(at::MemoryFormat::Contiguous), states};
     if (!store) {
       Tensor Y = y.clone(), Yp = yprev.clone();
       for (int64_t j = 0; j < N; ++j) {
@@ -371,7 +401,7 @@ struct ConvStack {
         E::leapfrog_step(Y, Yp, Q, h2, Yp);
         std::swap(Y, Yp);
       }
-      return {Y, Yp, states};
+      return {nchw(Y), nchw(Yp), states};
     }
     Tensor out = at::empty_like(y);
     slot(states, 0, 0).copy_(y);
@@ -383,7 +413,7 @@ struct ConvStack {
       const Tensor Q = conv(X, K[j], true);
       E::leapfrog_step(Yj, Yp, Q, h2, j + 1 < N ? slot(states, j + 1, 0) : out);
     }
-    return {out, slot(states, N - 1, 0).clone(), states};
+    return {nchw(out), slot(states, N - 1, 0).clone(at::MemoryFormat::Contiguous), states};
   }
 
   // states defined: stored mode; else (y_hi, y_lo) = (Y_N, Y_{N-1}) seed the rebuild.
@@ -394,7 +424,8 @@ struct ConvStack {
     const bool rev = !states.defined();
     const double h2 = h * h;
     if (ga.numel() == 0)
-      return {at::zeros_like(ga), at::zeros_like(ga), at::zeros_like(K),
+      return {at::zeros_like(ga, at::MemoryFormat::Contiguous),
+              at::zeros_like(ga, at::MemoryFormat::Contiguous), at::zeros_like(K),
               at::zeros({N, K.size(1)}, K.options())};
     Tensor gW = at::empty_like(K), gb = at::empty({N, K.size(1)}, K.options());
     Tensor a = ga.clone(), c = gc.clone();
@@ -427,7 +458,7 @@ struct ConvStack {
         std::swap(Y, Yn);
       }
     }
-    return {a, c, gW, gb};
+    return {nchw(a), nchw(c), gW, gb};
   }
 
   static T4 leapfrog_backward(const Tensor& grad_y, const Tensor& grad_y_prev,
@@ -438,7 +469,7 @@ struct ConvStack {
     check_conv_states(states, 2, grad_y, weight);
     check_step(step);
     const Act act = parse_activation(activation);
-    return leapfrog_backward_impl(grad_y.contiguous(), grad_y_prev.contiguous(),
+    return leapfrog_backward_impl(internal(grad_y), internal(grad_y_prev),
                                   states.contiguous(), Tensor(), Tensor(), weight.contiguous(),
                                   bias.contiguous(), step, act);
   }
@@ -453,8 +484,8 @@ struct ConvStack {
     check_like(y_prev, "y_prev", grad_y);
     check_step(step);
     const Act act = parse_activation(activation);
-    return leapfrog_backward_impl(grad_y.contiguous(), grad_y_prev.contiguous(), Tensor(),
-                                  y.contiguous(), y_prev.contiguous(), weight.contiguous(),
+    return leapfrog_backward_impl(internal(grad_y), internal(grad_y_prev), Tensor(),
+                                  internal(y), internal(y_prev), weight.contiguous(),
                                   bias.contiguous(), step, act);
   }
 
@@ -467,19 +498,20 @@ struct ConvStack {
     check_like(z_in, "z", y_in);
     check_step(step);
     const Act act = parse_activation(activation);
-    const Tensor y = y_in.contiguous(), z = z_in.contiguous(), K = weight.contiguous(),
+    const Tensor y = internal(y_in), z = internal(z_in), K = weight.contiguous(),
                  b = bias.contiguous();
     const int64_t N = K.size(0);
     const double h = step;
     Tensor states = empty_states(y, store ? N : 0, 4);
-    if (y.numel() == 0) return {y.clone(), z.clone(), states};
+    if (y.numel() == 0)
+      return {y.clone(at::MemoryFormat::Contiguous), z.clone(at::MemoryFormat::Contiguous), states};
     if (!store) {
       Tensor Y = y.clone(), Z = z.clone();
       for (int64_t j = 0; j < N; ++j) {
         E::residual_act(act, conv(Y, K[j], false), b[j], Z, -h, Tensor(), Z);
         E::residual_act(act, conv(Z, K[j], true), b[j], Y, h, Tensor(), Y);
       }
-      return {Y, Z, states};
+      return {nchw(Y), nchw(Z), states};
     }
     Tensor out = at::empty_like(y);
     slot(states, 0, 0).copy_(y);
@@ -490,7 +522,7 @@ struct ConvStack {
       E::residual_act(act, conv(Zj, K[j], true), b[j], Yj, h, slot(states, j, 3),
                       j + 1 < N ? slot(states, j + 1, 0) : out);
     }
-    return {out, slot(states, N - 1, 2).clone(), states};
+    return {nchw(out), slot(states, N - 1, 2).clone(at::MemoryFormat::Contiguous), states};
   }
 
   // states defined: stored mode; else (y_end, z_end) = (Y_N, Z_{N-1/2}) seed the rebuild.
@@ -500,7 +532,8 @@ struct ConvStack {
     const int64_t N = K.size(0);
     const bool rev = !states.defined();
     if (gy_in.numel() == 0)
-      return {at::zeros_like(gy_in), at::zeros_like(gy_in), at::zeros_like(K),
+      return {at::zeros_like(gy_in, at::MemoryFormat::Contiguous),
+              at::zeros_like(gy_in, at::MemoryFormat::Contiguous), at::zeros_like(K),
               at::zeros({N, K.size(1)}, K.options())};
     Tensor gW = at::empty_like(K), gb = at::empty({N, K.size(1)}, K.options());
     Tensor gy = gy_in.clone(), gz = gz_in.clone(), G = at::empty_like(gy_in), gi;
@@ -534,7 +567,7 @@ struct ConvStack {
       if (rev) std::swap(Z, Zn);
     }
     gy.add_(gi);
-    return {gy, gz, gW, gb};
+    return {nchw(gy), nchw(gz), gW, gb};
   }
 
   static T4 verlet_backward(const Tensor& grad_y, const Tensor& grad_z, const Tensor& states,
@@ -545,7 +578,7 @@ struct ConvStack {
     check_conv_states(states, 4, grad_y, weight);
     check_step(step);
     const Act act = parse_activation(activation);
-    return verlet_backward_impl(grad_y.contiguous(), grad_z.contiguous(), states.contiguous(),
+    return verlet_backward_impl(internal(grad_y), internal(grad_z), states.contiguous(),
                                 Tensor(), Tensor(), weight.contiguous(), bias.contiguous(), step,
                                 act);
   }
@@ -560,8 +593,8 @@ struct ConvStack {
     check_like(z, "z", grad_y);
     check_step(step);
     const Act act = parse_activation(activation);
-    return verlet_backward_impl(grad_y.contiguous(), grad_z.contiguous(), Tensor(), y.contiguous(),
-                                z.contiguous(), weight.contiguous(), bias.contiguous(), step, act);
+    return verlet_backward_impl(internal(grad_y), internal(grad_z), Tensor(), internal(y),
+                                internal(z), weight.contiguous(), bias.contiguous(), step, act);
   }
 };
 
