@@ -14,7 +14,8 @@ packed tensor except the parameters, counted with saved_tensors_hooks), peak
 memory growth of one forward+backward (CPU: the process's peak RSS above the
 RSS before the step, each measurement in a fresh subprocess, with the peak
 reset through /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated
-above the allocation before the step), and time, against stored mode.
+above the allocation before the step; both after a one-layer warm-up of the
+same shapes), and time, against stored mode.
 Issue 12's targets (CPU, float32, 2 threads): fused fwd+bwd >= 1.3x the eager
 loop; reversible saved bytes <= 5% of stored at N = 32 and 128, peak growth
 <= 20% of stored mode's, time <= 1.6x stored mode's.
@@ -130,6 +131,11 @@ def _status_kb(field):
 def peak_growth_child(arch, shape, layers, reversible, device, threads):
     """Runs in a fresh process: bytes of peak memory growth of one forward+backward."""
     torch.set_num_threads(threads)
+    # Warm up on one layer of the same shapes: the first call pages in library
+    # code and builds oneDNN/cuDNN primitives, tens of MB that are not the step's.
+    y1, w1, b1 = make(arch, shape, 1, device)
+    call(arch, y1.requires_grad_(), w1, b1, "fused", reversible).sum().backward()
+    del y1, w1, b1
     y, w, b = make(arch, shape, layers, device)
     y.requires_grad_()
     if torch.device(device).type == "cuda":
