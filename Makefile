@@ -42,4 +42,4 @@ bench: build
 	$(PY) benchmarks/compare.py
 
 clean:
-	rm -rf build build-cmake *.egg-info stablenets_ext/_C*.so $(SO_STAMP)
+	rm -rf build build-cmake *.egg-info stablenets_ext/_C*.so stablenets_ext/_cpu_*.so $(SO_STAMP)

@@ -7,7 +7,8 @@
 
 Covers both regimes (narrow: one launch per stack, several padded widths and a
 partial last row tile; wide: per-layer cuBLAS + fused elementwise), both
-dtypes, stored and reversible backwards. Without the caching allocator every
+dtypes, stored and reversible backwards, and (without --narrow-only) a deep
+narrow stack whose backward runs in several layer chunks. Without the caching allocator every
 tensor is its own cudaMalloc, so memcheck sees out-of-bounds accesses exactly.
 Also compares against the float64 reference (run on the CPU), so a silent wrong
 answer fails too.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 
 import torch
 
@@ -25,21 +27,21 @@ ARCHS = ("resnet", "antisymmetric", "leapfrog", "verlet")
 PAIR = ("leapfrog", "verlet")
 
 
-def run(arch, y, o, W, b, impl, reversible, act):
+def run(arch, y, o, W, b, impl, reversible, act, h):
     from stablenets_ext import functional as F
 
     if arch == "resnet":
-        return (F.resnet(y, W, b, 0.2, act, impl=impl),)
+        return (F.resnet(y, W, b, h, act, impl=impl),)
     if arch == "antisymmetric":
-        return (F.antisymmetric(y, W, b, 0.2, act, gamma=0.05, impl=impl),)
+        return (F.antisymmetric(y, W, b, h, act, gamma=0.05, impl=impl),)
     if arch == "leapfrog":
-        return tuple(F.leapfrog(y, W, b, 0.2, act, y_prev=o, return_state=True,
+        return tuple(F.leapfrog(y, W, b, h, act, y_prev=o, return_state=True,
                                 reversible=reversible, impl=impl))
-    return tuple(F.verlet(y, W, b, 0.2, act, z=o, return_state=True, reversible=reversible,
+    return tuple(F.verlet(y, W, b, h, act, z=o, return_state=True, reversible=reversible,
                           impl=impl))
 
 
-def one(arch, B, d, N, dtype, reversible, act):
+def one(arch, B, d, N, dtype, reversible, act, h=0.2):
     g = torch.Generator().manual_seed(B * 1000 + d)
     y = torch.randn(B, d, generator=g, dtype=torch.float64)
     o = torch.randn(B, d, generator=g, dtype=torch.float64) if arch in PAIR else None
@@ -50,7 +52,7 @@ def one(arch, B, d, N, dtype, reversible, act):
     # run down to the fused kernels)
     for impl, device, dt in (("fused", "cuda", dtype), ("reference", "cpu", torch.float64)):
         xs = [None if t is None else t.to(device, dt).requires_grad_(True) for t in (y, o, W, b)]
-        outs = run(arch, *xs, impl, reversible, act)
+        outs = run(arch, *xs, impl, reversible, act, h)
         loss = sum((out * out).sum() for out in outs)
         grads = torch.autograd.grad(loss, [t for t in xs if t is not None])
         results.append([t.detach().double().cpu() for t in (*outs, *grads)])
@@ -66,27 +68,50 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--narrow-only", action="store_true",
                    help="only the one-launch kernels (for racecheck, which is slow)")
+    p.add_argument("--max-seconds", type=float, default=0.0,
+                   help="stop starting new runs after this long (0: no limit) and say how "
+                        "many of all ran, so a slow sanitizer ends with a verdict")
     args = p.parse_args(argv)
     from stablenets_ext import ops
 
-    if not torch.cuda.is_available() or not ops.has_kernel("cuda"):
-        print(f"sanitize_cuda: no CUDA device or no CUDA kernels ({ops.LOAD_ERROR})")
+    if not torch.cuda.is_available():
+        print("sanitize_cuda: no CUDA device")
+        return 2
+    if not ops.has_kernel("cuda"):
+        print(f"sanitize_cuda: stablenets_ext has no CUDA kernels ({ops.LOAD_ERROR})")
         return 2
     # (B, d, N): narrow widths 4/8/16/32/64 padded and exact, a partial tile;
-    # wide just past the switch.
-    shapes = [(37, 3, 3), (70, 16, 2), (33, 29, 3), (20, 64, 2)]
+    # wide just past the switch. Every width and architecture in float32
+    # first, then float64, so a time limit cuts the repeats, not the coverage.
+    shapes = [(37, 3, 3), (70, 16, 2), (33, 29, 3), (20, 64, 2), (50, 7, 2)]
     if not args.narrow_only:
         shapes += [(9, 70, 2)]
-    n = 0
-    for B, d, N in shapes:
-        for arch in ARCHS:
-            for dtype in (torch.float32, torch.float64):
+    runs = []
+    for dtype in (torch.float32, torch.float64):
+        for B, d, N in shapes:
+            for arch in ARCHS:
                 for rev in ((False, True) if arch in PAIR else (False,)):
-                    act = ("tanh", "relu", "identity")[n % 3]
-                    one(arch, B, d, N, dtype, rev, act)
-                    n += 1
+                    act = ("tanh", "relu", "identity")[len(runs) % 3]
+                    runs.append(((arch, B, d, N, dtype, rev, act), {}))
+    if not args.narrow_only:
+        # Deep enough for the backward's partial weight gradients to be walked
+        # in layer chunks (narrow_host.h: budget 16 MB, here 3 blocks).
+        for arch, rev in (("resnet", False), ("leapfrog", True), ("verlet", False)):
+            runs.insert(len(runs) // 2, ((arch, 40, 64, 400, torch.float32, rev, "tanh"),
+                                         {"h": 0.05}))
+    t0 = time.perf_counter()
+    done = 0
+    for a, kw in runs:
+        if args.max_seconds and time.perf_counter() - t0 > args.max_seconds:
+            break
+        one(*a, **kw)
+        done += 1
     torch.cuda.synchronize()
-    print(f"sanitize_cuda: {n} forward+backward runs OK")
+    if done < len(runs):
+        print(f"sanitize_cuda: {done} of {len(runs)} forward+backward runs OK "
+              f"(stopped at the {args.max_seconds:.0f} s limit)")
+    else:
+        print(f"sanitize_cuda: {done} forward+backward runs OK")
     return 0
 
 

@@ -13,7 +13,9 @@
 // that suits its kernels.
 // With store=False the forward returns states with 0 layers; leapfrog and
 // verlet then differentiate with the *_backward_reversible ops, which rebuild
-// the states from the final ones.
+// the states from the final ones. They return the four gradients and then the
+// rebuilt forward inputs ((Y_0, Y_{-1}) or (Y_0, Z_{-1/2})), which the caller
+// compares with the true inputs to detect a loss of reversibility.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -46,7 +48,8 @@ TORCH_LIBRARY(stablenets, m) {
       "Tensor bias, float step, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "leapfrog_backward_reversible(Tensor grad_y, Tensor grad_y_prev, Tensor y, Tensor y_prev, "
-      "Tensor weight, Tensor bias, float step, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor weight, Tensor bias, float step, str activation) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor)");
   m.def(
       "verlet_forward(Tensor y, Tensor z, Tensor weight, Tensor bias, float step, "
       "str activation, bool store) -> (Tensor, Tensor, Tensor)");
@@ -55,7 +58,8 @@ TORCH_LIBRARY(stablenets, m) {
       "float step, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "verlet_backward_reversible(Tensor grad_y, Tensor grad_z, Tensor y, Tensor z, "
-      "Tensor weight, Tensor bias, float step, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor weight, Tensor bias, float step, str activation) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor)");
   // Convolutional stacks (csrc/include/stablenets/conv_stack.h): y is
   // (B, C, H, W), weight (layers, C, C, k, k) with odd k ("same" padding),
   // bias (layers, C). States (layers, slots, B, C, H, W) hold pre-activations:

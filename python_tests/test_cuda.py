@@ -171,10 +171,52 @@ def test_reversible_matches_reference(arch, shape, act, dtype):
     compare_with_reference(arch, *shape, act, dtype, reversible=True)
 
 
+NEW_ACTS = ("sigmoid", "softplus", "leaky_relu", "silu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("act", NEW_ACTS)
+@pytest.mark.parametrize("shape", [(33, 4, 8), (130, 13, 3), (300, 64, 2), (17, 100, 2)],
+                         ids=lambda s: "B%d-d%d-N%d" % s)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_more_activations_match_reference(arch, shape, act, dtype):
+    compare_with_reference(arch, *shape, act, dtype)
+    if arch in PAIR:
+        compare_with_reference(arch, *shape, act, dtype, reversible=True)
+
+
+@pytest.mark.parametrize("d", [5, 64, 80], ids=["narrow", "narrow64", "wide"])
+@pytest.mark.parametrize("arch", PAIR)
+def test_reversible_backward_returns_rebuilt_inputs(arch, d):
+    """The reversible backward ops return the forward's inputs rebuilt from its outputs."""
+    y, other, W, b = make_inputs(arch, 70, d, 12, fresh_seed())
+    fwd = getattr(torch.ops.stablenets, f"{arch}_forward").default
+    bwd = getattr(torch.ops.stablenets, f"{arch}_backward_reversible").default
+    o0, o1, _ = fwd(y, other, W, b, 0.2, "tanh", False)
+    outs = bwd(torch.randn_like(o0), torch.randn_like(o1), o0, o1, W, b, 0.2, "tanh")
+    assert len(outs) == 6
+    torch.testing.assert_close(outs[4], y, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(outs[5], other, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("shape", [(1024, 4, 64), (256, 96, 6)], ids=["narrow", "wide"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_benchmark_shapes(arch, shape):
     compare_with_reference(arch, *shape, "tanh", torch.float32, step=0.1)
+
+
+@pytest.mark.parametrize(
+    "arch,reversible",
+    [("resnet", False), ("antisymmetric", False), ("leapfrog", False), ("leapfrog", True),
+     ("verlet", False), ("verlet", True)],
+)
+def test_deep_narrow_backward_in_chunks(arch, reversible):
+    """B=1024, d=64, N=320, float64: the per-block partial weight gradients of
+    this backward exceed its memory budget (csrc/cuda/narrow_host.h), so it runs
+    on one block per row tile (64) and walks the layers in many chunks, the
+    adjoints (and, reversible, the rebuilt states) carried between launches."""
+    compare_with_reference(arch, 1024, 64, 320, "tanh", torch.float64, reversible=reversible,
+                           step=0.05)
 
 
 @pytest.mark.parametrize("d", [4, 70])

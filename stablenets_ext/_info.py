@@ -16,5 +16,6 @@ def info() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "compiled": ops.compiled(),
         "compiled_devices": ops.compiled_devices(),
+        "cpu_isa": ops.CPU_ISA,
         "load_error": None if ops.LOAD_ERROR is None else str(ops.LOAD_ERROR),
     }

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import torch
 
+from . import _cpu_isa
+
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.stablenets.*)
+    from . import _C  # noqa: F401  (registers torch.ops.stablenets.* and the CUDA kernels)
 
     LOAD_ERROR: Exception | None = None
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     _C = None
     LOAD_ERROR = exc
+
+# The CPU kernels, built once per instruction set: the best this CPU runs, or
+# STABLENETS_CPU_ISA's choice (an impossible choice raises here).
+CPU_ISA: str | None = _cpu_isa.load() if _C is not None else None
 
 STATE_SLOTS = {"resnet": 2, "antisymmetric": 2, "leapfrog": 2, "verlet": 4}
 
@@ -85,7 +91,7 @@ if _C is not None:
 
     @torch.library.register_fake("stablenets::leapfrog_backward_reversible")
     def _(grad_y, grad_y_prev, y, y_prev, weight, bias, step, activation):
-        return _grads(grad_y, weight, bias, 2)
+        return _grads(grad_y, weight, bias, 2) + (y.new_empty(y.shape), y.new_empty(y.shape))
 
     @torch.library.register_fake("stablenets::verlet_forward")
     def _(y, z, weight, bias, step, activation, store):
@@ -97,7 +103,7 @@ if _C is not None:
 
     @torch.library.register_fake("stablenets::verlet_backward_reversible")
     def _(grad_y, grad_z, y, z, weight, bias, step, activation):
-        return _grads(grad_y, weight, bias, 2)
+        return _grads(grad_y, weight, bias, 2) + (y.new_empty(y.shape), y.new_empty(y.shape))
 
     # ------------------------------------------------------------- autograd
 
@@ -160,7 +166,7 @@ if _C is not None:
                 ga, gb_, gw, gbias = stored_op(grad_a, grad_b, states, weight, bias, ctx.step, ctx.activation)
             else:
                 ya, yb, weight, bias = saved
-                ga, gb_, gw, gbias = reversible_op(
+                ga, gb_, gw, gbias, _y0, _yb0 = reversible_op(
                     grad_a, grad_b, ya, yb, weight, bias, ctx.step, ctx.activation
                 )
             return ga, gb_, gw, gbias, None, None, None

@@ -19,6 +19,10 @@ ACTIVATIONS = {
     "tanh": torch.tanh,
     "relu": torch.relu,
     "identity": lambda x: x,
+    "sigmoid": torch.sigmoid,
+    "softplus": F.softplus,
+    "leaky_relu": F.leaky_relu,  # negative slope 0.01, as the kernels
+    "silu": F.silu,
 }
 
 

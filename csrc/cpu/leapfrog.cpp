@@ -31,12 +31,15 @@ void forward_narrow(const T* y, const T* yprev, const T* K, const T* b, T h, int
       const T* Kj = K + j * d * d;
       tile_gemm<T, false>(Kj, d, b + j * d, Y, P, T(1), false);
       if (states) save_state(Y, rows, d, states + ((j * 2 + 0) * B + row0) * d);
+      // The state keeps act(P), or P where act' needs it (kStoresPre).
+      if (states && kStoresPre<A>) save_state(P, rows, d, states + ((j * 2 + 1) * B + row0) * d);
 #pragma omp simd
       for (int64_t e = 0; e < d * kTile; ++e) {
         P[e] = act_f<A, T>(P[e]);
         Yp[e] = T(2) * Y[e] - Yp[e];
       }
-      if (states) save_state(P, rows, d, states + ((j * 2 + 1) * B + row0) * d);
+      if (states && !kStoresPre<A>)
+        save_state(P, rows, d, states + ((j * 2 + 1) * B + row0) * d);
       tile_gemm<T, true>(Kj, d, nullptr, P, Yp, mh2, true);  // Yp = 2Y - Yp - h^2 act(P) K
       std::swap(Y, Yp);
     }
@@ -49,7 +52,7 @@ void forward_narrow(const T* y, const T* yprev, const T* K, const T* b, T h, int
 template <typename T, Act A, bool Reversible>
 void backward_narrow(const T* ga_in, const T* gc_in, const T* states, const T* y_hi,
                      const T* y_lo, const T* K, const T* b, T h, int64_t N, int64_t B, int64_t d,
-                     T* gy, T* gyprev, Partials<T>& part) {
+                     T* gy, T* gyprev, T* ry, T* ryprev, Partials<T>& part) {
   const T mh2 = -h * h;
   for_tiles(B, [&](int64_t c, int64_t row0, int64_t rows) {
     std::vector<T> buf(7 * d * kTile);
@@ -74,12 +77,19 @@ void backward_narrow(const T* ga_in, const T* gc_in, const T* states, const T* y
         for (int64_t e = 0; e < d * kTile; ++e) Act_[e] = act_f<A, T>(P[e]);
       } else {
         load_state(states + ((j * 2 + 0) * B + row0) * d, rows, d, Y);
-        load_state(states + ((j * 2 + 1) * B + row0) * d, rows, d, Act_);
+        if constexpr (kStoresPre<A>) {
+          load_state(states + ((j * 2 + 1) * B + row0) * d, rows, d, P);
+#pragma omp simd
+          for (int64_t e = 0; e < d * kTile; ++e) Act_[e] = act_f<A, T>(P[e]);
+        } else {
+          load_state(states + ((j * 2 + 1) * B + row0) * d, rows, d, Act_);
+        }
       }
+      // Here Act_ = act(P_j) and, for kStoresPre activations, P = P_j.
       tile_gemm<T, false>(Kj, d, nullptr, a, G, mh2, false);  // G = -h^2 lam K^T
 #pragma omp simd
       for (int64_t e = 0; e < d * kTile; ++e) {
-        G[e] *= act_g_out<A, T>(Act_[e]);
+        G[e] *= kStoresPre<A> ? stored_grad<A, T>(P[e]) : stored_grad<A, T>(Act_[e]);
         cc[e] += T(2) * a[e];
       }
       T* dw = part.dw(c, j, d);
@@ -90,7 +100,7 @@ void backward_narrow(const T* ga_in, const T* gc_in, const T* states, const T* y
 #pragma omp simd
       for (int64_t e = 0; e < d * kTile; ++e) a[e] = -a[e];
       std::swap(a, cc);
-      if (Reversible && j > 0) {
+      if (Reversible) {  // down to Y_{-1}: the rebuilt inputs are checked by the caller
 #pragma omp simd
         for (int64_t e = 0; e < d * kTile; ++e) Yn[e] = T(2) * Y[e] - Yn[e];
         tile_gemm<T, true>(Kj, d, nullptr, Act_, Yn, mh2, true);  // Y_{j-1}
@@ -99,6 +109,10 @@ void backward_narrow(const T* ga_in, const T* gc_in, const T* states, const T* y
     }
     store_tile(a, rows, d, gy + row0 * d);
     store_tile(cc, rows, d, gyprev + row0 * d);
+    if (Reversible) {
+      store_tile(Yn, rows, d, ry + row0 * d);  // Y_0
+      store_tile(Y, rows, d, ryprev + row0 * d);  // Y_{-1}
+    }
   });
 }
 
@@ -113,9 +127,10 @@ void forward_wide(const at::Tensor& y, const at::Tensor& yprev, const at::Tensor
   for (int64_t j = 0; j < N; ++j) {
     if (store) {
       slot(states, j, 0).copy_(Y);
-      P = slot(states, j, 1);
+      if constexpr (!kStoresPre<A>) P = slot(states, j, 1);
     }
     at::addmm_out(P, b[j], Y, K[j].t());
+    if (store && kStoresPre<A>) slot(states, j, 1).copy_(P);  // the state keeps P itself
     T* ypp = Yp.data_ptr<T>();
     const T* yp = Y.data_ptr<T>();
     T* pp = P.data_ptr<T>();
@@ -135,28 +150,36 @@ template <typename T, Act A, bool Reversible>
 void backward_wide(const at::Tensor& ga, const at::Tensor& gc, const at::Tensor& states,
                    const at::Tensor& y_hi, const at::Tensor& y_lo, const at::Tensor& K,
                    const at::Tensor& b, T h, at::Tensor& a, at::Tensor& c, at::Tensor& gw,
-                   at::Tensor& gb) {
+                   at::Tensor& gb, at::Tensor& ry, at::Tensor& ryprev) {
   const int64_t N = K.size(0);
   const double mh2 = -static_cast<double>(h) * h;
   a.copy_(ga);
   c.copy_(gc);
   at::Tensor G = at::empty_like(a);
-  at::Tensor Y, Yn, Av;  // Y_j, Y_{j+1} (reversible), A_j
+  at::Tensor Y, Yn, Av, Pv;  // Y_j, Y_{j+1} (reversible), A_j, P_j (kStoresPre only)
   if (Reversible) {
     Y = y_lo.clone();
     Yn = y_hi.clone();
-    Av = at::empty_like(a);
   }
+  if (Reversible || kStoresPre<A>) Av = at::empty_like(a);
   for (int64_t j = N - 1; j >= 0; --j) {
-    if (Reversible) {
-      at::addmm_out(Av, b[j], Y, K[j].t());
+    if (!Reversible) Y = slot(states, j, 0);
+    if (Reversible || kStoresPre<A>) {
+      if (Reversible && kStoresPre<A>) {
+        Pv = at::addmm(b[j], Y, K[j].t());
+      } else if (Reversible) {
+        at::addmm_out(Av, b[j], Y, K[j].t());
+        Pv = Av;  // activated in place
+      } else {
+        Pv = slot(states, j, 1);
+      }
+      const T* pp = Pv.data_ptr<T>();
       T* ap = Av.data_ptr<T>();
       ew(Av.numel(), [&](int64_t e0, int64_t e1) {
 #pragma omp simd
-        for (int64_t e = e0; e < e1; ++e) ap[e] = act_f<A, T>(ap[e]);
+        for (int64_t e = e0; e < e1; ++e) ap[e] = act_f<A, T>(pp[e]);
       });
     } else {
-      Y = slot(states, j, 0);
       Av = slot(states, j, 1);
     }
     at::mm_out(G, a, K[j].t());
@@ -164,12 +187,13 @@ void backward_wide(const at::Tensor& ga, const at::Tensor& gc, const at::Tensor&
       T* gp = G.data_ptr<T>();
       T* cp = c.data_ptr<T>();
       const T* lp = a.data_ptr<T>();
-      const T* ap = Av.data_ptr<T>();
+      // act' from P_j itself where act(P) does not determine it (kStoresPre)
+      const T* sp = kStoresPre<A> ? Pv.data_ptr<T>() : Av.data_ptr<T>();
       const T m = static_cast<T>(mh2);
       ew(G.numel(), [&](int64_t e0, int64_t e1) {
 #pragma omp simd
         for (int64_t e = e0; e < e1; ++e) {
-          gp[e] *= m * act_g_out<A, T>(ap[e]);
+          gp[e] *= m * stored_grad<A, T>(sp[e]);
           cp[e] += T(2) * lp[e];
         }
       });
@@ -182,15 +206,19 @@ void backward_wide(const at::Tensor& ga, const at::Tensor& gc, const at::Tensor&
     c.addmm_(G, K[j]);
     a.neg_();
     std::swap(a, c);
-    if (Reversible && j > 0) {
+    if (Reversible) {
       Yn.mul_(-1).add_(Y, 2).addmm_(Av, K[j], 1.0, mh2);
       std::swap(Y, Yn);
     }
   }
+  if (Reversible) {
+    ry = Yn;      // Y_0
+    ryprev = Y;   // Y_{-1}
+  }
 }
 
 template <bool Reversible>
-T4 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& states_in,
+T6 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& states_in,
             const at::Tensor& yhi_in, const at::Tensor& ylo_in, const at::Tensor& K_in,
             const at::Tensor& b_in, double step, Act act) {
   const at::Tensor ga = ga_in.contiguous(), gc = gc_in.contiguous(), K = K_in.contiguous(),
@@ -200,7 +228,11 @@ T4 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& 
   const at::Tensor ylo = Reversible ? ylo_in.contiguous() : at::Tensor();
   const int64_t N = K.size(0), B = ga.size(0), d = ga.size(1);
   at::Tensor gy = at::empty({B, d}, ga.options()), gyp = at::empty({B, d}, ga.options());
-  at::Tensor gw, gb;
+  at::Tensor gw, gb, ry, ryp;
+  if (Reversible) {
+    ry = at::empty({B, d}, ga.options());
+    ryp = at::empty({B, d}, ga.options());
+  }
   AT_DISPATCH_FLOATING_TYPES(ga.scalar_type(), "leapfrog_backward", [&] {
     const scalar_t h = static_cast<scalar_t>(step);
     SN_DISPATCH_ACT(act, [&] {
@@ -212,20 +244,21 @@ T4 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& 
             Reversible ? yhi.data_ptr<scalar_t>() : nullptr,
             Reversible ? ylo.data_ptr<scalar_t>() : nullptr, K.data_ptr<scalar_t>(),
             b.data_ptr<scalar_t>(), h, N, B, d, gy.data_ptr<scalar_t>(),
-            gyp.data_ptr<scalar_t>(), part);
+            gyp.data_ptr<scalar_t>(), Reversible ? ry.data_ptr<scalar_t>() : nullptr,
+            Reversible ? ryp.data_ptr<scalar_t>() : nullptr, part);
         std::tie(gw, gb) = part.sum(num_chunks(B));
       } else {
         gw = at::empty({N, d, d}, ga.options());
         gb = at::empty({N, d}, ga.options());
         at::Tensor a = at::empty({B, d}, ga.options()), c = at::empty({B, d}, ga.options());
         backward_wide<scalar_t, kAct, Reversible>(ga, gc, states, yhi, ylo, K, b, h, a, c, gw,
-                                                  gb);
+                                                  gb, ry, ryp);
         gy = a;
         gyp = c;
       }
     });
   });
-  return {gy, gyp, gw, gb};
+  return {gy, gyp, gw, gb, ry, ryp};
 }
 
 }  // namespace
@@ -272,11 +305,12 @@ T4 leapfrog_backward(const at::Tensor& grad_y, const at::Tensor& grad_y_prev,
   check_like(grad_y_prev, "grad_y_prev", grad_y);
   check_states(states, 2, grad_y, weight);
   check_step(step);
-  return cpu_detail::backward<false>(grad_y, grad_y_prev, states, {}, {}, weight, bias, step,
-                                     parse_activation(activation));
+  auto r = cpu_detail::backward<false>(grad_y, grad_y_prev, states, {}, {}, weight, bias, step,
+                                       parse_activation(activation));
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
 }
 
-T4 leapfrog_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad_y_prev,
+T6 leapfrog_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad_y_prev,
                                 const at::Tensor& y, const at::Tensor& y_prev,
                                 const at::Tensor& weight, const at::Tensor& bias, double step,
                                 c10::string_view activation) {

@@ -24,14 +24,14 @@ void forward_narrow(const T* y, const T* K, const T* b, T h, int64_t N, int64_t 
     load_tile(y + row0 * d, rows, d, Y);
     for (int64_t j = 0; j < N; ++j) {
       tile_gemm<T, false>(K + j * d * d, d, b + j * d, Y, P, T(1), false);
+      if (states) save_state(Y, rows, d, states + ((j * 2 + 0) * B + row0) * d);
 #pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) P[e] = act_f<A, T>(P[e]);
-      if (states) {
-        save_state(Y, rows, d, states + ((j * 2 + 0) * B + row0) * d);
-        save_state(P, rows, d, states + ((j * 2 + 1) * B + row0) * d);
+      for (int64_t e = 0; e < d * kTile; ++e) {
+        const T a = act_f<A, T>(P[e]);
+        if constexpr (!kStoresPre<A>) P[e] = a;
+        Y[e] += h * a;
       }
-#pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) Y[e] += h * P[e];
+      if (states) save_state(P, rows, d, states + ((j * 2 + 1) * B + row0) * d);
     }
     store_tile(Y, rows, d, out + row0 * d);
   });
@@ -50,7 +50,7 @@ void backward_narrow(const T* gout, const T* states, const T* K, T h, int64_t N,
       load_state(states + ((j * 2 + 0) * B + row0) * d, rows, d, Y);
       load_state(states + ((j * 2 + 1) * B + row0) * d, rows, d, G);
 #pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * L[e] * act_g_out<A, T>(G[e]);
+      for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * L[e] * stored_grad<A, T>(G[e]);
       tile_outer(G, Y, d, rows, T(1), part.dw(c, j, d));
       tile_rowsum(G, d, rows, part.db(c, j, d));
       tile_gemm<T, true>(K + j * d * d, d, nullptr, G, L, T(1), true);  // L += G K_j
@@ -85,8 +85,9 @@ void forward_wide(const at::Tensor& y, const at::Tensor& K, const at::Tensor& b,
     ew(out.numel(), [&](int64_t e0, int64_t e1) {
 #pragma omp simd
       for (int64_t e = e0; e < e1; ++e) {
-        pp[e] = act_f<A, T>(pp[e]);
-        yp[e] += h * pp[e];
+        const T a = act_f<A, T>(pp[e]);
+        if constexpr (!kStoresPre<A>) pp[e] = a;
+        yp[e] += h * a;
       }
     });
   }
@@ -106,7 +107,7 @@ void backward_wide(const at::Tensor& gout, const at::Tensor& states, const at::T
     T* gp = G.data_ptr<T>();
     ew(G.numel(), [&](int64_t e0, int64_t e1) {
 #pragma omp simd
-      for (int64_t e = e0; e < e1; ++e) gp[e] = h * lp[e] * act_g_out<A, T>(ap[e]);
+      for (int64_t e = e0; e < e1; ++e) gp[e] = h * lp[e] * stored_grad<A, T>(ap[e]);
     });
     at::Tensor gwj = gw[j];
     if (gamma) {

@@ -38,16 +38,18 @@ void forward_narrow(const T* y, const T* z, const T* K, const T* b, T h, int64_t
       if (states) save_state(Y, rows, d, slot_ptr(states, j, 0, B, row0, d));
       tile_gemm<T, true>(Kj, d, bj, Y, P, T(1), false);  // P1 = Y K + b
 #pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) {
-        P[e] = act_f<A, T>(P[e]);
-        Z[e] -= h * P[e];
+      for (int64_t e = 0; e < d * kTile; ++e) {  // the state keeps act(P1), or P1 (kStoresPre)
+        const T a = act_f<A, T>(P[e]);
+        if constexpr (!kStoresPre<A>) P[e] = a;
+        Z[e] -= h * a;
       }
       if (states) save_state(P, rows, d, slot_ptr(states, j, 1, B, row0, d));
       tile_gemm<T, false>(Kj, d, bj, Z, P, T(1), false);  // P2 = Z K^T + b
 #pragma omp simd
       for (int64_t e = 0; e < d * kTile; ++e) {
-        P[e] = act_f<A, T>(P[e]);
-        Y[e] += h * P[e];
+        const T a = act_f<A, T>(P[e]);
+        if constexpr (!kStoresPre<A>) P[e] = a;
+        Y[e] += h * a;
       }
       if (states) {
         save_state(Z, rows, d, slot_ptr(states, j, 2, B, row0, d));
@@ -62,7 +64,7 @@ void forward_narrow(const T* y, const T* z, const T* K, const T* b, T h, int64_t
 template <typename T, Act A, bool Reversible>
 void backward_narrow(const T* gy_in, const T* gz_in, const T* states, const T* y_out,
                      const T* z_out, const T* K, const T* b, T h, int64_t N, int64_t B,
-                     int64_t d, T* gy, T* gz, Partials<T>& part) {
+                     int64_t d, T* gy, T* gz, T* ry, T* rz, Partials<T>& part) {
   for_tiles(B, [&](int64_t c, int64_t row0, int64_t rows) {
     std::vector<T> buf(7 * d * kTile);
     T* ly = buf.data();
@@ -84,13 +86,16 @@ void backward_narrow(const T* gy_in, const T* gz_in, const T* states, const T* y
       if (Reversible) {
         tile_gemm<T, false>(Kj, d, bj, Z, P2, T(1), false);
 #pragma omp simd
-        for (int64_t e = 0; e < d * kTile; ++e) {
-          P2[e] = act_f<A, T>(P2[e]);
-          Y[e] -= h * P2[e];
+        for (int64_t e = 0; e < d * kTile; ++e) {  // P1, P2 then hold what a state keeps
+          const T a = act_f<A, T>(P2[e]);
+          if constexpr (!kStoresPre<A>) P2[e] = a;
+          Y[e] -= h * a;
         }
         tile_gemm<T, true>(Kj, d, bj, Y, P1, T(1), false);
+        if constexpr (!kStoresPre<A>) {
 #pragma omp simd
-        for (int64_t e = 0; e < d * kTile; ++e) P1[e] = act_f<A, T>(P1[e]);
+          for (int64_t e = 0; e < d * kTile; ++e) P1[e] = act_f<A, T>(P1[e]);
+        }
       } else {
         load_state(slot_ptr(states, j, 0, B, row0, d), rows, d, Y);
         load_state(slot_ptr(states, j, 1, B, row0, d), rows, d, P1);
@@ -100,28 +105,33 @@ void backward_narrow(const T* gy_in, const T* gz_in, const T* states, const T* y
       T* dw = part.dw(c, j, d);
       T* db = part.db(c, j, d);
 #pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * ly[e] * act_g_out<A, T>(P2[e]);
+      for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * ly[e] * stored_grad<A, T>(P2[e]);
       tile_gemm<T, true>(Kj, d, nullptr, G, lz, T(1), true);  // lz += G2 K
       tile_outer(G, Z, d, rows, T(1), dw);
       tile_rowsum(G, d, rows, db);
 #pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) G[e] = -h * lz[e] * act_g_out<A, T>(P1[e]);
+      for (int64_t e = 0; e < d * kTile; ++e) G[e] = -h * lz[e] * stored_grad<A, T>(P1[e]);
       tile_gemm<T, false>(Kj, d, nullptr, G, ly, T(1), true);  // ly += G1 K^T
       tile_outer(Y, G, d, rows, T(1), dw);
       tile_rowsum(G, d, rows, db);
       if (Reversible) {
 #pragma omp simd
-        for (int64_t e = 0; e < d * kTile; ++e) Z[e] += h * P1[e];
+        for (int64_t e = 0; e < d * kTile; ++e) Z[e] += h * stored_act<A, T>(P1[e]);
       }
     }
     store_tile(ly, rows, d, gy + row0 * d);
     store_tile(lz, rows, d, gz + row0 * d);
+    if (Reversible) {  // the rebuilt inputs (Y_0, Z_{-1/2}), checked by the caller
+      store_tile(Y, rows, d, ry + row0 * d);
+      store_tile(Z, rows, d, rz + row0 * d);
+    }
   });
 }
 
-// p <- act(p)
+// p <- what a state keeps of p: act(p), or p itself (kStoresPre).
 template <typename T, Act A>
 void activate(at::Tensor& p) {
+  if constexpr (kStoresPre<A>) return;
   T* pp = p.data_ptr<T>();
   ew(p.numel(), [&](int64_t e0, int64_t e1) {
 #pragma omp simd
@@ -129,7 +139,7 @@ void activate(at::Tensor& p) {
   });
 }
 
-// p <- act(p), then out += alpha * p: keeps the activation for the backward.
+// out += alpha * act(p), and p <- what a state keeps of it (as `activate`).
 template <typename T, Act A>
 void activate_add(at::Tensor& out, at::Tensor& p, T alpha) {
   T* o = out.data_ptr<T>();
@@ -137,21 +147,33 @@ void activate_add(at::Tensor& out, at::Tensor& p, T alpha) {
   ew(out.numel(), [&](int64_t e0, int64_t e1) {
 #pragma omp simd
     for (int64_t e = e0; e < e1; ++e) {
-      pp[e] = act_f<A, T>(pp[e]);
-      o[e] += alpha * pp[e];
+      const T a = act_f<A, T>(pp[e]);
+      if constexpr (!kStoresPre<A>) pp[e] = a;
+      o[e] += alpha * a;
     }
   });
 }
 
-// g = alpha * l * act'(p), from the activation a = act(p)
+// out += alpha * act(p) for a kept state s of p (see `activate`).
 template <typename T, Act A>
-void grad_act(at::Tensor& g, const at::Tensor& l, const at::Tensor& a, T alpha) {
+void add_stored_act(at::Tensor& out, const at::Tensor& s, T alpha) {
+  T* o = out.data_ptr<T>();
+  const T* sp = s.data_ptr<T>();
+  ew(out.numel(), [&](int64_t e0, int64_t e1) {
+#pragma omp simd
+    for (int64_t e = e0; e < e1; ++e) o[e] += alpha * stored_act<A, T>(sp[e]);
+  });
+}
+
+// g = alpha * l * act'(p), from the kept state s of p (see `activate`)
+template <typename T, Act A>
+void grad_act(at::Tensor& g, const at::Tensor& l, const at::Tensor& s, T alpha) {
   T* gp = g.data_ptr<T>();
   const T* lp = l.data_ptr<T>();
-  const T* ap = a.data_ptr<T>();
+  const T* sp = s.data_ptr<T>();
   ew(g.numel(), [&](int64_t e0, int64_t e1) {
 #pragma omp simd
-    for (int64_t e = e0; e < e1; ++e) gp[e] = alpha * lp[e] * act_g_out<A, T>(ap[e]);
+    for (int64_t e = e0; e < e1; ++e) gp[e] = alpha * lp[e] * stored_grad<A, T>(sp[e]);
   });
 }
 
@@ -205,12 +227,12 @@ void backward_wide(const at::Tensor& states, const at::Tensor& K, const at::Tens
     ly.addmm_(G, K[j].t());
     gwj.addmm_(Y.t(), G);
     gbj.add_(G.sum(0));
-    if (Reversible) Z.add_(P1, h);
+    if (Reversible) add_stored_act<T, A>(Z, P1, h);
   }
 }
 
 template <bool Reversible>
-T4 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& states_in,
+T6 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& states_in,
             const at::Tensor& y_in, const at::Tensor& z_in, const at::Tensor& K_in,
             const at::Tensor& b_in, double step, Act act) {
   const at::Tensor gyc = gy_in.contiguous(), gzc = gz_in.contiguous(), K = K_in.contiguous(),
@@ -218,7 +240,11 @@ T4 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& 
   const at::Tensor states = Reversible ? at::Tensor() : states_in.contiguous();
   const int64_t N = K.size(0), B = gyc.size(0), d = gyc.size(1);
   at::Tensor gy = at::empty({B, d}, gyc.options()), gz = at::empty({B, d}, gyc.options());
-  at::Tensor gw, gb;
+  at::Tensor gw, gb, ry, rz;
+  if (Reversible) {
+    ry = at::empty({B, d}, gyc.options());
+    rz = at::empty({B, d}, gyc.options());
+  }
   AT_DISPATCH_FLOATING_TYPES(gyc.scalar_type(), "verlet_backward", [&] {
     const scalar_t h = static_cast<scalar_t>(step);
     SN_DISPATCH_ACT(act, [&] {
@@ -232,7 +258,8 @@ T4 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& 
             Reversible ? yo.data_ptr<scalar_t>() : nullptr,
             Reversible ? zo.data_ptr<scalar_t>() : nullptr, K.data_ptr<scalar_t>(),
             b.data_ptr<scalar_t>(), h, N, B, d, gy.data_ptr<scalar_t>(), gz.data_ptr<scalar_t>(),
-            part);
+            Reversible ? ry.data_ptr<scalar_t>() : nullptr,
+            Reversible ? rz.data_ptr<scalar_t>() : nullptr, part);
         std::tie(gw, gb) = part.sum(num_chunks(B));
       } else {
         gw = at::empty({N, d, d}, gyc.options());
@@ -245,10 +272,14 @@ T4 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& 
           Z = z_in.contiguous().clone();
         }
         backward_wide<scalar_t, kAct, Reversible>(states, K, b, h, gy, gz, Y, Z, gw, gb);
+        if (Reversible) {
+          ry = Y;
+          rz = Z;
+        }
       }
     });
   });
-  return {gy, gz, gw, gb};
+  return {gy, gz, gw, gb, ry, rz};
 }
 
 }  // namespace
@@ -294,11 +325,12 @@ T4 verlet_backward(const at::Tensor& grad_y, const at::Tensor& grad_z, const at:
   check_like(grad_z, "grad_z", grad_y);
   check_states(states, 4, grad_y, weight);
   check_step(step);
-  return cpu_detail::backward<false>(grad_y, grad_z, states, {}, {}, weight, bias, step,
-                                     parse_activation(activation));
+  auto r = cpu_detail::backward<false>(grad_y, grad_z, states, {}, {}, weight, bias, step,
+                                       parse_activation(activation));
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
 }
 
-T4 verlet_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad_z,
+T6 verlet_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad_z,
                               const at::Tensor& y, const at::Tensor& z, const at::Tensor& weight,
                               const at::Tensor& bias, double step, c10::string_view activation) {
   check_stack(grad_y, weight, bias);

@@ -168,7 +168,7 @@ T4 leapfrog_backward(const Tensor& grad_y, const Tensor& grad_y_prev, const Tens
   return cuda_detail::wide::leapfrog_backward(ga, gc, states, K, step, act);
 }
 
-T4 leapfrog_backward_reversible(const Tensor& grad_y, const Tensor& grad_y_prev, const Tensor& y_in,
+T6 leapfrog_backward_reversible(const Tensor& grad_y, const Tensor& grad_y_prev, const Tensor& y_in,
                                 const Tensor& yprev_in, const Tensor& weight, const Tensor& bias,
                                 double step, c10::string_view activation) {
   check_stack(grad_y, weight, bias);
@@ -181,13 +181,17 @@ T4 leapfrog_backward_reversible(const Tensor& grad_y, const Tensor& grad_y_prev,
   const Tensor ga = grad_y.contiguous(), gc = grad_y_prev.contiguous(), y = y_in.contiguous(),
                yprev = yprev_in.contiguous(), K = weight.contiguous(), b = bias.contiguous();
   const int64_t N = K.size(0), B = ga.size(0), d = ga.size(1);
-  if (ga.numel() == 0) return cuda_detail::zero_grads4(ga, N);
+  if (ga.numel() == 0) {
+    auto [g0, g1, dW, db] = cuda_detail::zero_grads4(ga, N);
+    return {g0, g1, dW, db, y.clone(), yprev.clone()};
+  }
   if (d <= kNarrowMax) {
     Tensor g0 = at::empty({B, d}, ga.options()), g1 = at::empty({B, d}, ga.options()),
-           dW = at::empty({N, d, d}, ga.options()), db = at::empty({N, d}, ga.options());
+           dW = at::empty({N, d, d}, ga.options()), db = at::empty({N, d}, ga.options()),
+           r0 = at::empty({B, d}, ga.options()), r1 = at::empty({B, d}, ga.options());
     if (cuda_detail::narrow_backward(Arch::Leapfrog, true, false, ga, gc, Tensor(), y, yprev, K, b,
-                                     step, act, g0, g1, dW, db))
-      return {g0, g1, dW, db};
+                                     step, act, g0, g1, dW, db, r0, r1))
+      return {g0, g1, dW, db, r0, r1};
   }
   return cuda_detail::wide::leapfrog_backward_reversible(ga, gc, y, yprev, K, b, step, act);
 }
@@ -235,7 +239,7 @@ T4 verlet_backward(const Tensor& grad_y, const Tensor& grad_z, const Tensor& sta
   return cuda_detail::wide::verlet_backward(gy, gz, states, K, step, act);
 }
 
-T4 verlet_backward_reversible(const Tensor& grad_y, const Tensor& grad_z, const Tensor& y_in,
+T6 verlet_backward_reversible(const Tensor& grad_y, const Tensor& grad_z, const Tensor& y_in,
                               const Tensor& z_in, const Tensor& weight, const Tensor& bias,
                               double step, c10::string_view activation) {
   check_stack(grad_y, weight, bias);
@@ -248,13 +252,17 @@ T4 verlet_backward_reversible(const Tensor& grad_y, const Tensor& grad_z, const 
   const Tensor gy = grad_y.contiguous(), gz = grad_z.contiguous(), y = y_in.contiguous(),
                z = z_in.contiguous(), K = weight.contiguous(), b = bias.contiguous();
   const int64_t N = K.size(0), B = gy.size(0), d = gy.size(1);
-  if (gy.numel() == 0) return cuda_detail::zero_grads4(gy, N);
+  if (gy.numel() == 0) {
+    auto [g0, g1, dW, db] = cuda_detail::zero_grads4(gy, N);
+    return {g0, g1, dW, db, y.clone(), z.clone()};
+  }
   if (d <= kNarrowMax) {
     Tensor g0 = at::empty({B, d}, gy.options()), g1 = at::empty({B, d}, gy.options()),
-           dW = at::empty({N, d, d}, gy.options()), db = at::empty({N, d}, gy.options());
+           dW = at::empty({N, d, d}, gy.options()), db = at::empty({N, d}, gy.options()),
+           r0 = at::empty({B, d}, gy.options()), r1 = at::empty({B, d}, gy.options());
     if (cuda_detail::narrow_backward(Arch::Verlet, true, false, gy, gz, Tensor(), y, z, K, b, step,
-                                     act, g0, g1, dW, db))
-      return {g0, g1, dW, db};
+                                     act, g0, g1, dW, db, r0, r1))
+      return {g0, g1, dW, db, r0, r1};
   }
   return cuda_detail::wide::verlet_backward_reversible(gy, gz, y, z, K, b, step, act);
 }

@@ -1,7 +1,9 @@
-// The narrow regime's kernels (narrow_kernels.cuh) compiled for the GPU, with
-// the launch hooks that narrow_host.h calls: every launch goes to the current
-// CUDA stream and is checked; no host synchronisation, no allocation outside
-// ATen's caching allocator, so the ops can be captured in CUDA graphs.
+// The launch hooks that narrow_host.h calls, for the GPU: every launch goes to
+// the current CUDA stream and is checked; no host synchronisation, no
+// allocation outside ATen's caching allocator, so the ops can be captured in
+// CUDA graphs. The kernels themselves are compiled in narrow_<dtype>_d<D>.cu,
+// one translation unit per (dtype, padded width), so the build runs them in
+// parallel; this file only dispatches (narrow_forward / narrow_backward).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -38,7 +40,8 @@ void allow_large_smem(KernelFn<T> kernel, size_t bytes) {
 
 DeviceLimits device_limits() {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  return {static_cast<int>(prop->sharedMemPerBlockOptin), prop->multiProcessorCount};
+  return {static_cast<int>(prop->sharedMemPerBlockOptin), prop->multiProcessorCount,
+          kPartialBudget};
 }
 
 template <typename T>
@@ -59,6 +62,12 @@ void launch_reduce(const T* partial, int nblk, int N, int d, bool antisym, T* dW
           partial, nblk, N, d, antisym, dW, db);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+// Used by the kernel translation units.
+template void launch<float>(KernelFn<float>, int64_t, int, size_t, const Params<float>&);
+template void launch<double>(KernelFn<double>, int64_t, int, size_t, const Params<double>&);
+template void launch_reduce<float>(const float*, int, int, int, bool, float*, float*);
+template void launch_reduce<double>(const double*, int, int, int, bool, double*, double*);
 
 }  // namespace narrow
 }  // namespace cuda_detail

@@ -26,13 +26,15 @@ bool narrow_forward(Arch arch, const at::Tensor& in0, const at::Tensor& in1, con
 
 // Backward. g0/g1: incoming gradients (g1 unused for resnet). Stored mode reads
 // `states`; reversible mode (leapfrog/verlet) rebuilds them from the forward's
-// outputs s0/s1. Writes grad0/grad1 (B, d), dW (N, d, d), db (N, d). With
+// outputs s0/s1 and writes the rebuilt forward inputs to r0/r1 (undefined in
+// stored mode). Writes grad0/grad1 (B, d), dW (N, d, d), db (N, d). With
 // `antisym`, dW receives (S - S^T) / 2 of the plain weight gradient S.
 bool narrow_backward(Arch arch, bool reversible, bool antisym, const at::Tensor& g0,
                      const at::Tensor& g1, const at::Tensor& states, const at::Tensor& s0,
                      const at::Tensor& s1, const at::Tensor& W, const at::Tensor& b, double h,
                      Act act, const at::Tensor& grad0, const at::Tensor& grad1,
-                     const at::Tensor& dW, const at::Tensor& db);
+                     const at::Tensor& dW, const at::Tensor& db, const at::Tensor& r0 = {},
+                     const at::Tensor& r1 = {});
 
 }  // namespace cuda_detail
 }  // namespace stablenets

@@ -1,7 +1,15 @@
 // Host side of the narrow regime: shared-memory planning, grid sizes and the
-// definitions of narrow_forward / narrow_backward (narrow.h). The translation
-// unit that includes this defines the three launch hooks declared below
-// (csrc/cuda/narrow.cu launches on the current CUDA stream).
+// definitions of narrow_forward / narrow_backward (narrow.h). The three launch
+// hooks declared below are defined elsewhere (csrc/cuda/narrow.cu launches on
+// the current CUDA stream; the CPU emulator in csrc/cuda/testing runs threads).
+//
+// Build split: forward_impl / backward_impl for one (dtype, padded width) hold
+// that pair's 8 kernels. In the CUDA build every pair is explicitly
+// instantiated in its own translation unit (csrc/cuda/narrow_<dtype>_d<D>.cu,
+// SN_NARROW_INSTANTIATE, with SN_NARROW_KERNELS_ONLY so the dispatchers are
+// defined once, in narrow.cu), and ninja compiles them in parallel; every
+// other includer sees them as extern templates (SN_NARROW_EXTERN below). The
+// CPU emulator instantiates them implicitly in its one translation unit.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,9 +30,16 @@ template <typename T>
 using KernelFn = void (*)(Params<T>);
 
 struct DeviceLimits {
-  int smem_optin;  // bytes of shared memory a block may opt into
-  int sms;         // multiprocessors
+  int smem_optin;          // bytes of shared memory a block may opt into
+  int sms;                 // multiprocessors
+  int64_t partial_budget;  // most bytes for the backward's per-block partial weight gradients
 };
+
+// Default partial_budget. Below it, a stack's partials may use as many bytes as
+// its weight gradient, or kPartialFloor: a reversible backward, whose other
+// memory is O(B d) plus that gradient, then needs about twice the gradient.
+constexpr int64_t kPartialBudget = int64_t{64} << 20;
+constexpr int64_t kPartialFloor = int64_t{16} << 20;
 
 // Hooks, defined by the including translation unit.
 DeviceLimits device_limits();
@@ -50,11 +65,31 @@ bool plan_smem(int tiles, int N, int optin, int* nst, size_t* bytes) {
   return *bytes <= static_cast<size_t>(optin);
 }
 
-// Backward blocks: enough to fill the GPU, while the per-block partial weight
-// gradients stay under ~64 MB. Never more blocks than tiles.
-inline int64_t backward_blocks(int64_t ntiles, int64_t per_block_bytes, int sms) {
-  const int64_t cap_mem = std::max<int64_t>(1, (int64_t{64} << 20) / per_block_bytes);
-  return std::max<int64_t>(1, std::min<int64_t>({ntiles, int64_t{sms} * 4, cap_mem}));
+// Backward grid: `blocks` blocks (enough to fill the GPU: up to 4 per SM, never
+// more than tiles), each summing its tiles' weight gradients into its own
+// partial (blocks, chunk, d, d+1), reduced over blocks in block order by a
+// second kernel (deterministic, no atomics). The layers are walked top down in
+// chunks of `chunk` layers so those partials stay within `budget` bytes
+// however deep the stack: each chunk is one launch plus one reduction, the
+// adjoints (and, reversible, the rebuilt states) carried to the next chunk in
+// global memory. Chunks shorter than 8 layers are avoided by giving up blocks
+// beyond 2 per SM.
+struct BackwardPlan {
+  int64_t blocks;
+  int chunk;
+};
+
+inline BackwardPlan backward_plan(int64_t ntiles, int64_t layer_bytes, int N, int sms,
+                                  int64_t budget) {
+  int64_t blocks = std::min<int64_t>(ntiles, int64_t{sms} * 4);
+  const int64_t min_chunk = std::min<int64_t>(N, 8);
+  const int64_t fit = budget / (min_chunk * layer_bytes);
+  if (blocks > fit) blocks = std::max<int64_t>(fit, std::min<int64_t>(blocks, int64_t{sms} * 2));
+  blocks = std::max<int64_t>(1, blocks);
+  int64_t chunk = std::clamp<int64_t>(budget / (blocks * layer_bytes), 1, N);
+  const int64_t nchunks = (N + chunk - 1) / chunk;
+  chunk = (N + nchunks - 1) / nchunks;  // even chunks
+  return {blocks, static_cast<int>(chunk)};
 }
 
 template <typename T>
@@ -108,7 +143,7 @@ bool backward_impl(Arch arch, bool rev, bool antisym, const at::Tensor& g0, cons
                    const at::Tensor& states, const at::Tensor& s0, const at::Tensor& s1,
                    const at::Tensor& W, const at::Tensor& b, double h, Act act,
                    const at::Tensor& grad0, const at::Tensor& grad1, const at::Tensor& dW,
-                   const at::Tensor& db) {
+                   const at::Tensor& db, const at::Tensor& r0, const at::Tensor& r1) {
   using C = Cfg<D>;
   const int64_t B = g0.size(0);
   const int d = static_cast<int>(g0.size(1));
@@ -122,6 +157,8 @@ bool backward_impl(Arch arch, bool rev, bool antisym, const at::Tensor& g0, cons
   if (rev) {
     p.s0 = s0.data_ptr<T>();
     p.s1 = s1.data_ptr<T>();
+    p.rebuilt0 = r0.data_ptr<T>();
+    p.rebuilt1 = r1.data_ptr<T>();
   } else {
     p.st = states.data_ptr<T>();
   }
@@ -139,17 +176,48 @@ bool backward_impl(Arch arch, bool rev, bool antisym, const at::Tensor& g0, cons
       break;
   }
   const int tiles = arch == Arch::ResNet ? 2 : 5;
+  const int slots = arch == Arch::Verlet ? 4 : 2;  // states per layer (stored mode)
+  const int N = p.N;
   const DeviceLimits lim = device_limits();
+  const int64_t layer_bytes = static_cast<int64_t>(d) * (d + 1) * sizeof(T);
+  const int64_t budget =
+      std::min(lim.partial_budget, std::max(kPartialFloor, layer_bytes * N));
+  const BackwardPlan plan = backward_plan(p.ntiles, layer_bytes, N, lim.sms, budget);
   size_t bytes;
-  if (!plan_smem<T, D>(tiles, p.N, lim.smem_optin, &p.nst, &bytes)) return false;
-  const int64_t per_block = static_cast<int64_t>(p.N) * d * (d + 1);
-  const int64_t nblk = backward_blocks(p.ntiles, per_block * sizeof(T), lim.sms);
+  if (!plan_smem<T, D>(tiles, plan.chunk, lim.smem_optin, &p.nst, &bytes)) return false;
   // Every element is written by the first tile of its block: no zeroing needed.
-  at::Tensor partial = at::empty({nblk, p.N, d, d + 1}, g0.options());
+  at::Tensor partial = at::empty({plan.blocks, plan.chunk, d, d + 1}, g0.options());
   p.partial = partial.data_ptr<T>();
-  launch<T>(kernel, nblk, C::NT, bytes, p);
-  launch_reduce<T>(p.partial, static_cast<int>(nblk), p.N, d, antisym, dW.data_ptr<T>(),
-                   db.data_ptr<T>());
+  // Reversible and chunked: the rebuilt carried states (2, B, d) between chunks.
+  at::Tensor carried;
+  if (rev && plan.chunk < N) carried = at::empty({2, B, d}, g0.options());
+  const T* const W0 = p.W;
+  const T* const b0 = p.bias;
+  const T* const st0 = p.st;
+  for (int hi = N; hi > 0; hi -= plan.chunk) {
+    const int lo = std::max(0, hi - plan.chunk);
+    Params<T> q = p;
+    q.N = hi - lo;
+    q.W = W0 + static_cast<int64_t>(lo) * d * d;
+    q.bias = b0 + static_cast<int64_t>(lo) * d;
+    if (hi < N) {  // continue from the adjoints the chunk above wrote (in place)
+      q.x0 = p.out0;
+      q.x1 = p.out1;
+    }
+    if (rev) {
+      if (hi < N) {
+        q.s0 = carried.data_ptr<T>();
+        q.s1 = q.s0 + B * d;
+      }
+      q.st_out = lo > 0 ? carried.data_ptr<T>() : nullptr;
+    } else {
+      q.st = st0 + static_cast<int64_t>(lo) * slots * B * d;
+    }
+    launch<T>(kernel, plan.blocks, C::NT, bytes, q);
+    launch_reduce<T>(p.partial, static_cast<int>(plan.blocks), q.N, d, antisym,
+                     dW.data_ptr<T>() + static_cast<int64_t>(lo) * d * d,
+                     db.data_ptr<T>() + static_cast<int64_t>(lo) * d);
+  }
   return true;
 }
 
@@ -164,8 +232,35 @@ bool with_width(int64_t d, F&& fn) {
   return false;
 }
 
+#define SN_NARROW_FORWARD_IMPL(T, D)                                                        \
+  bool forward_impl<T, D>(Arch, const at::Tensor&, const at::Tensor&, const at::Tensor&,     \
+                          const at::Tensor&, double, Act, const at::Tensor&, const at::Tensor&, \
+                          const at::Tensor&)
+#define SN_NARROW_BACKWARD_IMPL(T, D)                                                         \
+  bool backward_impl<T, D>(Arch, bool, bool, const at::Tensor&, const at::Tensor&,            \
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,           \
+                           const at::Tensor&, const at::Tensor&, double, Act, const at::Tensor&, \
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&)
+#define SN_NARROW_FOR_EACH(X) \
+  X(float, 4) X(float, 8) X(float, 16) X(float, 32) X(float, 64) \
+  X(double, 4) X(double, 8) X(double, 16) X(double, 32) X(double, 64)
+
+// Explicit instantiation (in namespace stablenets::cuda_detail::narrow) of one pair.
+#define SN_NARROW_INSTANTIATE(T, D)       \
+  template SN_NARROW_FORWARD_IMPL(T, D);  \
+  template SN_NARROW_BACKWARD_IMPL(T, D);
+
+#if !defined(SN_CPU_EMULATION)
+#define SN_NARROW_EXTERN(T, D)                  \
+  extern template SN_NARROW_FORWARD_IMPL(T, D); \
+  extern template SN_NARROW_BACKWARD_IMPL(T, D);
+SN_NARROW_FOR_EACH(SN_NARROW_EXTERN)
+#undef SN_NARROW_EXTERN
+#endif
+
 }  // namespace narrow
 
+#if !defined(SN_NARROW_KERNELS_ONLY)
 bool narrow_forward(Arch arch, const at::Tensor& in0, const at::Tensor& in1, const at::Tensor& W,
                     const at::Tensor& b, double h, Act act, const at::Tensor& out0,
                     const at::Tensor& out1, const at::Tensor& states) {
@@ -183,16 +278,20 @@ bool narrow_backward(Arch arch, bool reversible, bool antisym, const at::Tensor&
                      const at::Tensor& g1, const at::Tensor& states, const at::Tensor& s0,
                      const at::Tensor& s1, const at::Tensor& W, const at::Tensor& b, double h,
                      Act act, const at::Tensor& grad0, const at::Tensor& grad1,
-                     const at::Tensor& dW, const at::Tensor& db) {
+                     const at::Tensor& dW, const at::Tensor& db, const at::Tensor& r0,
+                     const at::Tensor& r1) {
   bool done = false;
   AT_DISPATCH_FLOATING_TYPES(g0.scalar_type(), "stablenets_narrow_backward", [&] {
     done = narrow::with_width(g0.size(1), [&](auto width) {
       return narrow::backward_impl<scalar_t, decltype(width)::value>(
-          arch, reversible, antisym, g0, g1, states, s0, s1, W, b, h, act, grad0, grad1, dW, db);
+          arch, reversible, antisym, g0, g1, states, s0, s1, W, b, h, act, grad0, grad1, dW, db,
+          r0, r1);
     });
   });
   return done;
 }
+
+#endif  // !SN_NARROW_KERNELS_ONLY
 
 }  // namespace cuda_detail
 }  // namespace stablenets

@@ -68,12 +68,15 @@ struct Params {
   const T* s0;  // reversible backward: the forward's outputs
   const T* s1;
   const T* st;  // stored backward: states (N, S, B, d)
-  T* st_out;    // forward: states to fill, or null
+  T* st_out;    // forward: states to fill, or null; reversible backward: (2, B, d) for the
+                // rebuilt carried states after the last layer (chunked backward), or null
   const T* W;
   const T* bias;
   T* out0;
   T* out1;
   T* partial;  // backward: (gridDim.x, N, d, d + 1), column d holds the bias part
+  T* rebuilt0;  // reversible backward: the rebuilt forward inputs (Y_0, Y_{-1} / Z_{-1/2})
+  T* rebuilt1;
   int64_t B;
   int64_t ntiles;
   int d;
@@ -606,7 +609,9 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_leapfrog(const Params<T> p) 
       for (int k = 0; k < C::RPT; ++k)
 #pragma unroll
         for (int m = 0; m < C::OPT; ++m) {
-          pv[k][m] = act_fwd(p.act, pv[k][m]);  // from here on pv holds act(P)
+          const T pre = pv[k][m];
+          pv[k][m] = act_fwd(p.act, pre);  // from here on pv holds act(P)
+          yr[k][m] = act_grad_pa(p.act, pre, pv[k][m]);  // act'(P); yr is free until below
           acc[k][m] = mh2 * pv[k][m];
         }
       fr.put(As, acc);  // -h^2 act(P)
@@ -616,7 +621,7 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_leapfrog(const Params<T> p) 
 #pragma unroll
       for (int k = 0; k < C::RPT; ++k)
 #pragma unroll
-        for (int m = 0; m < C::OPT; ++m) acc[k][m] *= mh2 * act_grad_out(p.act, pv[k][m]);
+        for (int m = 0; m < C::OPT; ++m) acc[k][m] *= mh2 * yr[k][m];
       fr.put(Gs, acc);
       if (REV) {
         prod_k(fr, As, K, yr);  // Y_{j-1} = 2 Y_j - Y_{j+1} - h^2 act(P) K
@@ -651,8 +656,16 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_leapfrog(const Params<T> p) 
           }
       }
     }
+    if (REV && p.st_out) {  // (Y_j, Y_{j-1}) of the last layer done, for the next chunk
+      fr.store(p.st_out, yc);
+      fr.store(p.st_out + p.B * p.d, ym);
+    }
     fr.store(p.out0, a);
     fr.store(p.out1, c);
+    if (REV) {  // (Y_0, Y_{-1}): the caller compares them with the forward's inputs
+      fr.store(p.rebuilt0, yc);
+      fr.store(p.rebuilt1, ym);
+    }
   }
 }
 
@@ -714,8 +727,10 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
         for (int k = 0; k < C::RPT; ++k)
 #pragma unroll
           for (int m = 0; m < C::OPT; ++m) {
-            p2[k][m] = act_fwd(p.act, p2[k][m] + bj[fr.f(m)]);  // reversible: p2 holds act(P2)
-            yj[k][m] = fr.ok[k][m] ? y[k][m] - p.h * p2[k][m] : T(0);
+            const T pre = p2[k][m] + bj[fr.f(m)];
+            const T a = act_fwd(p.act, pre);
+            p2[k][m] = act_grad_pa(p.act, pre, a);  // reversible: p2 holds act'(P2)
+            yj[k][m] = fr.ok[k][m] ? y[k][m] - p.h * a : T(0);
           }
       } else {
         fr.put(Zcur, z);
@@ -726,7 +741,7 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
 #pragma unroll
         for (int m = 0; m < C::OPT; ++m)
           acc[k][m] =
-              p.h * ly[k][m] * (REV ? act_grad_out(p.act, p2[k][m]) : act_grad(p.act, p2[k][m]));
+              p.h * ly[k][m] * (REV ? p2[k][m] : act_grad(p.act, p2[k][m]));
       fr.put(G2s, acc);
       __syncthreads();
       if (REV) {
@@ -734,8 +749,11 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
 #pragma unroll
         for (int k = 0; k < C::RPT; ++k)
 #pragma unroll
-          for (int m = 0; m < C::OPT; ++m)
-            p1[k][m] = act_fwd(p.act, p1[k][m] + bj[fr.f(m)]);  // reversible: act(P1)
+          for (int m = 0; m < C::OPT; ++m) {
+            const T pre = p1[k][m] + bj[fr.f(m)];
+            p1[k][m] = act_fwd(p.act, pre);              // reversible: act(P1)
+            p2[k][m] = act_grad_pa(p.act, pre, p1[k][m]);  // and p2 (free now) act'(P1)
+          }
       }
       prod_k(fr, G2s, K, acc);  // lz += G2 K
 #pragma unroll
@@ -744,7 +762,7 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
         for (int m = 0; m < C::OPT; ++m) {
           lz[k][m] = fr.ok[k][m] ? lz[k][m] + acc[k][m] : T(0);
           acc[k][m] =
-              -p.h * lz[k][m] * (REV ? act_grad_out(p.act, p1[k][m]) : act_grad(p.act, p1[k][m]));
+              -p.h * lz[k][m] * (REV ? p2[k][m] : act_grad(p.act, p1[k][m]));
         }
       fr.put(G1s, acc);
       __syncthreads();
@@ -770,8 +788,16 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
         fr.put(Znext, z);
       }
     }
+    if (REV && p.st_out) {  // (Y_j, Z_{j-1/2}) of the last layer done, for the next chunk
+      fr.store(p.st_out, y);
+      fr.store(p.st_out + p.B * p.d, z);
+    }
     fr.store(p.out0, ly);
     fr.store(p.out1, lz);
+    if (REV) {  // (Y_0, Z_{-1/2}): the caller compares them with the forward's inputs
+      fr.store(p.rebuilt0, y);
+      fr.store(p.rebuilt1, z);
+    }
   }
 }
 

@@ -251,7 +251,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> leapfrog_backward(
   return {gy, c, dW, db};
 }
 
-inline std::tuple<Tensor, Tensor, Tensor, Tensor> leapfrog_backward_reversible(
+inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> leapfrog_backward_reversible(
     const Tensor& ga, const Tensor& gc, const Tensor& y, const Tensor& yprev, const Tensor& K,
     const Tensor& b, double h, Act act) {
   const int64_t N = K.size(0), B = ga.size(0), d = ga.size(1), n = B * d;
@@ -284,7 +284,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> leapfrog_backward_reversible(
                     ap,
                     an.data_ptr<T>(),
                     cp,
-                    j > 0 ? yhi.data_ptr<T>() : nullptr,
+                    yhi.data_ptr<T>(),  // down to Y_{-1}: the rebuilt inputs are returned
                     lo,
                     mh2,
                     act,
@@ -296,15 +296,13 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> leapfrog_backward_reversible(
       gemm_rm<T>(true, false, d, d, B, T(1), gp, d, lo, d, T(1), dWj, d);   // + G^T Y_j
       Tensor dbj = db.select(0, j);
       at::sum_out(dbj, g, {0});
-      if (j > 0) {
-        // Y_{j-1} = 2 Y_j - Y_{j+1} - h^2 act(P_j) K_j, over the Y_{j+1} buffer
-        gemm_rm<T>(false, false, B, d, d, T(1), ap, d, Wj, d, T(1), yhi.data_ptr<T>(), d);
-        std::swap(yhi, ylo);
-      }
+      // Y_{j-1} = 2 Y_j - Y_{j+1} - h^2 act(P_j) K_j, over the Y_{j+1} buffer
+      gemm_rm<T>(false, false, B, d, d, T(1), ap, d, Wj, d, T(1), yhi.data_ptr<T>(), d);
+      std::swap(yhi, ylo);
       std::swap(a, an);
     }
   });
-  return {a, c, dW, db};
+  return {a, c, dW, db, yhi, ylo};  // ..., Y_0, Y_{-1}
 }
 
 inline std::tuple<Tensor, Tensor, Tensor, Tensor> verlet_backward(
@@ -337,7 +335,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> verlet_backward(
   return {ly, lz, dW, db};
 }
 
-inline std::tuple<Tensor, Tensor, Tensor, Tensor> verlet_backward_reversible(
+inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> verlet_backward_reversible(
     const Tensor& gy, const Tensor& gz, const Tensor& y, const Tensor& z, const Tensor& K,
     const Tensor& b, double h, Act act) {
   const int64_t N = K.size(0), B = gy.size(0), d = gy.size(1), n = B * d;
@@ -376,7 +374,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> verlet_backward_reversible(
       std::swap(Z, Zp);
     }
   });
-  return {ly, lz, dW, db};
+  return {ly, lz, dW, db, Y, Z};  // ..., Y_0, Z_{-1/2}
 }
 
 }  // namespace wide

@@ -15,7 +15,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <cublas_v2.h>
-#include <dlfcn.h>
 
 #include <climits>
 #endif
@@ -201,7 +200,7 @@ struct BwdLeap {
 #pragma unroll
     for (int u = 0; u < V; ++u) {
       const T a = act_fwd(act, pv[u]);
-      gv[u] = mh2 * mv[u] * act_grad_out(act, a);
+      gv[u] = mh2 * mv[u] * act_grad_pa(act, pv[u], a);
       av[u] = mh2 * a;
       nv[u] = cv[u] + T(2) * lv[u];
       ncv[u] = -lv[u];
@@ -245,9 +244,10 @@ struct VerletBackY {
     vload<V>(ly + i, lv);
 #pragma unroll
     for (int u = 0; u < V; ++u) {
-      const T a = act_fwd(act, pv[u] + bv[u]);
+      const T pre = pv[u] + bv[u];
+      const T a = act_fwd(act, pre);
       yv[u] -= h * a;
-      gv[u] = h * lv[u] * act_grad_out(act, a);
+      gv[u] = h * lv[u] * act_grad_pa(act, pre, a);
     }
     vstore<V>(y + i, yv);
     vstore<V>(g + i, gv);
@@ -280,9 +280,10 @@ struct VerletBackZ {
     vload<V>(lz + i, lv);
 #pragma unroll
     for (int u = 0; u < V; ++u) {
-      const T a = act_fwd(act, pv[u] + bv[u]);
+      const T pre = pv[u] + bv[u];
+      const T a = act_fwd(act, pre);
       zv[u] += h * a;
-      gv[u] = -h * lv[u] * act_grad_out(act, a);
+      gv[u] = -h * lv[u] * act_grad_pa(act, pre, a);
     }
     vstore<V>(zout + i, zv);
     vstore<V>(g + i, gv);
@@ -295,59 +296,47 @@ void blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, T alph
                int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
 
 #if defined(__CUDACC__)
-// cuBLAS's (s|d)gemm from the libcublas that libtorch_cuda already loaded,
-// found at run time so the extension needs no cuBLAS link flags; null if absent.
-template <typename T>
-struct CublasGemm;
-template <>
-struct CublasGemm<float> {
-  using Fn = decltype(&cublasSgemm_v2);
-  static constexpr const char* name = "cublasSgemm_v2";
-};
-template <>
-struct CublasGemm<double> {
-  using Fn = decltype(&cublasDgemm_v2);
-  static constexpr const char* name = "cublasDgemm_v2";
-};
-
-#define SN_STR2(x) #x
-#define SN_STR(x) SN_STR2(x)
-
-template <typename T>
-typename CublasGemm<T>::Fn cublas_gemm_fn() {
-  static const typename CublasGemm<T>::Fn fn = [] {
-    void* sym = dlsym(RTLD_DEFAULT, CublasGemm<T>::name);
-    for (const char* lib : {"libcublas.so." SN_STR(CUBLAS_VER_MAJOR), "libcublas.so"}) {
-      if (sym) break;
-      if (void* handle = dlopen(lib, RTLD_NOW | RTLD_NOLOAD))
-        sym = dlsym(handle, CublasGemm<T>::name);
-    }
-    return reinterpret_cast<typename CublasGemm<T>::Fn>(sym);
-  }();
-  return fn;
+#if defined(STABLENETS_WITH_CUBLAS)
+// cuBLAS's (s|d)gemm, linked against the very libcublas that libtorch_cuda
+// loaded (setup.py finds it in the process and links it by path): the symbol
+// binds to that library's version, never to another cuBLAS major version that
+// a different package (CuPy, JAX) may have put in the global symbol scope.
+inline cublasStatus_t cublas_gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb,
+                                  int m, int n, int k, const float* alpha, const float* a, int lda,
+                                  const float* b, int ldb, const float* beta, float* c, int ldc) {
+  return cublasSgemm_v2(h, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
+inline cublasStatus_t cublas_gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb,
+                                  int m, int n, int k, const double* alpha, const double* a,
+                                  int lda, const double* b, int ldb, const double* beta, double* c,
+                                  int ldc) {
+  return cublasDgemm_v2(h, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+#endif
 
 // Column-major GEMM on the current stream. ATen's handle carries the stream,
 // the cuBLAS workspace (CUDA graph capture) and the math mode that
 // torch.backends.cuda.matmul.allow_tf32 selects, exactly as at::mm uses them;
 // calling cuBLAS directly skips the dispatcher and tensor bookkeeping of a
-// per-layer at::mm_out. Without the symbol, or for sizes past int range,
-// at::mm_out / addmm_ on column-major views do the same work.
+// per-layer at::mm_out. (ATen's own at::cuda::blas::gemm is not exported from
+// libtorch_cuda.so, so it cannot be linked.) Built without cuBLAS, or for
+// sizes past int range, at::mm_out / addmm_ on column-major views do the same work.
 template <typename T>
 void blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
                int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  const auto fn = cublas_gemm_fn<T>();
-  const bool fits = std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX;
-  if (fn != nullptr && fits) {
+#if defined(STABLENETS_WITH_CUBLAS)
+  if (std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX) {
     const auto op = [](char t) { return t == 't' ? CUBLAS_OP_T : CUBLAS_OP_N; };
     const cublasStatus_t status =
-        fn(at::cuda::getCurrentCUDABlasHandle(), op(transa), op(transb), static_cast<int>(m),
-           static_cast<int>(n), static_cast<int>(k), &alpha, a, static_cast<int>(lda), b,
-           static_cast<int>(ldb), &beta, c, static_cast<int>(ldc));
+        cublas_gemm(at::cuda::getCurrentCUDABlasHandle(), op(transa), op(transb),
+                    static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, a,
+                    static_cast<int>(lda), b, static_cast<int>(ldb), &beta, c,
+                    static_cast<int>(ldc));
     TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "stablenets: cuBLAS gemm failed with status ",
                 static_cast<int>(status));
     return;
   }
+#endif
   const auto opts = at::TensorOptions()
                         .dtype(c10::CppTypeToScalarType<T>::value)
                         .device(at::kCUDA, c10::cuda::current_device());

@@ -54,18 +54,31 @@ using Vec = std::vector<double>;
 // b (N, d), states (N, S, B, d).
 // ======================================================================
 
-enum class NAct { Identity, Tanh, Relu };
+enum class NAct { Identity, Tanh, Relu, Sigmoid, Softplus, LeakyRelu, Silu };
 
 NAct parse_act(const std::string& s) {
   if (s == "tanh") return NAct::Tanh;
   if (s == "relu") return NAct::Relu;
+  if (s == "sigmoid") return NAct::Sigmoid;
+  if (s == "softplus") return NAct::Softplus;
+  if (s == "leaky_relu") return NAct::LeakyRelu;
+  if (s == "silu") return NAct::Silu;
   return NAct::Identity;
+}
+
+template <typename R>
+R naive_sigmoid(R p) {
+  return R(1) / (R(1) + std::exp(-p));
 }
 
 template <typename R>
 R act_f(NAct a, R p) {
   if (a == NAct::Tanh) return std::tanh(p);
   if (a == NAct::Relu) return p > R(0) ? p : R(0);
+  if (a == NAct::Sigmoid) return naive_sigmoid(p);
+  if (a == NAct::Softplus) return std::log(R(1) + std::exp(p));
+  if (a == NAct::LeakyRelu) return p > R(0) ? p : R(0.01) * p;
+  if (a == NAct::Silu) return p * naive_sigmoid(p);
   return p;
 }
 
@@ -76,6 +89,10 @@ R act_d(NAct a, R p) {
     return R(1) - t * t;
   }
   if (a == NAct::Relu) return p > R(0) ? R(1) : R(0);
+  if (a == NAct::Sigmoid) return naive_sigmoid(p) * (R(1) - naive_sigmoid(p));
+  if (a == NAct::Softplus) return naive_sigmoid(p);
+  if (a == NAct::LeakyRelu) return p > R(0) ? R(1) : R(0.01);
+  if (a == NAct::Silu) return naive_sigmoid(p) * (R(1) + p * (R(1) - naive_sigmoid(p)));
   return R(1);
 }
 
@@ -439,10 +456,12 @@ Vec tile_layout(const Vec& states, int64_t B, int64_t d) {
 }
 
 // The kernels store activations A = act(P) in the odd slots (resnet/antisymmetric/
-// leapfrog slot 1, verlet slots 1 and 3), where the naive loops keep P.
+// leapfrog slot 1, verlet slots 1 and 3), where the naive loops keep P; for silu,
+// whose act' is not a function of act(P), they keep P as well.
 template <typename R>
 Vec activated(const std::vector<R>& states, int64_t bd, NAct a) {
   Vec out(states.begin(), states.end());
+  if (a == NAct::Silu) return out;
   for (size_t base = 0; base + bd <= out.size(); base += bd)
     if ((base / bd) % 2 == 1)
       for (int64_t e = 0; e < bd; ++e) out[base + e] = act_f(a, out[base + e]);
@@ -558,13 +577,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_backward(
     auto [g, gk, gb] = k::antisymmetric_backward(in.w1, states, in.K, in.b, pb.h, pb.gamma, pb.act);
     return {g, at::Tensor(), gk, gb};
   }
-  if (pb.arch == "leapfrog")
-    return reversible
-               ? k::leapfrog_backward_reversible(in.w1, in.w2, out1, out2, in.K, in.b, pb.h, pb.act)
-               : k::leapfrog_backward(in.w1, in.w2, states, in.K, in.b, pb.h, pb.act);
-  return reversible
-             ? k::verlet_backward_reversible(in.w1, in.w2, out1, out2, in.K, in.b, pb.h, pb.act)
-             : k::verlet_backward(in.w1, in.w2, states, in.K, in.b, pb.h, pb.act);
+  if (pb.arch == "leapfrog") {
+    if (!reversible) return k::leapfrog_backward(in.w1, in.w2, states, in.K, in.b, pb.h, pb.act);
+    auto [g1, g2, gk, gb, r1, r2] =
+        k::leapfrog_backward_reversible(in.w1, in.w2, out1, out2, in.K, in.b, pb.h, pb.act);
+    // the rebuilt inputs come back too: (Y_0, Y_{-1})
+    report(at::allclose(r1, in.y, 1e-3, 1e-4) && at::allclose(r2, in.y2, 1e-3, 1e-4),
+           pb.arch + " reversible: rebuilt inputs", "");
+    return {g1, g2, gk, gb};
+  }
+  if (!reversible) return k::verlet_backward(in.w1, in.w2, states, in.K, in.b, pb.h, pb.act);
+  auto [g1, g2, gk, gb, r1, r2] =
+      k::verlet_backward_reversible(in.w1, in.w2, out1, out2, in.K, in.b, pb.h, pb.act);
+  report(at::allclose(r1, in.y, 1e-3, 1e-4) && at::allclose(r2, in.y2, 1e-3, 1e-4),
+         pb.arch + " reversible: rebuilt inputs", "");
+  return {g1, g2, gk, gb};
 }
 
 const char* second_name(const std::string& arch) {
@@ -674,7 +701,7 @@ void check_arguments() {
   const at::Tensor y = at::zeros({4, 3}, opt), K = at::zeros({2, 3, 3}, opt),
                    b = at::zeros({2, 3}, opt);
   check_throws("arguments: unknown activation", "activation",
-               [&] { k::resnet_forward(y, K, b, 0.1, "sigmoid", false); });
+               [&] { k::resnet_forward(y, K, b, 0.1, "swish", false); });
   check_throws("arguments: step <= 0", "step",
                [&] { k::verlet_forward(y, y, K, b, -0.1, "tanh", false); });
   check_throws("arguments: weight of the wrong width", "weight",
@@ -693,7 +720,8 @@ void check_arguments() {
 
 int main() {
   const std::vector<std::string> archs{"resnet", "antisymmetric", "leapfrog", "verlet"};
-  const std::vector<std::string> acts{"tanh", "relu", "identity"};
+  const std::vector<std::string> acts{"tanh",     "relu",       "identity", "sigmoid",
+                                      "softplus", "leaky_relu", "silu"};
 
   std::printf("== the naive reference checked against finite differences\n");
   for (const auto& arch : archs)

@@ -10,7 +10,8 @@
 // the CPU dispatch key, so the CUDA tests can run against them:
 //     python csrc/cuda/testing/run_emulated.py [pytest args]
 // sn_emu::set_limits(optin_bytes, sms) shrinks the modelled device to force
-// the two-stage weight pipeline and several row tiles per block.
+// the two-stage weight pipeline and several row tiles per block;
+// sn_emu::set_partial_budget(bytes) forces the backward's layer chunks.
 #define SN_CPU_EMULATION 1
 #include <ATen/ATen.h>
 #include <ATen/native/CPUBlas.h>
@@ -82,6 +83,7 @@ thread_local unsigned char* emu_smem = nullptr;
 
 static int g_optin = 227 * 1024;
 static int g_sms = 132;
+static int64_t g_budget = stablenets::cuda_detail::narrow::kPartialBudget;
 static int64_t g_launches = 0, g_narrow = 0;
 
 namespace stablenets {
@@ -117,7 +119,7 @@ void blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, T alph
 
 namespace narrow {
 
-DeviceLimits device_limits() { return {g_optin, g_sms}; }
+DeviceLimits device_limits() { return {g_optin, g_sms, g_budget}; }
 
 template <typename T>
 void launch(KernelFn<T> kernel, int64_t grid, int threads, size_t smem, const Params<T>& p) {
@@ -187,5 +189,6 @@ TORCH_LIBRARY(sn_emu, m) {
     g_optin = static_cast<int>(optin);
     g_sms = static_cast<int>(sms);
   });
+  m.def("set_partial_budget(int bytes) -> ()", [](int64_t bytes) { g_budget = bytes; });
   m.def("counters() -> int[]", []() { return std::vector<int64_t>{g_launches, g_narrow}; });
 }

@@ -1,7 +1,9 @@
 // Activations and their derivatives, shared by the CPU and CUDA kernels.
 //
-// The derivative is always expressed through the pre-activation p, so a kernel
-// that stored p can evaluate both act(p) and act'(p) without the other.
+// Three ways to get act'(p): from p (act_grad), from a = act(p) (act_g_out /
+// act_grad_out: exact for every activation except silu, which is not one-to-one)
+// or from both (act_grad_pa). Kernels that keep act(P) for the backward keep P
+// instead for silu (kStoresPre) and go through stored_act / stored_grad.
 #pragma once
 
 #include <cmath>
@@ -15,7 +17,17 @@
 
 namespace stablenets {
 
-enum class Act : int32_t { Identity = 0, Tanh = 1, Relu = 2 };
+enum class Act : int32_t {
+  Identity = 0,
+  Tanh = 1,
+  Relu = 2,
+  Sigmoid = 3,
+  Softplus = 4,   // log(1 + e^p), beta 1 (torch's threshold 20 is within rounding)
+  LeakyRelu = 5,  // negative slope kLeakySlope, as torch's default
+  Silu = 6,       // p * sigmoid(p)
+};
+
+constexpr double kLeakySlope = 0.01;
 
 // Rational minimax approximation of tanh (odd 13/6 polynomial ratio, clamped),
 // accurate to a few float32 ulps. std::tanh does not vectorise in a C++
@@ -52,12 +64,38 @@ SN_HOST_DEVICE float act_tanh<float>(float x) {
 }
 
 template <typename T>
+SN_HOST_DEVICE T act_sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// log(1 + e^x) without overflow: max(x, 0) + log1p(e^-|x|).
+template <typename T>
+SN_HOST_DEVICE T act_softplus(T x) {
+  const T ax = x < T(0) ? -x : x;
+  return (x > T(0) ? x : T(0)) + std::log1p(std::exp(-ax));
+}
+
+template <typename T>
+SN_HOST_DEVICE T act_silu_grad(T x) {
+  const T s = act_sigmoid<T>(x);
+  return s * (T(1) + x * (T(1) - s));
+}
+
+template <typename T>
 SN_HOST_DEVICE T act_fwd(Act a, T p) {
   switch (a) {
     case Act::Tanh:
       return act_tanh<T>(p);
     case Act::Relu:
       return p > T(0) ? p : T(0);
+    case Act::Sigmoid:
+      return act_sigmoid<T>(p);
+    case Act::Softplus:
+      return act_softplus<T>(p);
+    case Act::LeakyRelu:
+      return p > T(0) ? p : T(kLeakySlope) * p;
+    case Act::Silu:
+      return p * act_sigmoid<T>(p);
     default:
       return p;
   }
@@ -73,6 +111,16 @@ SN_HOST_DEVICE T act_grad(Act a, T p) {
     }
     case Act::Relu:
       return p > T(0) ? T(1) : T(0);
+    case Act::Sigmoid: {
+      const T s = act_sigmoid<T>(p);
+      return s * (T(1) - s);
+    }
+    case Act::Softplus:
+      return act_sigmoid<T>(p);
+    case Act::LeakyRelu:
+      return p > T(0) ? T(1) : T(kLeakySlope);
+    case Act::Silu:
+      return act_silu_grad<T>(p);
     default:
       return T(1);
   }
@@ -85,34 +133,81 @@ SN_HOST_DEVICE T act_f(T p) {
     return act_tanh<T>(p);
   } else if constexpr (A == Act::Relu) {
     return p > T(0) ? p : T(0);
+  } else if constexpr (A == Act::Sigmoid) {
+    return act_sigmoid<T>(p);
+  } else if constexpr (A == Act::Softplus) {
+    return act_softplus<T>(p);
+  } else if constexpr (A == Act::LeakyRelu) {
+    return p > T(0) ? p : T(kLeakySlope) * p;
+  } else if constexpr (A == Act::Silu) {
+    return p * act_sigmoid<T>(p);
   } else {
     return p;
   }
 }
 
-// d act / d p expressed through the output a = act(p): exact for all three
-// activations (tanh: 1 - a^2; relu: a > 0; identity: 1), so kernels that keep
-// a need no second activation evaluation in the backward.
+// Activations whose derivative cannot be read off act(p): kernels keep p.
+template <Act A>
+constexpr bool kStoresPre = A == Act::Silu;
+
+// d act / d p expressed through the output a = act(p) (tanh: 1 - a^2; relu:
+// a > 0; sigmoid: a (1 - a); softplus: 1 - e^-a; leaky relu: a > 0 or slope;
+// identity: 1), so kernels that keep a need no second activation evaluation in
+// the backward. Not defined for silu (kStoresPre): use stored_grad.
 template <Act A, typename T>
 SN_HOST_DEVICE T act_g_out(T a) {
+  static_assert(!kStoresPre<A>, "act'(p) is not a function of act(p) for this activation");
   if constexpr (A == Act::Tanh) {
     return T(1) - a * a;
   } else if constexpr (A == Act::Relu) {
     return a > T(0) ? T(1) : T(0);
+  } else if constexpr (A == Act::Sigmoid) {
+    return a * (T(1) - a);
+  } else if constexpr (A == Act::Softplus) {
+    return -std::expm1(-a);
+  } else if constexpr (A == Act::LeakyRelu) {
+    return a > T(0) ? T(1) : T(kLeakySlope);
   } else {
     return T(1);
   }
 }
 
-// Runtime-Act form of act_g_out, for kernels that choose the activation per call
-// (the CUDA kernels): d act / d p from a = act(p), the same formula as act_grad.
+// What a kernel keeps of a pre-activation p for its backward: act(p), or p
+// itself for kStoresPre activations; stored_act / stored_grad read it back.
+template <Act A, typename T>
+SN_HOST_DEVICE T stored_act(T s) {
+  if constexpr (kStoresPre<A>) {
+    return act_f<A, T>(s);
+  } else {
+    return s;
+  }
+}
+template <Act A, typename T>
+SN_HOST_DEVICE T stored_grad(T s) {
+  if constexpr (A == Act::Silu) {
+    return act_silu_grad<T>(s);
+  } else {
+    return act_g_out<A, T>(s);
+  }
+}
+
+// Runtime-Act d act / d p for kernels that hold both p and a = act(p) (the CUDA
+// kernels choose the activation per call): from a where that is exact, else from p.
 template <typename T>
-SN_HOST_DEVICE T act_grad_out(Act act, T a) {
+SN_HOST_DEVICE T act_grad_pa(Act act, T p, T a) {
   switch (act) {
     case Act::Tanh:
       return T(1) - a * a;
     case Act::Relu:
       return a > T(0) ? T(1) : T(0);
+    case Act::Sigmoid:
+      return a * (T(1) - a);
+    case Act::Softplus:
+      return act_sigmoid<T>(p);
+    case Act::LeakyRelu:
+      return p > T(0) ? T(1) : T(kLeakySlope);
+    case Act::Silu:
+      return act_silu_grad<T>(p);
     default:
       return T(1);
   }
@@ -130,6 +225,22 @@ SN_HOST_DEVICE T act_grad_out(Act act, T a) {
       }                                                            \
       case ::stablenets::Act::Relu: {                              \
         constexpr ::stablenets::Act kAct = ::stablenets::Act::Relu; \
+        return __VA_ARGS__();                                      \
+      }                                                            \
+      case ::stablenets::Act::Sigmoid: {                           \
+        constexpr ::stablenets::Act kAct = ::stablenets::Act::Sigmoid; \
+        return __VA_ARGS__();                                      \
+      }                                                            \
+      case ::stablenets::Act::Softplus: {                          \
+        constexpr ::stablenets::Act kAct = ::stablenets::Act::Softplus; \
+        return __VA_ARGS__();                                      \
+      }                                                            \
+      case ::stablenets::Act::LeakyRelu: {                         \
+        constexpr ::stablenets::Act kAct = ::stablenets::Act::LeakyRelu; \
+        return __VA_ARGS__();                                      \
+      }                                                            \
+      case ::stablenets::Act::Silu: {                              \
+        constexpr ::stablenets::Act kAct = ::stablenets::Act::Silu; \
         return __VA_ARGS__();                                      \
       }                                                            \
       default: {                                                   \

@@ -16,7 +16,13 @@ inline Act parse_activation(c10::string_view name) {
   if (name == "tanh") return Act::Tanh;
   if (name == "relu") return Act::Relu;
   if (name == "identity") return Act::Identity;
-  TORCH_CHECK_VALUE(false, "activation: expected one of 'tanh', 'relu', 'identity', got '",
+  if (name == "sigmoid") return Act::Sigmoid;
+  if (name == "softplus") return Act::Softplus;
+  if (name == "leaky_relu") return Act::LeakyRelu;
+  if (name == "silu") return Act::Silu;
+  TORCH_CHECK_VALUE(false,
+                    "activation: expected one of 'tanh', 'relu', 'identity', 'sigmoid', "
+                    "'softplus', 'leaky_relu', 'silu', got '",
                     std::string(name.data(), name.size()), "'");
   return Act::Identity;
 }

@@ -12,6 +12,8 @@ namespace stablenets {
 using T2 = std::tuple<at::Tensor, at::Tensor>;
 using T3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using T4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// Reversible backwards: the four gradients, then the rebuilt forward inputs.
+using T6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 #define SN_DECLARE_KERNELS(ns)                                                                  \
   namespace ns {                                                                                \
@@ -32,7 +34,7 @@ using T4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   T4 leapfrog_backward(const at::Tensor& grad_y, const at::Tensor& grad_y_prev,                 \
                        const at::Tensor& states, const at::Tensor& weight,                      \
                        const at::Tensor& bias, double step, c10::string_view activation);       \
-  T4 leapfrog_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad_y_prev,      \
+  T6 leapfrog_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad_y_prev,      \
                                   const at::Tensor& y, const at::Tensor& y_prev,                \
                                   const at::Tensor& weight, const at::Tensor& bias,             \
                                   double step, c10::string_view activation);                    \
@@ -42,7 +44,7 @@ using T4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   T4 verlet_backward(const at::Tensor& grad_y, const at::Tensor& grad_z,                        \
                      const at::Tensor& states, const at::Tensor& weight, const at::Tensor& bias, \
                      double step, c10::string_view activation);                                 \
-  T4 verlet_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad_z,             \
+  T6 verlet_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad_z,             \
                                 const at::Tensor& y, const at::Tensor& z,                       \
                                 const at::Tensor& weight, const at::Tensor& bias, double step,  \
                                 c10::string_view activation);                                   \

@@ -1,0 +1,12 @@
+// The narrow kernels for double, padded width 32 (see narrow_host.h: one
+// translation unit per dtype and width, compiled in parallel).
+#define SN_NARROW_KERNELS_ONLY
+#include "narrow_host.h"
+
+namespace stablenets {
+namespace cuda_detail {
+namespace narrow {
+SN_NARROW_INSTANTIATE(double, 32)
+}  // namespace narrow
+}  // namespace cuda_detail
+}  // namespace stablenets
