@@ -346,3 +346,15 @@ def test_batch_norm_trains_and_saves(arch, tmp_path):
     with torch.no_grad():
         assert torch.equal(m(x), m2(x))
         assert torch.allclose(m.head(m.trajectory(x)[-1]), m(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["leapfrog", "verlet"])
+def test_reversible_backward_returns_the_rebuilt_inputs(arch, device):
+    y, w, b = make(2, 3, 5, 6, 16, 3, torch.float64, device)
+    state = state_for(arch, y)
+    a, c, _ = getattr(OPS, f"conv_{arch}_forward")(y, state, w, b, 0.1, "silu", False)
+    g = torch.randn_like(y)
+    out = getattr(OPS, f"conv_{arch}_backward_reversible")(g, g, a, c, w, b, 0.1, "silu")
+    assert len(out) == 6
+    assert rel(out[4], y) < 1e-10 and rel(out[5], state) < 1e-10

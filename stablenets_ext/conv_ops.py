@@ -161,7 +161,7 @@ if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
             _check_like(grad_other, f"grad_{other_name}", grad_y)
             _check_like(y, "y", grad_y)
             _check_like(other, other_name, grad_y)
-            return _grads(grad_y, weight, bias, 2)
+            return _grads(grad_y, weight, bias, 2) + (y.new_empty(y.shape), y.new_empty(y.shape))
 
         return fake
 
@@ -288,7 +288,8 @@ if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
                 out = stored_op(grad_a, grad_b, states, weight, bias, ctx.step, ctx.activation)
             else:
                 ya, yb, weight, bias = saved
-                out = reversible_op(grad_a, grad_b, ya, yb, weight, bias, ctx.step, ctx.activation)
+                # the last two results are the rebuilt inputs (unused here, as in ops.py)
+                out = reversible_op(grad_a, grad_b, ya, yb, weight, bias, ctx.step, ctx.activation)[:4]
             return (*out, None, None, None)
 
         return backward

@@ -47,6 +47,7 @@ namespace stablenets {
 namespace conv_detail {
 
 using at::Tensor;
+using T6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // ------------------------------------------------------------------ checks
 
@@ -416,8 +417,9 @@ struct ConvStack {
     return {nchw(out), slot(states, N - 1, 0).clone(at::MemoryFormat::Contiguous), states};
   }
 
-  // states defined: stored mode; else (y_hi, y_lo) = (Y_N, Y_{N-1}) seed the rebuild.
-  static T4 leapfrog_backward_impl(const Tensor& ga, const Tensor& gc, const Tensor& states,
+  // states defined: stored mode; else (y_hi, y_lo) = (Y_N, Y_{N-1}) seed the rebuild,
+  // and the last two results are the rebuilt inputs (Y_0, Y_{-1}).
+  static T6 leapfrog_backward_impl(const Tensor& ga, const Tensor& gc, const Tensor& states,
                                    const Tensor& y_hi, const Tensor& y_lo, const Tensor& K,
                                    const Tensor& b, double h, Act act) {
     const int64_t N = K.size(0);
@@ -426,7 +428,7 @@ struct ConvStack {
     if (ga.numel() == 0)
       return {at::zeros_like(ga, at::MemoryFormat::Contiguous),
               at::zeros_like(ga, at::MemoryFormat::Contiguous), at::zeros_like(K),
-              at::zeros({N, K.size(1)}, K.options())};
+              at::zeros({N, K.size(1)}, K.options()), nchw(y_hi).clone(), nchw(y_lo).clone()};
     Tensor gW = at::empty_like(K), gb = at::empty({N, K.size(1)}, K.options());
     Tensor a = ga.clone(), c = gc.clone();
     Tensor A = at::empty_like(ga), D = at::empty_like(ga);
@@ -453,12 +455,13 @@ struct ConvStack {
       gb[j].copy_(gbj);
       E::leapfrog_adjoint(c, a, gY);
       std::swap(a, c);
-      if (rev && j > 0) {
+      if (rev) {
         E::leapfrog_step(Y, Yn, conv(A, Kj, true), h2, Yn);  // Y_{j-1}
         std::swap(Y, Yn);
       }
     }
-    return {nchw(a), nchw(c), gW, gb};
+    if (rev) return {nchw(a), nchw(c), gW, gb, nchw(Yn), nchw(Y)};  // (Y_0, Y_{-1})
+    return {nchw(a), nchw(c), gW, gb, Tensor(), Tensor()};
   }
 
   static T4 leapfrog_backward(const Tensor& grad_y, const Tensor& grad_y_prev,
@@ -469,12 +472,13 @@ struct ConvStack {
     check_conv_states(states, 2, grad_y, weight);
     check_step(step);
     const Act act = parse_activation(activation);
-    return leapfrog_backward_impl(internal(grad_y), internal(grad_y_prev),
-                                  states.contiguous(), Tensor(), Tensor(), weight.contiguous(),
-                                  bias.contiguous(), step, act);
+    auto r = leapfrog_backward_impl(internal(grad_y), internal(grad_y_prev), states.contiguous(),
+                                    Tensor(), Tensor(), weight.contiguous(), bias.contiguous(),
+                                    step, act);
+    return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
   }
 
-  static T4 leapfrog_backward_reversible(const Tensor& grad_y, const Tensor& grad_y_prev,
+  static T6 leapfrog_backward_reversible(const Tensor& grad_y, const Tensor& grad_y_prev,
                                          const Tensor& y, const Tensor& y_prev,
                                          const Tensor& weight, const Tensor& bias, double step,
                                          c10::string_view activation) {
@@ -525,8 +529,9 @@ struct ConvStack {
     return {nchw(out), slot(states, N - 1, 2).clone(at::MemoryFormat::Contiguous), states};
   }
 
-  // states defined: stored mode; else (y_end, z_end) = (Y_N, Z_{N-1/2}) seed the rebuild.
-  static T4 verlet_backward_impl(const Tensor& gy_in, const Tensor& gz_in, const Tensor& states,
+  // states defined: stored mode; else (y_end, z_end) = (Y_N, Z_{N-1/2}) seed the rebuild,
+  // and the last two results are the rebuilt inputs (Y_0, Z_{-1/2}).
+  static T6 verlet_backward_impl(const Tensor& gy_in, const Tensor& gz_in, const Tensor& states,
                                  const Tensor& y_end, const Tensor& z_end, const Tensor& K,
                                  const Tensor& b, double h, Act act) {
     const int64_t N = K.size(0);
@@ -534,7 +539,7 @@ struct ConvStack {
     if (gy_in.numel() == 0)
       return {at::zeros_like(gy_in, at::MemoryFormat::Contiguous),
               at::zeros_like(gy_in, at::MemoryFormat::Contiguous), at::zeros_like(K),
-              at::zeros({N, K.size(1)}, K.options())};
+              at::zeros({N, K.size(1)}, K.options()), nchw(y_end).clone(), nchw(z_end).clone()};
     Tensor gW = at::empty_like(K), gb = at::empty({N, K.size(1)}, K.options());
     Tensor gy = gy_in.clone(), gz = gz_in.clone(), G = at::empty_like(gy_in), gi;
     Tensor Y, Z, Zn, P1, P2;
@@ -567,7 +572,8 @@ struct ConvStack {
       if (rev) std::swap(Z, Zn);
     }
     gy.add_(gi);
-    return {nchw(gy), nchw(gz), gW, gb};
+    if (rev) return {nchw(gy), nchw(gz), gW, gb, nchw(Y), nchw(Z)};  // (Y_0, Z_{-1/2})
+    return {nchw(gy), nchw(gz), gW, gb, Tensor(), Tensor()};
   }
 
   static T4 verlet_backward(const Tensor& grad_y, const Tensor& grad_z, const Tensor& states,
@@ -578,12 +584,12 @@ struct ConvStack {
     check_conv_states(states, 4, grad_y, weight);
     check_step(step);
     const Act act = parse_activation(activation);
-    return verlet_backward_impl(internal(grad_y), internal(grad_z), states.contiguous(),
-                                Tensor(), Tensor(), weight.contiguous(), bias.contiguous(), step,
-                                act);
+    auto r = verlet_backward_impl(internal(grad_y), internal(grad_z), states.contiguous(), Tensor(),
+                                  Tensor(), weight.contiguous(), bias.contiguous(), step, act);
+    return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
   }
 
-  static T4 verlet_backward_reversible(const Tensor& grad_y, const Tensor& grad_z,
+  static T6 verlet_backward_reversible(const Tensor& grad_y, const Tensor& grad_z,
                                        const Tensor& y, const Tensor& z, const Tensor& weight,
                                        const Tensor& bias, double step,
                                        c10::string_view activation) {
