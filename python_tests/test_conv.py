@@ -358,3 +358,13 @@ def test_reversible_backward_returns_the_rebuilt_inputs(arch, device):
     out = getattr(OPS, f"conv_{arch}_backward_reversible")(g, g, a, c, w, b, 0.1, "silu")
     assert len(out) == 6
     assert rel(out[4], y) < 1e-10 and rel(out[5], state) < 1e-10
+
+
+def test_compiles_fullgraph_and_reports_its_kernel():
+    m = conv.ConvVerletStack(3, 3, 0.1, reversible=True).double()
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    out = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    assert torch.allclose(out, m(x), atol=1e-12)
+    assert conv.kernel_used("auto", "cpu") == "fused"
+    assert conv.kernel_used("auto", "cpu", batch_norm=True) == "reference"
+    assert conv.kernel_used("reference", "cpu") == "reference"

@@ -266,6 +266,15 @@ def _use_fused(arch, impl, device, activation, norm, reversible, tensors) -> boo
     return False
 
 
+def kernel_used(impl="auto", device="cpu", *, activation="tanh", batch_norm=False) -> str:
+    """``"fused"`` or ``"reference"``: what a conv stack with these settings runs on
+    ``device`` (for reports such as the CLI's)."""
+    if (impl == "reference" or batch_norm or not isinstance(activation, str)
+            or not _cops.has_kernel(device)):
+        return "reference"
+    return "fused"
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
