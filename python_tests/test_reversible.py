@@ -70,7 +70,9 @@ def _saved_bytes(arch, N, d=16, B=64, reversible=True):
 def test_saved_bytes_do_not_grow_with_depth(arch):
     shallow, deep = _saved_bytes(arch, 8), _saved_bytes(arch, 512)
     assert shallow == deep
-    assert shallow <= 2 * 64 * 16 * 4 + 64 * 16 * 4  # the two final states (+ an output view)
+    # the two final states, the two initial ones (kept to check the rebuilt pair against)
+    # (+ an output view)
+    assert shallow <= 4 * 64 * 16 * 4 + 64 * 16 * 4
     assert _saved_bytes(arch, 512, reversible=False) > 100 * deep
 
 

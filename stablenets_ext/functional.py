@@ -3,6 +3,17 @@
 ``impl`` is ``"auto"`` (fused where a kernel was compiled for the device, else
 the plain-PyTorch reference with one warning), ``"fused"`` (error if no kernel)
 or ``"reference"``.
+
+The fused ops serve first-order reverse-mode autograd (and, through their
+backward, double backward). Whatever else can reach them would get wrong
+answers, so these run on the reference, whatever ``impl`` says, with one
+warning per cause:
+
+- ``torch.func`` transforms (``grad``, ``jacrev``, ``jacfwd``, ``hessian``,
+  ``vmap``, ``jvp``) and forward-mode AD (``torch.autograd.forward_ad`` dual
+  tensors);
+- an activation given as a Python callable (``nn.ReLU()``, ``torch.sin``)
+  instead of one of the names in ``reference.ACTIVATIONS``.
 """
 
 from __future__ import annotations
@@ -17,9 +28,16 @@ from . import reference
 
 IMPLS = ("auto", "fused", "reference")
 _warned_devices: set[str] = set()
+_warned_reasons: set[str] = set()
 
 
 # ------------------------------------------------------------------ checks
+#
+# Plain ifs, which torch.compile (dynamic=True too) traces into guards and
+# torch.export into guards or asserts. No math.isfinite: it cannot take the
+# SymFloat a dynamic step becomes.
+
+_NUMBER = (int, float, torch.SymInt, torch.SymFloat)
 
 
 def _check_tensor(t, name):
@@ -27,6 +45,14 @@ def _check_tensor(t, name):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{name}: expected a float32 or float64 tensor, got {t.dtype}")
+
+
+def _check_scalar(value, name, *, allow_zero=False):
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, _NUMBER):
+        raise TypeError(f"{name}: expected a Python number, got {type(value).__name__}")
+    if not ((value >= 0 if allow_zero else value > 0) and value < math.inf):  # NaN fails too
+        what = "a finite number >= 0" if allow_zero else "a finite positive number"
+        raise ValueError(f"{name}: expected {what}, got {value}")
 
 
 def check_args(y, weight, bias, step, activation, *, gamma=None, state=None, state_name=None):
@@ -68,16 +94,41 @@ def check_args(y, weight, bias, step, activation, *, gamma=None, state=None, sta
                 f"{state_name}: expected dtype {y.dtype} on {y.device}, "
                 f"got {state.dtype} on {state.device}"
             )
-    if isinstance(step, torch.Tensor) or not isinstance(step, (int, float)) or isinstance(step, bool):
-        raise TypeError(f"step: expected a Python number, got {type(step).__name__}")
-    if not math.isfinite(step) or step <= 0:
-        raise ValueError(f"step: expected a finite positive number, got {step}")
+    _check_scalar(step, "step")
     if gamma is not None:
-        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool):
-            raise TypeError(f"gamma: expected a Python number, got {type(gamma).__name__}")
-        if not math.isfinite(gamma) or gamma < 0:
-            raise ValueError(f"gamma: expected a finite number >= 0, got {gamma}")
+        _check_scalar(gamma, "gamma", allow_zero=True)
     reference.activation_fn(activation)
+
+
+def _warn_once(key, message, category=UserWarning):
+    # warnings.warn cannot be traced by torch.compile; eager runs warn for it.
+    if key in _warned_reasons or torch.compiler.is_compiling():
+        return
+    _warned_reasons.add(key)
+    warnings.warn(message, category, stacklevel=4)
+
+
+def _reference_reason(activation, tensors):
+    """Why the fused ops cannot serve this call, or None when they can."""
+    if not isinstance(activation, str):
+        return "callable"
+    if _ops.transform_active(tensors):
+        return "transform"
+    return None
+
+
+_REASONS = {
+    "transform": (
+        "stablenets_ext: a torch.func transform (grad, jacrev, jacfwd, hessian, vmap, jvp) or "
+        "forward-mode AD is active; the fused kernels serve reverse-mode autograd only, so the "
+        "plain-PyTorch reference implementation runs instead (same results, slower)"
+    ),
+    "callable": (
+        "stablenets_ext: activation is a Python callable; the fused kernels take only the names "
+        f"{sorted(reference.ACTIVATIONS)}, so the plain-PyTorch reference implementation runs "
+        "instead (slower)"
+    ),
+}
 
 
 def use_fused(impl: str, device: torch.device) -> bool:
@@ -105,6 +156,19 @@ def use_fused(impl: str, device: torch.device) -> bool:
     return False
 
 
+def _fused(impl, activation, y, *tensors) -> bool:
+    """Whether this call runs the fused op (checks ``impl`` first, as before)."""
+    if impl == "reference":
+        return False
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    reason = _reference_reason(activation, (y, *tensors))
+    if reason is not None:
+        _warn_once(reason, _REASONS[reason])
+        return False
+    return use_fused(impl, y.device)
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -115,7 +179,7 @@ def _needs_grad(*tensors) -> bool:
 def resnet(y, weight, bias, step=0.1, activation="tanh", *, impl="auto"):
     """Forward-Euler ResNet stack: ``Y <- Y + h act(Y K_j^T + b_j)``."""
     check_args(y, weight, bias, step, activation)
-    if not use_fused(impl, y.device):
+    if not _fused(impl, activation, y, weight, bias):
         return reference.resnet(y, weight, bias, step, activation)
     store = _needs_grad(y, weight, bias)
     return _ops.ops.resnet_forward(y, weight, bias, float(step), activation, store)[0]
@@ -124,7 +188,7 @@ def resnet(y, weight, bias, step=0.1, activation="tanh", *, impl="auto"):
 def antisymmetric(y, weight, bias, step=0.1, activation="tanh", *, gamma=0.01, impl="auto"):
     """Antisymmetric stack: ResNet with ``A_j = (K_j - K_j^T - gamma I) / 2``."""
     check_args(y, weight, bias, step, activation, gamma=gamma)
-    if not use_fused(impl, y.device):
+    if not _fused(impl, activation, y, weight, bias):
         return reference.antisymmetric(y, weight, bias, step, activation, gamma)
     store = _needs_grad(y, weight, bias)
     out = _ops.ops.antisymmetric_forward(y, weight, bias, float(step), float(gamma), activation, store)
@@ -141,7 +205,7 @@ def leapfrog(
     ``reversible=True`` the backward rebuilds the states from the last two
     instead of storing all of them (memory independent of depth)."""
     check_args(y, weight, bias, step, activation, state=y_prev, state_name="y_prev")
-    if not use_fused(impl, y.device):
+    if not _fused(impl, activation, y, weight, bias, y_prev):
         out = reference.leapfrog(y, weight, bias, step, activation, y_prev, return_state=True)
     else:
         prev = y if y_prev is None else y_prev
@@ -160,7 +224,7 @@ def verlet(
     Returns ``Y_N``, or ``(Y_N, Z_{N-1/2})`` with ``return_state=True``.
     ``reversible=True`` as for :func:`leapfrog`."""
     check_args(y, weight, bias, step, activation, state=z, state_name="z")
-    if not use_fused(impl, y.device):
+    if not _fused(impl, activation, y, weight, bias, z):
         out = reference.verlet(y, weight, bias, step, activation, z, return_state=True)
     else:
         z0 = torch.zeros_like(y) if z is None else z

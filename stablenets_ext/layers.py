@@ -23,7 +23,7 @@ class _Stack(nn.Module):
             raise ValueError(f"layers: expected a positive int, got {layers!r}")
         if not isinstance(step, (int, float)) or isinstance(step, bool) or not math.isfinite(step) or step <= 0:
             raise ValueError(f"step: expected a finite positive number, got {step!r}")
-        reference.activation_fn(activation)
+        reference.activation_fn(activation)  # a name, or a callable (reference path only)
         if impl not in SF.IMPLS:
             raise ValueError(f"impl: expected one of {SF.IMPLS}, got {impl!r}")
         self.features, self.layers = features, layers
@@ -41,8 +41,11 @@ class _Stack(nn.Module):
             self.bias.uniform_(-bound, bound)
 
     def extra_repr(self):
+        act = repr(self.activation)
+        if not isinstance(self.activation, (str, nn.Module)):  # a function: its name, unquoted
+            act = getattr(self.activation, "__name__", act)
         return (f"features={self.features}, layers={self.layers}, step={self.step}, "
-                f"activation={self.activation!r}, impl={self.impl!r}")
+                f"activation={act}, impl={self.impl!r}")
 
 
 class ResNetStack(_Stack):

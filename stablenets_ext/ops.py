@@ -2,14 +2,37 @@
 
 Loading ``stablenets_ext._C`` registers the schemas and the CPU (and, where
 built, CUDA) kernels with the dispatcher. This module adds what the
-dispatcher needs from Python: a fake kernel per op (shapes only, for
-``torch.compile`` and ``opcheck``) and autograd formulas whose backward calls
-the matching backward op.
+dispatcher needs from Python: a fake kernel per op (shapes, checked as the
+real kernels check them, for ``torch.compile``, ``opcheck`` and meta tensors)
+and autograd formulas whose backward calls the matching backward op.
+
+The backward ops are not themselves differentiable. When a backward runs
+with ``create_graph=True`` (double backward: gradient penalties,
+Hessian-vector products) it recomputes through :mod:`.reference` instead, so
+higher derivatives are exact rather than silently zero. Forward-mode AD and
+``torch.func`` transforms are routed to the reference one level up, in
+:mod:`.functional`, which sees the transform before any op runs.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
+from torch.autograd import forward_ad as _fwad
+
+from . import reference
+
+try:  # what torch.library.register_autograd builds, so that a check can run first
+    from torch._library.autograd import Info as _AutogradInfo
+    from torch._library.autograd import make_autograd_impl as _make_autograd_impl
+except ImportError:  # pragma: no cover - a torch that moved them: plain register_autograd
+    _make_autograd_impl = None
+try:
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode as _get_proxy_mode
+except ImportError:  # pragma: no cover
+    _get_proxy_mode = None
 
 from . import _cpu_isa
 
@@ -52,8 +75,243 @@ def compiled_devices() -> list[str]:
     return [dev for dev in ("cpu", "cuda") if has_kernel(dev)]
 
 
+# -------------------------------------------------------------------- checks
+#
+# The Python twins of csrc/include/stablenets/checks.h, same conditions and
+# messages, raising ValueError as TORCH_CHECK_VALUE does, and written to trace:
+# torch.compile (dynamic=True too) and torch.export see no math.isfinite and no
+# data-dependent branch.
+
+
+def require(cond, msg) -> None:
+    """Raise ``ValueError(msg())`` unless ``cond``.
+
+    A symbolic condition (fake kernels under torch.compile, torch.export) becomes
+    a runtime assert through ``torch._check_value`` instead of a guard. Dynamo
+    sees symbolic values as plain numbers and takes the plain branch, where it
+    guards; it could not take the other, since it only accepts ``torch._check``
+    messages whose closures hold constants."""
+    if isinstance(cond, torch.SymBool):
+        torch._check_value(cond, msg)
+    elif not cond:
+        raise ValueError(msg())
+
+
+def check_number(value, name: str, *, allow_zero: bool = False) -> None:
+    """``value`` finite and ``> 0`` (``>= 0`` with ``allow_zero``); NaN fails both."""
+    what = "a finite number >= 0" if allow_zero else "a finite positive number"
+
+    def msg():
+        return f"{name}: expected {what}, got {value}"
+
+    # No math.isfinite: it cannot take the SymFloat torch.compile(dynamic=True) passes.
+    require(value >= 0 if allow_zero else value > 0, msg)
+    require(value < math.inf, msg)
+
+
+def check_activation(activation) -> None:
+    require(
+        isinstance(activation, str) and activation in reference.ACTIVATIONS,
+        lambda: "activation: expected one of "
+        + ", ".join(f"'{a}'" for a in reference.ACTIVATIONS) + f", got '{activation}'",
+    )
+
+
+def _check_float_tensor(t, name):
+    require(
+        t.dtype in (torch.float32, torch.float64),
+        lambda: f"{name}: expected a float32 or float64 tensor, got {t.dtype}",
+    )
+
+
+def _check_stack(y, weight, bias):
+    _check_float_tensor(y, "y")
+    _check_float_tensor(weight, "weight")
+    _check_float_tensor(bias, "bias")
+    require(
+        y.dim() == 2, lambda: f"y: expected a 2-D tensor (batch, features), got shape {list(y.shape)}"
+    )
+    require(
+        weight.dim() == 3,
+        lambda: f"weight: expected shape (layers, features, features), got {list(weight.shape)}",
+    )
+    require(
+        weight.shape[1] == weight.shape[2],
+        lambda: f"weight: expected shape (layers, features, features), got {list(weight.shape)}",
+    )
+    require(
+        weight.shape[0] > 0, lambda: f"weight: expected at least one layer, got shape {list(weight.shape)}"
+    )
+    require(
+        weight.shape[1] == y.shape[1],
+        lambda: f"weight: expected features = {y.shape[1]} (from y of shape {list(y.shape)}), "
+        f"got shape {list(weight.shape)}",
+    )
+    bias_msg = (lambda: f"bias: expected shape ({weight.shape[0]}, {weight.shape[1]}) = "
+                f"(layers, features), got {list(bias.shape)}")
+    require(bias.dim() == 2, bias_msg)
+    require(bias.shape[0] == weight.shape[0], bias_msg)
+    require(bias.shape[1] == weight.shape[1], bias_msg)
+    require(
+        weight.dtype == y.dtype and bias.dtype == y.dtype,
+        lambda: f"weight, bias: expected the dtype of y ({y.dtype}), got {weight.dtype} and {bias.dtype}",
+    )
+    require(
+        weight.device == y.device and bias.device == y.device,
+        lambda: f"weight, bias: expected the device of y ({y.device}), got {weight.device} and "
+        f"{bias.device}",
+    )
+
+
+def _check_like(t, name, y):
+    _check_float_tensor(t, name)
+    require(t.dim() == y.dim(),
+                       lambda: f"{name}: expected shape {list(y.shape)}, got {list(t.shape)}")
+    for a, b in zip(t.shape, y.shape):
+        require(a == b, lambda: f"{name}: expected shape {list(y.shape)}, got {list(t.shape)}")
+    require(t.dtype == y.dtype, lambda: f"{name}: expected dtype {y.dtype}, got {t.dtype}")
+    require(t.device == y.device, lambda: f"{name}: expected device {y.device}, got {t.device}")
+
+
+def _check_states(states, slots, grad, weight):
+    def msg():
+        return (f"states: expected shape (layers, {slots}, {grad.shape[0]}, {grad.shape[1]}), "
+                f"got {list(states.shape)}")
+
+    require(states.dim() == 4, msg)
+    require(states.shape[1] == slots, msg)
+    require(states.shape[2] == grad.shape[0], msg)
+    require(states.shape[3] == grad.shape[1], msg)
+    require(
+        states.shape[0] == weight.shape[0],
+        lambda: "states: holds no stored states (the forward ran with store=False) or does not match "
+        f"weight; expected {weight.shape[0]} layers, got {states.shape[0]}",
+    )
+    require(states.dtype == grad.dtype and states.device == grad.device,
+            lambda: "states: expected dtype and device of the gradient")
+
+
+# ------------------------------------------------------------ reversibility
+
+# Relative error of the rebuilt initial state above which the reversible
+# backward is judged to have lost reversibility: sqrt(eps), half the digits.
+# A stable stack rebuilds to about eps * depth; measured on leapfrog (float32,
+# d = 8-64, 96 rows) the gradients' relative error is about ten times the
+# rebuilt state's (3e-5 at N = 256, h = 0.05; 1e-3 -> 1e-2 at N = 1024,
+# h = 0.1; O(1) -> 3-10 at N = 256, h = 0.5).
+REBUILD_TOLERANCE = {dt: torch.finfo(dt).eps ** 0.5 for dt in (torch.float32, torch.float64)}
+
+
+def rebuild_error(rebuilt, seen) -> float:
+    """``|| rebuilt - seen || / || seen ||`` over a pair of states (inf if not finite)."""
+    num = sum((r - s).double().square().sum() for r, s in zip(rebuilt, seen))
+    den = sum(s.double().square().sum() for s in seen)
+    err = (num / den.clamp_min(torch.finfo(torch.float64).tiny)).sqrt().item()
+    return err if math.isfinite(err) else math.inf
+
+
+def _tracing_or_capturing(t) -> bool:
+    """Whether this backward is being traced (torch.compile, AOTAutograd as opcheck and
+    export drive it, make_fx) or captured into a CUDA graph: then no number may be read
+    back from the device."""
+    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode((t,)) is not None:
+        return True
+    if _get_proxy_mode is not None and _get_proxy_mode() is not None:
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _warn_if_not_reversible(arch, rebuilt, seen):
+    tol = REBUILD_TOLERANCE[seen[0].dtype]
+    err = rebuild_error(rebuilt, seen)
+    if err > tol:
+        warnings.warn(
+            f"stablenets {arch} reversible backward: the initial state rebuilt by running the stack "
+            f"in reverse is off by a relative error of {err:.1e} (> {tol:.1e}), so reversibility was "
+            "lost (step too large, weights unstable, or too deep for the dtype) and the gradients "
+            "are inaccurate. Use reversible=False to differentiate with stored states.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def transform_active(tensors) -> bool:
+    """Whether a torch.func transform or forward-mode AD (a dual tensor) is in play,
+    which the fused ops do not serve."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return _fwad._current_level >= 0 and any(
+        isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None for t in tensors
+    )
+
+
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
+def legacy_vmap_active(tensors) -> bool:
+    """Whether ``tensors`` are batched by ``torch._vmap_internals._vmap``, which gradcheck's
+    batched-gradient check and ``autograd.grad(is_grads_batched=True)`` use and which
+    sets no functorch level. Not for code torch.compile traces."""
+    return any(isinstance(t, torch.Tensor) and _is_legacy_batched(t) for t in tensors)
+
+
 if _C is not None:
     ops = torch.ops.stablenets
+    _LIB = torch.library.Library("stablenets", "FRAGMENT")  # noqa: TOR901
+
+    def _register_autograd(qualname, backward, setup_context):
+        """torch.library.register_autograd, plus a refusal under torch.func transforms and
+        forward-mode AD: the generated autograd.Function would silently drop tangents
+        (jacfwd of a raw op is all zeros) or fail naming neither the op nor a way out."""
+        if _make_autograd_impl is None:  # pragma: no cover
+            torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+            return
+        name = qualname.split("::")[1]
+        op = getattr(ops, name).default
+        impl = _make_autograd_impl(op, _AutogradInfo(backward, setup_context))
+
+        def kernel(keyset, *args, **kwargs):
+            if transform_active(args):
+                raise RuntimeError(
+                    f"{qualname}: the fused ops support reverse-mode autograd only, not torch.func "
+                    "transforms (grad, jacrev, jacfwd, hessian, vmap, jvp) or forward-mode AD. Call "
+                    "the stack through stablenets_ext.functional or the modules, which run the "
+                    "reference implementation under these, or use stablenets_ext.reference."
+                )
+            return impl(keyset, *args, **kwargs)
+
+        _LIB.impl(name, kernel, "Autograd", with_keyset=True)
+
+    def _register_not_differentiable(name):
+        """The backward ops have no derivative of their own (a backward run with
+        create_graph=True recomputes through the reference instead): refuse, naming
+        the op, rather than return results that are silently constant."""
+        op = getattr(ops, name).default
+
+        def kernel(keyset, *args, **kwargs):
+            if transform_active(args) or legacy_vmap_active(args) or (
+                torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
+            ):
+                raise RuntimeError(
+                    f"stablenets::{name} is not differentiable (and serves no torch.func transform "
+                    "or forward-mode AD). Differentiate the forward op instead: its backward "
+                    "supports create_graph=True; or use stablenets_ext.reference."
+                )
+            with torch._C._AutoDispatchBelowAutograd():
+                return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
+
+        _LIB.impl(name, kernel, "Autograd", with_keyset=True)
+
+    for _name in ("resnet_backward", "antisymmetric_backward", "leapfrog_backward",
+                  "leapfrog_backward_reversible", "verlet_backward", "verlet_backward_reversible"):
+        _register_not_differentiable(_name)
+
+    # Whether the reversible backward ops also return the rebuilt initial state
+    # (the 6-output schemas); older builds return the four gradients only.
+    REBUILDS = {
+        arch: len(getattr(ops, f"{arch}_backward_reversible").default._schema.returns) == 6
+        for arch in ("leapfrog", "verlet")
+    }
 
     # ---------------------------------------------------------------- fakes
 
@@ -67,43 +325,78 @@ if _C is not None:
 
     @torch.library.register_fake("stablenets::resnet_forward")
     def _(y, weight, bias, step, activation, store):
+        _check_stack(y, weight, bias)
+        check_number(step, "step")
+        check_activation(activation)
         return y.new_empty(y.shape), _states(y, weight, store, "resnet")
 
     @torch.library.register_fake("stablenets::resnet_backward")
     def _(grad_out, states, weight, bias, step, activation):
+        _check_stack(grad_out, weight, bias)
+        _check_states(states, 2, grad_out, weight)
+        check_number(step, "step")
+        check_activation(activation)
         return _grads(grad_out, weight, bias, 1)
 
     @torch.library.register_fake("stablenets::antisymmetric_forward")
     def _(y, weight, bias, step, gamma, activation, store):
+        _check_stack(y, weight, bias)
+        check_number(step, "step")
+        check_number(gamma, "gamma", allow_zero=True)
+        check_activation(activation)
         return y.new_empty(y.shape), _states(y, weight, store, "antisymmetric")
 
     @torch.library.register_fake("stablenets::antisymmetric_backward")
     def _(grad_out, states, weight, bias, step, gamma, activation):
+        _check_stack(grad_out, weight, bias)
+        _check_states(states, 2, grad_out, weight)
+        check_number(step, "step")
+        check_number(gamma, "gamma", allow_zero=True)
+        check_activation(activation)
         return _grads(grad_out, weight, bias, 1)
 
-    @torch.library.register_fake("stablenets::leapfrog_forward")
-    def _(y, y_prev, weight, bias, step, activation, store):
-        return y.new_empty(y.shape), y.new_empty(y.shape), _states(y, weight, store, "leapfrog")
+    def _fake_two_forward(arch, other_name):
+        def fake(y, other, weight, bias, step, activation, store):
+            _check_stack(y, weight, bias)
+            _check_like(other, other_name, y)
+            check_number(step, "step")
+            check_activation(activation)
+            return y.new_empty(y.shape), y.new_empty(y.shape), _states(y, weight, store, arch)
 
-    @torch.library.register_fake("stablenets::leapfrog_backward")
-    def _(grad_y, grad_y_prev, states, weight, bias, step, activation):
-        return _grads(grad_y, weight, bias, 2)
+        return fake
 
-    @torch.library.register_fake("stablenets::leapfrog_backward_reversible")
-    def _(grad_y, grad_y_prev, y, y_prev, weight, bias, step, activation):
-        return _grads(grad_y, weight, bias, 2) + (y.new_empty(y.shape), y.new_empty(y.shape))
+    def _fake_two_backward(arch, other_name):
+        def fake(grad_a, grad_b, states, weight, bias, step, activation):
+            _check_stack(grad_a, weight, bias)
+            _check_like(grad_b, f"grad_{other_name}", grad_a)
+            _check_states(states, STATE_SLOTS[arch], grad_a, weight)
+            check_number(step, "step")
+            check_activation(activation)
+            return _grads(grad_a, weight, bias, 2)
 
-    @torch.library.register_fake("stablenets::verlet_forward")
-    def _(y, z, weight, bias, step, activation, store):
-        return y.new_empty(y.shape), y.new_empty(y.shape), _states(y, weight, store, "verlet")
+        return fake
 
-    @torch.library.register_fake("stablenets::verlet_backward")
-    def _(grad_y, grad_z, states, weight, bias, step, activation):
-        return _grads(grad_y, weight, bias, 2)
+    def _fake_two_reversible(arch, other_name):
+        def fake(grad_a, grad_b, a, b, weight, bias, step, activation):
+            _check_stack(grad_a, weight, bias)
+            _check_like(grad_b, f"grad_{other_name}", grad_a)
+            _check_like(a, "y", grad_a)
+            _check_like(b, other_name, grad_a)
+            check_number(step, "step")
+            check_activation(activation)
+            grads = _grads(grad_a, weight, bias, 2)
+            if REBUILDS[arch]:
+                return (*grads, a.new_empty(a.shape), a.new_empty(a.shape))
+            return grads
 
-    @torch.library.register_fake("stablenets::verlet_backward_reversible")
-    def _(grad_y, grad_z, y, z, weight, bias, step, activation):
-        return _grads(grad_y, weight, bias, 2) + (y.new_empty(y.shape), y.new_empty(y.shape))
+        return fake
+
+    for _arch, _other in (("leapfrog", "y_prev"), ("verlet", "z")):
+        torch.library.register_fake(f"stablenets::{_arch}_forward")(_fake_two_forward(_arch, _other))
+        torch.library.register_fake(f"stablenets::{_arch}_backward")(_fake_two_backward(_arch, _other))
+        torch.library.register_fake(f"stablenets::{_arch}_backward_reversible")(
+            _fake_two_reversible(_arch, _other)
+        )
 
     # ------------------------------------------------------------- autograd
 
@@ -116,70 +409,118 @@ if _C is not None:
             "backward; call it with store=True when gradients are needed"
         )
 
+    def _differentiable_backward_wanted(grads) -> bool:
+        """create_graph=True (double backward), or a transform over the backward itself
+        (vmap of it: batched gradients, ``autograd.grad(is_grads_batched=True)``,
+        ``autograd.functional.jacobian(vectorize=True)``): the backward ops serve
+        neither, the reference's autograd serves both."""
+        return torch.is_grad_enabled() or transform_active(grads) or legacy_vmap_active(grads)
+
+    def _reference_fn(arch, ctx):
+        """The op's forward as a function of its tensor inputs, in plain PyTorch."""
+        step = ctx.step
+        if arch == "resnet":
+            (act,) = ctx.rest
+            return lambda y, w, b: (reference.resnet(y, w, b, step, act),)
+        if arch == "antisymmetric":
+            gamma, act = ctx.rest
+            return lambda y, w, b: (reference.antisymmetric(y, w, b, step, act, gamma),)
+        act = ctx.activation
+        if arch == "leapfrog":
+            return lambda y, yp, w, b: reference.leapfrog(y, w, b, step, act, yp, return_state=True)
+        return lambda y, z, w, b: reference.verlet(y, w, b, step, act, z, return_state=True)
+
+    def _reference_vjp(arch, ctx, inputs, grads):
+        """The backward as a differentiable function of the inputs and of ``grads``
+        (``create_graph=True``), by recomputing the forward through the reference.
+
+        Each input enters through its own view, so an input passed twice (leapfrog's
+        default ``y_prev = y``) gets its own partial derivative per slot."""
+        needs = ctx.needs_input_grad[: len(inputs)]
+        with torch.enable_grad():
+            leaves = [t.view_as(t) if n else t.detach() for t, n in zip(inputs, needs)]
+            outs = _reference_fn(arch, ctx)(*leaves)
+            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+            wanted = [t for t, n in zip(leaves, needs) if n]
+            got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                           create_graph=True, allow_unused=True))
+        return tuple(next(got) if n else None for n in needs)
+
     # resnet / antisymmetric: one carried tensor.
     def _setup_one(ctx, inputs, output):
         y, weight, bias, step = inputs[:4]
         ctx.step = step
         ctx.rest = inputs[4:-1]  # (activation,) or (gamma, activation)
         ctx.stored = inputs[-1]
-        ctx.save_for_backward(output[1], weight, bias)
+        ctx.save_for_backward(output[1], y, weight, bias)
 
     def _make_backward_one(arch, backward_op):
         def backward(ctx, grad_out, _grad_states):
-            states, weight, bias = ctx.saved_tensors
+            states, y, weight, bias = ctx.saved_tensors
+            nones = (None,) * (2 + len(ctx.rest))
             if not ctx.stored:
                 raise _no_states(arch)
+            if _differentiable_backward_wanted((grad_out,)):
+                return _reference_vjp(arch, ctx, (y, weight, bias), (grad_out,)) + nones
             gy, gw, gb = backward_op(grad_out.contiguous(), states, weight, bias, ctx.step, *ctx.rest)
-            return (gy, gw, gb) + (None,) * (2 + len(ctx.rest))
+            return (gy, gw, gb) + nones
 
         return backward
 
-    torch.library.register_autograd(
+    _register_autograd(
         "stablenets::resnet_forward",
         _make_backward_one("resnet", ops.resnet_backward.default),
         setup_context=_setup_one,
     )
-    torch.library.register_autograd(
+    _register_autograd(
         "stablenets::antisymmetric_forward",
         _make_backward_one("antisymmetric", ops.antisymmetric_backward.default),
         setup_context=_setup_one,
     )
 
     # leapfrog / verlet: a pair of carried tensors; without stored states the
-    # backward runs the integrator in reverse from the final pair.
+    # backward runs the integrator in reverse from the final pair, and checks
+    # the pair it arrives at against the inputs the forward saw.
     def _setup_two(ctx, inputs, output):
         y, other, weight, bias, step, activation, store = inputs
         ctx.step, ctx.activation, ctx.stored = step, activation, store
         if store:
-            ctx.save_for_backward(output[2], weight, bias)
+            ctx.save_for_backward(y, other, weight, bias, output[2])
         else:
-            ctx.save_for_backward(output[0], output[1], weight, bias)
+            ctx.save_for_backward(y, other, weight, bias, output[0], output[1])
 
-    def _make_backward_two(stored_op, reversible_op):
+    def _make_backward_two(arch, stored_op, reversible_op):
         def backward(ctx, grad_a, grad_b, _grad_states):
-            saved = ctx.saved_tensors
-            like = saved[0][0, 0] if ctx.stored else saved[0]  # a (B, d) tensor
-            grad_a = _zeros_if_none(grad_a, like).contiguous()
-            grad_b = _zeros_if_none(grad_b, like).contiguous()
+            y0, other0, weight, bias, *kept = ctx.saved_tensors
+            nones = (None, None, None)
+            if _differentiable_backward_wanted((grad_a, grad_b)):
+                return _reference_vjp(arch, ctx, (y0, other0, weight, bias), (grad_a, grad_b)) + nones
+            grad_a = _zeros_if_none(grad_a, y0).contiguous()
+            grad_b = _zeros_if_none(grad_b, y0).contiguous()
             if ctx.stored:
-                states, weight, bias = saved
+                (states,) = kept
                 ga, gb_, gw, gbias = stored_op(grad_a, grad_b, states, weight, bias, ctx.step, ctx.activation)
             else:
-                ya, yb, weight, bias = saved
-                ga, gb_, gw, gbias, _y0, _yb0 = reversible_op(
-                    grad_a, grad_b, ya, yb, weight, bias, ctx.step, ctx.activation
-                )
-            return ga, gb_, gw, gbias, None, None, None
+                ya, yb = kept
+                out = reversible_op(grad_a, grad_b, ya, yb, weight, bias, ctx.step, ctx.activation)
+                ga, gb_, gw, gbias = out[:4]
+                # The check reads a number back from the device, which neither a traced
+                # backward (torch.compile) nor CUDA graph capture allows: eager only.
+                if len(out) == 6 and not _tracing_or_capturing(ya):
+                    _warn_if_not_reversible(arch, out[4:], (y0, other0))
+            return (ga, gb_, gw, gbias) + nones
 
         return backward
 
-    torch.library.register_autograd(
+    _register_autograd(
         "stablenets::leapfrog_forward",
-        _make_backward_two(ops.leapfrog_backward.default, ops.leapfrog_backward_reversible.default),
+        _make_backward_two("leapfrog", ops.leapfrog_backward.default,
+                           ops.leapfrog_backward_reversible.default),
         setup_context=_setup_two,
     )
-    torch.library.register_autograd(
+    _register_autograd(
         "stablenets::verlet_forward",
-        _make_backward_two(ops.verlet_backward.default, ops.verlet_backward_reversible.default),
+        _make_backward_two("verlet", ops.verlet_backward.default,
+                           ops.verlet_backward_reversible.default),
         setup_context=_setup_two,
     )

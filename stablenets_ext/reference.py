@@ -15,24 +15,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The one list of activation names: the fused kernels (csrc/include/stablenets/
+# activation.h), the fake kernels, the modules and the CLI all accept exactly these.
 ACTIVATIONS = {
     "tanh": torch.tanh,
     "relu": torch.relu,
     "identity": lambda x: x,
     "sigmoid": torch.sigmoid,
-    "softplus": F.softplus,
+    "softplus": F.softplus,  # beta 1 (PyTorch's threshold 20; the kernels use the exact form)
     "leaky_relu": F.leaky_relu,  # negative slope 0.01, as the kernels
     "silu": F.silu,
 }
 
 
-def activation_fn(name: str):
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(
-            f"activation: expected one of {sorted(ACTIVATIONS)}, got {name!r}"
-        ) from None
+def activation_fn(activation):
+    """The activation function for a name in :data:`ACTIVATIONS`, or ``activation``
+    itself when it is a callable (``nn.ReLU()``, ``torch.sin``: reference path only)."""
+    if isinstance(activation, str):
+        if activation in ACTIVATIONS:
+            return ACTIVATIONS[activation]
+    elif callable(activation):
+        return activation
+    raise ValueError(
+        f"activation: expected one of {sorted(ACTIVATIONS)} or a callable, got {activation!r}"
+    )
 
 
 def antisymmetric_weight(weight: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -240,7 +240,8 @@ bool with_width(int64_t d, F&& fn) {
   bool backward_impl<T, D>(Arch, bool, bool, const at::Tensor&, const at::Tensor&,            \
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,           \
                            const at::Tensor&, const at::Tensor&, double, Act, const at::Tensor&, \
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&)
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,           \
+                           const at::Tensor&, const at::Tensor&)
 #define SN_NARROW_FOR_EACH(X) \
   X(float, 4) X(float, 8) X(float, 16) X(float, 32) X(float, 64) \
   X(double, 4) X(double, 8) X(double, 16) X(double, 32) X(double, 64)
