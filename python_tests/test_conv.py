@@ -196,7 +196,8 @@ def _saved_bytes(arch, N, reversible, C=4, k=3):
 def test_saved_bytes_flat_in_depth(arch):
     state = 2 * 4 * 6 * 6 * 4
     shallow, deep = _saved_bytes(arch, 4, True), _saved_bytes(arch, 64, True)
-    assert shallow == deep <= 2 * state  # the final pair
+    # the final pair and the inputs (leapfrog: y_prev = y; verlet: y and z = 0)
+    assert shallow == deep <= (3 if arch == "leapfrog" else 4) * state
     stored = _saved_bytes(arch, 64, False)
     assert deep <= 0.05 * stored
     assert _saved_bytes(arch, 4, False) < stored
@@ -220,10 +221,11 @@ def test_reversible_module_and_options_that_cannot_be_honoured(arch):
     with pytest.raises(ValueError, match="reversible"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         conv.FUNCTIONS[arch](y, w, b, 0.1, torch.nn.Tanh(), reversible=True)
-    w.requires_grad_()
-    out = conv.FUNCTIONS[arch](y, w, b, reversible=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(out.sum(), w, create_graph=True)
+    # a step far too large for the weights: the rebuilt input is off, and it says so
+    big = (torch.randn(24, 3, 3, 3, 3) * 3).requires_grad_()
+    out = conv.FUNCTIONS[arch](y, big, torch.zeros(24, 3), 1.5, "relu", reversible=True)
+    with pytest.warns(UserWarning, match="reversibility was lost"):
+        out.sum().backward()
 
 
 # ------------------------------------------------ fallbacks: double backward, forward AD, callables
@@ -235,12 +237,14 @@ def test_double_backward_falls_back_to_the_reference(arch):
     state = state_for(arch, y)
     ins = [t.requires_grad_() for t in (y, w, b) + ((state,) if state is not None else ())]
 
-    def fn(*a):
-        return run(arch, a[0], a[1], a[2], 0.2, "tanh", "fused", a[3] if len(a) > 3 else None)
+    for reversible in ([False, True] if arch in TWO_STATE else [False]):
+        def fn(*a):
+            return run(arch, a[0], a[1], a[2], 0.2, "tanh", "fused", a[3] if len(a) > 3 else None,
+                       reversible)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        assert torch.autograd.gradgradcheck(fn, ins)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            assert torch.autograd.gradgradcheck(fn, ins)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

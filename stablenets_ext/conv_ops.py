@@ -8,10 +8,13 @@ This module gives the dispatcher what it needs from Python: a fake kernel per
 op (shapes and checks only, for ``torch.compile`` and ``opcheck``) and the
 autograd formulas.
 
-Double backward (``create_graph=True``) is not written in C++: the backward of
-a stored-mode op then recomputes the stack with the differentiable per-layer
-reference (:mod:`stablenets_ext.conv`) and differentiates that, with one
-warning. A reversible-mode op keeps no inputs to recompute from and raises.
+Double backward (``create_graph=True``) is not written in C++: the backward
+then recomputes the stack from its (kept) inputs with the differentiable
+per-layer reference (:mod:`stablenets_ext.conv`) and differentiates that, with
+one warning. The reversible backward compares the initial state it rebuilt
+with the true one and warns when reversibility was lost (tolerance and
+measure shared with the dense stacks: ``ops.REBUILD_TOLERANCE``,
+``ops.rebuild_error``).
 """
 
 from __future__ import annotations
@@ -55,14 +58,6 @@ def _warn_double_backward():
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-def _reversible_double_backward_error(arch):
-    return RuntimeError(
-        f"conv_{arch}: double backward (create_graph=True) is not supported with "
-        "reversible=True (the states are rebuilt, not kept, so there is nothing to "
-        "differentiate a second time); run the stack with reversible=False"
-    )
 
 
 if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
@@ -253,26 +248,47 @@ if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
     )
 
     # leapfrog / verlet: a pair of carried tensors; without stored states the
-    # backward runs the integrator in reverse from the final pair.
+    # backward runs the integrator in reverse from the final pair. The inputs
+    # are kept in both modes (references, not copies; flat in depth): for the
+    # double-backward fallback and, in reversible mode, to check the rebuilt
+    # initial state against them.
     def _setup_two(ctx, inputs, output):
         ctx.mark_non_differentiable(output[2])
         ctx.set_materialize_grads(False)
         y, other, weight, bias, step, activation, store = inputs
         ctx.step, ctx.activation, ctx.stored = step, activation, store
         if store:
-            ctx.save_for_backward(output[2], weight, bias, y, other)
+            ctx.save_for_backward(y, other, weight, bias, output[2])
         else:
-            ctx.save_for_backward(output[0], output[1], weight, bias)
+            ctx.save_for_backward(y, other, weight, bias, output[0], output[1])
+
+    def _eager(t) -> bool:
+        """Plain eager tensors (not traced, not fake, not under CUDA graph capture):
+        only then may the backward read a number back from the device."""
+        if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
+            return False
+        return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+    def _check_rebuilt(arch, rebuilt, seen):
+        tol = _ops.REBUILD_TOLERANCE[seen[0].dtype]
+        err = _ops.rebuild_error(rebuilt, seen)
+        if err > tol:
+            warnings.warn(
+                f"stablenets conv_{arch} reversible backward: the initial state rebuilt by running "
+                f"the stack in reverse is off by a relative error of {err:.1e} (> {tol:.1e}), so "
+                "reversibility was lost (step too large, weights unstable, or too deep for the "
+                "dtype) and the gradients are inaccurate. Use reversible=False to differentiate "
+                "with stored states.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _make_backward_two(arch, stored_op, reversible_op):
         def backward(ctx, grad_a, grad_b, _grad_states):
-            saved = ctx.saved_tensors
+            y, other, weight, bias, *kept = ctx.saved_tensors
             if torch.is_grad_enabled():
-                if not ctx.stored:
-                    raise _reversible_double_backward_error(arch)
                 from . import conv
 
-                states, weight, bias, y, other = saved
                 ref = conv.REFERENCE[arch]
 
                 def fn(y, other, w, b):
@@ -280,16 +296,17 @@ if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
 
                 g = _reference_grads(ctx, fn, (y, other, weight, bias), tuple, (grad_a, grad_b))
                 return (*g, None, None, None)
-            like = saved[3] if ctx.stored else saved[0]
-            grad_a = torch.zeros_like(like) if grad_a is None else grad_a.contiguous()
-            grad_b = torch.zeros_like(like) if grad_b is None else grad_b.contiguous()
+            grad_a = torch.zeros_like(y) if grad_a is None else grad_a.contiguous()
+            grad_b = torch.zeros_like(y) if grad_b is None else grad_b.contiguous()
             if ctx.stored:
-                states, weight, bias = saved[:3]
+                (states,) = kept
                 out = stored_op(grad_a, grad_b, states, weight, bias, ctx.step, ctx.activation)
             else:
-                ya, yb, weight, bias = saved
-                # the last two results are the rebuilt inputs (unused here, as in ops.py)
-                out = reversible_op(grad_a, grad_b, ya, yb, weight, bias, ctx.step, ctx.activation)[:4]
+                ya, yb = kept
+                out = reversible_op(grad_a, grad_b, ya, yb, weight, bias, ctx.step, ctx.activation)
+                if _eager(ya):
+                    _check_rebuilt(arch, out[4:], (y, other))
+                out = out[:4]
             return (*out, None, None, None)
 
         return backward
