@@ -106,17 +106,18 @@ struct ScaleMul {
 };
 
 // Leapfrog adjoint of one layer: (lam, c) = (dL/dY_{j+1}, dL/dY_j so far) becomes
-// (c + 2 lam + gy, -lam) = (dL/dY_j, dL/dY_{j-1} so far), written in place as
-// c <- c + 2 lam + gy, lam <- -lam (the caller swaps the roles).
+// (c + 2 lam + gy, -lam) = (dL/dY_j, dL/dY_{j-1} so far). The caller keeps the
+// second as lam with a sign flag (no pass, no buffer), so c arrives as cs * c:
+// out = cs c + 2 lam + gy  (out may alias c).
 template <typename T>
 struct LeapfrogAdjoint {
-  T* c;
-  T* lam;
+  T* out;
+  const T* c;
+  const T* lam;
   const T* gy;
+  T cs;
   SN_HOST_DEVICE void operator()(int64_t e, T) const {
-    const T l = lam[e];
-    c[e] = c[e] + T(2) * l + gy[e];
-    lam[e] = -l;
+    out[e] = cs * c[e] + T(2) * lam[e] + gy[e];
   }
 };
 

@@ -265,12 +265,14 @@ struct Ew {
     });
   }
 
-  // c = c + 2 lam + gy; lam = -lam
-  static void leapfrog_adjoint(const Tensor& c, const Tensor& lam, const Tensor& gy) {
-    AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "conv_leapfrog_adjoint", [&] {
+  // out = cs c + 2 lam + gy
+  static void leapfrog_adjoint(const Tensor& out, const Tensor& c, double cs, const Tensor& lam,
+                               const Tensor& gy) {
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "conv_leapfrog_adjoint", [&] {
       using T = scalar_t;
-      conv_ew::LeapfrogAdjoint<T> op{ptr<T>(c), ptr<T>(lam), ptr<T>(gy)};
-      L::launch(op, c, static_cast<const T*>(nullptr));
+      conv_ew::LeapfrogAdjoint<T> op{ptr<T>(out), ptr<T>(c), ptr<T>(lam), ptr<T>(gy),
+                                     static_cast<T>(cs)};
+      L::launch(op, out, static_cast<const T*>(nullptr));
     });
   }
 };
@@ -430,7 +432,13 @@ struct ConvStack {
               at::zeros_like(ga, at::MemoryFormat::Contiguous), at::zeros_like(K),
               at::zeros({N, K.size(1)}, K.options()), nchw(y_hi).clone(), nchw(y_lo).clone()};
     Tensor gW = at::empty_like(K), gb = at::empty({N, K.size(1)}, K.options());
-    Tensor a = ga.clone(), c = gc.clone();
+    // (a, cs * c) = (dL/dY_{j+1}, dL/dY_j so far). The incoming gradients are
+    // read, never written; two buffers of our own (`own`) take the new a's in
+    // turn, and the new c is the old a with its sign flipped (a flag, not a pass).
+    Tensor a = ga, c = gc;
+    double cs = 1.0;
+    Tensor own[2];
+    int next = 0;
     Tensor A = at::empty_like(ga), D = at::empty_like(ga);
     Tensor Y, Yn;
     if (rev) {
@@ -453,13 +461,31 @@ struct ConvStack {
       auto [gY, gwp, gbj] = conv_grads(gA, Yj, Kj, false, {true, true, true});
       gW[j].copy_(gwp).add_(gwq, -h2);
       gb[j].copy_(gbj);
-      E::leapfrog_adjoint(c, a, gY);
-      std::swap(a, c);
+      // new a = cs c + 2 a + gY, into c where c is ours, else into a buffer of ours
+      Tensor out;
+      if (c.is_same(own[0]) || c.is_same(own[1])) {
+        out = c;
+      } else {
+        if (!own[next].defined()) own[next] = at::empty_like(ga);
+        out = own[next];
+        next ^= 1;
+        if (out.is_same(a)) {  // a is ours and about to become c: use the other buffer
+          if (!own[next].defined()) own[next] = at::empty_like(ga);
+          out = own[next];
+          next ^= 1;
+        }
+      }
+      E::leapfrog_adjoint(out, c, cs, a, gY);
+      c = a;
+      cs = -1.0;
+      a = out;
       if (rev) {
         E::leapfrog_step(Y, Yn, conv(A, Kj, true), h2, Yn);  // Y_{j-1}
         std::swap(Y, Yn);
       }
     }
+    // cs = -1 after any layer; c is one of ours unless N == 1 (then it is grad_y)
+    c = (c.is_same(own[0]) || c.is_same(own[1])) ? c.neg_() : c.neg();
     if (rev) return {nchw(a), nchw(c), gW, gb, nchw(Yn), nchw(Y)};  // (Y_0, Y_{-1})
     return {nchw(a), nchw(c), gW, gb, Tensor(), Tensor()};
   }
