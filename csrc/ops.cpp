@@ -60,4 +60,41 @@ TORCH_LIBRARY(stablenets, m) {
       "verlet_backward_reversible(Tensor grad_y, Tensor grad_z, Tensor y, Tensor z, "
       "Tensor weight, Tensor bias, float step, str activation) -> (Tensor, Tensor, Tensor, Tensor, "
       "Tensor, Tensor)");
+  // Convolutional stacks (csrc/include/stablenets/conv_stack.h): y is
+  // (B, C, H, W), weight (layers, C, C, k, k) with odd k ("same" padding),
+  // bias (layers, C). States (layers, slots, B, C, H, W) hold pre-activations:
+  // [Y_j, P_j] (slots = 2) or, for verlet, [Y_j, P1_j, Z_{j+1/2}, P2_j].
+  // The reversible backwards return the rebuilt inputs last, as the dense ones.
+  m.def(
+      "conv_resnet_forward(Tensor y, Tensor weight, Tensor bias, float step, str activation, "
+      "bool store) -> (Tensor, Tensor)");
+  m.def(
+      "conv_resnet_backward(Tensor grad_out, Tensor states, Tensor weight, Tensor bias, "
+      "float step, str activation) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "conv_antisymmetric_forward(Tensor y, Tensor weight, Tensor bias, float step, float gamma, "
+      "str activation, bool store) -> (Tensor, Tensor)");
+  m.def(
+      "conv_antisymmetric_backward(Tensor grad_out, Tensor states, Tensor weight, Tensor bias, "
+      "float step, float gamma, str activation) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "conv_leapfrog_forward(Tensor y, Tensor y_prev, Tensor weight, Tensor bias, float step, "
+      "str activation, bool store) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "conv_leapfrog_backward(Tensor grad_y, Tensor grad_y_prev, Tensor states, Tensor weight, "
+      "Tensor bias, float step, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "conv_leapfrog_backward_reversible(Tensor grad_y, Tensor grad_y_prev, Tensor y, "
+      "Tensor y_prev, Tensor weight, Tensor bias, float step, str activation) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "conv_verlet_forward(Tensor y, Tensor z, Tensor weight, Tensor bias, float step, "
+      "str activation, bool store) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "conv_verlet_backward(Tensor grad_y, Tensor grad_z, Tensor states, Tensor weight, "
+      "Tensor bias, float step, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "conv_verlet_backward_reversible(Tensor grad_y, Tensor grad_z, Tensor y, Tensor z, "
+      "Tensor weight, Tensor bias, float step, str activation) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

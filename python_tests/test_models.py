@@ -130,3 +130,57 @@ def test_double_layers_keeps_the_function(arch):
     assert rel < 0.05, rel
     with torch.no_grad():
         assert torch.allclose(d(x), m(x), atol=0.05)
+
+
+def test_conv_stablenet_options_and_config_round_trip():
+    torch.manual_seed(0)
+    m = M.StableNet("conv-leapfrog", (2, 7, 6), 4, 3, width=5, kernel_size=5, lift="learned",
+                    pool="flatten", reversible=True)
+    assert isinstance(m.lift, torch.nn.Conv2d) and m.lift.kernel_size == (5, 5)
+    assert m.stack.weight.shape == (3, 5, 5, 5, 5) and m.stack.reversible
+    assert m.classifier.in_features == 5 * 7 * 6  # the whole feature map
+    cfg = m.config()
+    assert cfg["kernel_size"] == 5 and cfg["pool"] == 0 and cfg["lift"] is True
+    assert cfg["reversible"] is True and cfg["batch_norm"] is False
+    m2 = M.StableNet.from_config(cfg)
+    m2.load_state_dict(m.state_dict())
+    x = torch.randn(3, 2, 7, 6)
+    assert torch.equal(m(x), m2(x))
+    m(x).sum().backward()
+    assert m.stack.weight.grad.abs().sum() > 0
+    # pool=1 is global average pooling; lift="pad" zero-pads channels
+    g = M.StableNet("conv-resnet", (2, 7, 6), 4, 2, width=5, pool=1, lift="pad")
+    assert isinstance(g.lift, M.ZeroPad) and g.classifier.in_features == 5
+    assert M.StableNet("conv-resnet", (2, 7, 6), 4, 2).config()["pool"] == 4
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"arch": "conv-resnet", "reversible": True}, "reversible"),
+    ({"arch": "conv-verlet", "reversible": True, "batch_norm": True}, "batch_norm"),
+    ({"arch": "conv-verlet", "kernel_size": 4}, "kernel_size"),
+    ({"arch": "conv-verlet", "pool": -1}, "pool"),
+    ({"arch": "conv-verlet", "lift": "maybe"}, "lift"),
+    ({"arch": "verlet", "features": 2, "kernel_size": 3}, "kernel_size"),
+    ({"arch": "verlet", "features": 2, "batch_norm": True}, "batch_norm"),
+    ({"arch": "verlet", "features": 2, "pool": 2}, "pool"),
+    ({"arch": "resnet", "features": 2, "reversible": True}, "reversible"),
+])
+def test_stablenet_option_errors(kwargs, name):
+    args = {"features": (1, 4, 4), "classes": 2, "layers": 2, "width": 4, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        M.StableNet(**args)
+
+
+def test_dense_reversible_goes_to_the_stack():
+    m = M.StableNet("verlet", 2, 2, 3, width=4, reversible=True)
+    assert m.stack.reversible and m.config()["reversible"] is True
+    assert "reversible" not in M.StableNet("verlet", 2, 2, 3, width=4).config()
+
+
+def test_double_layers_with_batch_norm():
+    m = M.StableNet("conv-verlet", (1, 5, 5), 2, 4, width=3, pool=1, batch_norm=True)
+    with torch.no_grad():
+        m.stack.norm_mean.normal_()
+    d = M.double_layers(m)
+    assert d.stack.norm_mean.shape == (8, 2, 3) and d.stack.batch_norm
+    assert torch.equal(d.stack.norm_mean[::2][:1], m.stack.norm_mean[:1])

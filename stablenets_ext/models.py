@@ -4,8 +4,9 @@ Dense architectures (``resnet``, ``antisymmetric``, ``leapfrog``, ``verlet``)
 run a stack from :data:`stablenets_ext.layers.STACKS` (fused kernels where
 compiled) on ``(B, width)`` states; image inputs are flattened. Convolutional
 architectures (``conv-resnet``, ... , see :mod:`stablenets_ext.conv`) need
-``(C, H, W)`` inputs, run 3x3 convolution stacks with ``width`` channels, then
-average-pool to ``pool x pool`` before the classifier.
+``(C, H, W)`` inputs, run ``kernel_size x kernel_size`` convolution stacks with
+``width`` channels, then average-pool to ``pool x pool`` (or flatten, ``pool=0``)
+before the classifier.
 """
 
 from __future__ import annotations
@@ -60,18 +61,65 @@ def _positive_int(value, name):
     return value
 
 
+LIFTS = {None: None, "auto": None, True: True, "learned": True, False: False, "pad": False}
+
+
+def normalize_lift(lift):
+    """``None``/``"auto"`` -> None, ``True``/``"learned"`` -> True, ``False``/``"pad"`` -> False."""
+    try:
+        return LIFTS[lift]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"lift: expected None or 'auto' (pad when width >= inputs, else learn), True or "
+            f"'learned', False or 'pad'; got {lift!r}"
+        ) from None
+
+
+DEFAULT_POOL = 4
+
+
+def normalize_pool(pool):
+    """``None`` -> 4 (the default); a positive int p -> p (average-pool to p x p);
+    ``0`` or ``"flatten"`` -> 0 (no pooling: the classifier sees the whole feature map)."""
+    if pool is None:
+        return DEFAULT_POOL
+    if pool == "flatten":
+        return 0
+    if not isinstance(pool, int) or isinstance(pool, bool) or pool < 0:
+        raise ValueError(
+            f"pool: expected a positive int (average-pool to pool x pool), 0 or 'flatten' "
+            f"(classifier on the flattened feature map) or None (default {DEFAULT_POOL}), got {pool!r}"
+        )
+    return pool
+
+
 class StableNet(nn.Module):
-    """Lift (zero-pad or linear) -> stack of ``layers`` stable layers -> classifier.
+    """Lift (zero-pad or learned) -> stack of ``layers`` stable layers -> classifier.
 
     ``features`` is an int, or ``(C, H, W)`` for images. ``width`` defaults to
-    the number of inputs (dense) or 16 channels (conv). ``lift``: None pads
-    with zeros when ``width >= features`` (channels, for conv archs) and
-    learns a lift otherwise (``nn.Linear``; a 3x3 ``nn.Conv2d`` for conv
-    archs); True always learns one; False always pads. Extra keyword arguments go to the stack (``gamma``,
-    ``reversible``)."""
+    the number of inputs (dense) or 16 channels (conv).
+
+    ``lift``: None/``"auto"`` pads with zeros when ``width >= features``
+    (channels, for conv archs) and learns a lift otherwise; True/``"learned"``
+    always learns one (``nn.Linear``; for conv archs an ``nn.Conv2d`` with the
+    stack's ``kernel_size`` and "same" padding); False/``"pad"`` always pads
+    (error when ``width`` is smaller than the inputs).
+
+    Conv archs only: ``kernel_size`` (odd int, default 3) of the stack's
+    convolutions; ``pool``: a positive int p average-pools the final feature
+    map to ``p x p`` before the linear classifier (default 4; 1 is global
+    average pooling), 0 or ``"flatten"`` feeds the whole flattened
+    ``width x H x W`` map to it; ``batch_norm=True`` adds a per-layer
+    BatchNorm2d on every pre-activation (outside the stability theory; runs
+    the per-layer reference path; not reversible).
+
+    ``reversible=True`` (leapfrog and Verlet archs, dense or conv) rebuilds
+    the states in the backward instead of storing them. Extra keyword
+    arguments go to the stack (``gamma``)."""
 
     def __init__(self, arch, features, classes, layers, width=None, step=0.1, activation="tanh",
-                 impl="auto", *, lift=None, pool=4, **stack_kwargs):
+                 impl="auto", *, lift=None, pool=None, kernel_size=None, batch_norm=False,
+                 reversible=False, **stack_kwargs):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"arch: expected one of {list(ARCHS)}, got {arch!r}")
@@ -85,27 +133,57 @@ class StableNet(nn.Module):
                 raise ValueError(f"features: expected an int or (C, H, W), got {features!r}")
         else:
             _positive_int(features, "features")
+        lift = normalize_lift(lift)
+        if not isinstance(batch_norm, bool):
+            raise ValueError(f"batch_norm: expected True or False, got {batch_norm!r}")
+        if not isinstance(reversible, bool):
+            raise ValueError(f"reversible: expected True or False, got {reversible!r}")
+        if reversible and base_arch(arch) not in TWO_STATE:
+            raise ValueError(
+                f"reversible: only leapfrog and verlet stacks can be run backwards, not {arch!r}"
+            )
         self.arch, self.features, self.classes = arch, features, classes
-        self.impl, self.lift_mode, self.pool_size = impl, lift, pool
+        self.impl, self.lift_mode = impl, lift
+        self.reversible, self.batch_norm = reversible, batch_norm
         self.stack_kwargs = dict(stack_kwargs)
+        if reversible:
+            stack_kwargs["reversible"] = True
         if is_conv(arch):
             if not isinstance(features, tuple):
                 raise ValueError(
                     f"arch: {arch!r} is convolutional and needs image data with features "
                     f"(C, H, W), got features={features!r}; use a dense arch ({', '.join(DENSE_ARCHS)})"
                 )
-            channels = features[0]
+            channels, height, wide = features
             width = 16 if width is None else _positive_int(width, "width")
-            _positive_int(pool, "pool")
+            kernel_size = 3 if kernel_size is None else kernel_size
+            if (not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1
+                    or kernel_size % 2 == 0):
+                raise ValueError(f"kernel_size: expected an odd positive int, got {kernel_size!r}")
+            pool = normalize_pool(pool)
             if lift is False or (lift is None and width >= channels):
                 self.lift = ZeroPad(channels, width)
             else:
-                self.lift = nn.Conv2d(channels, width, 3, padding=1)
-            self.stack = _conv.CONV_STACKS[base_arch(arch)](width, layers, step, activation,
-                                                             impl=impl, **stack_kwargs)
-            self.pool = nn.AdaptiveAvgPool2d(pool)
-            self.classifier = nn.Linear(width * pool * pool, classes)
+                self.lift = nn.Conv2d(channels, width, kernel_size, padding=kernel_size // 2)
+            self.stack = _conv.CONV_STACKS[base_arch(arch)](
+                width, layers, step, activation, impl=impl, kernel_size=kernel_size,
+                batch_norm=batch_norm, **stack_kwargs)
+            if pool:
+                self.pool = nn.AdaptiveAvgPool2d(pool)
+                self.classifier = nn.Linear(width * pool * pool, classes)
+            else:
+                self.pool = nn.Identity()  # flattened in head()
+                self.classifier = nn.Linear(width * height * wide, classes)
         else:
+            for name, value, default in (("kernel_size", kernel_size, None),
+                                         ("batch_norm", batch_norm, False)):
+                if value != default:
+                    raise ValueError(f"{name}: only applies to convolutional archs "
+                                     f"({', '.join(CONV_ARCHS)}), not {arch!r}")
+            if pool not in (None, DEFAULT_POOL):
+                raise ValueError(f"pool: only applies to convolutional archs "
+                                 f"({', '.join(CONV_ARCHS)}), not {arch!r}")
+            pool = DEFAULT_POOL
             inputs = math.prod(features) if isinstance(features, tuple) else features
             width = inputs if width is None else _positive_int(width, "width")
             if lift is False or (lift is None and width >= inputs):
@@ -115,6 +193,7 @@ class StableNet(nn.Module):
             self.stack = STACKS[arch](width, layers, step, activation, impl=impl, **stack_kwargs)
             self.pool = None
             self.classifier = nn.Linear(width, classes)
+        self.pool_size, self.kernel_size = pool, kernel_size
         self.width = width
 
     # -- properties mirrored from the stack
@@ -132,12 +211,17 @@ class StableNet(nn.Module):
 
     def config(self) -> dict:
         """Keyword arguments that rebuild this model (``StableNet(**config)``)."""
-        return {
+        cfg = {
             "arch": self.arch, "features": self.features, "classes": self.classes,
             "layers": self.layers, "width": self.width, "step": self.step,
             "activation": self.activation, "impl": self.impl, "lift": self.lift_mode,
             "pool": self.pool_size, **self.stack_kwargs,
         }
+        if is_conv(self.arch):
+            cfg.update(kernel_size=self.kernel_size, batch_norm=self.batch_norm)
+        if self.reversible:
+            cfg["reversible"] = True
+        return cfg
 
     @classmethod
     def from_config(cls, config: dict) -> "StableNet":
@@ -170,14 +254,16 @@ class StableNet(nn.Module):
         running the stack one layer at a time and carrying its state."""
         fn = layer_function(self)
         stack = self.stack
+        norm = stack.norm() if getattr(stack, "batch_norm", False) else None
         y = self.lift_input(x)
         states, carry = [y], None
         for j in range(stack.layers):
             w, b = stack.weight[j:j + 1], stack.bias[j:j + 1]
+            kw = {} if norm is None else {"norm": norm.slice(j, j + 1)}
             if base_arch(self.arch) in TWO_STATE:
-                y, carry = fn(y, w, b, carry)
+                y, carry = fn(y, w, b, carry, **kw)
             else:
-                y = fn(y, w, b, None)
+                y = fn(y, w, b, None, **kw)
             states.append(y)
         return torch.stack(states)
 
@@ -187,16 +273,20 @@ class StableNet(nn.Module):
 
 def layer_function(model: StableNet):
     """``fn(y, weight, bias, carry) -> y`` (one-state) or ``-> (y, carry)`` (leapfrog:
-    ``Y_{N-1}``, verlet: ``Z``) running a slice of ``model``'s stack with its settings."""
+    ``Y_{N-1}``, verlet: ``Z``) running a slice of ``model``'s stack with its settings.
+    Conv functions also take ``norm=`` (the slice's :class:`stablenets_ext.conv.ConvNorm`,
+    for stacks with batch norm)."""
     stack, arch = model.stack, base_arch(model.arch)
     h, act = stack.step, stack.activation
     if is_conv(model.arch):
         f = _conv.FUNCTIONS[arch]
+        impl = stack.impl
         if arch == "antisymmetric":
-            return lambda y, w, b, c: f(y, w, b, h, act, stack.gamma)
+            return lambda y, w, b, c, norm=None: f(y, w, b, h, act, stack.gamma, impl=impl, norm=norm)
         if arch in TWO_STATE:
-            return lambda y, w, b, c: f(y, w, b, h, act, c, return_state=True)
-        return lambda y, w, b, c: f(y, w, b, h, act)
+            return lambda y, w, b, c, norm=None: f(y, w, b, h, act, c, return_state=True, impl=impl,
+                                                   norm=norm)
+        return lambda y, w, b, c, norm=None: f(y, w, b, h, act, impl=impl, norm=norm)
     f = SF.FUNCTIONS[arch]
     impl = stack.impl
     if arch == "antisymmetric":
@@ -222,8 +312,8 @@ def interpolate_layers(p: torch.Tensor) -> torch.Tensor:
 
 def double_layers(model: StableNet) -> StableNet:
     """A new model with twice the layers and half the step, covering the same
-    time ``N h``: stack parameters interpolated (:func:`interpolate_layers`),
-    lift and classifier copied. Same device and dtype as ``model``."""
+    time ``N h``: stack parameters (and batch-norm parameters and statistics)
+    interpolated (:func:`interpolate_layers`), lift and classifier copied. Same device and dtype as ``model``."""
     cfg = model.config()
     cfg["layers"] = 2 * model.layers
     cfg["step"] = model.step / 2
@@ -234,5 +324,8 @@ def double_layers(model: StableNet) -> StableNet:
     with torch.no_grad():
         new.stack.weight.copy_(interpolate_layers(model.stack.weight))
         new.stack.bias.copy_(interpolate_layers(model.stack.bias))
+        if getattr(model.stack, "batch_norm", False):
+            for name in ("norm_weight", "norm_bias", "norm_mean", "norm_var"):
+                getattr(new.stack, name).copy_(interpolate_layers(getattr(model.stack, name)))
     new.train(model.training)
     return new

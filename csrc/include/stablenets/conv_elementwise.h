@@ -1,0 +1,125 @@
+// The per-element work of the convolutional stacks, shared by the CPU loops
+// (csrc/cpu/conv.cpp) and the CUDA kernels (csrc/cuda/conv.cu).
+//
+// Every layer of a conv stack is one or two ATen convolutions plus one fused
+// pass over the state built from these functors. A functor is called as
+// op(e, b) for element e of a contiguous (B, C, H, W) tensor whose channel
+// bias is b (0 where the pass has no bias). Inputs and outputs may alias
+// (every element is read before it is written, at the same index). Optional
+// outputs/inputs are template flags, so no loop carries a branch.
+//
+// Activations go through the runtime act_fwd / act_grad of activation.h, which
+// take the pre-activation p, so every activation added there works here. The
+// `ActT` parameter is either `Act` (runtime) or std::integral_constant<Act, X>:
+// the CPU passes a constant for the activations it knows, so the switch folds
+// and the loop vectorises, and the runtime value for any other.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "stablenets/activation.h"
+
+namespace stablenets {
+namespace conv_ew {
+
+template <typename ActT>
+SN_HOST_DEVICE Act act_of(ActT a) {
+  return static_cast<Act>(a);
+}
+
+// p = x + b;  [p_out = p];  out = base + s act(p)
+// resnet/antisymmetric step (s = h), both Verlet half steps (s = -h, h) and
+// their reversal (s = h, -h).
+template <typename T, typename ActT, bool StoreP>
+struct ResidualAct {
+  ActT act;
+  const T* x;
+  const T* base;
+  T* p_out;  // used when StoreP
+  T* out;
+  T s;
+  SN_HOST_DEVICE void operator()(int64_t e, T b) const {
+    const T p = x[e] + b;
+    if constexpr (StoreP) p_out[e] = p;
+    out[e] = base[e] + s * act_fwd<T>(act_of(act), p);
+  }
+};
+
+// p = x + b;  [p_out = p];  a_out = act(p);  [d_out = act'(p)]
+// leapfrog forward (p stored, a fed to the transposed convolution) and
+// backward (a and act' from the stored or rebuilt p in one read).
+template <typename T, typename ActT, bool StoreP, bool StoreD>
+struct BiasAct {
+  ActT act;
+  const T* x;
+  T* p_out;  // used when StoreP
+  T* a_out;
+  T* d_out;  // used when StoreD
+  SN_HOST_DEVICE void operator()(int64_t e, T b) const {
+    const T p = x[e] + b;
+    if constexpr (StoreP) p_out[e] = p;
+    if constexpr (StoreD) d_out[e] = act_grad<T>(act_of(act), p);
+    a_out[e] = act_fwd<T>(act_of(act), p);
+  }
+};
+
+// [lam += add];  g = s lam act'(p)
+// The adjoint of a residual step: add is the previous (later) layer's
+// input-gradient convolution, folded in here instead of in a pass of its own.
+template <typename T, typename ActT, bool Add>
+struct GradAct {
+  ActT act;
+  T* lam;
+  const T* add;  // used when Add
+  const T* p;
+  T* g;
+  T s;
+  SN_HOST_DEVICE void operator()(int64_t e, T) const {
+    T l = lam[e];
+    if constexpr (Add) {
+      l += add[e];
+      lam[e] = l;
+    }
+    g[e] = s * l * act_grad<T>(act_of(act), p[e]);
+  }
+};
+
+// out = 2 y - yp - h2 q   (leapfrog step; run backwards it rebuilds Y_{j-1})
+template <typename T>
+struct LeapfrogStep {
+  const T* y;
+  const T* yp;
+  const T* q;
+  T* out;
+  T h2;
+  SN_HOST_DEVICE void operator()(int64_t e, T) const { out[e] = T(2) * y[e] - yp[e] - h2 * q[e]; }
+};
+
+// g = s g d
+template <typename T>
+struct ScaleMul {
+  T* g;
+  const T* d;
+  T s;
+  SN_HOST_DEVICE void operator()(int64_t e, T) const { g[e] = s * g[e] * d[e]; }
+};
+
+// Leapfrog adjoint of one layer: (lam, c) = (dL/dY_{j+1}, dL/dY_j so far) becomes
+// (c + 2 lam + gy, -lam) = (dL/dY_j, dL/dY_{j-1} so far). The caller keeps the
+// second as lam with a sign flag (no pass, no buffer), so c arrives as cs * c:
+// out = cs c + 2 lam + gy  (out may alias c).
+template <typename T>
+struct LeapfrogAdjoint {
+  T* out;
+  const T* c;
+  const T* lam;
+  const T* gy;
+  T cs;
+  SN_HOST_DEVICE void operator()(int64_t e, T) const {
+    out[e] = cs * c[e] + T(2) * lam[e] + gy[e];
+  }
+};
+
+}  // namespace conv_ew
+}  // namespace stablenets

@@ -1,0 +1,650 @@
+// The convolutional stacks' layer loops, written once for every backend.
+//
+// Each layer is ATen convolutions (oneDNN on the CPU, cuDNN on the GPU) plus
+// fused elementwise passes (conv_elementwise.h) run by a backend `Launcher`:
+//
+//   struct Launcher {
+//     static constexpr bool kHoistAct;      // instantiate loops per known activation
+//     static bool channels_last();          // run activations channels-last
+//     static void fresh_buffer(const at::Tensor& t);  // called on the states buffer before
+//                                                     // its first write
+//     template <class Op, typename T>
+//     static void launch(const Op& op, const at::Tensor& like, const T* bias);
+//   };
+//
+// `launch` calls op(e, bias[channel(e)]) (or 0 with bias == nullptr) for every
+// element e, in memory order, of the (B, C, H, W) tensor `like`, which is
+// channels-last (channel e % C) or contiguous (channel (e / HW) % C) as the
+// launcher's channels_last() says; every tensor of a pass has that layout. csrc/cpu/conv.cpp and
+// csrc/cuda/conv.cu provide one each and register ConvStack<Launcher>'s ops.
+//
+// The maths (K Y = conv2d(Y, K) with "same" padding, K^T its adjoint
+// conv_transpose2d(Y, K)), for layer j with P = pre-activation:
+//   resnet:        Y_{j+1} = Y_j + h act(P_j),             P_j = K_j Y_j + b_j
+//   antisymmetric: resnet with kernels (K - K^T - gamma I) / 2
+//   leapfrog:      Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 K_j^T act(P_j)
+//   verlet:        Z_{j+1/2} = Z_{j-1/2} - h act(P1_j),     P1_j = K_j Y_j + b_j
+//                  Y_{j+1} = Y_j + h act(P2_j),             P2_j = K_j^T Z_{j+1/2} + b_j
+// Stored states (layers, slots, B, C, H, W):
+//   resnet, antisymmetric, leapfrog: [Y_j, P_j];  verlet: [Y_j, P1_j, Z_{j+1/2}, P2_j].
+// Pre-activations are kept (not act(P)) so that any activation's derivative is
+// available from act_grad(act, p). The backward reads every stored slot once.
+// The reversible backwards rebuild the states from the final pair instead.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <type_traits>
+#include <utility>
+
+#include "stablenets/activation.h"
+#include "stablenets/checks.h"
+#include "stablenets/conv_elementwise.h"
+#include "stablenets/kernels.h"
+
+namespace stablenets {
+namespace conv_detail {
+
+using at::Tensor;
+using T6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// ------------------------------------------------------------------ checks
+
+inline void check_conv_stack(const Tensor& y, const Tensor& weight, const Tensor& bias) {
+  check_float_tensor(y, "y");
+  check_float_tensor(weight, "weight");
+  check_float_tensor(bias, "bias");
+  TORCH_CHECK_VALUE(y.dim() == 4, "y: expected a 4-D tensor (batch, channels, height, width), ",
+                    "got shape ", y.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 5 && weight.size(1) == weight.size(2) &&
+                        weight.size(3) == weight.size(4),
+                    "weight: expected shape (layers, channels, channels, k, k), got ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) > 0, "weight: expected at least one layer, got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(3) % 2 == 1,
+                    "weight: expected an odd kernel size k (\"same\" padding k // 2 keeps the "
+                    "image size), got k = ",
+                    weight.size(3));
+  TORCH_CHECK_VALUE(weight.size(1) == y.size(1), "weight: expected channels = ", y.size(1),
+                    " (from y of shape ", y.sizes(), "), got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(bias.dim() == 2 && bias.size(0) == weight.size(0) &&
+                        bias.size(1) == weight.size(1),
+                    "bias: expected shape (", weight.size(0), ", ", weight.size(1),
+                    ") = (layers, channels), got ", bias.sizes());
+  TORCH_CHECK_VALUE(weight.scalar_type() == y.scalar_type() &&
+                        bias.scalar_type() == y.scalar_type(),
+                    "weight, bias: expected the dtype of y (", y.scalar_type(), "), got ",
+                    weight.scalar_type(), " and ", bias.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == y.device() && bias.device() == y.device(),
+                    "weight, bias: expected the device of y (", y.device(), "), got ",
+                    weight.device(), " and ", bias.device());
+}
+
+inline void check_conv_states(const Tensor& states, int64_t slots, const Tensor& grad,
+                              const Tensor& weight) {
+  TORCH_CHECK_VALUE(states.dim() == 6 && states.size(1) == slots &&
+                        states.sizes().slice(2) == grad.sizes(),
+                    "states: expected shape (layers, ", slots,
+                    ", batch, channels, height, width) with the gradient's shape ", grad.sizes(),
+                    " last, got ", states.sizes());
+  TORCH_CHECK_VALUE(states.size(0) == weight.size(0),
+                    "states: holds no stored states (the forward ran with store=False) or does "
+                    "not match weight; expected ",
+                    weight.size(0), " layers, got ", states.size(0));
+  TORCH_CHECK_VALUE(states.scalar_type() == grad.scalar_type() && states.device() == grad.device(),
+                    "states: expected the dtype and device of the gradient");
+}
+
+// ------------------------------------------------------------ convolutions
+
+inline int64_t pad_of(const Tensor& K) { return K.size(-1) / 2; }
+
+// K Y (transposed = false) or K^T Y (transposed = true), no bias; in y's memory format.
+inline Tensor conv(const Tensor& y, const Tensor& K, bool transposed) {
+  const int64_t p = pad_of(K);
+  return at::convolution(y, K, Tensor(), {1, 1}, {p, p}, {1, 1}, transposed, {0, 0}, 1)
+      .contiguous(y.suggest_memory_format());
+}
+
+// Gradients of conv(input, K, transposed) given the output gradient g:
+// (d input, d K, d bias) as selected by mask.
+inline std::tuple<Tensor, Tensor, Tensor> conv_grads(const Tensor& g, const Tensor& input,
+                                                     const Tensor& K, bool transposed,
+                                                     std::array<bool, 3> mask) {
+  const int64_t p = pad_of(K);
+  const std::array<int64_t, 1> bias_sizes{K.size(0)};
+  auto out = at::convolution_backward(
+      g, input, K, mask[2] ? at::OptionalIntArrayRef(at::IntArrayRef(bias_sizes)) : at::OptionalIntArrayRef(),
+      {1, 1}, {p, p}, {1, 1}, transposed, {0, 0}, 1, mask);
+  if (std::get<0>(out).defined())
+    std::get<0>(out) = std::get<0>(out).contiguous(input.suggest_memory_format());
+  return out;
+}
+
+// Layer j's slot s of states (layers, slots, B, C, H, W): a contiguous block,
+// viewed channels-last (its memory then holds (B, H, W, C)) where the backend
+// runs channels-last. Only the matching backward reads states, so the order
+// inside a block is the backend's.
+inline Tensor slot(const Tensor& states, int64_t j, int64_t s, bool channels_last) {
+  Tensor t = states.select(0, j).select(0, s);
+  if (!channels_last) return t;
+  return t.view({t.size(0), t.size(2), t.size(3), t.size(1)}).permute({0, 3, 1, 2});
+}
+
+inline Tensor empty_states(const Tensor& y, int64_t layers, int64_t slots) {
+  return at::empty({layers, slots, y.size(0), y.size(1), y.size(2), y.size(3)}, y.options());
+}
+
+// (K - K^T - gamma I) / 2 for every layer; K^T's kernel is K with the channels
+// swapped and the taps flipped.
+inline Tensor antisymmetric_kernel(const Tensor& K, double gamma) {
+  Tensor A = (K - K.transpose(1, 2).flip({3, 4})).mul_(0.5);
+  const int64_t c = K.size(3) / 2;
+  A.select(3, c).select(3, c).sub_(at::eye(K.size(1), K.options()), 0.5 * gamma);
+  return A.contiguous();
+}
+
+// dL/dK from dL/dA for A = antisymmetric_kernel(K, gamma).
+inline Tensor antisymmetric_kernel_grad(const Tensor& gA) {
+  return (gA - gA.transpose(1, 2).flip({3, 4})).mul_(0.5).contiguous();
+}
+
+// -------------------------------------------------------- elementwise passes
+
+template <class L>
+struct Ew {
+  using IC_Tanh = std::integral_constant<Act, Act::Tanh>;
+  using IC_Relu = std::integral_constant<Act, Act::Relu>;
+  using IC_Identity = std::integral_constant<Act, Act::Identity>;
+
+  // f(A) with A a compile-time activation where the launcher wants that and
+  // the activation is one of these, else the runtime value (any activation).
+  template <typename F>
+  static void with_act(Act a, const F& f) {
+    if constexpr (L::kHoistAct) {
+      switch (a) {
+        case Act::Tanh:
+          return f(IC_Tanh{});
+        case Act::Relu:
+          return f(IC_Relu{});
+        case Act::Identity:
+          return f(IC_Identity{});
+        default:
+          break;
+      }
+    }
+    f(a);
+  }
+
+  template <typename T>
+  static T* ptr(const Tensor& t) {
+    return t.defined() ? t.data_ptr<T>() : nullptr;
+  }
+
+  // out = base + s act(x + bias); [p_out = x + bias]
+  static void residual_act(Act act, const Tensor& x, const Tensor& bias, const Tensor& base,
+                           double s, const Tensor& p_out, const Tensor& out) {
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "conv_residual_act", [&] {
+      using T = scalar_t;
+      with_act(act, [&](auto A) {
+        if (p_out.defined()) {
+          conv_ew::ResidualAct<T, decltype(A), true> op{A, ptr<T>(x), ptr<T>(base), ptr<T>(p_out),
+                                                        ptr<T>(out), static_cast<T>(s)};
+          L::launch(op, out, ptr<T>(bias));
+        } else {
+          conv_ew::ResidualAct<T, decltype(A), false> op{A, ptr<T>(x), ptr<T>(base), nullptr,
+                                                         ptr<T>(out), static_cast<T>(s)};
+          L::launch(op, out, ptr<T>(bias));
+        }
+      });
+    });
+  }
+
+  // a_out = act(x + bias); [p_out = x + bias]; [d_out = act'(x + bias)]
+  static void bias_act(Act act, const Tensor& x, const Tensor& bias, const Tensor& p_out,
+                       const Tensor& a_out, const Tensor& d_out) {
+    AT_DISPATCH_FLOATING_TYPES(a_out.scalar_type(), "conv_bias_act", [&] {
+      using T = scalar_t;
+      with_act(act, [&](auto A) {
+        using AT = decltype(A);
+        if (d_out.defined()) {
+          TORCH_INTERNAL_ASSERT(!p_out.defined());
+          conv_ew::BiasAct<T, AT, false, true> op{A, ptr<T>(x), nullptr, ptr<T>(a_out),
+                                                  ptr<T>(d_out)};
+          L::launch(op, a_out, ptr<T>(bias));
+        } else if (p_out.defined()) {
+          conv_ew::BiasAct<T, AT, true, false> op{A, ptr<T>(x), ptr<T>(p_out), ptr<T>(a_out),
+                                                  nullptr};
+          L::launch(op, a_out, ptr<T>(bias));
+        } else {
+          conv_ew::BiasAct<T, AT, false, false> op{A, ptr<T>(x), nullptr, ptr<T>(a_out), nullptr};
+          L::launch(op, a_out, ptr<T>(bias));
+        }
+      });
+    });
+  }
+
+  // [lam += add]; g = s lam act'(p)
+  static void grad_act(Act act, const Tensor& lam, const Tensor& add, const Tensor& p, double s,
+                       const Tensor& g) {
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv_grad_act", [&] {
+      using T = scalar_t;
+      with_act(act, [&](auto A) {
+        if (add.defined()) {
+          conv_ew::GradAct<T, decltype(A), true> op{A, ptr<T>(lam), ptr<T>(add), ptr<T>(p),
+                                                    ptr<T>(g), static_cast<T>(s)};
+          L::launch(op, g, static_cast<const T*>(nullptr));
+        } else {
+          conv_ew::GradAct<T, decltype(A), false> op{A, ptr<T>(lam), nullptr, ptr<T>(p),
+                                                     ptr<T>(g), static_cast<T>(s)};
+          L::launch(op, g, static_cast<const T*>(nullptr));
+        }
+      });
+    });
+  }
+
+  // out = 2 y - yp - h2 q
+  static void leapfrog_step(const Tensor& y, const Tensor& yp, const Tensor& q, double h2,
+                            const Tensor& out) {
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "conv_leapfrog_step", [&] {
+      using T = scalar_t;
+      conv_ew::LeapfrogStep<T> op{ptr<T>(y), ptr<T>(yp), ptr<T>(q), ptr<T>(out),
+                                  static_cast<T>(h2)};
+      L::launch(op, out, static_cast<const T*>(nullptr));
+    });
+  }
+
+  // g = s g d
+  static void scale_mul(const Tensor& g, const Tensor& d, double s) {
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv_scale_mul", [&] {
+      using T = scalar_t;
+      conv_ew::ScaleMul<T> op{ptr<T>(g), ptr<T>(d), static_cast<T>(s)};
+      L::launch(op, g, static_cast<const T*>(nullptr));
+    });
+  }
+
+  // out = cs c + 2 lam + gy
+  static void leapfrog_adjoint(const Tensor& out, const Tensor& c, double cs, const Tensor& lam,
+                               const Tensor& gy) {
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "conv_leapfrog_adjoint", [&] {
+      using T = scalar_t;
+      conv_ew::LeapfrogAdjoint<T> op{ptr<T>(out), ptr<T>(c), ptr<T>(lam), ptr<T>(gy),
+                                     static_cast<T>(cs)};
+      L::launch(op, out, static_cast<const T*>(nullptr));
+    });
+  }
+};
+
+// ---------------------------------------------------------------- the ops
+
+template <class L>
+struct ConvStack {
+  using E = Ew<L>;
+
+  // The layout every activation-sized tensor has inside the ops (oneDNN runs
+  // these convolutions about twice as fast channels-last as in NCHW on the
+  // CPU). Inputs are converted once, outputs returned contiguous (NCHW).
+  static at::MemoryFormat fmt() {
+    return L::channels_last() ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  }
+  static Tensor internal(const Tensor& t) { return t.contiguous(fmt()); }
+  static Tensor nchw(const Tensor& t) { return t.contiguous(); }
+  static Tensor slot(const Tensor& states, int64_t j, int64_t s) {
+    return conv_detail::slot(states, j, s, L::channels_last());
+  }
+  static Tensor empty_states(const Tensor& y, int64_t layers, int64_t slots) {
+    Tensor t = conv_detail::empty_states(y, layers, slots);
+    L::fresh_buffer(t);
+    return t;
+  }
+
+  static T2 resnet_forward_impl(const Tensor& y, const Tensor& K, const Tensor& b, double h,
+                                Act act, bool store) {
+    const int64_t N = K.size(0);
+    Tensor states = empty_states(y, store ? N : 0, 2);
+    if (y.numel() == 0) return {y.clone(at::MemoryFormat::Contiguous), states};
+    Tensor out = store ? at::empty_like(y) : y.clone();
+    if (store) slot(states, 0, 0).copy_(y);
+    for (int64_t j = 0; j < N; ++j) {
+      const Tensor Yj = store ? slot(states, j, 0) : out;
+      const Tensor X = conv(Yj, K[j], false);
+      const Tensor next = store && j + 1 < N ? slot(states, j + 1, 0) : out;
+      E::residual_act(act, X, b[j], Yj, h, store ? slot(states, j, 1) : Tensor(), next);
+    }
+    return {nchw(out), states};
+  }
+
+  // Returns (dL/dy, dL/dK, dL/db) for the kernels K the forward ran with.
+  static T3 resnet_backward_impl(const Tensor& g, const Tensor& states, const Tensor& K, double h,
+                                 Act act) {
+    const int64_t N = K.size(0);
+    if (g.numel() == 0)
+      return {at::zeros_like(g, at::MemoryFormat::Contiguous), at::zeros_like(K), at::zeros({N, K.size(1)}, K.options())};
+    Tensor gW = at::empty_like(K), gb = at::empty({N, K.size(1)}, K.options());
+    Tensor lam = g.clone(), G = at::empty_like(g), gi;
+    for (int64_t j = N - 1; j >= 0; --j) {
+      E::grad_act(act, lam, gi, slot(states, j, 1), h, G);
+      Tensor gw, gbj;
+      std::tie(gi, gw, gbj) = conv_grads(G, slot(states, j, 0), K[j], false, {true, true, true});
+      gW[j].copy_(gw);
+      gb[j].copy_(gbj);
+    }
+    lam.add_(gi);
+    return {nchw(lam), gW, gb};
+  }
+
+  static T2 resnet_forward(const Tensor& y, const Tensor& weight, const Tensor& bias, double step,
+                           c10::string_view activation, bool store) {
+    check_conv_stack(y, weight, bias);
+    check_step(step);
+    const Act act = parse_activation(activation);
+    return resnet_forward_impl(internal(y), weight.contiguous(), bias.contiguous(), step, act,
+                               store);
+  }
+
+  static T3 resnet_backward(const Tensor& grad_out, const Tensor& states, const Tensor& weight,
+                            const Tensor& bias, double step, c10::string_view activation) {
+    check_conv_stack(grad_out, weight, bias);
+    check_conv_states(states, 2, grad_out, weight);
+    check_step(step);
+    const Act act = parse_activation(activation);
+    return resnet_backward_impl(internal(grad_out), states.contiguous(), weight.contiguous(),
+                                step, act);
+  }
+
+  static T2 antisymmetric_forward(const Tensor& y, const Tensor& weight, const Tensor& bias,
+                                  double step, double gamma, c10::string_view activation,
+                                  bool store) {
+    check_conv_stack(y, weight, bias);
+    check_step(step);
+    check_gamma(gamma);
+    const Act act = parse_activation(activation);
+    return resnet_forward_impl(internal(y), antisymmetric_kernel(weight.contiguous(), gamma),
+                               bias.contiguous(), step, act, store);
+  }
+
+  static T3 antisymmetric_backward(const Tensor& grad_out, const Tensor& states,
+                                   const Tensor& weight, const Tensor& bias, double step,
+                                   double gamma, c10::string_view activation) {
+    check_conv_stack(grad_out, weight, bias);
+    check_conv_states(states, 2, grad_out, weight);
+    check_step(step);
+    check_gamma(gamma);
+    const Act act = parse_activation(activation);
+    auto [gy, gA, gb] =
+        resnet_backward_impl(internal(grad_out), states.contiguous(),
+                             antisymmetric_kernel(weight.contiguous(), gamma), step, act);
+    return {gy, antisymmetric_kernel_grad(gA), gb};
+  }
+
+  // ---------------------------------------------------------- leapfrog
+
+  static T3 leapfrog_forward(const Tensor& y_in, const Tensor& yprev_in, const Tensor& weight,
+                             const Tensor& bias, double step, c10::string_view activation,
+                             bool store) {
+    check_conv_stack(y_in, weight, bias);
+    check_like(yprev_in, "y_prev", y_in);
+    check_step(step);
+    const Act act = parse_activation(activation);
+    const Tensor y = internal(y_in), yprev = internal(yprev_in), K = weight.contiguous(),
+                 b = bias.contiguous();
+    const int64_t N = K.size(0);
+    const double h2 = step * step;
+    Tensor states = empty_states(y, store ? N : 0, 2);
+    if (y.numel() == 0)
+      return {y.clone(at::MemoryFormat::Contiguous), yprev.clone(at::MemoryFormat::Contiguous), states};
+    if (!store) {
+      Tensor Y = y.clone(), Yp = yprev.clone();
+      for (int64_t j = 0; j < N; ++j) {
+        Tensor X = conv(Y, K[j], false);
+        E::bias_act(act, X, b[j], Tensor(), X, Tensor());
+        const Tensor Q = conv(X, K[j], true);
+        E::leapfrog_step(Y, Yp, Q, h2, Yp);
+        std::swap(Y, Yp);
+      }
+      return {nchw(Y), nchw(Yp), states};
+    }
+    Tensor out = at::empty_like(y);
+    slot(states, 0, 0).copy_(y);
+    for (int64_t j = 0; j < N; ++j) {
+      const Tensor Yj = slot(states, j, 0);
+      const Tensor Yp = j == 0 ? yprev : slot(states, j - 1, 0);
+      Tensor X = conv(Yj, K[j], false);
+      E::bias_act(act, X, b[j], slot(states, j, 1), X, Tensor());
+      const Tensor Q = conv(X, K[j], true);
+      E::leapfrog_step(Yj, Yp, Q, h2, j + 1 < N ? slot(states, j + 1, 0) : out);
+    }
+    return {nchw(out), slot(states, N - 1, 0).clone(at::MemoryFormat::Contiguous), states};
+  }
+
+  // states defined: stored mode; else (y_hi, y_lo) = (Y_N, Y_{N-1}) seed the rebuild,
+  // and the last two results are the rebuilt inputs (Y_0, Y_{-1}).
+  static T6 leapfrog_backward_impl(const Tensor& ga, const Tensor& gc, const Tensor& states,
+                                   const Tensor& y_hi, const Tensor& y_lo, const Tensor& K,
+                                   const Tensor& b, double h, Act act) {
+    const int64_t N = K.size(0);
+    const bool rev = !states.defined();
+    const double h2 = h * h;
+    if (ga.numel() == 0)
+      return {at::zeros_like(ga, at::MemoryFormat::Contiguous),
+              at::zeros_like(ga, at::MemoryFormat::Contiguous), at::zeros_like(K),
+              at::zeros({N, K.size(1)}, K.options()), nchw(y_hi).clone(), nchw(y_lo).clone()};
+    Tensor gW = at::empty_like(K), gb = at::empty({N, K.size(1)}, K.options());
+    // (a, cs * c) = (dL/dY_{j+1}, dL/dY_j so far). The incoming gradients are
+    // read, never written; two buffers of our own (`own`) take the new a's in
+    // turn, and the new c is the old a with its sign flipped (a flag, not a pass).
+    Tensor a = ga, c = gc;
+    double cs = 1.0;
+    Tensor own[2];
+    int next = 0;
+    Tensor A = at::empty_like(ga), D = at::empty_like(ga);
+    Tensor Y, Yn;
+    if (rev) {
+      Y = y_lo.clone();
+      Yn = y_hi.clone();
+    }
+    for (int64_t j = N - 1; j >= 0; --j) {
+      const Tensor Kj = K[j];
+      Tensor Yj;
+      if (rev) {
+        Yj = Y;
+        E::bias_act(act, conv(Yj, Kj, false), b[j], Tensor(), A, D);
+      } else {
+        Yj = slot(states, j, 0);
+        E::bias_act(act, slot(states, j, 1), Tensor(), Tensor(), A, D);
+      }
+      // Y_{j+1} = ... - h^2 K^T A:  dL/dA = -h^2 K lam, dL/dK (this term) = -h^2 (.)
+      auto [gA, gwq, unused] = conv_grads(a, A, Kj, true, {true, true, false});
+      E::scale_mul(gA, D, -h2);  // gA is now G = dL/dP
+      auto [gY, gwp, gbj] = conv_grads(gA, Yj, Kj, false, {true, true, true});
+      gW[j].copy_(gwp).add_(gwq, -h2);
+      gb[j].copy_(gbj);
+      // new a = cs c + 2 a + gY, into c where c is ours, else into a buffer of ours
+      Tensor out;
+      if (c.is_same(own[0]) || c.is_same(own[1])) {
+        out = c;
+      } else {
+        if (!own[next].defined()) own[next] = at::empty_like(ga);
+        out = own[next];
+        next ^= 1;
+        if (out.is_same(a)) {  // a is ours and about to become c: use the other buffer
+          if (!own[next].defined()) own[next] = at::empty_like(ga);
+          out = own[next];
+          next ^= 1;
+        }
+      }
+      E::leapfrog_adjoint(out, c, cs, a, gY);
+      c = a;
+      cs = -1.0;
+      a = out;
+      if (rev) {
+        E::leapfrog_step(Y, Yn, conv(A, Kj, true), h2, Yn);  // Y_{j-1}
+        std::swap(Y, Yn);
+      }
+    }
+    // cs = -1 after any layer; c is one of ours unless N == 1 (then it is grad_y)
+    c = (c.is_same(own[0]) || c.is_same(own[1])) ? c.neg_() : c.neg();
+    if (rev) return {nchw(a), nchw(c), gW, gb, nchw(Yn), nchw(Y)};  // (Y_0, Y_{-1})
+    return {nchw(a), nchw(c), gW, gb, Tensor(), Tensor()};
+  }
+
+  static T4 leapfrog_backward(const Tensor& grad_y, const Tensor& grad_y_prev,
+                              const Tensor& states, const Tensor& weight, const Tensor& bias,
+                              double step, c10::string_view activation) {
+    check_conv_stack(grad_y, weight, bias);
+    check_like(grad_y_prev, "grad_y_prev", grad_y);
+    check_conv_states(states, 2, grad_y, weight);
+    check_step(step);
+    const Act act = parse_activation(activation);
+    auto r = leapfrog_backward_impl(internal(grad_y), internal(grad_y_prev), states.contiguous(),
+                                    Tensor(), Tensor(), weight.contiguous(), bias.contiguous(),
+                                    step, act);
+    return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
+  }
+
+  static T6 leapfrog_backward_reversible(const Tensor& grad_y, const Tensor& grad_y_prev,
+                                         const Tensor& y, const Tensor& y_prev,
+                                         const Tensor& weight, const Tensor& bias, double step,
+                                         c10::string_view activation) {
+    check_conv_stack(grad_y, weight, bias);
+    check_like(grad_y_prev, "grad_y_prev", grad_y);
+    check_like(y, "y", grad_y);
+    check_like(y_prev, "y_prev", grad_y);
+    check_step(step);
+    const Act act = parse_activation(activation);
+    return leapfrog_backward_impl(internal(grad_y), internal(grad_y_prev), Tensor(),
+                                  internal(y), internal(y_prev), weight.contiguous(),
+                                  bias.contiguous(), step, act);
+  }
+
+  // ------------------------------------------------------------ verlet
+
+  static T3 verlet_forward(const Tensor& y_in, const Tensor& z_in, const Tensor& weight,
+                           const Tensor& bias, double step, c10::string_view activation,
+                           bool store) {
+    check_conv_stack(y_in, weight, bias);
+    check_like(z_in, "z", y_in);
+    check_step(step);
+    const Act act = parse_activation(activation);
+    const Tensor y = internal(y_in), z = internal(z_in), K = weight.contiguous(),
+                 b = bias.contiguous();
+    const int64_t N = K.size(0);
+    const double h = step;
+    Tensor states = empty_states(y, store ? N : 0, 4);
+    if (y.numel() == 0)
+      return {y.clone(at::MemoryFormat::Contiguous), z.clone(at::MemoryFormat::Contiguous), states};
+    if (!store) {
+      Tensor Y = y.clone(), Z = z.clone();
+      for (int64_t j = 0; j < N; ++j) {
+        E::residual_act(act, conv(Y, K[j], false), b[j], Z, -h, Tensor(), Z);
+        E::residual_act(act, conv(Z, K[j], true), b[j], Y, h, Tensor(), Y);
+      }
+      return {nchw(Y), nchw(Z), states};
+    }
+    Tensor out = at::empty_like(y);
+    slot(states, 0, 0).copy_(y);
+    for (int64_t j = 0; j < N; ++j) {
+      const Tensor Yj = slot(states, j, 0), Zj = slot(states, j, 2);
+      const Tensor Zprev = j == 0 ? z : slot(states, j - 1, 2);
+      E::residual_act(act, conv(Yj, K[j], false), b[j], Zprev, -h, slot(states, j, 1), Zj);
+      E::residual_act(act, conv(Zj, K[j], true), b[j], Yj, h, slot(states, j, 3),
+                      j + 1 < N ? slot(states, j + 1, 0) : out);
+    }
+    return {nchw(out), slot(states, N - 1, 2).clone(at::MemoryFormat::Contiguous), states};
+  }
+
+  // states defined: stored mode; else (y_end, z_end) = (Y_N, Z_{N-1/2}) seed the rebuild,
+  // and the last two results are the rebuilt inputs (Y_0, Z_{-1/2}).
+  static T6 verlet_backward_impl(const Tensor& gy_in, const Tensor& gz_in, const Tensor& states,
+                                 const Tensor& y_end, const Tensor& z_end, const Tensor& K,
+                                 const Tensor& b, double h, Act act) {
+    const int64_t N = K.size(0);
+    const bool rev = !states.defined();
+    if (gy_in.numel() == 0)
+      return {at::zeros_like(gy_in, at::MemoryFormat::Contiguous),
+              at::zeros_like(gy_in, at::MemoryFormat::Contiguous), at::zeros_like(K),
+              at::zeros({N, K.size(1)}, K.options()), nchw(y_end).clone(), nchw(z_end).clone()};
+    Tensor gW = at::empty_like(K), gb = at::empty({N, K.size(1)}, K.options());
+    Tensor gy = gy_in.clone(), gz = gz_in.clone(), G = at::empty_like(gy_in), gi;
+    Tensor Y, Z, Zn, P1, P2;
+    if (rev) {
+      Y = y_end.clone();
+      Z = z_end.clone();
+      Zn = at::empty_like(Z);
+      P1 = at::empty_like(Z);
+      P2 = at::empty_like(Z);
+    }
+    for (int64_t j = N - 1; j >= 0; --j) {
+      const Tensor Kj = K[j];
+      Tensor Yj, Zj, P1j, P2j;
+      if (rev) {
+        // Y_j = Y_{j+1} - h act(K^T Z_{j+1/2} + b);  Z_{j-1/2} = Z_{j+1/2} + h act(K Y_j + b)
+        E::residual_act(act, conv(Z, Kj, true), b[j], Y, -h, P2, Y);
+        E::residual_act(act, conv(Y, Kj, false), b[j], Z, h, P1, Zn);
+        Yj = Y, Zj = Z, P1j = P1, P2j = P2;
+      } else {
+        Yj = slot(states, j, 0), P1j = slot(states, j, 1), Zj = slot(states, j, 2),
+        P2j = slot(states, j, 3);
+      }
+      E::grad_act(act, gy, gi, P2j, h, G);  // gy += (previous layer's K^T G1); G2
+      auto [gz2, gw2, gb2] = conv_grads(G, Zj, Kj, true, {true, true, true});
+      E::grad_act(act, gz, gz2, P1j, -h, G);  // gz += K G2; G1
+      auto [gy1, gw1, gb1] = conv_grads(G, Yj, Kj, false, {true, true, true});
+      gW[j].copy_(gw1).add_(gw2);
+      gb[j].copy_(gb1).add_(gb2);
+      gi = gy1;
+      if (rev) std::swap(Z, Zn);
+    }
+    gy.add_(gi);
+    if (rev) return {nchw(gy), nchw(gz), gW, gb, nchw(Y), nchw(Z)};  // (Y_0, Z_{-1/2})
+    return {nchw(gy), nchw(gz), gW, gb, Tensor(), Tensor()};
+  }
+
+  static T4 verlet_backward(const Tensor& grad_y, const Tensor& grad_z, const Tensor& states,
+                            const Tensor& weight, const Tensor& bias, double step,
+                            c10::string_view activation) {
+    check_conv_stack(grad_y, weight, bias);
+    check_like(grad_z, "grad_z", grad_y);
+    check_conv_states(states, 4, grad_y, weight);
+    check_step(step);
+    const Act act = parse_activation(activation);
+    auto r = verlet_backward_impl(internal(grad_y), internal(grad_z), states.contiguous(), Tensor(),
+                                  Tensor(), weight.contiguous(), bias.contiguous(), step, act);
+    return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
+  }
+
+  static T6 verlet_backward_reversible(const Tensor& grad_y, const Tensor& grad_z,
+                                       const Tensor& y, const Tensor& z, const Tensor& weight,
+                                       const Tensor& bias, double step,
+                                       c10::string_view activation) {
+    check_conv_stack(grad_y, weight, bias);
+    check_like(grad_z, "grad_z", grad_y);
+    check_like(y, "y", grad_y);
+    check_like(z, "z", grad_y);
+    check_step(step);
+    const Act act = parse_activation(activation);
+    return verlet_backward_impl(internal(grad_y), internal(grad_z), Tensor(), internal(y),
+                                internal(z), weight.contiguous(), bias.contiguous(), step, act);
+  }
+};
+
+}  // namespace conv_detail
+}  // namespace stablenets
+
+// Registers every conv op for one dispatch key with ConvStack<Launcher>.
+#define SN_REGISTER_CONV_OPS(m, Launcher)                                                    \
+  do {                                                                                       \
+    using S = ::stablenets::conv_detail::ConvStack<Launcher>;                                \
+    m.impl("conv_resnet_forward", &S::resnet_forward);                                       \
+    m.impl("conv_resnet_backward", &S::resnet_backward);                                     \
+    m.impl("conv_antisymmetric_forward", &S::antisymmetric_forward);                         \
+    m.impl("conv_antisymmetric_backward", &S::antisymmetric_backward);                       \
+    m.impl("conv_leapfrog_forward", &S::leapfrog_forward);                                   \
+    m.impl("conv_leapfrog_backward", &S::leapfrog_backward);                                 \
+    m.impl("conv_leapfrog_backward_reversible", &S::leapfrog_backward_reversible);           \
+    m.impl("conv_verlet_forward", &S::verlet_forward);                                       \
+    m.impl("conv_verlet_backward", &S::verlet_backward);                                     \
+    m.impl("conv_verlet_backward_reversible", &S::verlet_backward_reversible);               \
+  } while (0)
