@@ -173,7 +173,7 @@ def test_train_conv_arch_on_self_written_mnist(tmp_path, capsys):
             "--batch-size", "8", "--json", "--quiet", "--cache"]
     assert cli.main(argv) == 0
     line = json_line(capsys.readouterr().out)
-    assert line["arch"] == "conv-verlet" and line["kernel"] == "aten" and line["epochs"] == 1
+    assert line["arch"] == "conv-verlet" and line["kernel"] == "fused" and line["epochs"] == 1
     assert (tmp_path / "mnist.h5").exists()
     # without the files (and offline) the error says where they go
     empty = tmp_path / "empty"
@@ -198,25 +198,27 @@ def test_image_runs_report_the_test_set_once(tmp_path, capsys):
     assert config["kernel_size"] == 5 and config["pool"] == 2 and config["lift"] is True
 
 
-def test_batch_norm_flag_reaches_the_model_or_is_refused(tmp_path, capsys):
-    import inspect
-
-    from stablenets_ext import conv
+def test_batch_norm_flag_reaches_the_model(tmp_path, capsys):
     from test_data import write_mnist
 
     write_mnist(tmp_path, n_train=16, n_test=8, side=6)
+    ck = tmp_path / "bn.pt"
     argv = ["train", "--dataset", "mnist", "--data-root", str(tmp_path), "--no-download",
             "--arch", "conv-verlet", "--width", "4", "--layers", "2", "--epochs", "1",
-            "--batch-size", "8", "--json", "--quiet", "--batch-norm"]
-    accepts = "batch_norm" in inspect.signature(conv.ConvVerletStack.__init__).parameters \
-        or "batch_norm" in inspect.signature(conv.ConvStack.__init__).parameters \
-        if hasattr(conv, "ConvStack") else False
-    code = cli.main(argv)
-    err = capsys.readouterr().err
-    if accepts:
-        assert code == 0, err
-    else:
-        assert code == 2 and "--batch-norm" in err and "does not accept" in err
+            "--batch-size", "8", "--json", "--quiet", "--batch-norm", "--save", str(ck)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    line = json_line(capsys.readouterr().out)
+    # batch norm runs on the per-layer reference path, and the report says so
+    assert line["kernel"] == "reference"
+    state = torch.load(ck, map_location="cpu", weights_only=False)
+    assert any("norm" in k for k in state["model"]), sorted(state["model"])[:8]
+
+
+def test_batch_norm_flag_refused_for_split_trainers(tmp_path, capsys):
+    argv = ["train", "--dataset", "digits", "--arch", "conv-verlet", "--layers", "2",
+            "--epochs", "1", "--trainer", "sg", "--workers", "2", "--batch-norm", "--quiet"]
+    assert cli.main(argv) == 2
+    assert "--batch-norm" in capsys.readouterr().err
 
 
 def test_multilevel_takes_lr_and_step_per_level(tmp_path, capsys):

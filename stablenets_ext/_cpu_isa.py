@@ -13,7 +13,7 @@ emulator in csrc/cuda/testing/).
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.machinery
 import os
 
 import torch
@@ -39,8 +39,14 @@ def supported() -> list[str]:
 
 
 def _library(isa: str) -> str | None:
-    spec = importlib.util.find_spec(f"{__package__}._cpu_{isa}")
-    return spec.origin if spec is not None else None
+    # Only this package's own folder: an import search could find another
+    # checkout's build through an editable install's finder.
+    here = os.path.dirname(os.path.abspath(__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(here, f"_cpu_{isa}{suffix}")
+        if os.path.exists(path):
+            return path
+    return None
 
 
 def built() -> list[str]:

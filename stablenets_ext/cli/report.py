@@ -28,13 +28,18 @@ def diverged(result: dict) -> bool:
     return any(isinstance(v, float) and not math.isfinite(v) for v in values)
 
 
-def kernel_used(arch, impl, device) -> str:
-    from .. import ops
+def kernel_used(arch, impl, device, *, activation="tanh", batch_norm=False) -> str:
+    from .. import conv, ops
     from ..models import is_conv
 
     if is_conv(arch):
-        return "aten"
+        return conv.kernel_used(impl, device, activation=activation, batch_norm=batch_norm)
     return "fused" if impl != "reference" and ops.has_kernel(device) else "reference"
+
+
+def _model_config(model) -> dict:
+    config = getattr(model, "config", None)
+    return config() if callable(config) else {}
 
 
 def write_plots(folder, result, model, data, cfg):
@@ -59,7 +64,10 @@ def finish(args, cfg, result, model, data, device) -> int:
         "accuracy": result.get("accuracy"), "loss": result.get("loss"),
         "seconds": result.get("seconds"), "epochs": result.get("epochs"),
         "arch": cfg["arch"], "dataset": args.dataset, "impl": args.impl,
-        "kernel": kernel_used(cfg["arch"], args.impl, device), "device": str(device),
+        "kernel": kernel_used(cfg["arch"], args.impl, device,
+                              activation=cfg.get("activation") or "tanh",
+                              batch_norm=bool(_model_config(model).get("batch_norm"))),
+        "device": str(device),
         "trainer": args.trainer, "layers": getattr(model, "layers", cfg["layers"]),
         "width": cfg["width"], "levels": getattr(args, "levels", 1),
     }

@@ -77,6 +77,10 @@ def check_model_flags(args, given: set, arch: str) -> None:
                        ("--batch-norm", "batch_norm")):
         if dest in given and not is_conv(arch):
             raise CliError(f"{flag}: only applies to convolutional architectures, not {arch}")
+    if args.batch_norm and getattr(args, "trainer", "backprop") != "backprop":
+        raise CliError(f"--batch-norm: only with --trainer backprop; the {args.trainer} trainer "
+                       "splits a stack's weights and biases across workers, not its per-layer "
+                       "batch-norm parameters and running statistics")
 
 
 def check_outputs(args) -> None:
