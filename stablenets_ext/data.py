@@ -76,6 +76,21 @@ class Dataset:
     def is_image(self) -> bool:
         return isinstance(self.features, tuple)
 
+    def as_images(self) -> "Dataset":
+        """Flat rows that are pictures (``meta["image_shape"]``, e.g. digits' 1x8x8)
+        reshaped into ``(C, H, W)`` images, for the convolutional architectures."""
+        if self.is_image:
+            return self
+        shape = self.meta.get("image_shape")
+        if shape is None:
+            raise ValueError(f"dataset {self.name!r}: its rows are not images "
+                             f"({self.features} features)")
+        shape = tuple(shape)
+        view = (lambda t: None if t is None else t.reshape(t.shape[0], *shape))
+        return Dataset(self.name, view(self.train_x), self.train_y, view(self.val_x),
+                       self.val_y, shape, self.classes, dict(self.meta), view(self.test_x),
+                       self.test_y)
+
     def to(self, device) -> "Dataset":
         move = (lambda t: None if t is None else t.to(device))
         return Dataset(self.name, self.train_x.to(device), self.train_y.to(device),
@@ -141,7 +156,8 @@ def digits(test_fraction=0.2, split_seed=0) -> Dataset:
     )
     return Dataset("digits", torch.from_numpy(xtr), torch.from_numpy(ytr),
                    torch.from_numpy(xva), torch.from_numpy(yva), 64, 10,
-                   {"split_seed": split_seed, "test_fraction": test_fraction})
+                   {"split_seed": split_seed, "test_fraction": test_fraction,
+                    "image_shape": (1, 8, 8)})
 
 
 # ------------------------------------------------------------------ images

@@ -193,6 +193,8 @@ def cmd_train(args, argv, parser) -> int:
         download = False if args.no_download else None
         data = load_dataset(args.dataset, root=args.data_root, seed=args.seed,
                             download=download, cache=args.cache)
+        if is_conv(cfg["arch"]) and not data.is_image and data.meta.get("image_shape"):
+            data = data.as_images()  # digits: its 64 features are 8x8 pictures
         if is_conv(cfg["arch"]) and not data.is_image:
             raise CliError(
                 f"--arch {cfg['arch']}: a convolutional architecture needs image data (mnist, "

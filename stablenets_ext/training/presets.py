@@ -44,6 +44,14 @@ ARCH_PRESETS: dict[tuple[str, str], dict] = {
     ("swiss", "leapfrog"): {"epochs": 80, "lr_step": 25},
 }
 
+# digits as 1x8x8 images for the convolutional stacks (2026-11-30, 2 threads, fused):
+# conv-verlet 8 layers x 16 channels, h 0.1: 97.2-97.8% on the 20% split over seeds
+# 0-2 in about 4 s (h 0.2: 97.2%; 16 layers: 97.2-97.8% in 7.6 s).
+for _arch in ("conv-resnet", "conv-antisymmetric", "conv-leapfrog", "conv-verlet"):
+    ARCH_PRESETS[("digits", _arch)] = {"layers": 8, "width": 16, "step": 0.1, "epochs": 30,
+                                       "lr": 0.01, "lr_step": 10}
+del _arch
+
 
 def preset(dataset: str, arch: str | None = None) -> dict:
     """The settings for ``dataset`` (and ``arch``, default the dataset's own)."""
