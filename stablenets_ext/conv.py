@@ -17,7 +17,7 @@ The functions take and return the same state as their dense twins
 at a time. ``impl`` chooses the fused op (``torch.ops.stablenets.conv_*``, the
 layer loop in C++: ATen/oneDNN/cuDNN convolutions plus one fused elementwise
 pass per convolution, see :mod:`stablenets_ext.conv_ops`) or the per-layer
-reference (:data:`REFERENCE`), exactly as in :mod:`stablenets_ext.functional`.
+reference (:mod:`stablenets_ext.conv_reference`), exactly as in :mod:`stablenets_ext.functional`.
 
 ``reversible=True`` (leapfrog, Verlet) keeps only the final pair for the
 backward and rebuilds the states by running the integrator backwards: saved
@@ -38,11 +38,19 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import conv_ops as _cops
 from . import reference
+from .conv_reference import (  # noqa: F401  (re-exported: part of this module's interface)
+    REFERENCE,
+    ConvNorm,
+    antisymmetric_kernel,
+    reference_antisymmetric,
+    reference_leapfrog,
+    reference_resnet,
+    reference_verlet,
+)
 
 IMPLS = ("auto", "fused", "reference")
 _warned: set[str] = set()
@@ -52,108 +60,6 @@ def _warn_once(key, message):
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def _pad(weight):
-    return weight.shape[-1] // 2
-
-
-def _conv(y, k, b=None):
-    return F.conv2d(y, k, b, padding=_pad(k))
-
-
-def _conv_t(y, k, b=None):
-    return F.conv_transpose2d(y, k, b, padding=_pad(k))
-
-
-def antisymmetric_kernel(weight, gamma):
-    """Kernels of ``(K - K^T - gamma I) / 2``: the adjoint of a convolution is the
-    convolution with the channel-transposed, spatially flipped kernel."""
-    adj = weight.transpose(-4, -3).flip(-1, -2)
-    out = 0.5 * (weight - adj)
-    c = _pad(weight)
-    eye = torch.eye(weight.shape[-3], dtype=weight.dtype, device=weight.device)
-    out[..., c, c] = out[..., c, c] - 0.5 * gamma * eye
-    return out
-
-
-def activation_fn(activation):
-    """A named activation's function, or a Python callable as given."""
-    if callable(activation) and not isinstance(activation, str):
-        return activation
-    return reference.activation_fn(activation)
-
-
-# ------------------------------------------------------------ batch norm
-
-
-class ConvNorm:
-    """Per-layer batch normalisation parameters of a conv stack, as plain tensors
-    with the layer index first (so that slicing layers slices them too):
-    ``weight``/``bias`` ``(layers, halves, C)``, running ``mean``/``var`` likewise.
-    ``halves`` is 2 for Verlet (one normalisation per half step), else 1."""
-
-    def __init__(self, weight, bias, mean, var, training, momentum=0.1, eps=1e-5):
-        self.weight, self.bias, self.mean, self.var = weight, bias, mean, var
-        self.training, self.momentum, self.eps = training, momentum, eps
-
-    def slice(self, lo, hi):
-        """The parameters of layers ``lo .. hi-1`` (views: running statistics still update)."""
-        return ConvNorm(self.weight[lo:hi], self.bias[lo:hi], self.mean[lo:hi], self.var[lo:hi],
-                        self.training, self.momentum, self.eps)
-
-    def __call__(self, p, j, half=0):
-        return F.batch_norm(p, self.mean[j, half], self.var[j, half], self.weight[j, half],
-                            self.bias[j, half], self.training, self.momentum, self.eps)
-
-
-def _pre(p, norm, j, half=0):
-    return p if norm is None else norm(p, j, half)
-
-
-# ------------------------------------------------- per-layer reference twins
-
-
-def reference_resnet(y, weight, bias, step=0.1, activation="tanh", *, norm=None):
-    act = activation_fn(activation)
-    for j in range(weight.shape[0]):
-        y = y + step * act(_pre(_conv(y, weight[j], bias[j]), norm, j))
-    return y
-
-
-def reference_antisymmetric(y, weight, bias, step=0.1, activation="tanh", gamma=0.01, *, norm=None):
-    return reference_resnet(y, antisymmetric_kernel(weight, gamma), bias, step, activation, norm=norm)
-
-
-def reference_leapfrog(y, weight, bias, step=0.1, activation="tanh", y_prev=None, return_state=False,
-                       *, norm=None):
-    act = activation_fn(activation)
-    prev = y if y_prev is None else y_prev
-    h2 = step * step
-    for j in range(weight.shape[0]):
-        a = act(_pre(_conv(y, weight[j], bias[j]), norm, j))
-        nxt = 2 * y - prev - h2 * _conv_t(a, weight[j])
-        prev, y = y, nxt
-    return (y, prev) if return_state else y
-
-
-def reference_verlet(y, weight, bias, step=0.1, activation="tanh", z=None, return_state=False,
-                     *, norm=None):
-    act = activation_fn(activation)
-    if z is None:
-        z = torch.zeros_like(y)
-    for j in range(weight.shape[0]):
-        z = z - step * act(_pre(_conv(y, weight[j], bias[j]), norm, j, 0))
-        y = y + step * act(_pre(_conv_t(z, weight[j], bias[j]), norm, j, 1))
-    return (y, z) if return_state else y
-
-
-REFERENCE = {
-    "resnet": reference_resnet,
-    "antisymmetric": reference_antisymmetric,
-    "leapfrog": reference_leapfrog,
-    "verlet": reference_verlet,
-}
 
 
 # ------------------------------------------------------------------ checks
@@ -221,7 +127,7 @@ def check_args(y, weight, bias, step, activation, *, gamma=None, state=None, sta
             raise TypeError(f"gamma: expected a Python number, got {type(gamma).__name__}")
         if not math.isfinite(gamma) or gamma < 0:
             raise ValueError(f"gamma: expected a finite number >= 0, got {gamma}")
-    activation_fn(activation)
+    reference.activation_fn(activation)
 
 
 def _has_tangent(*tensors) -> bool:
@@ -369,7 +275,7 @@ class _ConvStack(nn.Module):
             raise ValueError(f"batch_norm: expected True or False, got {batch_norm!r}")
         if impl not in IMPLS:
             raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-        activation_fn(activation)
+        reference.activation_fn(activation)
         self.features, self.layers, self.kernel_size = features, layers, kernel_size
         self.step, self.activation, self.impl = float(step), activation, impl
         self.batch_norm = batch_norm

@@ -23,6 +23,7 @@ import warnings
 
 import torch
 
+from . import conv_reference
 from . import ops as _ops  # loads stablenets_ext._C (the schemas and kernels)
 
 STATE_SLOTS = {"resnet": 2, "antisymmetric": 2, "leapfrog": 2, "verlet": 4}
@@ -215,9 +216,7 @@ if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
             if grad_out is None:
                 grad_out = torch.zeros_like(y)
             if torch.is_grad_enabled():
-                from . import conv
-
-                ref = conv.REFERENCE[arch]
+                ref = conv_reference.REFERENCE[arch]
                 if arch == "antisymmetric":
                     gamma, act = ctx.rest
 
@@ -287,9 +286,7 @@ if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
         def backward(ctx, grad_a, grad_b, _grad_states):
             y, other, weight, bias, *kept = ctx.saved_tensors
             if torch.is_grad_enabled():
-                from . import conv
-
-                ref = conv.REFERENCE[arch]
+                ref = conv_reference.REFERENCE[arch]
 
                 def fn(y, other, w, b):
                     return ref(y, w, b, ctx.step, ctx.activation, other, return_state=True)
