@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from . import conv_ops as _cops
-from . import reference
+from . import functional, reference
 from .conv_reference import (  # noqa: F401  (re-exported: part of this module's interface)
     REFERENCE,
     ConvNorm,
@@ -65,18 +65,11 @@ def _warn_once(key, message):
 # ------------------------------------------------------------------ checks
 
 
-def _check_tensor(t, name):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{name}: expected a float32 or float64 tensor, got {t.dtype}")
-
-
 def check_args(y, weight, bias, step, activation, *, gamma=None, state=None, state_name=None):
     """Raise a ValueError/TypeError naming the first bad argument."""
-    _check_tensor(y, "y")
-    _check_tensor(weight, "weight")
-    _check_tensor(bias, "bias")
+    functional.check_tensor(y, "y")
+    functional.check_tensor(weight, "weight")
+    functional.check_tensor(bias, "bias")
     if y.dim() != 4:
         raise ValueError(
             f"y: expected a 4-D tensor (batch, channels, height, width), got shape {tuple(y.shape)}"
@@ -102,32 +95,9 @@ def check_args(y, weight, bias, step, activation, *, gamma=None, state=None, sta
             f"bias: expected shape {(weight.shape[0], weight.shape[1])} = (layers, channels), "
             f"got {tuple(bias.shape)}"
         )
-    for t, name in ((weight, "weight"), (bias, "bias")):
-        if t.dtype != y.dtype:
-            raise ValueError(f"{name}: expected the dtype of y ({y.dtype}), got {t.dtype}")
-        if t.device != y.device:
-            raise ValueError(f"{name}: expected the device of y ({y.device}), got {t.device}")
-    if state is not None:
-        _check_tensor(state, state_name)
-        if state.shape != y.shape:
-            raise ValueError(
-                f"{state_name}: expected the shape of y {tuple(y.shape)}, got {tuple(state.shape)}"
-            )
-        if state.dtype != y.dtype or state.device != y.device:
-            raise ValueError(
-                f"{state_name}: expected dtype {y.dtype} on {y.device}, "
-                f"got {state.dtype} on {state.device}"
-            )
-    if isinstance(step, torch.Tensor) or not isinstance(step, (int, float)) or isinstance(step, bool):
-        raise TypeError(f"step: expected a Python number, got {type(step).__name__}")
-    if not math.isfinite(step) or step <= 0:
-        raise ValueError(f"step: expected a finite positive number, got {step}")
-    if gamma is not None:
-        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool):
-            raise TypeError(f"gamma: expected a Python number, got {type(gamma).__name__}")
-        if not math.isfinite(gamma) or gamma < 0:
-            raise ValueError(f"gamma: expected a finite number >= 0, got {gamma}")
-    reference.activation_fn(activation)
+    # dtype, device, carried state, step, gamma, activation: as the dense stacks
+    functional.check_rest(y, weight, bias, step, activation, gamma=gamma, state=state,
+                          state_name=state_name)
 
 
 def _has_tangent(*tensors) -> bool:

@@ -40,14 +40,14 @@ _warned_reasons: set[str] = set()
 _NUMBER = (int, float, torch.SymInt, torch.SymFloat)
 
 
-def _check_tensor(t, name):
+def check_tensor(t, name):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{name}: expected a float32 or float64 tensor, got {t.dtype}")
 
 
-def _check_scalar(value, name, *, allow_zero=False):
+def check_scalar(value, name, *, allow_zero=False):
     if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, _NUMBER):
         raise TypeError(f"{name}: expected a Python number, got {type(value).__name__}")
     if not ((value >= 0 if allow_zero else value > 0) and value < math.inf):  # NaN fails too
@@ -57,9 +57,9 @@ def _check_scalar(value, name, *, allow_zero=False):
 
 def check_args(y, weight, bias, step, activation, *, gamma=None, state=None, state_name=None):
     """Raise a ValueError/TypeError naming the first bad argument."""
-    _check_tensor(y, "y")
-    _check_tensor(weight, "weight")
-    _check_tensor(bias, "bias")
+    check_tensor(y, "y")
+    check_tensor(weight, "weight")
+    check_tensor(bias, "bias")
     if y.dim() != 2:
         raise ValueError(f"y: expected a 2-D tensor (batch, features), got shape {tuple(y.shape)}")
     if weight.dim() != 3 or weight.shape[1] != weight.shape[2]:
@@ -78,13 +78,20 @@ def check_args(y, weight, bias, step, activation, *, gamma=None, state=None, sta
             f"bias: expected shape {(weight.shape[0], weight.shape[1])} = (layers, features), "
             f"got {tuple(bias.shape)}"
         )
+    check_rest(y, weight, bias, step, activation, gamma=gamma, state=state, state_name=state_name)
+
+
+def check_rest(y, weight, bias, step, activation, *, gamma=None, state=None, state_name=None):
+    """The checks that do not depend on the layout of y and weight (dense or
+    convolutional, see :func:`stablenets_ext.conv.check_args`): parameters on y's
+    dtype and device, the carried state like y, the scalars, the activation."""
     for t, name in ((weight, "weight"), (bias, "bias")):
         if t.dtype != y.dtype:
             raise ValueError(f"{name}: expected the dtype of y ({y.dtype}), got {t.dtype}")
         if t.device != y.device:
             raise ValueError(f"{name}: expected the device of y ({y.device}), got {t.device}")
     if state is not None:
-        _check_tensor(state, state_name)
+        check_tensor(state, state_name)
         if state.shape != y.shape:
             raise ValueError(
                 f"{state_name}: expected the shape of y {tuple(y.shape)}, got {tuple(state.shape)}"
@@ -94,9 +101,9 @@ def check_args(y, weight, bias, step, activation, *, gamma=None, state=None, sta
                 f"{state_name}: expected dtype {y.dtype} on {y.device}, "
                 f"got {state.dtype} on {state.device}"
             )
-    _check_scalar(step, "step")
+    check_scalar(step, "step")
     if gamma is not None:
-        _check_scalar(gamma, "gamma", allow_zero=True)
+        check_scalar(gamma, "gamma", allow_zero=True)
     reference.activation_fn(activation)
 
 
