@@ -30,15 +30,8 @@ STATE_SLOTS = {"resnet": 2, "antisymmetric": 2, "leapfrog": 2, "verlet": 4}
 ARCHS = tuple(STATE_SLOTS)
 
 
-def _probe() -> dict[str, bool]:
-    if not _ops.compiled():
-        return {"cpu": False, "cuda": False}
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return {dev: has("stablenets::conv_resnet_forward", key) for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
-
-
 # Probed once: a plain dict lookup is what torch.compile can trace through.
-_KERNELS = _probe()
+_KERNELS = _ops.probe_kernels("stablenets::conv_resnet_forward")
 
 
 def has_kernel(device: torch.device | str) -> bool:

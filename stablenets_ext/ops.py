@@ -55,15 +55,16 @@ def compiled() -> bool:
     return _C is not None
 
 
-def _probe_kernels() -> dict[str, bool]:
+def probe_kernels(op: str) -> dict[str, bool]:
+    """Which devices have a kernel registered for ``op`` (e.g. ``"stablenets::resnet_forward"``)."""
     if _C is None:
         return {"cpu": False, "cuda": False}
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return {dev: has("stablenets::resnet_forward", key) for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+    return {dev: has(op, key) for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
 
 
 # Probed once: a plain dict lookup is what torch.compile can trace through.
-_KERNELS = _probe_kernels()
+_KERNELS = probe_kernels("stablenets::resnet_forward")
 
 
 def has_kernel(device: torch.device | str) -> bool:
