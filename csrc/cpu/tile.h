@@ -118,47 +118,116 @@ inline void tile_gemm(const T* K, int64_t d, const T* bias, const T* in, T* out,
   }
 }
 
-// dW[i][k] += alpha * sum_{t<rows} a[i][t] * b[k][t]   (a, b feature-major tiles)
+// Weight- and bias-gradient partial sums keep kLanes running sums per entry,
+// added up once at the end (Partials::sum). Reducing every 64-row dot product to
+// one number per tile (a horizontal add, then a scalar read-modify-write) took
+// half the narrow backward's time (benchmarks/narrow_phases.cpp).
+constexpr int64_t kLanes = 8;
+
+// dst[l] += alpha * sum_{t < rows, t = l mod kLanes} x[t] y[t]
 template <typename T>
-inline void tile_outer(const T* a, const T* b, int64_t d, int64_t rows, T alpha, T* dW) {
-  for (int64_t i = 0; i < d; ++i) {
-    const T* ai = a + i * kTile;
-    for (int64_t k = 0; k < d; ++k) {
-      const T* bk = b + k * kTile;
-      T s = T(0);
-#pragma omp simd reduction(+ : s)
-      for (int64_t t = 0; t < rows; ++t) s += ai[t] * bk[t];
-      dW[i * d + k] += alpha * s;
+inline void lane_dot(const T* x, const T* y, int64_t rows, T alpha, T* dst) {
+  if (rows == kTile) {
+    T acc[2 * kLanes] = {};
+    for (int64_t t0 = 0; t0 < kTile; t0 += 2 * kLanes) {
+#pragma omp simd
+      for (int64_t l = 0; l < 2 * kLanes; ++l) acc[l] += x[t0 + l] * y[t0 + l];
     }
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) dst[l] += alpha * (acc[l] + acc[l + kLanes]);
+  } else {  // a chunk's last, partial tile
+    for (int64_t t = 0; t < rows; ++t) dst[t % kLanes] += alpha * x[t] * y[t];
   }
 }
 
-// db[i] += sum_{t<rows} g[i][t]
+// An IB x KB block of tile_outer on full tiles: IB * KB running sums kept in
+// registers while the t loop streams IB + KB feature rows, so each loaded
+// vector feeds several multiply-adds.
+template <typename T, int IB, int KB>
+inline void outer_block(const T* a, const T* b, int64_t d, T alpha, T* dW) {
+  constexpr int64_t W = 2 * kLanes;
+  T acc[IB][KB][W] = {};
+  for (int64_t t0 = 0; t0 < kTile; t0 += W)
+    for (int ii = 0; ii < IB; ++ii)
+      for (int kk = 0; kk < KB; ++kk) {
+        const T* x = a + ii * kTile + t0;
+        const T* y = b + kk * kTile + t0;
+#pragma omp simd
+        for (int64_t l = 0; l < W; ++l) acc[ii][kk][l] += x[l] * y[l];
+      }
+  for (int ii = 0; ii < IB; ++ii)
+    for (int kk = 0; kk < KB; ++kk) {
+      T* dst = dW + (ii * d + kk) * kLanes;
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) dst[l] += alpha * (acc[ii][kk][l] + acc[ii][kk][l + kLanes]);
+    }
+}
+
+// Register blocks per instruction set: 8 accumulators of 2 * kLanes values.
+#if defined(__AVX512F__)
+constexpr int kOuterIB = 2, kOuterKB = 4;
+#elif defined(__AVX2__)
+constexpr int kOuterIB = 2, kOuterKB = 2;
+#else
+constexpr int kOuterIB = 1, kOuterKB = 2;
+#endif
+
+// dW[i][k][:] += alpha * lanes of sum_{t<rows} a[i][t] * b[k][t]   (a, b feature-major tiles)
+template <typename T>
+inline void tile_outer(const T* a, const T* b, int64_t d, int64_t rows, T alpha, T* dW) {
+  int64_t i0 = 0;
+  if (rows == kTile) {
+    for (; i0 + kOuterIB <= d; i0 += kOuterIB) {
+      int64_t k0 = 0;
+      for (; k0 + kOuterKB <= d; k0 += kOuterKB)
+        outer_block<T, kOuterIB, kOuterKB>(a + i0 * kTile, b + k0 * kTile, d, alpha,
+                                           dW + (i0 * d + k0) * kLanes);
+      for (; k0 < d; ++k0)
+        outer_block<T, kOuterIB, 1>(a + i0 * kTile, b + k0 * kTile, d, alpha,
+                                    dW + (i0 * d + k0) * kLanes);
+    }
+  }
+  for (int64_t i = i0; i < d; ++i)
+    for (int64_t k = 0; k < d; ++k)
+      lane_dot(a + i * kTile, b + k * kTile, rows, alpha, dW + (i * d + k) * kLanes);
+}
+
+// db[i][:] += lanes of sum_{t<rows} g[i][t]
 template <typename T>
 inline void tile_rowsum(const T* g, int64_t d, int64_t rows, T* db) {
   for (int64_t i = 0; i < d; ++i) {
     const T* gi = g + i * kTile;
-    T s = T(0);
-#pragma omp simd reduction(+ : s)
-    for (int64_t t = 0; t < rows; ++t) s += gi[t];
-    db[i] += s;
+    T* dst = db + i * kLanes;
+    if (rows == kTile) {
+      T acc[2 * kLanes] = {};
+      for (int64_t t0 = 0; t0 < kTile; t0 += 2 * kLanes) {
+#pragma omp simd
+        for (int64_t l = 0; l < 2 * kLanes; ++l) acc[l] += gi[t0 + l];
+      }
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) dst[l] += acc[l] + acc[l + kLanes];
+    } else {
+      for (int64_t t = 0; t < rows; ++t) dst[t % kLanes] += gi[t];
+    }
   }
 }
 
-// Per-chunk partial gradients of weight and bias, summed at the end.
+// Per-chunk partial gradients of weight and bias, kLanes running sums per
+// entry, summed at the end.
 template <typename T>
 struct Partials {
-  at::Tensor w, b;  // (chunks, N, d, d), (chunks, N, d)
+  at::Tensor w, b;  // (chunks, N, d, d, kLanes), (chunks, N, d, kLanes)
   Partials(int64_t chunks, int64_t n, int64_t d, const at::TensorOptions& opt)
-      : w(at::zeros({chunks, n, d, d}, opt)), b(at::zeros({chunks, n, d}, opt)) {}
+      : w(at::zeros({chunks, n, d, d, kLanes}, opt)), b(at::zeros({chunks, n, d, kLanes}, opt)) {}
   T* dw(int64_t chunk, int64_t layer, int64_t d) {
-    return w.data_ptr<T>() + (chunk * w.size(1) + layer) * d * d;
+    return w.data_ptr<T>() + (chunk * w.size(1) + layer) * d * d * kLanes;
   }
   T* db(int64_t chunk, int64_t layer, int64_t d) {
-    return b.data_ptr<T>() + (chunk * b.size(1) + layer) * d;
+    return b.data_ptr<T>() + (chunk * b.size(1) + layer) * d * kLanes;
   }
   std::tuple<at::Tensor, at::Tensor> sum(int64_t chunks) {
-    return {w.narrow(0, 0, chunks).sum(0), b.narrow(0, 0, chunks).sum(0)};
+    return {w.narrow(0, 0, chunks).sum(at::IntArrayRef{0, 4}),
+            b.narrow(0, 0, chunks).sum(at::IntArrayRef{0, 3})};
   }
 };
 
