@@ -7,8 +7,9 @@ For every shape (B x d x N) and architecture, float32, on the CPU (or --device):
   eager      stablenets_ext.reference: a per-layer PyTorch loop over weight[j]
   compiled   torch.compile of that loop (fwd+bwd only; skipped with --no-compile)
   bare mm    the N matrix products alone (2N for leapfrog and Verlet), the floor
-Each time is the median of --reps repetitions after warm-up, all measured in
-this one run, so the ratios compare like with like on a noisy machine.
+Each time is the median of --reps rounds after warm-up, all measured in this
+one run; every round times each case once, in turn, so the ratios compare like
+with like on a noisy machine.
 """
 
 from __future__ import annotations
@@ -33,17 +34,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device, reps, warmup=2):
-    for _ in range(warmup):
-        fn()
+def interleaved_medians(cases, device, reps, warmup=3):
+    """Median milliseconds of each case; every round times each case once, in turn, so a slow
+    spell of a shared machine lands on all of them rather than on one."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
     sync(device)
-    times = []
+    times = {name: [] for name in cases}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(v) for name, v in times.items()}
 
 
 def inputs(B, d, N, device, seed=0):
@@ -71,15 +76,6 @@ def bench_one(arch, B, d, N, device, reps, compile_):
             fn(y, w, b).sum().backward()
         return run
 
-    row = {}
-    row["fused_fwd"] = median_ms(fwd(fused), device, reps)
-    row["eager_fwd"] = median_ms(fwd(eager), device, reps)
-    row["fused_fb"] = median_ms(fwd_bwd(fused), device, reps)
-    row["eager_fb"] = median_ms(fwd_bwd(eager), device, reps)
-    if compile_:
-        torch._dynamo.reset()
-        comp = torch.compile(eager)
-        row["compiled_fb"] = median_ms(fwd_bwd(comp), device, reps, warmup=3)
     wd = w.detach()
     k = GEMMS_PER_LAYER[arch]
 
@@ -89,8 +85,12 @@ def bench_one(arch, B, d, N, device, reps, compile_):
                 for _ in range(k):
                     torch.mm(y, wd[j].t())
 
-    row["bare_mm"] = median_ms(bare, device, reps)
-    return row
+    cases = {"fused_fwd": fwd(fused), "eager_fwd": fwd(eager), "bare_mm": bare,
+             "fused_fb": fwd_bwd(fused), "eager_fb": fwd_bwd(eager)}
+    if compile_:
+        torch._dynamo.reset()
+        cases["compiled_fb"] = fwd_bwd(torch.compile(eager))
+    return interleaved_medians(cases, device, reps)
 
 
 def main(argv=None):
