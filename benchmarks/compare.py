@@ -1,15 +1,15 @@
 """Fused kernels against plain PyTorch, one table of medians and ratios.
 
-    python benchmarks/compare.py [--shapes 1024x4x64,256x784x16] [--archs ...] [--no-compile]
+    python benchmarks/compare.py [--shapes 1024x4x64,256x784x16] [--archs ...] [--reps R] [--rounds 3] [--no-compile]
 
 For every shape (B x d x N) and architecture, float32, on the CPU (or --device):
   fused      the package's op (one call for the whole stack)
   eager      stablenets_ext.reference: a per-layer PyTorch loop over weight[j]
   compiled   torch.compile of that loop (fwd+bwd only; skipped with --no-compile)
   bare mm    the N matrix products alone (2N for leapfrog and Verlet), the floor
-Each time is the median of --reps rounds after warm-up, all measured in this
-one run; every round times each case once, in turn, so the ratios compare like
-with like on a noisy machine.
+Each time is the median over --rounds rounds of the per-round median of --reps
+back-to-back calls, all measured in this one run; the rounds visit the cases in
+turn, so the ratios compare like with like on a noisy machine.
 """
 
 from __future__ import annotations
@@ -34,21 +34,27 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def interleaved_medians(cases, device, reps, warmup=3):
-    """Median milliseconds of each case; every round times each case once, in turn, so a slow
-    spell of a shared machine lands on all of them rather than on one."""
+def round_medians(cases, device, reps, rounds, warmup=3):
+    """Milliseconds of each case: the median over `rounds` of its per-round median of `reps`
+    back-to-back calls. Rounds visit the cases in turn, so a slow spell of a shared machine
+    lands on all of them; within a round a case runs back to back, as a training loop calls it
+    (interleaving single calls of the fused ops with the eager loop's thousands of small
+    allocations measured the allocator's state more than the ops)."""
     for fn in cases.values():
         for _ in range(warmup):
             fn()
     sync(device)
-    times = {name: [] for name in cases}
-    for _ in range(reps):
+    per_round = {name: [] for name in cases}
+    for _ in range(rounds):
         for name, fn in cases.items():
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(v) for name, v in times.items()}
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            per_round[name].append(statistics.median(times))
+    return {name: 1e3 * statistics.median(v) for name, v in per_round.items()}
 
 
 def inputs(B, d, N, device, seed=0):
@@ -59,7 +65,7 @@ def inputs(B, d, N, device, seed=0):
     return y, w, b
 
 
-def bench_one(arch, B, d, N, device, reps, compile_):
+def bench_one(arch, B, d, N, device, reps, rounds, compile_):
     y, w, b = inputs(B, d, N, device)
     fused = lambda *a: SF.FUNCTIONS[arch](*a, 0.1, "tanh", impl="fused")  # noqa: E731
     eager = lambda *a: reference.FUNCTIONS[arch](*a, 0.1, "tanh")  # noqa: E731
@@ -90,7 +96,7 @@ def bench_one(arch, B, d, N, device, reps, compile_):
     if compile_:
         torch._dynamo.reset()
         cases["compiled_fb"] = fwd_bwd(torch.compile(eager))
-    return interleaved_medians(cases, device, reps)
+    return round_medians(cases, device, reps, rounds)
 
 
 def main(argv=None):
@@ -99,6 +105,7 @@ def main(argv=None):
     p.add_argument("--archs", default=",".join(ARCHS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--reps", type=int, default=0, help="repetitions (default: 31 small, 7 large)")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-compile", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -112,7 +119,7 @@ def main(argv=None):
         B, d, N = (int(v) for v in shape.split("x"))
         reps = args.reps or (31 if B * d * d * N < 5e7 else 7)
         for arch in args.archs.split(","):
-            r = bench_one(arch, B, d, N, device, reps, not args.no_compile)
+            r = bench_one(arch, B, d, N, device, reps, args.rounds, not args.no_compile)
             comp = r.get("compiled_fb")
             comp_s = f"{comp:8.3f} {comp / r['fused_fb']:5.1f}x" if comp else f"{'-':>8s} {'-':>6s}"
             print(f"{arch:14s} {shape:>13s} | {r['fused_fwd']:9.3f} {r['eager_fwd']:8.3f} "

@@ -63,7 +63,8 @@ void backward_narrow(const T* gout, const T* states, const T* K, T h, int64_t N,
 template <typename T>
 at::Tensor layer_weight(const at::Tensor& K, int64_t j, const double* gamma, at::Tensor& buf) {
   if (!gamma) return K[j];
-  antisymmetrize<T>(K[j].data_ptr<T>(), 1, K.size(1), static_cast<T>(*gamma), buf.data_ptr<T>());
+  buf.copy_(K[j]);
+  antisymmetrize_inplace<T>(buf.data_ptr<T>(), K.size(1), static_cast<T>(*gamma));
   return buf;
 }
 

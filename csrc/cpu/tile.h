@@ -306,6 +306,32 @@ void antisymmetrize(const T* M, int64_t N, int64_t d, T gamma, T* out) {
   });
 }
 
+// The same transform of one d x d matrix, in place: each pair of blocks (I, K),
+// (K, I) is read once and both rewritten from it. A wide stack copies K_j (not
+// in cache: a streaming copy) into its buffer and transforms it there.
+template <typename T>
+void antisymmetrize_inplace(T* M, int64_t d, T gamma) {
+  constexpr int64_t kBlock = 32;
+  const int64_t nb = (d + kBlock - 1) / kBlock;
+  at::parallel_for(0, nb * (nb + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      int64_t ib = 0, rest = p;  // pair p -> block row ib, block column kb >= ib
+      while (rest >= nb - ib) rest -= nb - ib++;
+      const int64_t kb = ib + rest;
+      const int64_t i0 = ib * kBlock, i1 = std::min(d, i0 + kBlock);
+      const int64_t k0 = kb * kBlock, k1 = std::min(d, k0 + kBlock);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t k = (ib == kb ? i + 1 : k0); k < k1; ++k) {
+          const T v = T(0.5) * (M[i * d + k] - M[k * d + i]);
+          M[i * d + k] = v;
+          M[k * d + i] = -v;
+        }
+      if (ib == kb)
+        for (int64_t i = i0; i < i1; ++i) M[i * d + i] = -T(0.5) * gamma;
+    }
+  });
+}
+
 // ----------------------------------------------------------------- wide path
 
 // Parallel elementwise loop over n elements; fn(begin, end) gets a contiguous range.
