@@ -121,7 +121,7 @@ def main(argv=None):
         for arch in args.archs.split(","):
             r = bench_one(arch, B, d, N, device, reps, args.rounds, not args.no_compile)
             comp = r.get("compiled_fb")
-            comp_s = f"{comp:8.3f} {comp / r['fused_fb']:5.1f}x" if comp else f"{'-':>8s} {'-':>6s}"
+            comp_s = f"{comp:8.3f} {comp / r['fused_fb']:5.2f}x" if comp else f"{'-':>8s} {'-':>6s}"
             print(f"{arch:14s} {shape:>13s} | {r['fused_fwd']:9.3f} {r['eager_fwd']:8.3f} "
                   f"{r['eager_fwd'] / r['fused_fwd']:5.1f}x {r['bare_mm']:8.3f} {r['fused_fwd'] / r['bare_mm']:7.2f}x | "
                   f"{r['fused_fb']:9.3f} {r['eager_fb']:8.3f} {r['eager_fb'] / r['fused_fb']:5.1f}x {comp_s}",

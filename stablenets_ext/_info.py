@@ -17,5 +17,15 @@ def info() -> dict:
         "compiled": ops.compiled(),
         "compiled_devices": ops.compiled_devices(),
         "cpu_isa": ops.CPU_ISA,
+        "cpu_cache": _cache_line(ops),
         "load_error": None if ops.LOAD_ERROR is None else str(ops.LOAD_ERROR),
     }
+
+
+def _cache_line(ops) -> str | None:
+    stats = ops.cpu_cache_stats()
+    if stats is None:
+        return None
+    if stats["cap"] == 0:
+        return "off (STABLENETS_CPU_CACHE_MB=0)"
+    return f"cap {stats['cap'] >> 20} MiB, holding {stats['held'] >> 20} MiB in {stats['blocks']} blocks"

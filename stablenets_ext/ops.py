@@ -51,6 +51,25 @@ CPU_ISA: str | None = _cpu_isa.load() if _C is not None else None
 STATE_SLOTS = {"resnet": 2, "antisymmetric": 2, "leapfrog": 2, "verlet": 4}
 
 
+def cpu_cache_stats() -> dict | None:
+    """The CPU block cache of the loaded kernels (csrc/cpu/block_cache.h), or None without one.
+
+    Forward states and weight gradients of 1 MiB and more come from it, so a training loop does
+    not page-fault them in again at every step. Keys: ``held`` and ``cap`` (bytes), ``hits``,
+    ``misses``, ``blocks``. ``STABLENETS_CPU_CACHE_MB`` sets the cap (default 512, 0 turns it off).
+    """
+    if CPU_ISA is None or not hasattr(torch.ops.stablenets, "cpu_cache_stats"):
+        return None
+    held, cap, hits, misses, blocks = torch.ops.stablenets.cpu_cache_stats()
+    return {"held": held, "cap": cap, "hits": hits, "misses": misses, "blocks": blocks}
+
+
+def cpu_cache_empty() -> None:
+    """Release every block the CPU block cache holds (as ``torch.cuda.empty_cache`` does for CUDA)."""
+    if CPU_ISA is not None and hasattr(torch.ops.stablenets, "cpu_cache_empty"):
+        torch.ops.stablenets.cpu_cache_empty()
+
+
 def compiled() -> bool:
     return _C is not None
 

@@ -121,27 +121,41 @@ void forward_wide(const at::Tensor& y, const at::Tensor& yprev, const at::Tensor
                   const at::Tensor& b, T h, at::Tensor& Y, at::Tensor& Yp, at::Tensor& states,
                   bool store) {
   const int64_t N = K.size(0);
-  Y.copy_(y);
-  Yp.copy_(yprev);
-  at::Tensor P = at::empty_like(Y);  // P_j, then A_j in place
+  const double mh2 = -static_cast<double>(h) * h;
+  store = store && N > 0;
+  // Y_j and Y_{j-1}. Keeping states, Y_j lives in its slot and Y_{j+1} is written
+  // straight into the next one; else two buffers take turns.
+  at::Tensor cur = store ? slot(states, 0, 0) : Y, prev = store ? yprev : Yp;
+  cur.copy_(y);
+  if (!store) Yp.copy_(yprev);
+  // A_j for the second product: the P_j slot itself, activated in place, unless
+  // the state must keep P_j (kStoresPre).
+  at::Tensor Abuf = store && !kStoresPre<A> ? at::Tensor() : at::empty_like(Y);
   for (int64_t j = 0; j < N; ++j) {
-    if (store) {
-      slot(states, j, 0).copy_(Y);
-      if constexpr (!kStoresPre<A>) P = slot(states, j, 1);
-    }
-    at::addmm_out(P, b[j], Y, K[j].t());
-    if (store && kStoresPre<A>) slot(states, j, 1).copy_(P);  // the state keeps P itself
-    T* ypp = Yp.data_ptr<T>();
-    const T* yp = Y.data_ptr<T>();
-    T* pp = P.data_ptr<T>();
+    at::Tensor P = store ? slot(states, j, 1) : Abuf;
+    const at::Tensor Aj = store && !kStoresPre<A> ? P : Abuf;
+    at::addmm_out(P, b[j], cur, K[j].t());
+    at::Tensor next = !store ? prev : (j + 1 < N ? slot(states, j + 1, 0) : Y);
+    T* ap = Aj.data_ptr<T>();
+    const T* pp = P.data_ptr<T>();
+    const T* yc = cur.data_ptr<T>();
+    const T* yo = prev.data_ptr<T>();
+    T* yn = next.data_ptr<T>();
     ew(Y.numel(), [&](int64_t e0, int64_t e1) {
 #pragma omp simd
       for (int64_t e = e0; e < e1; ++e) {
-        pp[e] = act_f<A, T>(pp[e]);
-        ypp[e] = T(2) * yp[e] - ypp[e];
+        ap[e] = act_f<A, T>(pp[e]);
+        yn[e] = T(2) * yc[e] - yo[e];
       }
     });
-    Yp.addmm_(P, K[j], 1.0, -static_cast<double>(h) * h);
+    next.addmm_(Aj, K[j], 1.0, mh2);  // Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 A_j K_j
+    prev = cur;
+    cur = next;
+  }
+  // (Y_N, Y_{N-1}) into (Y, Yp)
+  if (store) {
+    Yp.copy_(prev);
+  } else if (N % 2 == 1) {
     std::swap(Y, Yp);
   }
 }
@@ -248,7 +262,7 @@ T6 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& 
             Reversible ? ryp.data_ptr<scalar_t>() : nullptr, part);
         std::tie(gw, gb) = part.sum(num_chunks(B, N * d * d));
       } else {
-        gw = at::empty({N, d, d}, ga.options());
+        gw = empty_cached({N, d, d}, ga.options());
         gb = at::empty({N, d}, ga.options());
         at::Tensor a = at::empty({B, d}, ga.options()), c = at::empty({B, d}, ga.options());
         backward_wide<scalar_t, kAct, Reversible>(ga, gc, states, yhi, ylo, K, b, h, a, c, gw,

@@ -72,25 +72,19 @@ template <typename T, Act A>
 void forward_wide(const at::Tensor& y, const at::Tensor& K, const at::Tensor& b, T h,
                   at::Tensor& out, at::Tensor& states, bool store, const double* gamma) {
   const int64_t N = K.size(0);
-  out.copy_(y);
+  store = store && N > 0;
+  // Y_j: in its state slot when states are kept (Y_{j+1} is written straight
+  // into the next slot), else updated in place in out.
+  at::Tensor cur = store ? slot(states, 0, 0) : out;
+  cur.copy_(y);
   at::Tensor P = store ? at::Tensor() : at::empty_like(out);
   at::Tensor wbuf = gamma ? at::empty({K.size(1), K.size(2)}, K.options()) : at::Tensor();
   for (int64_t j = 0; j < N; ++j) {
-    if (store) {
-      slot(states, j, 0).copy_(out);
-      P = slot(states, j, 1);
-    }
-    at::addmm_out(P, b[j], out, layer_weight<T>(K, j, gamma, wbuf).t());
-    T* yp = out.data_ptr<T>();
-    T* pp = P.data_ptr<T>();
-    ew(out.numel(), [&](int64_t e0, int64_t e1) {
-#pragma omp simd
-      for (int64_t e = e0; e < e1; ++e) {
-        const T a = act_f<A, T>(pp[e]);
-        if constexpr (!kStoresPre<A>) pp[e] = a;
-        yp[e] += h * a;
-      }
-    });
+    if (store) P = slot(states, j, 1);
+    at::addmm_out(P, b[j], cur, layer_weight<T>(K, j, gamma, wbuf).t());
+    const at::Tensor next = store && j + 1 < N ? slot(states, j + 1, 0) : out;
+    act_step<T, A>(next, cur, P, h);
+    cur = next;
   }
 }
 
@@ -178,7 +172,7 @@ T3 resnet_backward_impl(const at::Tensor& gout_in, const at::Tensor& states_in,
         std::tie(gw, gb) = part.sum(num_chunks(B, N * d * d));
         if (gamma) gw = antisymmetric_weight(gw, 0.0);  // dL/dK = (dL/dW - dL/dW^T) / 2
       } else {
-        gw = at::empty({N, d, d}, gout.options());
+        gw = empty_cached({N, d, d}, gout.options());
         gb = at::empty({N, d}, gout.options());
         backward_wide<scalar_t, kAct>(gout, states, K, h, gy, gw, gb, gamma);
       }

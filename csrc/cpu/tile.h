@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "block_cache.h"
 #include "stablenets/activation.h"
 #include "stablenets/checks.h"
 
@@ -266,7 +267,7 @@ struct Partials {
 
  private:
   static at::Tensor reduce(const at::Tensor& part, int64_t chunks, at::IntArrayRef shape) {
-    at::Tensor out = at::empty(shape, part.options());
+    at::Tensor out = empty_cached(shape, part.options());
     const int64_t entries = out.numel(), stride = entries * kLanes;
     const T* src = part.data_ptr<T>();
     T* dst = out.data_ptr<T>();
@@ -340,13 +341,32 @@ inline void ew(int64_t n, const F& fn) {
   at::parallel_for(0, n, 16384, fn);
 }
 
+// dst = src + alpha * act(p), and p <- what a state keeps of it: act(p), or p
+// itself for kStoresPre activations. dst may be src. Wide forwards that keep
+// states write each layer's new state straight into its slot this way, rather
+// than updating a running tensor in place and copying it into the slot.
+template <typename T, Act A>
+void act_step(const at::Tensor& dst, const at::Tensor& src, const at::Tensor& p, T alpha) {
+  T* o = dst.data_ptr<T>();
+  const T* x = src.data_ptr<T>();
+  T* pp = p.data_ptr<T>();
+  ew(dst.numel(), [&](int64_t e0, int64_t e1) {
+#pragma omp simd
+    for (int64_t e = e0; e < e1; ++e) {
+      const T a = act_f<A, T>(pp[e]);
+      if constexpr (!kStoresPre<A>) pp[e] = a;
+      o[e] = x[e] + alpha * a;
+    }
+  });
+}
+
 // Layer j's (B, d) slot s of a states tensor (N, S, B, d).
 inline at::Tensor slot(const at::Tensor& states, int64_t j, int64_t s) {
   return states.select(0, j).select(0, s);
 }
 
 inline at::Tensor empty_states(const at::Tensor& y, int64_t layers, int64_t slots) {
-  return at::empty({layers, slots, y.size(0), y.size(1)}, y.options());
+  return empty_cached({layers, slots, y.size(0), y.size(1)}, y.options());
 }
 
 }  // namespace cpu_detail

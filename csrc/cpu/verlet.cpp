@@ -139,21 +139,6 @@ void activate(at::Tensor& p) {
   });
 }
 
-// out += alpha * act(p), and p <- what a state keeps of it (as `activate`).
-template <typename T, Act A>
-void activate_add(at::Tensor& out, at::Tensor& p, T alpha) {
-  T* o = out.data_ptr<T>();
-  T* pp = p.data_ptr<T>();
-  ew(out.numel(), [&](int64_t e0, int64_t e1) {
-#pragma omp simd
-    for (int64_t e = e0; e < e1; ++e) {
-      const T a = act_f<A, T>(pp[e]);
-      if constexpr (!kStoresPre<A>) pp[e] = a;
-      o[e] += alpha * a;
-    }
-  });
-}
-
 // out += alpha * act(p) for a kept state s of p (see `activate`).
 template <typename T, Act A>
 void add_stored_act(at::Tensor& out, const at::Tensor& s, T alpha) {
@@ -181,19 +166,30 @@ template <typename T, Act A>
 void forward_wide(const at::Tensor& K, const at::Tensor& b, T h, at::Tensor& Y, at::Tensor& Z,
                   at::Tensor& states, bool store) {
   const int64_t N = K.size(0);
-  at::Tensor P1 = at::empty_like(Y), P2 = at::empty_like(Y);
-  for (int64_t j = 0; j < N; ++j) {
-    if (store) {
-      slot(states, j, 0).copy_(Y);
-      P1 = slot(states, j, 1);
-      P2 = slot(states, j, 3);
+  if (!store || N == 0) {
+    at::Tensor P1 = at::empty_like(Y), P2 = at::empty_like(Y);
+    for (int64_t j = 0; j < N; ++j) {
+      at::addmm_out(P1, b[j], Y, K[j]);
+      act_step<T, A>(Z, Z, P1, -h);
+      at::addmm_out(P2, b[j], Z, K[j].t());
+      act_step<T, A>(Y, Y, P2, h);
     }
-    at::addmm_out(P1, b[j], Y, K[j]);
-    activate_add<T, A>(Z, P1, -h);
-    at::addmm_out(P2, b[j], Z, K[j].t());
-    if (store) slot(states, j, 2).copy_(Z);
-    activate_add<T, A>(Y, P2, h);
+    return;
   }
+  // Keeping states: each half step writes its new Y or Z straight into its slot.
+  at::Tensor y = slot(states, 0, 0), z = Z;  // Y_j, Z_{j-1/2}
+  y.copy_(Y);
+  for (int64_t j = 0; j < N; ++j) {
+    at::Tensor P1 = slot(states, j, 1), zn = slot(states, j, 2), P2 = slot(states, j, 3);
+    at::addmm_out(P1, b[j], y, K[j]);
+    act_step<T, A>(zn, z, P1, -h);  // Z_{j+1/2}
+    at::addmm_out(P2, b[j], zn, K[j].t());
+    const at::Tensor yn = j + 1 < N ? slot(states, j + 1, 0) : Y;
+    act_step<T, A>(yn, y, P2, h);  // Y_{j+1}
+    y = yn;
+    z = zn;
+  }
+  Z.copy_(z);
 }
 
 template <typename T, Act A, bool Reversible>
@@ -209,7 +205,7 @@ void backward_wide(const at::Tensor& states, const at::Tensor& K, const at::Tens
   for (int64_t j = N - 1; j >= 0; --j) {
     if (Reversible) {
       at::addmm_out(P2, b[j], Z, K[j].t());
-      activate_add<T, A>(Y, P2, -h);
+      act_step<T, A>(Y, Y, P2, -h);
       at::addmm_out(P1, b[j], Y, K[j]);
       activate<T, A>(P1);
     } else {
@@ -262,7 +258,7 @@ T6 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& 
             Reversible ? rz.data_ptr<scalar_t>() : nullptr, part);
         std::tie(gw, gb) = part.sum(num_chunks(B, N * d * d));
       } else {
-        gw = at::empty({N, d, d}, gyc.options());
+        gw = empty_cached({N, d, d}, gyc.options());
         gb = at::empty({N, d}, gyc.options());
         gy.copy_(gyc);
         gz.copy_(gzc);
