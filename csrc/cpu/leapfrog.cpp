@@ -134,18 +134,25 @@ void forward_wide(const at::Tensor& y, const at::Tensor& yprev, const at::Tensor
   for (int64_t j = 0; j < N; ++j) {
     at::Tensor P = store ? slot(states, j, 1) : Abuf;
     const at::Tensor Aj = store && !kStoresPre<A> ? P : Abuf;
-    at::addmm_out(P, b[j], cur, K[j].t());
+    at::mm_out(P, cur, K[j].t());  // the bias is added below
     at::Tensor next = !store ? prev : (j + 1 < N ? slot(states, j + 1, 0) : Y);
     T* ap = Aj.data_ptr<T>();
-    const T* pp = P.data_ptr<T>();
+    T* pp = P.data_ptr<T>();
+    const T* bj = b[j].data_ptr<T>();
     const T* yc = cur.data_ptr<T>();
     const T* yo = prev.data_ptr<T>();
     T* yn = next.data_ptr<T>();
-    ew(Y.numel(), [&](int64_t e0, int64_t e1) {
+    const int64_t d = Y.size(1);
+    ew_rows(Y.size(0), d, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t o = r * d;
 #pragma omp simd
-      for (int64_t e = e0; e < e1; ++e) {
-        ap[e] = act_f<A, T>(pp[e]);
-        yn[e] = T(2) * yc[e] - yo[e];
+        for (int64_t c = 0; c < d; ++c) {
+          const T v = pp[o + c] + bj[c];
+          if constexpr (kStoresPre<A>) pp[o + c] = v;  // the state keeps P_j
+          ap[o + c] = act_f<A, T>(v);
+          yn[o + c] = T(2) * yc[o + c] - yo[o + c];
+        }
       }
     });
     next.addmm_(Aj, K[j], 1.0, mh2);  // Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 A_j K_j
@@ -176,6 +183,7 @@ void backward_wide(const at::Tensor& ga, const at::Tensor& gc, const at::Tensor&
     Yn = y_hi.clone();
   }
   if (Reversible || kStoresPre<A>) Av = at::empty_like(a);
+  bool c_negated = false;  // c holds -dL/dY_j (saves a negation pass per layer)
   for (int64_t j = N - 1; j >= 0; --j) {
     if (!Reversible) Y = slot(states, j, 0);
     if (Reversible || kStoresPre<A>) {
@@ -203,28 +211,27 @@ void backward_wide(const at::Tensor& ga, const at::Tensor& gc, const at::Tensor&
       const T* lp = a.data_ptr<T>();
       // act' from P_j itself where act(P) does not determine it (kStoresPre)
       const T* sp = kStoresPre<A> ? Pv.data_ptr<T>() : Av.data_ptr<T>();
-      const T m = static_cast<T>(mh2);
-      ew(G.numel(), [&](int64_t e0, int64_t e1) {
-#pragma omp simd
-        for (int64_t e = e0; e < e1; ++e) {
-          gp[e] *= m * stored_grad<A, T>(sp[e]);
-          cp[e] += T(2) * lp[e];
-        }
+      const T m = static_cast<T>(mh2), sc = c_negated ? T(-1) : T(1);
+      // G *= -h^2 act'(P_j), c <- c + 2 lam, db_j = sum G: one pass
+      colsum_pass<T>(G.size(0), G.size(1), gb[j].data_ptr<T>(), false, [&](int64_t e) {
+        cp[e] = sc * cp[e] + T(2) * lp[e];
+        return gp[e] *= m * stored_grad<A, T>(sp[e]);
       });
     }
     at::Tensor gwj = gw[j];
     at::mm_out(gwj, G.t(), Y);
     gwj.addmm_(Av.t(), a, 1.0, mh2);
-    at::Tensor gbj = gb[j];
-    at::sum_out(gbj, G, {0});
     c.addmm_(G, K[j]);
-    a.neg_();
+    // (a, c) <- (c, -a): the buffer of a becomes c as it is, marked negated,
+    // and the next pass over c (or the end) applies the sign.
     std::swap(a, c);
+    c_negated = true;
     if (Reversible) {
       Yn.mul_(-1).add_(Y, 2).addmm_(Av, K[j], 1.0, mh2);
       std::swap(Y, Yn);
     }
   }
+  if (c_negated) c.neg_();
   if (Reversible) {
     ry = Yn;      // Y_0
     ryprev = Y;   // Y_{-1}

@@ -81,9 +81,9 @@ void forward_wide(const at::Tensor& y, const at::Tensor& K, const at::Tensor& b,
   at::Tensor wbuf = gamma ? at::empty({K.size(1), K.size(2)}, K.options()) : at::Tensor();
   for (int64_t j = 0; j < N; ++j) {
     if (store) P = slot(states, j, 1);
-    at::addmm_out(P, b[j], cur, layer_weight<T>(K, j, gamma, wbuf).t());
+    at::mm_out(P, cur, layer_weight<T>(K, j, gamma, wbuf).t());
     const at::Tensor next = store && j + 1 < N ? slot(states, j + 1, 0) : out;
-    act_step<T, A>(next, cur, P, h);
+    act_step<T, A>(next, cur, P, h, b[j].data_ptr<T>());
     cur = next;
   }
 }
@@ -100,9 +100,8 @@ void backward_wide(const at::Tensor& gout, const at::Tensor& states, const at::T
     const T* ap = slot(states, j, 1).data_ptr<T>();
     const T* lp = gy.data_ptr<T>();
     T* gp = G.data_ptr<T>();
-    ew(G.numel(), [&](int64_t e0, int64_t e1) {
-#pragma omp simd
-      for (int64_t e = e0; e < e1; ++e) gp[e] = h * lp[e] * stored_grad<A, T>(ap[e]);
+    colsum_pass<T>(G.size(0), d, gb[j].data_ptr<T>(), false, [&](int64_t e) {
+      return gp[e] = h * lp[e] * stored_grad<A, T>(ap[e]);
     });
     at::Tensor gwj = gw[j];
     if (gamma) {
@@ -112,8 +111,6 @@ void backward_wide(const at::Tensor& gout, const at::Tensor& states, const at::T
     } else {
       at::mm_out(gwj, G.t(), slot(states, j, 0));
     }
-    at::Tensor gbj = gb[j];
-    at::sum_out(gbj, G, {0});
     gy.addmm_(G, layer_weight<T>(K, j, gamma, wbuf));
   }
 }

@@ -341,23 +341,66 @@ inline void ew(int64_t n, const F& fn) {
   at::parallel_for(0, n, 16384, fn);
 }
 
-// dst = src + alpha * act(p), and p <- what a state keeps of it: act(p), or p
-// itself for kStoresPre activations. dst may be src. Wide forwards that keep
-// states write each layer's new state straight into its slot this way, rather
-// than updating a running tensor in place and copying it into the slot.
+// fn(r0, r1) over blocks of whole rows of a (rows, d) matrix, in parallel, each
+// block big enough to be worth a thread (the grain of `ew`).
+template <typename F>
+inline void ew_rows(int64_t rows, int64_t d, const F& fn) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), fn);
+}
+
+// dst = src + alpha * act(p + bias), and p <- what a state keeps of it:
+// act(p + bias), or p + bias itself for kStoresPre activations. dst may be src;
+// bias (one row of d) may be null. Wide forwards leave the bias out of the
+// matrix product (a plain mm, not an addmm that first writes the broadcast
+// bias into p) and write each layer's new state straight into its slot, rather
+// than updating a running tensor in place and copying it there.
 template <typename T, Act A>
-void act_step(const at::Tensor& dst, const at::Tensor& src, const at::Tensor& p, T alpha) {
+void act_step(const at::Tensor& dst, const at::Tensor& src, const at::Tensor& p, T alpha,
+              const T* bias) {
+  const int64_t d = p.size(1);
   T* o = dst.data_ptr<T>();
   const T* x = src.data_ptr<T>();
   T* pp = p.data_ptr<T>();
-  ew(dst.numel(), [&](int64_t e0, int64_t e1) {
+  ew_rows(p.size(0), d, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* pr = pp + r * d;
+      const T* xr = x + r * d;
+      T* orow = o + r * d;
 #pragma omp simd
-    for (int64_t e = e0; e < e1; ++e) {
-      const T a = act_f<A, T>(pp[e]);
-      if constexpr (!kStoresPre<A>) pp[e] = a;
-      o[e] = x[e] + alpha * a;
+      for (int64_t c = 0; c < d; ++c) {
+        const T v = bias ? pr[c] + bias[c] : pr[c];
+        const T a = act_f<A, T>(v);
+        pr[c] = kStoresPre<A> ? v : a;
+        orow[c] = xr[c] + alpha * a;
+      }
     }
   });
+}
+
+// g = elem(e) for every element e of a (rows, d) matrix (elem writes g where it
+// belongs and returns it), and gb = (accumulate ? gb : 0) + the column sums of
+// g, in one pass. The sums run over fixed blocks of rows, then over the blocks
+// in order, so they do not depend on the number of threads.
+template <typename T, typename F>
+void colsum_pass(int64_t rows, int64_t d, T* gb, bool accumulate, const F& elem) {
+  constexpr int64_t kRows = 32;
+  const int64_t nb = (rows + kRows - 1) / kRows;
+  std::vector<T> part(nb * d, T(0));
+  at::parallel_for(0, nb, std::max<int64_t>(1, 16384 / (kRows * std::max<int64_t>(d, 1))),
+                   [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      T* ps = part.data() + blk * d;
+      for (int64_t r = blk * kRows; r < std::min(rows, (blk + 1) * kRows); ++r) {
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) ps[c] += elem(r * d + c);
+      }
+    }
+  });
+  for (int64_t c = 0; c < d; ++c) {
+    T s = accumulate ? gb[c] : T(0);
+    for (int64_t blk = 0; blk < nb; ++blk) s += part[blk * d + c];
+    gb[c] = s;
+  }
 }
 
 // Layer j's (B, d) slot s of a states tensor (N, S, B, d).

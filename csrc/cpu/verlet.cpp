@@ -150,18 +150,6 @@ void add_stored_act(at::Tensor& out, const at::Tensor& s, T alpha) {
   });
 }
 
-// g = alpha * l * act'(p), from the kept state s of p (see `activate`)
-template <typename T, Act A>
-void grad_act(at::Tensor& g, const at::Tensor& l, const at::Tensor& s, T alpha) {
-  T* gp = g.data_ptr<T>();
-  const T* lp = l.data_ptr<T>();
-  const T* sp = s.data_ptr<T>();
-  ew(g.numel(), [&](int64_t e0, int64_t e1) {
-#pragma omp simd
-    for (int64_t e = e0; e < e1; ++e) gp[e] = alpha * lp[e] * stored_grad<A, T>(sp[e]);
-  });
-}
-
 template <typename T, Act A>
 void forward_wide(const at::Tensor& K, const at::Tensor& b, T h, at::Tensor& Y, at::Tensor& Z,
                   at::Tensor& states, bool store) {
@@ -169,10 +157,10 @@ void forward_wide(const at::Tensor& K, const at::Tensor& b, T h, at::Tensor& Y, 
   if (!store || N == 0) {
     at::Tensor P1 = at::empty_like(Y), P2 = at::empty_like(Y);
     for (int64_t j = 0; j < N; ++j) {
-      at::addmm_out(P1, b[j], Y, K[j]);
-      act_step<T, A>(Z, Z, P1, -h);
-      at::addmm_out(P2, b[j], Z, K[j].t());
-      act_step<T, A>(Y, Y, P2, h);
+      at::mm_out(P1, Y, K[j]);
+      act_step<T, A>(Z, Z, P1, -h, b[j].data_ptr<T>());
+      at::mm_out(P2, Z, K[j].t());
+      act_step<T, A>(Y, Y, P2, h, b[j].data_ptr<T>());
     }
     return;
   }
@@ -181,11 +169,11 @@ void forward_wide(const at::Tensor& K, const at::Tensor& b, T h, at::Tensor& Y, 
   y.copy_(Y);
   for (int64_t j = 0; j < N; ++j) {
     at::Tensor P1 = slot(states, j, 1), zn = slot(states, j, 2), P2 = slot(states, j, 3);
-    at::addmm_out(P1, b[j], y, K[j]);
-    act_step<T, A>(zn, z, P1, -h);  // Z_{j+1/2}
-    at::addmm_out(P2, b[j], zn, K[j].t());
+    at::mm_out(P1, y, K[j]);
+    act_step<T, A>(zn, z, P1, -h, b[j].data_ptr<T>());  // Z_{j+1/2}
+    at::mm_out(P2, zn, K[j].t());
     const at::Tensor yn = j + 1 < N ? slot(states, j + 1, 0) : Y;
-    act_step<T, A>(yn, y, P2, h);  // Y_{j+1}
+    act_step<T, A>(yn, y, P2, h, b[j].data_ptr<T>());  // Y_{j+1}
     y = yn;
     z = zn;
   }
@@ -204,8 +192,8 @@ void backward_wide(const at::Tensor& states, const at::Tensor& K, const at::Tens
   }
   for (int64_t j = N - 1; j >= 0; --j) {
     if (Reversible) {
-      at::addmm_out(P2, b[j], Z, K[j].t());
-      act_step<T, A>(Y, Y, P2, -h);
+      at::mm_out(P2, Z, K[j].t());
+      act_step<T, A>(Y, Y, P2, -h, b[j].data_ptr<T>());
       at::addmm_out(P1, b[j], Y, K[j]);
       activate<T, A>(P1);
     } else {
@@ -214,15 +202,26 @@ void backward_wide(const at::Tensor& states, const at::Tensor& K, const at::Tens
       Z = slot(states, j, 2);
       P2 = slot(states, j, 3);
     }
-    at::Tensor gwj = gw[j], gbj = gb[j];
-    grad_act<T, A>(G, ly, P2, h);
+    at::Tensor gwj = gw[j];
+    T* gp = G.data_ptr<T>();
+    T* gbj = gb[j].data_ptr<T>();
+    const int64_t B = G.size(0), d = G.size(1);
+    {  // G2 = h ly act'(P2), db_j = sum G2
+      const T* lp = ly.data_ptr<T>();
+      const T* sp = P2.data_ptr<T>();
+      colsum_pass<T>(B, d, gbj, false,
+                     [&](int64_t e) { return gp[e] = h * lp[e] * stored_grad<A, T>(sp[e]); });
+    }
     lz.addmm_(G, K[j]);
     at::mm_out(gwj, G.t(), Z);
-    at::sum_out(gbj, G, {0});
-    grad_act<T, A>(G, lz, P1, -h);
+    {  // G1 = -h lz act'(P1), db_j += sum G1
+      const T* lp = lz.data_ptr<T>();
+      const T* sp = P1.data_ptr<T>();
+      colsum_pass<T>(B, d, gbj, true,
+                     [&](int64_t e) { return gp[e] = -h * lp[e] * stored_grad<A, T>(sp[e]); });
+    }
     ly.addmm_(G, K[j].t());
     gwj.addmm_(Y.t(), G);
-    gbj.add_(G.sum(0));
     if (Reversible) add_stored_act<T, A>(Z, P1, h);
   }
 }
