@@ -71,30 +71,30 @@ void backward_narrow(const T* ga_in, const T* gc_in, const T* states, const T* y
     }
     for (int64_t j = N - 1; j >= 0; --j) {
       const T* Kj = K + j * d * d;
+      const T *Ys = Y, *Ps = P, *As = Act_;  // Y_j, P_j (kStoresPre), act(P_j)
       if (Reversible) {
         tile_gemm<T, false>(Kj, d, b + j * d, Y, P, T(1), false);
 #pragma omp simd
         for (int64_t e = 0; e < d * kTile; ++e) Act_[e] = act_f<A, T>(P[e]);
       } else {
-        load_state(states + ((j * 2 + 0) * B + row0) * d, rows, d, Y);
+        Ys = state_tile(states + ((j * 2 + 0) * B + row0) * d, rows, d, Y);
         if constexpr (kStoresPre<A>) {
-          load_state(states + ((j * 2 + 1) * B + row0) * d, rows, d, P);
+          Ps = state_tile(states + ((j * 2 + 1) * B + row0) * d, rows, d, P);
 #pragma omp simd
-          for (int64_t e = 0; e < d * kTile; ++e) Act_[e] = act_f<A, T>(P[e]);
+          for (int64_t e = 0; e < d * kTile; ++e) Act_[e] = act_f<A, T>(Ps[e]);
         } else {
-          load_state(states + ((j * 2 + 1) * B + row0) * d, rows, d, Act_);
+          As = state_tile(states + ((j * 2 + 1) * B + row0) * d, rows, d, Act_);
         }
       }
-      // Here Act_ = act(P_j) and, for kStoresPre activations, P = P_j.
       tile_gemm<T, false>(Kj, d, nullptr, a, G, mh2, false);  // G = -h^2 lam K^T
 #pragma omp simd
       for (int64_t e = 0; e < d * kTile; ++e) {
-        G[e] *= kStoresPre<A> ? stored_grad<A, T>(P[e]) : stored_grad<A, T>(Act_[e]);
+        G[e] *= kStoresPre<A> ? stored_grad<A, T>(Ps[e]) : stored_grad<A, T>(As[e]);
         cc[e] += T(2) * a[e];
       }
       T* dw = part.dw(c, j, d);
-      tile_outer(Act_, a, d, rows, mh2, dw);
-      tile_outer(G, Y, d, rows, T(1), dw);
+      tile_outer(As, a, d, rows, mh2, dw);
+      tile_outer(G, Ys, d, rows, T(1), dw);
       tile_rowsum(G, d, rows, part.db(c, j, d));
       tile_gemm<T, true>(Kj, d, nullptr, G, cc, T(1), true);  // cc = c + 2 lam + G K
 #pragma omp simd

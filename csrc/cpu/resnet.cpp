@@ -47,11 +47,11 @@ void backward_narrow(const T* gout, const T* states, const T* K, T h, int64_t N,
     T* G = Y + d * kTile;
     load_tile(gout + row0 * d, rows, d, L);
     for (int64_t j = N - 1; j >= 0; --j) {
-      load_state(states + ((j * 2 + 0) * B + row0) * d, rows, d, Y);
-      load_state(states + ((j * 2 + 1) * B + row0) * d, rows, d, G);
+      const T* Ys = state_tile(states + ((j * 2 + 0) * B + row0) * d, rows, d, Y);
+      const T* As = state_tile(states + ((j * 2 + 1) * B + row0) * d, rows, d, G);
 #pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * L[e] * stored_grad<A, T>(G[e]);
-      tile_outer(G, Y, d, rows, T(1), part.dw(c, j, d));
+      for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * L[e] * stored_grad<A, T>(As[e]);
+      tile_outer(G, Ys, d, rows, T(1), part.dw(c, j, d));
       tile_rowsum(G, d, rows, part.db(c, j, d));
       tile_gemm<T, true>(K + j * d * d, d, nullptr, G, L, T(1), true);  // L += G K_j
     }

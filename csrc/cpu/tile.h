@@ -88,6 +88,17 @@ inline void load_state(const T* src, int64_t rows, int64_t d, T* tile) {
   }
 }
 
+// A stored state block as a tile, for reading: the block itself when the tile
+// is full (the layouts are the same, [i * kTile + t]), else a zero-padded copy
+// in buf. The stored backwards read their states in place this way (copying
+// them into tile buffers took a third of the narrow ResNet backward).
+template <typename T>
+inline const T* state_tile(const T* src, int64_t rows, int64_t d, T* buf) {
+  if (rows == kTile) return src;
+  load_state(src, rows, d, buf);
+  return buf;
+}
+
 // out[i][:] = (accumulate ? out[i][:] : 0) + (bias[i] + alpha * sum_k M(i,k) in[k][:])
 // with M(i,k) = K[i][k], or K[k][i] when Trans. Row-major K (d x d).
 // The product is summed on its own and added to out once: accumulating the d

@@ -96,23 +96,25 @@ void backward_narrow(const T* gy_in, const T* gz_in, const T* states, const T* y
 #pragma omp simd
           for (int64_t e = 0; e < d * kTile; ++e) P1[e] = act_f<A, T>(P1[e]);
         }
-      } else {
-        load_state(slot_ptr(states, j, 0, B, row0, d), rows, d, Y);
-        load_state(slot_ptr(states, j, 1, B, row0, d), rows, d, P1);
-        load_state(slot_ptr(states, j, 2, B, row0, d), rows, d, Z);
-        load_state(slot_ptr(states, j, 3, B, row0, d), rows, d, P2);
+      }
+      const T *Ys = Y, *P1s = P1, *Zs = Z, *P2s = P2;  // the states, read in place when stored
+      if (!Reversible) {
+        Ys = state_tile(slot_ptr(states, j, 0, B, row0, d), rows, d, Y);
+        P1s = state_tile(slot_ptr(states, j, 1, B, row0, d), rows, d, P1);
+        Zs = state_tile(slot_ptr(states, j, 2, B, row0, d), rows, d, Z);
+        P2s = state_tile(slot_ptr(states, j, 3, B, row0, d), rows, d, P2);
       }
       T* dw = part.dw(c, j, d);
       T* db = part.db(c, j, d);
 #pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * ly[e] * stored_grad<A, T>(P2[e]);
+      for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * ly[e] * stored_grad<A, T>(P2s[e]);
       tile_gemm<T, true>(Kj, d, nullptr, G, lz, T(1), true);  // lz += G2 K
-      tile_outer(G, Z, d, rows, T(1), dw);
+      tile_outer(G, Zs, d, rows, T(1), dw);
       tile_rowsum(G, d, rows, db);
 #pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) G[e] = -h * lz[e] * stored_grad<A, T>(P1[e]);
+      for (int64_t e = 0; e < d * kTile; ++e) G[e] = -h * lz[e] * stored_grad<A, T>(P1s[e]);
       tile_gemm<T, false>(Kj, d, nullptr, G, ly, T(1), true);  // ly += G1 K^T
-      tile_outer(Y, G, d, rows, T(1), dw);
+      tile_outer(Ys, G, d, rows, T(1), dw);
       tile_rowsum(G, d, rows, db);
       if (Reversible) {
 #pragma omp simd
