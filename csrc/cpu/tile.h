@@ -262,7 +262,8 @@ template <typename T>
 struct Partials {
   at::Tensor w, b;  // (chunks, N, d, d, kLanes), (chunks, N, d, kLanes)
   Partials(int64_t chunks, int64_t n, int64_t d, const at::TensorOptions& opt)
-      : w(at::zeros({chunks, n, d, d, kLanes}, opt)), b(at::zeros({chunks, n, d, kLanes}, opt)) {}
+      : w(empty_cached({chunks, n, d, d, kLanes}, opt).zero_()),
+        b(empty_cached({chunks, n, d, kLanes}, opt).zero_()) {}
   T* dw(int64_t chunk, int64_t layer, int64_t d) {
     return w.data_ptr<T>() + (chunk * w.size(1) + layer) * d * d * kLanes;
   }
