@@ -121,16 +121,15 @@ int main(int argc, char** argv) {
 
   // ---- ResNet backward: load states, act', weight-grad outer, bias rowsum, gemm^T
   std::vector<Row> r;
-  r.push_back({"load states (Y, A)", median_us(walk([&](int64_t row0, int64_t rows, int64_t j) {
-                 load_state(st(j, 0, row0), rows, d, Y);
-                 load_state(st(j, 1, row0), rows, d, G);
-               }))});
-  r.push_back({"act' G = h L act'(A)", median_us(walk([&](int64_t, int64_t, int64_t) {
+  // The states are read in place (state_tile: a copy only for a partial last tile).
+  r.push_back({"act' G = h L act'(A), A in place", median_us(walk([&](int64_t row0, int64_t rows, int64_t j) {
+                 const T* As = state_tile(st(j, 1, row0), rows, d, G);
 #pragma omp simd
-                 for (int64_t e = 0; e < d * kTile; ++e) C[e] = h * L[e] * stored_grad<A, T>(G[e]);
+                 for (int64_t e = 0; e < d * kTile; ++e) C[e] = h * L[e] * stored_grad<A, T>(As[e]);
                }))});
-  r.push_back({"weight grad dW += G^T Y", median_us(walk([&](int64_t, int64_t rows, int64_t j) {
-                 tile_outer(G, Y, d, rows, T(1), dW.data() + j * d * d * kLanes);
+  r.push_back({"weight grad dW += G^T Y, Y in place", median_us(walk([&](int64_t row0, int64_t rows, int64_t j) {
+                 const T* Ys = state_tile(st(j, 0, row0), rows, d, Y);
+                 tile_outer(G, Ys, d, rows, T(1), dW.data() + j * d * d * kLanes);
                }))});
   r.push_back({"bias grad db += rowsum G", median_us(walk([&](int64_t, int64_t rows, int64_t j) {
                  tile_rowsum(G, d, rows, db.data() + j * d * kLanes);
@@ -139,11 +138,11 @@ int main(int argc, char** argv) {
                  tile_gemm<T, true>(K.data() + j * d * d, d, nullptr, G, L, T(1), true);
                }))});
   const double bwd_whole = median_us(walk([&](int64_t row0, int64_t rows, int64_t j) {
-    load_state(st(j, 0, row0), rows, d, Y);
-    load_state(st(j, 1, row0), rows, d, G);
+    const T* Ys = state_tile(st(j, 0, row0), rows, d, Y);
+    const T* As = state_tile(st(j, 1, row0), rows, d, G);
 #pragma omp simd
-    for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * L[e] * stored_grad<A, T>(G[e]);
-    tile_outer(G, Y, d, rows, T(1), dW.data() + j * d * d * kLanes);
+    for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * L[e] * stored_grad<A, T>(As[e]);
+    tile_outer(G, Ys, d, rows, T(1), dW.data() + j * d * d * kLanes);
     tile_rowsum(G, d, rows, db.data() + j * d * kLanes);
     tile_gemm<T, true>(K.data() + j * d * d, d, nullptr, G, L, T(1), true);
     for (int64_t e = 0; e < d * kTile; ++e) L[e] = X[e];  // keep values bounded
@@ -153,7 +152,6 @@ int main(int argc, char** argv) {
 
   // ---- Leapfrog backward's extra phases: a second gemm and a second outer product
   std::vector<Row> l;
-  l.push_back({"load states (Y, A)", r[0].us});
   l.push_back({"gemm G = -h^2 lam K^T", median_us(walk([&](int64_t, int64_t, int64_t j) {
                  tile_gemm<T, false>(K.data() + j * d * d, d, nullptr, L, G, mh2, false);
                }))});
@@ -164,9 +162,9 @@ int main(int argc, char** argv) {
                    X[e] += T(2) * L[e];
                  }
                }))});
-  l.push_back({"weight grad: two outer products", 2 * r[2].us});
-  l.push_back({"bias grad", r[3].us});
-  l.push_back({"gemm c += G K", r[4].us});
+  l.push_back({"weight grad: two outer products", 2 * r[1].us});
+  l.push_back({"bias grad", r[2].us});
+  l.push_back({"gemm c += G K", r[3].us});
   l.push_back({"negate lam", median_us(walk([&](int64_t, int64_t, int64_t) {
 #pragma omp simd
                  for (int64_t e = 0; e < d * kTile; ++e) C[e] = -C[e];
