@@ -20,6 +20,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "block_cache.h"
 #include "stablenets/conv_stack.h"
 
 namespace stablenets {
@@ -51,6 +52,12 @@ struct ConvLauncher {
 #else
     (void)t;
 #endif
+  }
+
+  // States come from the block cache (block_cache.h): a training step reuses
+  // the previous step's instead of page-faulting hundreds of MB in again.
+  static at::Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) {
+    return empty_cached(shape, options);
   }
 
   template <class Op, typename T>

@@ -30,6 +30,9 @@ struct ConvLauncher {
   // cuDNN's float32/float64 paths are most at home in NCHW: stay there.
   static bool channels_last() { return false; }
   static void fresh_buffer(const at::Tensor&) {}
+  static at::Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) {
+    return at::empty(shape, options);
+  }
 
   template <class Op, typename T>
   static void launch(const Op& op, const at::Tensor& like, const T* bias) {

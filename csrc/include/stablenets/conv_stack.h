@@ -133,10 +133,6 @@ inline Tensor slot(const Tensor& states, int64_t j, int64_t s, bool channels_las
   return t.view({t.size(0), t.size(2), t.size(3), t.size(1)}).permute({0, 3, 1, 2});
 }
 
-inline Tensor empty_states(const Tensor& y, int64_t layers, int64_t slots) {
-  return at::empty({layers, slots, y.size(0), y.size(1), y.size(2), y.size(3)}, y.options());
-}
-
 // (K - K^T - gamma I) / 2 for every layer; K^T's kernel is K with the channels
 // swapped and the taps flipped.
 inline Tensor antisymmetric_kernel(const Tensor& K, double gamma) {
@@ -295,7 +291,7 @@ struct ConvStack {
     return conv_detail::slot(states, j, s, L::channels_last());
   }
   static Tensor empty_states(const Tensor& y, int64_t layers, int64_t slots) {
-    Tensor t = conv_detail::empty_states(y, layers, slots);
+    Tensor t = L::empty({layers, slots, y.size(0), y.size(1), y.size(2), y.size(3)}, y.options());
     L::fresh_buffer(t);
     return t;
   }
