@@ -107,3 +107,9 @@ def test_bad_cap_is_refused_by_name(bad):
     r = _run(bad, STEP)
     assert r.returncode != 0
     assert "STABLENETS_CPU_CACHE_MB" in r.stderr and "whole number of megabytes" in r.stderr
+
+
+def test_info_reports_a_bad_cap_instead_of_crashing():
+    r = _run("lots", "import stablenets_ext as sn; print(sn.info()['cpu_cache'])")
+    assert r.returncode == 0, r.stderr
+    assert "STABLENETS_CPU_CACHE_MB" in r.stdout and "error" in r.stdout

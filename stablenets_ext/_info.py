@@ -23,7 +23,10 @@ def info() -> dict:
 
 
 def _cache_line(ops) -> str | None:
-    stats = ops.cpu_cache_stats()
+    try:
+        stats = ops.cpu_cache_stats()
+    except RuntimeError as exc:  # a bad STABLENETS_CPU_CACHE_MB: say so, as every CPU op will
+        return f"error: {str(exc).splitlines()[0]}"
     if stats is None:
         return None
     if stats["cap"] == 0:
