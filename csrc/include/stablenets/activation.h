@@ -215,37 +215,23 @@ SN_HOST_DEVICE T act_grad_pa(Act act, T p, T a) {
 
 }  // namespace stablenets
 
+// One case of SN_DISPATCH_ACT: `constexpr Act kAct = Act::name`, then the body.
+#define SN_ACT_CASE_BODY(name, ...)                                \
+  {                                                                \
+    constexpr ::stablenets::Act kAct = ::stablenets::Act::name;    \
+    return __VA_ARGS__();                                          \
+  }
+
 // Runs __VA_ARGS__ with `constexpr Act kAct` bound to the runtime value.
 #define SN_DISPATCH_ACT(act, ...)                                  \
   [&] {                                                            \
     switch (act) {                                                 \
-      case ::stablenets::Act::Tanh: {                              \
-        constexpr ::stablenets::Act kAct = ::stablenets::Act::Tanh; \
-        return __VA_ARGS__();                                      \
-      }                                                            \
-      case ::stablenets::Act::Relu: {                              \
-        constexpr ::stablenets::Act kAct = ::stablenets::Act::Relu; \
-        return __VA_ARGS__();                                      \
-      }                                                            \
-      case ::stablenets::Act::Sigmoid: {                           \
-        constexpr ::stablenets::Act kAct = ::stablenets::Act::Sigmoid; \
-        return __VA_ARGS__();                                      \
-      }                                                            \
-      case ::stablenets::Act::Softplus: {                          \
-        constexpr ::stablenets::Act kAct = ::stablenets::Act::Softplus; \
-        return __VA_ARGS__();                                      \
-      }                                                            \
-      case ::stablenets::Act::LeakyRelu: {                         \
-        constexpr ::stablenets::Act kAct = ::stablenets::Act::LeakyRelu; \
-        return __VA_ARGS__();                                      \
-      }                                                            \
-      case ::stablenets::Act::Silu: {                              \
-        constexpr ::stablenets::Act kAct = ::stablenets::Act::Silu; \
-        return __VA_ARGS__();                                      \
-      }                                                            \
-      default: {                                                   \
-        constexpr ::stablenets::Act kAct = ::stablenets::Act::Identity; \
-        return __VA_ARGS__();                                      \
-      }                                                            \
+      case ::stablenets::Act::Tanh: SN_ACT_CASE_BODY(Tanh, __VA_ARGS__)           \
+      case ::stablenets::Act::Relu: SN_ACT_CASE_BODY(Relu, __VA_ARGS__)           \
+      case ::stablenets::Act::Sigmoid: SN_ACT_CASE_BODY(Sigmoid, __VA_ARGS__)     \
+      case ::stablenets::Act::Softplus: SN_ACT_CASE_BODY(Softplus, __VA_ARGS__)   \
+      case ::stablenets::Act::LeakyRelu: SN_ACT_CASE_BODY(LeakyRelu, __VA_ARGS__) \
+      case ::stablenets::Act::Silu: SN_ACT_CASE_BODY(Silu, __VA_ARGS__)           \
+      default: SN_ACT_CASE_BODY(Identity, __VA_ARGS__)                            \
     }                                                              \
   }()

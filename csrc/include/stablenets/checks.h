@@ -38,6 +38,26 @@ inline void check_float_tensor(const at::Tensor& t, const char* name) {
                     ": expected a float32 or float64 tensor, got ", t.scalar_type());
 }
 
+// Weight and bias against y, once their own shapes are checked: weight.size(1)
+// is y's `unit` count (features, or channels of a convolutional stack), bias is
+// (layers, unit), and both share y's dtype and device.
+inline void check_params_like_y(const at::Tensor& y, const at::Tensor& weight,
+                                const at::Tensor& bias, const char* unit) {
+  TORCH_CHECK_VALUE(weight.size(1) == y.size(1), "weight: expected ", unit, " = ", y.size(1),
+                    " (from y of shape ", y.sizes(), "), got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(bias.dim() == 2 && bias.size(0) == weight.size(0) &&
+                        bias.size(1) == weight.size(1),
+                    "bias: expected shape (", weight.size(0), ", ", weight.size(1),
+                    ") = (layers, ", unit, "), got ", bias.sizes());
+  TORCH_CHECK_VALUE(weight.scalar_type() == y.scalar_type() &&
+                        bias.scalar_type() == y.scalar_type(),
+                    "weight, bias: expected the dtype of y (", y.scalar_type(), "), got ",
+                    weight.scalar_type(), " and ", bias.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == y.device() && bias.device() == y.device(),
+                    "weight, bias: expected the device of y (", y.device(), "), got ",
+                    weight.device(), " and ", bias.device());
+}
+
 // y (B, d), weight (N, d, d), bias (N, d): one stack's parameters.
 inline void check_stack(const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias) {
   check_float_tensor(y, "y");
@@ -49,19 +69,7 @@ inline void check_stack(const at::Tensor& y, const at::Tensor& weight, const at:
                     "weight: expected shape (layers, features, features), got ", weight.sizes());
   TORCH_CHECK_VALUE(weight.size(0) > 0, "weight: expected at least one layer, got shape ",
                     weight.sizes());
-  TORCH_CHECK_VALUE(weight.size(1) == y.size(1), "weight: expected features = ", y.size(1),
-                    " (from y of shape ", y.sizes(), "), got shape ", weight.sizes());
-  TORCH_CHECK_VALUE(bias.dim() == 2 && bias.size(0) == weight.size(0) &&
-                        bias.size(1) == weight.size(1),
-                    "bias: expected shape (", weight.size(0), ", ", weight.size(1),
-                    ") = (layers, features), got ", bias.sizes());
-  TORCH_CHECK_VALUE(weight.scalar_type() == y.scalar_type() &&
-                        bias.scalar_type() == y.scalar_type(),
-                    "weight, bias: expected the dtype of y (", y.scalar_type(), "), got ",
-                    weight.scalar_type(), " and ", bias.scalar_type());
-  TORCH_CHECK_VALUE(weight.device() == y.device() && bias.device() == y.device(),
-                    "weight, bias: expected the device of y (", y.device(), "), got ",
-                    weight.device(), " and ", bias.device());
+  check_params_like_y(y, weight, bias, "features");
 }
 
 // A second tensor that must match y exactly (a carried state or a gradient).

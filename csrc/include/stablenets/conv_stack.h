@@ -67,19 +67,7 @@ inline void check_conv_stack(const Tensor& y, const Tensor& weight, const Tensor
                     "weight: expected an odd kernel size k (\"same\" padding k // 2 keeps the "
                     "image size), got k = ",
                     weight.size(3));
-  TORCH_CHECK_VALUE(weight.size(1) == y.size(1), "weight: expected channels = ", y.size(1),
-                    " (from y of shape ", y.sizes(), "), got shape ", weight.sizes());
-  TORCH_CHECK_VALUE(bias.dim() == 2 && bias.size(0) == weight.size(0) &&
-                        bias.size(1) == weight.size(1),
-                    "bias: expected shape (", weight.size(0), ", ", weight.size(1),
-                    ") = (layers, channels), got ", bias.sizes());
-  TORCH_CHECK_VALUE(weight.scalar_type() == y.scalar_type() &&
-                        bias.scalar_type() == y.scalar_type(),
-                    "weight, bias: expected the dtype of y (", y.scalar_type(), "), got ",
-                    weight.scalar_type(), " and ", bias.scalar_type());
-  TORCH_CHECK_VALUE(weight.device() == y.device() && bias.device() == y.device(),
-                    "weight, bias: expected the device of y (", y.device(), "), got ",
-                    weight.device(), " and ", bias.device());
+  check_params_like_y(y, weight, bias, "channels");
 }
 
 inline void check_conv_states(const Tensor& states, int64_t slots, const Tensor& grad,
