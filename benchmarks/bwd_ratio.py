@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
+from compare import round_medians  # benchmarks/ is on sys.path when run as a script
 
 import stablenets_ext as sn
 from stablenets_ext import ops
@@ -71,21 +70,8 @@ def main(argv=None):
     for shape in args.shapes.split(","):
         B, d, N = (int(v) for v in shape.split("x"))
         for arch in args.archs.split(","):
-            fns = cases(arch, B, d, N)
-            per_round = {name: [] for name in fns}
             with torch.no_grad():
-                for fn in fns.values():
-                    for _ in range(3):
-                        fn()
-                for _ in range(args.rounds):
-                    for name, fn in fns.items():
-                        ts = []
-                        for _ in range(args.reps):
-                            t0 = time.perf_counter()
-                            fn()
-                            ts.append(time.perf_counter() - t0)
-                        per_round[name].append(1e3 * statistics.median(ts))
-            m = {name: statistics.median(v) for name, v in per_round.items()}
+                m = round_medians(cases(arch, B, d, N), torch.device("cpu"), args.reps, args.rounds)
             rev = m.get("rev bwd")
             rev_s = f"{rev:7.3f}" if rev else f"{'-':>7s}"
             rev_r = f"{rev / m['fwd']:6.2f}x" if rev else f"{'-':>7s}"

@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
+from compare import round_medians  # benchmarks/ is on sys.path when run as a script
 
 import stablenets_ext as sn
 from stablenets_ext import functional as SF
@@ -115,16 +114,8 @@ def main(argv=None):
         if not args.no_compile:
             torch._dynamo.reset()
             cases["compiled"] = fb(torch.compile(eager))
-        times = {name: [] for name in cases}
-        for name, fn in cases.items():  # warm-up (and compilation)
-            for _ in range(3 if name == "compiled" else 1):
-                fn()
-        for _ in range(args.reps):
-            for name, fn in cases.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(1e3 * (time.perf_counter() - t0))
-        m = {name: statistics.median(v) for name, v in times.items()}
+        # one call per case and round (reps=1): these calls take tens of ms
+        m = round_medians(cases, torch.device("cpu"), 1, args.reps)
         floor_f = m["gemm_fwd"] + m["alloc_fwd"]
         floor_b = m["gemm_bwd"] + m["alloc_bwd"]
         comp = m.get("compiled")
