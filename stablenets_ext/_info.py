@@ -6,7 +6,15 @@ __version__ = "0.1.0"
 
 
 def info() -> dict:
-    """Version, torch version, and which devices have compiled kernels."""
+    """What this install is and runs (``stablenets info`` prints it).
+
+    Returns:
+        dict: ``stablenets_ext`` and ``torch`` versions, ``torch_cuda``,
+        ``cuda_available``, ``compiled`` (whether the extension loaded),
+        ``compiled_devices`` (devices with fused kernels), ``cpu_isa`` (the CPU kernel
+        build that runs: generic, avx2, avx512), ``cpu_cache`` (the CPU block cache)
+        and ``load_error`` (why the extension did not load, or None).
+    """
     from . import ops
 
     return {

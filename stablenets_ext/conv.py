@@ -4,8 +4,8 @@ The state ``Y`` is ``(B, C, H, W)``; layer ``j`` owns a ``k x k`` (odd ``k``)
 kernel ``K_j = weight[j]`` of shape ``(C, C, k, k)`` and a per-channel bias
 ``b_j = bias[j]``. ``K Y`` is ``conv2d(Y, K)`` with "same" padding and
 ``K^T Y`` its true adjoint, ``conv_transpose2d(Y, K)`` with the same kernel,
-so each update is the dense one of ARCHITECTURE.md with matrices replaced by
-convolutions:
+so each update is the dense one (:mod:`stablenets_ext.layers`) with matrices
+replaced by convolutions:
 
 - resnet:        ``Y <- Y + h act(K_j Y + b_j)``
 - antisymmetric: ``Y <- Y + h act(A_j Y + b_j)``, ``A_j = (K_j - K_j^T - gamma I) / 2``
@@ -22,8 +22,9 @@ reference (:mod:`stablenets_ext.conv_reference`), exactly as in :mod:`stablenets
 ``reversible=True`` (leapfrog, Verlet) keeps only the final pair for the
 backward and rebuilds the states by running the integrator backwards: saved
 memory independent of depth. It needs the fused op; where it cannot be
-honoured (reference path, batch norm, a Python-callable activation, forward-mode
-AD) it raises.
+honoured (``impl="reference"``, batch norm, a Python-callable activation, a
+device without a kernel) it is refused with a ValueError, as for the dense
+stacks. Under forward-mode AD the differentiable reference runs (one warning).
 
 Batch normalisation (``norm=`` in the functions, ``batch_norm=True`` in the
 modules) normalises every pre-activation per channel, ``act(BN_j(K_j Y + b_j))``
@@ -106,40 +107,43 @@ def _has_tangent(*tensors) -> bool:
 
 
 def _use_fused(arch, impl, device, activation, norm, reversible, tensors) -> bool:
-    """Fused op or reference? Raises where ``reversible`` cannot be honoured."""
+    """Fused op or reference? Refuses (ValueError naming ``reversible``) a
+    ``reversible=True`` that these settings cannot honour, as the dense stacks do."""
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    why_not = None
+    functional.check_reversible(reversible, activation, impl, batch_norm=norm is not None)
     if norm is not None:
-        why_not = "batch normalisation (batch_norm=True) runs on the per-layer reference path"
-    elif not isinstance(activation, str):
-        why_not = "a Python-callable activation runs on the per-layer reference path"
+        return False  # batch normalisation: the per-layer reference
+    if not isinstance(activation, str):
+        if impl == "fused":
+            raise functional.fused_refused_for_callable(activation)
         _warn_once(f"callable:{type(activation).__name__}",
                    f"stablenets_ext conv_{arch}: activation {activation!r} is a Python callable, "
                    "which has no fused kernel; using the per-layer reference (slower)")
-    elif impl == "reference":
-        why_not = "impl='reference' was asked for"
-    elif _has_tangent(*tensors):
-        why_not = "forward-mode AD has no fused formula"
+        return False
+    if impl == "reference":
+        return False
+    if _has_tangent(*tensors):
+        # as the dense stacks under forward-mode AD: the differentiable reference runs
+        # (it stores its states, whatever ``reversible`` says: reversible=True is a plan
+        # for the reverse-mode backward, which this call does not use)
         _warn_once("forward_ad", f"stablenets_ext conv_{arch}: forward-mode AD has no fused "
                    "formula; using the differentiable per-layer reference (slower, same results)")
-    elif not _cops.has_kernel(device):
+        return False
+    if not _cops.has_kernel(device):
         why = f" ({_cops._ops.LOAD_ERROR})" if _cops._ops.LOAD_ERROR is not None else ""
         why_not = f"no fused conv kernel was compiled for device '{device.type}'{why}"
+        if reversible:
+            raise functional.reversible_refused(why_not)
         if impl == "fused":
             raise RuntimeError(f"impl='fused': {why_not}; use impl='auto' or 'reference', or "
                                "rebuild the extension for this device")
-        if not reversible:
-            _warn_once(f"device:{device.type}", f"stablenets_ext: {why_not}; using the per-layer "
-                       "reference implementation of the conv stacks (slower, same results)")
-    if why_not is None:
-        return True
-    if reversible:
-        raise ValueError(
-            f"reversible=True: conv_{arch} can only rebuild states in the fused op, but "
-            f"{why_not}; use reversible=False"
-        )
-    return False
+        _warn_once(f"device:{device.type}", f"stablenets_ext: {why_not}; using the per-layer "
+                   "reference implementation of the conv stacks (slower, same results)")
+        return False
+    if torch.jit.is_tracing():
+        raise RuntimeError(functional.TRACE_REFUSED)
+    return True
 
 
 def kernel_used(impl="auto", device="cpu", *, activation="tanh", batch_norm=False) -> str:
@@ -159,7 +163,32 @@ def _needs_grad(*tensors) -> bool:
 
 
 def conv_resnet(y, weight, bias, step=0.1, activation="tanh", *, impl="auto", norm=None):
-    """Forward-Euler conv stack ``Y <- Y + h act(K_j Y + b_j)``."""
+    """Forward-Euler conv stack ``Y <- Y + h act(K_j Y + b_j)``.
+
+    Args:
+        y (Tensor): ``(B, C, H, W)`` state ``Y_0``, float32 or float64.
+        weight (Tensor): ``(N, C, C, k, k)``, layer ``j``'s kernel ``K_j`` (odd ``k``,
+            "same" padding); the dtype and device of ``y``.
+        bias (Tensor): ``(N, C)``, layer ``j``'s per-channel ``b_j``.
+        step (float): the step ``h > 0`` (default 0.1); chosen as for the dense stacks
+            (:class:`stablenets_ext.VerletStack`).
+        activation (str or callable): a name from ``reference.ACTIVATIONS`` (default
+            ``"tanh"``; fused), or a Python callable (reference path).
+        impl (str): ``"auto"`` (default), ``"fused"`` or ``"reference"``, as in
+            :mod:`stablenets_ext.functional`.
+        norm (ConvNorm, optional): batch normalisation of every pre-activation (what
+            ``batch_norm=True`` modules pass); reference path only.
+
+    Returns:
+        Tensor: ``Y_N``, the shape, dtype and device of ``y``.
+
+    Example:
+        >>> import torch
+        >>> from stablenets_ext import conv
+        >>> w, b = torch.randn(2, 3, 3, 3, 3) / 9, torch.zeros(2, 3)
+        >>> conv.conv_resnet(torch.randn(1, 3, 8, 8), w, b, 0.1).shape
+        torch.Size([1, 3, 8, 8])
+    """
     check_args(y, weight, bias, step, activation)
     if not _use_fused("resnet", impl, y.device, activation, norm, False, (y, weight, bias)):
         return reference_resnet(y, weight, bias, step, activation, norm=norm)
@@ -169,7 +198,27 @@ def conv_resnet(y, weight, bias, step=0.1, activation="tanh", *, impl="auto", no
 
 def conv_antisymmetric(y, weight, bias, step=0.1, activation="tanh", gamma=0.01, *, impl="auto",
                        norm=None):
-    """Conv ResNet stack with kernels ``(K_j - K_j^T - gamma I) / 2``."""
+    """Conv ResNet stack with kernels ``A_j = (K_j - K_j^T - gamma I) / 2``
+    (``K^T`` the adjoint convolution).
+
+    Args:
+        y (Tensor): ``(B, C, H, W)`` state ``Y_0``, float32 or float64.
+        weight (Tensor): ``(N, C, C, k, k)``, layer ``j``'s kernel ``K_j`` (odd ``k``,
+            "same" padding); the dtype and device of ``y``.
+        bias (Tensor): ``(N, C)``, layer ``j``'s per-channel ``b_j``.
+        step (float): the step ``h > 0`` (default 0.1); chosen as for the dense stacks
+            (:class:`stablenets_ext.VerletStack`).
+        activation (str or callable): a name from ``reference.ACTIVATIONS`` (default
+            ``"tanh"``; fused), or a Python callable (reference path).
+        gamma (float): damping ``>= 0`` (default 0.01).
+        impl (str): ``"auto"`` (default), ``"fused"`` or ``"reference"``, as in
+            :mod:`stablenets_ext.functional`.
+        norm (ConvNorm, optional): batch normalisation of every pre-activation (what
+            ``batch_norm=True`` modules pass); reference path only.
+
+    Returns:
+        Tensor: ``Y_N``, the shape, dtype and device of ``y``.
+    """
     check_args(y, weight, bias, step, activation, gamma=gamma)
     if not _use_fused("antisymmetric", impl, y.device, activation, norm, False, (y, weight, bias)):
         return reference_antisymmetric(y, weight, bias, step, activation, gamma, norm=norm)
@@ -180,8 +229,30 @@ def conv_antisymmetric(y, weight, bias, step=0.1, activation="tanh", gamma=0.01,
 
 def conv_leapfrog(y, weight, bias, step=0.1, activation="tanh", y_prev=None, return_state=False, *,
                   reversible=False, impl="auto", norm=None):
-    """Second-order conv stack. ``y_prev`` is ``Y_{-1}`` (default ``y``). Returns
-    ``Y_N`` or, with ``return_state=True``, ``(Y_N, Y_{N-1})``."""
+    """Second-order (leapfrog) conv stack
+    ``Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 K_j^T act(K_j Y_j + b_j)``.
+
+    Args:
+        y (Tensor): ``(B, C, H, W)`` state ``Y_0``, float32 or float64.
+        weight (Tensor): ``(N, C, C, k, k)``, layer ``j``'s kernel ``K_j`` (odd ``k``,
+            "same" padding); the dtype and device of ``y``.
+        bias (Tensor): ``(N, C)``, layer ``j``'s per-channel ``b_j``.
+        step (float): the step ``h > 0`` (default 0.1); chosen as for the dense stacks
+            (:class:`stablenets_ext.VerletStack`).
+        activation (str or callable): a name from ``reference.ACTIVATIONS`` (default
+            ``"tanh"``; fused), or a Python callable (reference path).
+        y_prev (Tensor, optional): ``Y_{-1}``, like ``y``; default ``y``.
+        return_state (bool): return ``(Y_N, Y_{N-1})`` instead of ``Y_N`` (default False).
+        reversible (bool): rebuild the states in the backward instead of storing them
+            (default False); refused (ValueError) where only the reference can run.
+        impl (str): ``"auto"`` (default), ``"fused"`` or ``"reference"``, as in
+            :mod:`stablenets_ext.functional`.
+        norm (ConvNorm, optional): batch normalisation of every pre-activation (what
+            ``batch_norm=True`` modules pass); reference path only.
+
+    Returns:
+        Tensor ``Y_N``, or the pair ``(Y_N, Y_{N-1})`` with ``return_state=True``.
+    """
     check_args(y, weight, bias, step, activation, state=y_prev, state_name="y_prev")
     if not _use_fused("leapfrog", impl, y.device, activation, norm, reversible, (y, y_prev, weight, bias)):
         out = reference_leapfrog(y, weight, bias, step, activation, y_prev, True, norm=norm)
@@ -194,8 +265,30 @@ def conv_leapfrog(y, weight, bias, step=0.1, activation="tanh", y_prev=None, ret
 
 def conv_verlet(y, weight, bias, step=0.1, activation="tanh", z=None, return_state=False, *,
                 reversible=False, impl="auto", norm=None):
-    """Hamiltonian (Verlet) conv stack. ``z`` is ``Z_{-1/2}`` (default zeros).
-    Returns ``Y_N`` or, with ``return_state=True``, ``(Y_N, Z_{N-1/2})``."""
+    """Hamiltonian (Verlet) conv stack: ``Z <- Z - h act(K_j Y + b_j)``, then
+    ``Y <- Y + h act(K_j^T Z + b_j)``.
+
+    Args:
+        y (Tensor): ``(B, C, H, W)`` state ``Y_0``, float32 or float64.
+        weight (Tensor): ``(N, C, C, k, k)``, layer ``j``'s kernel ``K_j`` (odd ``k``,
+            "same" padding); the dtype and device of ``y``.
+        bias (Tensor): ``(N, C)``, layer ``j``'s per-channel ``b_j``.
+        step (float): the step ``h > 0`` (default 0.1); chosen as for the dense stacks
+            (:class:`stablenets_ext.VerletStack`).
+        activation (str or callable): a name from ``reference.ACTIVATIONS`` (default
+            ``"tanh"``; fused), or a Python callable (reference path).
+        z (Tensor, optional): ``Z_{-1/2}``, like ``y``; default zeros.
+        return_state (bool): return ``(Y_N, Z_{N-1/2})`` instead of ``Y_N`` (default False).
+        reversible (bool): rebuild the states in the backward instead of storing them
+            (default False); refused (ValueError) where only the reference can run.
+        impl (str): ``"auto"`` (default), ``"fused"`` or ``"reference"``, as in
+            :mod:`stablenets_ext.functional`.
+        norm (ConvNorm, optional): batch normalisation of every pre-activation (what
+            ``batch_norm=True`` modules pass); reference path only.
+
+    Returns:
+        Tensor ``Y_N``, or the pair ``(Y_N, Z_{N-1/2})`` with ``return_state=True``.
+    """
     check_args(y, weight, bias, step, activation, state=z, state_name="z")
     if not _use_fused("verlet", impl, y.device, activation, norm, reversible, (y, z, weight, bias)):
         out = reference_verlet(y, weight, bias, step, activation, z, True, norm=norm)
@@ -217,14 +310,44 @@ FUNCTIONS = {
 # ------------------------------------------------------------------ modules
 
 
-class _ConvStack(nn.Module):
-    """Parameters of a conv stack over the functions above.
+_CARGS = """
+        features (int): channels ``C`` of the state ``Y`` of shape ``(B, C, H, W)``
+            (height and width are kept: "same" padding).
+        layers (int): number of layers ``N``; each owns a ``(C, C, k, k)`` kernel and a
+            ``(C,)`` bias.
+        step (float): the step ``h`` (default 0.1), chosen as for the dense stacks
+            (:class:`stablenets_ext.VerletStack`): ``h`` times the largest eigenvalue
+            modulus of the layer Jacobian (here the convolution's operator norm) well
+            below 1 to 2, total time ``N * h`` of order 1 to 10.
+        activation (str or callable): one of ``"tanh"`` (default), ``"relu"``,
+            ``"identity"``, ``"sigmoid"``, ``"softplus"``, ``"leaky_relu"``, ``"silu"``
+            (fused), or a Python callable (per-layer reference path, one warning;
+            refused with ``impl="fused"`` or ``reversible=True``).
+        gamma (float): antisymmetric stacks only: damping ``>= 0`` (default 0.01).
+        kernel_size (int): odd kernel size ``k`` (default 3).
+        batch_norm (bool): False (default); True normalises every pre-activation per
+            channel (parameters ``norm_weight``/``norm_bias``, running ``norm_mean``/
+            ``norm_var`` of shape ``(layers, halves, C)``). Outside the stability
+            theory; runs the per-layer reference path; not reversible.
+        impl (str): ``"auto"`` (default), ``"fused"`` or ``"reference"``, as for the
+            dense stacks.
+        device (torch.device, optional): device of the parameters.
+        dtype (torch.dtype, optional): ``torch.float32`` (default) or ``torch.float64``."""
 
-    ``kernel_size``: odd int >= 1 (default 3). ``batch_norm=True`` adds a
-    per-layer ``BatchNorm2d`` on every pre-activation (parameters
-    ``norm_weight``/``norm_bias`` and running ``norm_mean``/``norm_var`` of shape
-    ``(layers, halves, channels)``); such a stack runs on the reference path and
-    is not reversible."""
+_CREV = """
+        reversible (bool): False (default) stores every state for the backward; True
+            rebuilds them by running the stack backwards (backward memory independent of
+            depth, about one more forward of time). Refused (ValueError) with
+            ``batch_norm=True``, ``impl="reference"``, a callable activation or a device
+            without a kernel."""
+
+_CNOREV = """
+        reversible (bool): must be False (accepted so that code can pass the same keywords
+            to every stack); True raises ValueError: this stack has no reversible mode."""
+
+
+class _ConvStack(nn.Module):
+    """Parameters of a conv stack over the functions above."""
 
     arch = ""
     halves = 1
@@ -246,6 +369,8 @@ class _ConvStack(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
         reference.activation_fn(activation)
+        if impl == "fused" and not isinstance(activation, str):
+            raise functional.fused_refused_for_callable(activation)
         self.features, self.layers, self.kernel_size = features, layers, kernel_size
         self.step, self.activation, self.impl = float(step), activation, impl
         self.batch_norm = batch_norm
@@ -261,6 +386,8 @@ class _ConvStack(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
+        """Draw ``weight`` and ``bias`` uniformly in ``+-1/sqrt(features k^2)`` (as
+        ``nn.Conv2d``); batch norm back to identity."""
         bound = 1.0 / math.sqrt(self.features * self.kernel_size ** 2)
         with torch.no_grad():
             self.weight.uniform_(-bound, bound)
@@ -283,30 +410,96 @@ class _ConvStack(nn.Module):
             )
         return ConvNorm(self.norm_weight, self.norm_bias, self.norm_mean, self.norm_var, self.training)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling
+        raise RuntimeError(f"{type(self).__name__}: {functional.SCRIPT_REFUSED}")
+
     def extra_repr(self):
-        s = (f"channels={self.features}, layers={self.layers}, kernel_size={self.kernel_size}, "
+        s = (f"features={self.features}, layers={self.layers}, kernel_size={self.kernel_size}, "
              f"step={self.step}, activation={self.activation!r}, impl={self.impl!r}")
         return s + (", batch_norm=True" if self.batch_norm else "")
 
 
+
+
+def _conv_no_reversible(cls_name, reversible):
+    if reversible is not False:
+        if reversible is not True:
+            raise ValueError(f"reversible: expected True or False, got {reversible!r}")
+        raise functional.reversible_refused(
+            f"{cls_name} has no reversible mode (a forward-Euler step cannot be run backwards "
+            "exactly; ConvLeapfrogStack and ConvVerletStack can)", path=False)
+
+
 class ConvResNetStack(_ConvStack):
+    """Forward-Euler conv stack: ``Y <- Y + h act(K_j Y + b_j)`` on ``(B, C, H, W)``
+    states.
+
+    Example:
+        >>> import torch, stablenets_ext as sn
+        >>> stack = sn.ConvResNetStack(4, 3, step=0.1)
+        >>> stack(torch.randn(2, 4, 8, 8)).shape
+        torch.Size([2, 4, 8, 8])
+    """
+
     arch = "resnet"
 
+    def __init__(self, features, layers, step=0.1, activation="tanh", *, kernel_size=3,
+                 batch_norm=False, impl="auto", reversible=False, device=None, dtype=None):
+        _conv_no_reversible(type(self).__name__, reversible)
+        super().__init__(features, layers, step, activation, kernel_size=kernel_size,
+                         batch_norm=batch_norm, impl=impl, device=device, dtype=dtype)
+
+    __init__.__doc__ = ("A forward-Euler conv stack.\n\n    Args:"
+                        + _CARGS.replace(_CARGS[_CARGS.index("        gamma"):_CARGS.index("        kernel_size")], "")
+                        + _CNOREV + "\n    ")
+
     def forward(self, y):
+        """Run the ``layers`` layers.
+
+        Args:
+            y (Tensor): ``(B, features, H, W)``, the parameters' dtype and device.
+
+        Returns:
+            Tensor: ``Y_N``, same shape, dtype and device.
+        """
         return conv_resnet(y, self.weight, self.bias, self.step, self.activation, impl=self.impl,
                            norm=self.norm())
 
 
 class ConvAntisymmetricStack(_ConvStack):
+    """Conv stack with antisymmetric kernels ``A_j = (K_j - K_j^T - gamma I) / 2``.
+
+    Example:
+        >>> import torch, stablenets_ext as sn
+        >>> stack = sn.ConvAntisymmetricStack(4, 3, step=0.1, gamma=0.01)
+        >>> stack(torch.randn(2, 4, 8, 8)).shape
+        torch.Size([2, 4, 8, 8])
+    """
+
     arch = "antisymmetric"
 
-    def __init__(self, features, layers, step=0.1, activation="tanh", gamma=0.01, **kw):
+    def __init__(self, features, layers, step=0.1, activation="tanh", gamma=0.01, *,
+                 kernel_size=3, batch_norm=False, impl="auto", reversible=False, device=None,
+                 dtype=None):
         if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not math.isfinite(gamma) or gamma < 0:
             raise ValueError(f"gamma: expected a finite number >= 0, got {gamma!r}")
+        _conv_no_reversible(type(self).__name__, reversible)
         self.gamma = float(gamma)
-        super().__init__(features, layers, step, activation, **kw)
+        super().__init__(features, layers, step, activation, kernel_size=kernel_size,
+                         batch_norm=batch_norm, impl=impl, device=device, dtype=dtype)
+
+    __init__.__doc__ = "An antisymmetric conv stack.\n\n    Args:" + _CARGS + _CNOREV + "\n    "
 
     def forward(self, y):
+        """Run the ``layers`` layers.
+
+        Args:
+            y (Tensor): ``(B, features, H, W)``, the parameters' dtype and device.
+
+        Returns:
+            Tensor: ``Y_N``, same shape, dtype and device.
+        """
         return conv_antisymmetric(y, self.weight, self.bias, self.step, self.activation, self.gamma,
                                   impl=self.impl, norm=self.norm())
 
@@ -315,46 +508,78 @@ class ConvAntisymmetricStack(_ConvStack):
 
 
 class _ConvTwoStateStack(_ConvStack):
-    def __init__(self, features, layers, step=0.1, activation="tanh", *, reversible=False, **kw):
-        if not isinstance(reversible, bool):
-            raise ValueError(f"reversible: expected True or False, got {reversible!r}")
-        if reversible and kw.get("batch_norm", False):
-            raise ValueError(
-                "reversible=True with batch_norm=True: batch normalisation depends on the batch "
-                "statistics and cannot be run backwards; use one or the other"
-            )
-        if reversible and kw.get("impl", "auto") == "reference":
-            raise ValueError("reversible=True with impl='reference': only the fused op rebuilds "
-                             "states; use impl='auto' or 'fused'")
-        if reversible and not isinstance(activation, str):
-            raise ValueError("reversible=True needs a named activation (a Python callable runs on "
-                             "the per-layer reference path, which stores every state)")
+    def __init__(self, features, layers, step=0.1, activation="tanh", *, kernel_size=3,
+                 batch_norm=False, impl="auto", reversible=False, device=None, dtype=None):
+        functional.check_reversible(reversible, activation, impl, batch_norm=batch_norm is True)
         self.reversible = reversible
-        super().__init__(features, layers, step, activation, **kw)
+        super().__init__(features, layers, step, activation, kernel_size=kernel_size,
+                         batch_norm=batch_norm, impl=impl, device=device, dtype=dtype)
+
+    __init__.__doc__ = ("A leapfrog or Verlet conv stack.\n\n    Args:"
+                        + _CARGS.replace(_CARGS[_CARGS.index("        gamma"):_CARGS.index("        kernel_size")], "")
+                        + _CREV + "\n    ")
 
     def extra_repr(self):
         return super().extra_repr() + f", reversible={self.reversible}"
 
 
 class ConvLeapfrogStack(_ConvTwoStateStack):
-    """``forward(y, y_prev=None, return_state=False)``; ``reversible=True`` rebuilds the
-    states in the backward instead of storing them (memory independent of depth)."""
+    """Second-order conv stack ``Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 K_j^T act(K_j Y_j + b_j)``;
+    ``reversible=True`` rebuilds the states in the backward instead of storing them.
+
+    Example:
+        >>> import torch, stablenets_ext as sn
+        >>> stack = sn.ConvLeapfrogStack(4, 6, step=0.1, reversible=True)
+        >>> stack(torch.randn(2, 4, 8, 8)).shape
+        torch.Size([2, 4, 8, 8])
+    """
 
     arch = "leapfrog"
 
     def forward(self, y, y_prev=None, return_state=False):
+        """Run the ``layers`` layers.
+
+        Args:
+            y (Tensor): ``(B, features, H, W)`` state ``Y_0``, the parameters' dtype and
+                device.
+            y_prev (Tensor, optional): ``Y_{-1}``, like ``y``; default ``y``.
+            return_state (bool): also return ``Y_{N-1}`` (default False).
+
+        Returns:
+            Tensor ``Y_N``, or the pair ``(Y_N, Y_{N-1})`` with ``return_state=True``.
+        """
         return conv_leapfrog(y, self.weight, self.bias, self.step, self.activation, y_prev, return_state,
                              reversible=self.reversible, impl=self.impl, norm=self.norm())
 
 
 class ConvVerletStack(_ConvTwoStateStack):
-    """``forward(y, z=None, return_state=False)``; ``reversible`` as for
-    :class:`ConvLeapfrogStack`."""
+    """Hamiltonian (Verlet) conv stack: ``Z <- Z - h act(K_j Y + b_j)``, then
+    ``Y <- Y + h act(K_j^T Z + b_j)``; ``reversible=True`` rebuilds the states in the
+    backward instead of storing them.
+
+    Example:
+        >>> import torch, stablenets_ext as sn
+        >>> stack = sn.ConvVerletStack(4, 6, step=0.1)
+        >>> y, z = stack(torch.randn(2, 4, 8, 8), return_state=True)
+        >>> stack(y, z).shape            # continue the same trajectory
+        torch.Size([2, 4, 8, 8])
+    """
 
     arch = "verlet"
     halves = 2
 
     def forward(self, y, z=None, return_state=False):
+        """Run the ``layers`` layers.
+
+        Args:
+            y (Tensor): ``(B, features, H, W)`` state ``Y_0``, the parameters' dtype and
+                device.
+            z (Tensor, optional): ``Z_{-1/2}``, like ``y``; default zeros.
+            return_state (bool): also return ``Z_{N-1/2}`` (default False).
+
+        Returns:
+            Tensor ``Y_N``, or the pair ``(Y_N, Z_{N-1/2})`` with ``return_state=True``.
+        """
         return conv_verlet(y, self.weight, self.bias, self.step, self.activation, z, return_state,
                            reversible=self.reversible, impl=self.impl, norm=self.norm())
 

@@ -1,19 +1,24 @@
 """Functional forms of the four stacks: checked arguments, then fused or reference.
 
 ``impl`` is ``"auto"`` (fused where a kernel was compiled for the device, else
-the plain-PyTorch reference with one warning), ``"fused"`` (error if no kernel)
-or ``"reference"``.
+the plain-PyTorch reference with one warning), ``"fused"`` (error if no kernel,
+or if the activation is a Python callable) or ``"reference"``.
 
 The fused ops serve first-order reverse-mode autograd (and, through their
 backward, double backward). Whatever else can reach them would get wrong
-answers, so these run on the reference, whatever ``impl`` says, with one
+answers, so these run on the reference, whatever ``impl="auto"`` says, with one
 warning per cause:
 
 - ``torch.func`` transforms (``grad``, ``jacrev``, ``jacfwd``, ``hessian``,
   ``vmap``, ``jvp``) and forward-mode AD (``torch.autograd.forward_ad`` dual
-  tensors);
+  tensors): the reference stores its states whatever ``reversible`` says
+  (``reversible=True`` is a plan for the reverse-mode backward only);
 - an activation given as a Python callable (``nn.ReLU()``, ``torch.sin``)
-  instead of one of the names in ``reference.ACTIVATIONS``.
+  instead of one of the names in ``reference.ACTIVATIONS`` (refused with
+  ``impl="fused"`` and with ``reversible=True``).
+
+``torch.jit.trace`` and ``torch.jit.script`` are refused with an error; deploy
+with ``torch.export.export`` (or use ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -138,6 +143,73 @@ _REASONS = {
 }
 
 
+# ------------------------------------------------------- options refused
+#
+# One rule for every stack, dense and conv, module and function: an option
+# that cannot be honoured is refused, with these words.
+
+FUSED_ACTIVATIONS = tuple(sorted(reference.ACTIVATIONS))
+
+TRACE_REFUSED = (
+    "torch.jit.trace cannot record the stablenets_ext fused ops faithfully: whether the forward "
+    "stores the states for the backward depends on grad mode, which a trace would freeze. "
+    "To deploy, use torch.export.export(model, (x,)) (or torch.compile); torch.jit.script is "
+    "not supported either"
+)
+
+
+SCRIPT_REFUSED = (
+    "torch.jit.script is not supported: the stacks call custom ops through Python (checked "
+    "arguments, keyword-only options, a grad-mode-dependent choice to store states), which "
+    "TorchScript cannot compile. To deploy, use torch.export.export(model, (x,)) (or "
+    "torch.compile); torch.jit.trace is refused too"
+)
+
+
+def _activation_name(activation) -> str:
+    return getattr(activation, "__name__", None) or type(activation).__name__
+
+
+def check_reversible(reversible, activation="tanh", impl="auto", device=None, *,
+                     batch_norm=False) -> None:
+    """Raise a ValueError naming ``reversible`` when it is not a bool, or when it is True
+    but these settings cannot honour it (only the fused op rebuilds the states in the
+    backward; the reference path stores every state). ``device=None``: not checked."""
+    if reversible is False:
+        return
+    if reversible is not True:
+        raise ValueError(f"reversible: expected True or False, got {reversible!r}")
+    if batch_norm:
+        why = ("batch normalisation (batch_norm=True) depends on the batch statistics and "
+               "cannot be run backwards")
+    elif not isinstance(activation, str):
+        why = (f"the activation {_activation_name(activation)} is a Python callable, which runs "
+               f"on the reference path (fused activations: {', '.join(FUSED_ACTIVATIONS)})")
+    elif impl == "reference":
+        why = "impl='reference' runs the reference path"
+    elif device is not None and not _ops.has_kernel(device):
+        why = f"no fused kernel was compiled for device '{torch.device(device).type}'"
+    else:
+        return
+    raise reversible_refused(why)
+
+
+def reversible_refused(why: str, *, path: bool = True) -> ValueError:
+    """The one wording of a refused ``reversible=True`` (``path``: the reason is the path
+    the call would run on, not the architecture)."""
+    how = (" only the fused op rebuilds the states in the backward (the reference path "
+           "stores every state).") if path else ""
+    return ValueError(f"reversible=True cannot be honoured: {why};{how} Use reversible=False")
+
+
+def fused_refused_for_callable(activation) -> ValueError:
+    return ValueError(
+        f"impl='fused': the activation {_activation_name(activation)} is a Python callable, which "
+        f"has no fused kernel (fused activations: {', '.join(FUSED_ACTIVATIONS)}); use a named "
+        "activation, or impl='auto' to run it on the reference path"
+    )
+
+
 def use_fused(impl: str, device: torch.device) -> bool:
     if impl == "reference":
         return False
@@ -170,10 +242,15 @@ def _fused(impl, activation, y, *tensors) -> bool:
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     reason = _reference_reason(activation, (y, *tensors))
+    if reason == "callable" and impl == "fused":
+        raise fused_refused_for_callable(activation)
     if reason is not None:
         _warn_once(reason, _REASONS[reason])
         return False
-    return use_fused(impl, y.device)
+    fused = use_fused(impl, y.device)
+    if fused and torch.jit.is_tracing():
+        raise RuntimeError(TRACE_REFUSED)
+    return fused
 
 
 def _needs_grad(*tensors) -> bool:
@@ -184,7 +261,30 @@ def _needs_grad(*tensors) -> bool:
 
 
 def resnet(y, weight, bias, step=0.1, activation="tanh", *, impl="auto"):
-    """Forward-Euler ResNet stack: ``Y <- Y + h act(Y K_j^T + b_j)``."""
+    """Forward-Euler ResNet stack: ``Y <- Y + h act(Y K_j^T + b_j)`` for ``j = 0..N-1``.
+
+    Args:
+        y (Tensor): ``(B, d)`` state ``Y_0``, float32 or float64, on any device (fused
+            where a kernel was compiled for it).
+        weight (Tensor): ``(N, d, d)``, layer ``j``'s ``K_j`` in the ``nn.Linear``
+            layout (``Y K_j^T``); the dtype and device of ``y``.
+        bias (Tensor): ``(N, d)``, layer ``j``'s ``b_j``.
+        step (float): the step ``h > 0`` (default 0.1); see the stacks in
+            :mod:`stablenets_ext.layers` for how to choose it.
+        activation (str or callable): a name from ``reference.ACTIVATIONS`` (default
+            ``"tanh"``; fused), or a Python callable (reference path).
+        impl (str): ``"auto"`` (default), ``"fused"`` or ``"reference"`` (see the module).
+
+    Returns:
+        Tensor: ``Y_N``, the shape, dtype and device of ``y``.
+
+    Example:
+        >>> import torch
+        >>> from stablenets_ext import functional as F
+        >>> w, b = torch.randn(3, 8, 8) / 8, torch.zeros(3, 8)
+        >>> F.resnet(torch.randn(2, 8), w, b, 0.1).shape
+        torch.Size([2, 8])
+    """
     check_args(y, weight, bias, step, activation)
     if not _fused(impl, activation, y, weight, bias):
         return reference.resnet(y, weight, bias, step, activation)
@@ -193,7 +293,25 @@ def resnet(y, weight, bias, step=0.1, activation="tanh", *, impl="auto"):
 
 
 def antisymmetric(y, weight, bias, step=0.1, activation="tanh", *, gamma=0.01, impl="auto"):
-    """Antisymmetric stack: ResNet with ``A_j = (K_j - K_j^T - gamma I) / 2``."""
+    """Antisymmetric stack: ResNet with ``A_j = (K_j - K_j^T - gamma I) / 2``,
+    ``Y <- Y + h act(Y A_j^T + b_j)``.
+
+    Args:
+        y (Tensor): ``(B, d)`` state ``Y_0``, float32 or float64, on any device (fused
+            where a kernel was compiled for it).
+        weight (Tensor): ``(N, d, d)``, layer ``j``'s ``K_j`` in the ``nn.Linear``
+            layout (``Y K_j^T``); the dtype and device of ``y``.
+        bias (Tensor): ``(N, d)``, layer ``j``'s ``b_j``.
+        step (float): the step ``h > 0`` (default 0.1); see the stacks in
+            :mod:`stablenets_ext.layers` for how to choose it.
+        activation (str or callable): a name from ``reference.ACTIVATIONS`` (default
+            ``"tanh"``; fused), or a Python callable (reference path).
+        gamma (float): damping ``>= 0`` subtracted on the diagonal (default 0.01).
+        impl (str): ``"auto"`` (default), ``"fused"`` or ``"reference"`` (see the module).
+
+    Returns:
+        Tensor: ``Y_N``, the shape, dtype and device of ``y``.
+    """
     check_args(y, weight, bias, step, activation, gamma=gamma)
     if not _fused(impl, activation, y, weight, bias):
         return reference.antisymmetric(y, weight, bias, step, activation, gamma)
@@ -206,12 +324,43 @@ def leapfrog(
     y, weight, bias, step=0.1, activation="tanh", *, y_prev=None, return_state=False,
     reversible=False, impl="auto",
 ):
-    """Second-order (leapfrog) stack. ``y_prev`` is ``Y_{-1}`` (default ``y``).
+    """Second-order (leapfrog) stack:
+    ``Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 act(Y_j K_j^T + b_j) K_j``.
 
-    Returns ``Y_N``, or ``(Y_N, Y_{N-1})`` with ``return_state=True``. With
-    ``reversible=True`` the backward rebuilds the states from the last two
-    instead of storing all of them (memory independent of depth)."""
+    Args:
+        y (Tensor): ``(B, d)`` state ``Y_0``, float32 or float64, on any device (fused
+            where a kernel was compiled for it).
+        weight (Tensor): ``(N, d, d)``, layer ``j``'s ``K_j`` in the ``nn.Linear``
+            layout (``Y K_j^T``); the dtype and device of ``y``.
+        bias (Tensor): ``(N, d)``, layer ``j``'s ``b_j``.
+        step (float): the step ``h > 0`` (default 0.1); see the stacks in
+            :mod:`stablenets_ext.layers` for how to choose it.
+        activation (str or callable): a name from ``reference.ACTIVATIONS`` (default
+            ``"tanh"``; fused), or a Python callable (reference path).
+        y_prev (Tensor, optional): ``Y_{-1}``, like ``y``; default ``y`` (zero initial
+            velocity). Give the state a previous call returned to continue it.
+        return_state (bool): return ``(Y_N, Y_{N-1})`` instead of ``Y_N`` (default False).
+        reversible (bool): False (default) stores every state for the backward; True
+            keeps the last two and rebuilds the rest backwards (memory independent of
+            depth). Refused (ValueError) where only the reference can run: a callable
+            activation, ``impl="reference"``, a device without a kernel.
+        impl (str): ``"auto"`` (default), ``"fused"`` or ``"reference"`` (see the module).
+
+    Returns:
+        Tensor ``Y_N``, or the pair ``(Y_N, Y_{N-1})`` with ``return_state=True``.
+
+    Example:
+        >>> import torch
+        >>> from stablenets_ext import functional as F
+        >>> w, b = torch.randn(6, 8, 8) / 8, torch.zeros(6, 8)
+        >>> y0 = torch.randn(2, 8)
+        >>> y3, prev = F.leapfrog(y0, w[:3], b[:3], 0.1, return_state=True)
+        >>> y6 = F.leapfrog(y3, w[3:], b[3:], 0.1, y_prev=prev)   # = the whole stack
+        >>> torch.allclose(y6, F.leapfrog(y0, w, b, 0.1), atol=1e-6)
+        True
+    """
     check_args(y, weight, bias, step, activation, state=y_prev, state_name="y_prev")
+    check_reversible(reversible, activation, impl, y.device)
     if not _fused(impl, activation, y, weight, bias, y_prev):
         out = reference.leapfrog(y, weight, bias, step, activation, y_prev, return_state=True)
     else:
@@ -226,11 +375,33 @@ def verlet(
     y, weight, bias, step=0.1, activation="tanh", *, z=None, return_state=False,
     reversible=False, impl="auto",
 ):
-    """Hamiltonian (Verlet) stack. ``z`` is ``Z_{-1/2}`` (default zeros).
+    """Hamiltonian (Verlet) stack: ``Z <- Z - h act(Y K_j + b_j)``, then
+    ``Y <- Y + h act(Z K_j^T + b_j)``.
 
-    Returns ``Y_N``, or ``(Y_N, Z_{N-1/2})`` with ``return_state=True``.
-    ``reversible=True`` as for :func:`leapfrog`."""
+    Args:
+        y (Tensor): ``(B, d)`` state ``Y_0``, float32 or float64, on any device (fused
+            where a kernel was compiled for it).
+        weight (Tensor): ``(N, d, d)``, layer ``j``'s ``K_j`` in the ``nn.Linear``
+            layout (``Y K_j^T``); the dtype and device of ``y``.
+        bias (Tensor): ``(N, d)``, layer ``j``'s ``b_j``.
+        step (float): the step ``h > 0`` (default 0.1); see the stacks in
+            :mod:`stablenets_ext.layers` for how to choose it.
+        activation (str or callable): a name from ``reference.ACTIVATIONS`` (default
+            ``"tanh"``; fused), or a Python callable (reference path).
+        z (Tensor, optional): ``Z_{-1/2}``, like ``y``; default zeros. Give the state a
+            previous call returned to continue it.
+        return_state (bool): return ``(Y_N, Z_{N-1/2})`` instead of ``Y_N`` (default False).
+        reversible (bool): False (default) stores every state for the backward; True
+            keeps the last two and rebuilds the rest backwards (memory independent of
+            depth). Refused (ValueError) where only the reference can run: a callable
+            activation, ``impl="reference"``, a device without a kernel.
+        impl (str): ``"auto"`` (default), ``"fused"`` or ``"reference"`` (see the module).
+
+    Returns:
+        Tensor ``Y_N``, or the pair ``(Y_N, Z_{N-1/2})`` with ``return_state=True``.
+    """
     check_args(y, weight, bias, step, activation, state=z, state_name="z")
+    check_reversible(reversible, activation, impl, y.device)
     if not _fused(impl, activation, y, weight, bias, z):
         out = reference.verlet(y, weight, bias, step, activation, z, return_state=True)
     else:

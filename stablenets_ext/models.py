@@ -94,32 +94,58 @@ def normalize_pool(pool):
 
 
 class StableNet(nn.Module):
-    """Lift (zero-pad or learned) -> stack of ``layers`` stable layers -> classifier.
+    """A ready-made classifier: lift -> stack of ``layers`` stable layers -> classifier.
 
-    ``features`` is an int, or ``(C, H, W)`` for images. ``width`` defaults to
-    the number of inputs (dense) or 16 channels (conv).
+    Dense archs lift ``(B, inputs)`` (images flattened) to ``(B, width)``, run a
+    :class:`~stablenets_ext.VerletStack` (etc.) and classify the final state with an
+    ``nn.Linear``. Conv archs (``"conv-verlet"``, ...) lift ``(B, C, H, W)`` images to
+    ``width`` channels, run a :class:`~stablenets_ext.ConvVerletStack` (etc.) at full
+    resolution, pool and classify.
 
-    ``lift``: None/``"auto"`` pads with zeros when ``width >= features``
-    (channels, for conv archs) and learns a lift otherwise; True/``"learned"``
-    always learns one (``nn.Linear``; for conv archs an ``nn.Conv2d`` with the
-    stack's ``kernel_size`` and "same" padding); False/``"pad"`` always pads
-    (error when ``width`` is smaller than the inputs).
+    Args:
+        arch (str): ``"resnet"``, ``"antisymmetric"``, ``"leapfrog"``, ``"verlet"`` or
+            their conv twins ``"conv-resnet"``, ... (see ``models.ARCHS``).
+        features (int or tuple): number of inputs, or ``(C, H, W)`` for images (needed
+            by conv archs).
+        classes (int): number of classes (outputs of the classifier).
+        layers (int): number of stable layers in the stack.
+        width (int, optional): width of the stack's state (dense; default the number of
+            inputs) or its channels (conv; default 16).
+        step (float): the stack's step ``h`` (default 0.1); see
+            :class:`~stablenets_ext.VerletStack` for how to choose it.
+        activation (str or callable): the stack's activation (default ``"tanh"``).
+        impl (str): ``"auto"`` (default), ``"fused"`` or ``"reference"``.
+        lift: None/``"auto"`` (default) pads with zeros when ``width`` >= the inputs
+            (channels, for conv archs) and learns a lift otherwise; True/``"learned"``
+            always learns one (``nn.Linear``; conv: an ``nn.Conv2d`` with the stack's
+            ``kernel_size``, "same" padding); False/``"pad"`` always pads (error when
+            ``width`` is smaller than the inputs).
+        pool (int or str, optional): conv archs only: a positive int p average-pools
+            the final feature map to ``p x p`` before the classifier (default 4; 1 is
+            global average pooling); 0 or ``"flatten"`` feeds it the whole flattened
+            ``width x H x W`` map.
+        kernel_size (int, optional): conv archs only: odd kernel size of the stack
+            (default 3).
+        batch_norm (bool): conv archs only: per-layer BatchNorm2d on every
+            pre-activation (default False; outside the stability theory, reference
+            path, not reversible).
+        reversible (bool): leapfrog and Verlet archs (dense or conv): rebuild the states
+            in the backward instead of storing them (default False); see
+            :class:`~stablenets_ext.LeapfrogStack` for what it costs.
+        stack_kwargs: further keyword arguments for the stack (``gamma`` for the
+            antisymmetric archs).
 
-    Conv archs only: ``kernel_size`` (odd int, default 3) of the stack's
-    convolutions; ``pool``: a positive int p average-pools the final feature
-    map to ``p x p`` before the linear classifier (default 4; 1 is global
-    average pooling), 0 or ``"flatten"`` feeds the whole flattened
-    ``width x H x W`` map to it; ``batch_norm=True`` adds a per-layer
-    BatchNorm2d on every pre-activation (outside the stability theory; runs
-    the per-layer reference path; not reversible).
-
-    ``reversible=True`` (leapfrog and Verlet archs, dense or conv) rebuilds
-    the states in the backward instead of storing them. Extra keyword
-    arguments go to the stack (``gamma``)."""
+    Example:
+        >>> import torch, stablenets_ext as sn
+        >>> net = sn.StableNet("conv-verlet", (1, 8, 8), classes=10, layers=4, width=4)
+        >>> net(torch.randn(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
 
     def __init__(self, arch, features, classes, layers, width=None, step=0.1, activation="tanh",
                  impl="auto", *, lift=None, pool=None, kernel_size=None, batch_norm=False,
                  reversible=False, **stack_kwargs):
+        """Build the model; every argument is described on the class (``help(StableNet)``)."""
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"arch: expected one of {list(ARCHS)}, got {arch!r}")
@@ -139,9 +165,9 @@ class StableNet(nn.Module):
         if not isinstance(reversible, bool):
             raise ValueError(f"reversible: expected True or False, got {reversible!r}")
         if reversible and base_arch(arch) not in TWO_STATE:
-            raise ValueError(
-                f"reversible: only leapfrog and verlet stacks can be run backwards, not {arch!r}"
-            )
+            raise SF.reversible_refused(
+                f"arch {arch!r} has no reversible mode (only leapfrog and verlet stacks can be "
+                "run backwards)", path=False)
         self.arch, self.features, self.classes = arch, features, classes
         self.impl, self.lift_mode = impl, lift
         self.reversible, self.batch_norm = reversible, batch_norm
@@ -210,7 +236,12 @@ class StableNet(nn.Module):
         return self.stack.activation
 
     def config(self) -> dict:
-        """Keyword arguments that rebuild this model (``StableNet(**config)``)."""
+        """Keyword arguments that rebuild this model.
+
+        Returns:
+            dict: ``StableNet(**model.config())`` (or :meth:`from_config`) builds the same
+            architecture (fresh parameters).
+        """
         cfg = {
             "arch": self.arch, "features": self.features, "classes": self.classes,
             "layers": self.layers, "width": self.width, "step": self.step,
@@ -225,6 +256,15 @@ class StableNet(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> "StableNet":
+        """Build a model from :meth:`config`'s dict (JSON round trips allowed: a list
+        ``features`` becomes a tuple).
+
+        Args:
+            config (dict): keyword arguments of :class:`StableNet`.
+
+        Returns:
+            StableNet: a new model with fresh parameters.
+        """
         cfg = dict(config)
         if isinstance(cfg.get("features"), list):
             cfg["features"] = tuple(cfg["features"])
@@ -243,9 +283,19 @@ class StableNet(nn.Module):
         return self.classifier(y)
 
     def forward(self, x):
+        """Logits for a batch.
+
+        Args:
+            x (Tensor): ``(B, features)`` (dense; images are flattened) or
+                ``(B, C, H, W)`` (conv), the parameters' dtype and device.
+
+        Returns:
+            Tensor: ``(B, classes)`` logits.
+        """
         return self.head(self.stack(self.lift_input(x)))
 
     def loss(self, logits, target):
+        """Cross-entropy of ``logits`` ``(B, classes)`` against integer ``target`` ``(B,)``."""
         return F.cross_entropy(logits, target)
 
     @torch.no_grad()
@@ -311,9 +361,27 @@ def interpolate_layers(p: torch.Tensor) -> torch.Tensor:
 
 
 def double_layers(model: StableNet) -> StableNet:
-    """A new model with twice the layers and half the step, covering the same
-    time ``N h``: stack parameters (and batch-norm parameters and statistics)
-    interpolated (:func:`interpolate_layers`), lift and classifier copied. Same device and dtype as ``model``."""
+    """Layer doubling (multilevel training): twice the layers at half the step.
+
+    The new model covers the same time ``N h``: stack parameters (and batch-norm
+    parameters and statistics) interpolated (:func:`interpolate_layers`), lift and
+    classifier copied, so it computes nearly the same function and training goes on
+    from there.
+
+    Args:
+        model (StableNet): the model to refine (unchanged).
+
+    Returns:
+        StableNet: a new model, on the device and dtype of ``model``, in the same
+        train/eval mode.
+
+    Example:
+        >>> import stablenets_ext as sn
+        >>> net = sn.StableNet("verlet", 2, classes=2, layers=4, width=4, step=0.2)
+        >>> fine = sn.double_layers(net)
+        >>> fine.layers, fine.step
+        (8, 0.1)
+    """
     cfg = model.config()
     cfg["layers"] = 2 * model.layers
     cfg["step"] = model.step / 2

@@ -118,7 +118,10 @@ def build_train_parser(sub, suppress_defaults=False):
                    help="continue from a checkpoint (written again only with --save)")
     r.add_argument("--plot", metavar="DIR", help="write loss/accuracy (and 2-D trajectory) plots")
     r.add_argument("--history", metavar="PATH", help="write the history as JSON")
-    r.add_argument("--json", action="store_true", help="print one JSON line with the result")
+    r.add_argument("--json", action="store_true",
+                   help="print one JSON line with the result: val_accuracy (also under its old "
+                        "name, accuracy) is the accuracy on the validation split, test_accuracy "
+                        "the test set's (datasets with one), measured once at the end")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
     # Each trainer's own flags, from its Options dataclass.

@@ -44,14 +44,22 @@ def _model_config(model) -> dict:
 
 def write_plots(folder, result, model, data, cfg):
     from ..training import plots
+    from ..training.outputs import OutputPathError
 
-    os.makedirs(folder, exist_ok=True)
     stem = f"{data.name}-{cfg['arch']}"
-    if "history" in result and result["history"].get("loss"):
-        plots.plot_history(result, os.path.join(folder, f"{stem}-curves.png"))
-    if data.features == 2 and hasattr(model, "trajectory"):
-        plots.plot_trajectories(model, data.val_x, data.val_y,
-                                os.path.join(folder, f"{stem}-trajectories.png"))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if "history" in result and result["history"].get("loss"):
+            test = result.get("test_accuracy")
+            plots.plot_history(result, os.path.join(folder, f"{stem}-curves.png"),
+                               title=f"{cfg['arch']} on {data.name}",
+                               test_accuracy=test if isinstance(test, float) else None)
+        if data.features == 2 and hasattr(model, "trajectory"):
+            plots.plot_trajectories(model, data.val_x, data.val_y,
+                                    os.path.join(folder, f"{stem}-trajectories.png"))
+    except OSError as exc:
+        raise OutputPathError(f"--plot: cannot write plots to {folder!r}: "
+                              f"{exc.strerror or exc}") from None
 
 
 def finish(args, cfg, result, model, data, device) -> int:
@@ -61,7 +69,10 @@ def finish(args, cfg, result, model, data, device) -> int:
     if args.plot:
         write_plots(args.plot, result, model, data, cfg)
     line = {
-        "accuracy": result.get("accuracy"), "loss": result.get("loss"),
+        # "accuracy" is the validation accuracy (kept under that name for compatibility);
+        # "val_accuracy" says so, "test_accuracy" (when the dataset has a test set) follows
+        "accuracy": result.get("accuracy"), "val_accuracy": result.get("accuracy"),
+        "loss": result.get("loss"),
         "seconds": result.get("seconds"), "epochs": result.get("epochs"),
         "arch": cfg["arch"], "dataset": args.dataset, "impl": args.impl,
         "kernel": kernel_used(cfg["arch"], args.impl, device,

@@ -46,6 +46,32 @@ def check_folder(path, option: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputPathError(f"{option}: {path!r} is a file; give a folder")
     _writable_folder(path, option, path)
+    _probe_create(path, option)
+
+
+def _probe_create(path: str, option: str) -> None:
+    """Create the missing folders of ``path``, then remove them again: the one sure test
+    where ``os.access`` says yes but ``mkdir`` fails (``/proc``, read-only mounts)."""
+    missing, probe = [], os.path.abspath(path)
+    while not os.path.exists(probe):
+        missing.append(probe)  # deepest first
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not missing:
+        return
+    try:
+        os.makedirs(missing[0])
+    except OSError as exc:
+        raise OutputPathError(
+            f"{option}: cannot create folder {path!r}: {exc.strerror or exc}") from None
+    finally:
+        for folder in missing:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
 
 
 def json_safe(obj):

@@ -17,19 +17,32 @@ def _pyplot():
     return plt
 
 
-def plot_history(result_or_history: dict, path) -> str:
-    """Loss and accuracy per epoch; level changes (multilevel) as dotted lines."""
+def history_figure(result_or_history: dict, *, title=None, test_accuracy=None):
+    """The loss/accuracy figure (matplotlib ``Figure``, not saved): integer epoch
+    ticks, plain numbers on the log loss axis, level changes (multilevel) as dotted
+    lines, and the test accuracy (known only at the end) as a marker at the last
+    epoch."""
     plt = _pyplot()
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, StrMethodFormatter
+
     h = result_or_history.get("history", result_or_history)
     x = list(range(1, len(h["loss"]) + 1))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax1.plot(x, h["loss"], label="train")
     ax1.plot(x, h["val_loss"], label="validation")
     ax1.set_yscale("log")
+    # plain numbers ("0.5", "2"), not "5x10^-1"; minor ticks labelled only when the
+    # axis spans less than a decade (else there would be no label at all)
+    ax1.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax1.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    ax1.yaxis.set_minor_formatter(NullFormatter())
     ax1.set_xlabel("epoch")
-    ax1.set_ylabel("cross-entropy")
+    ax1.set_ylabel("cross-entropy (log scale)")
     ax2.plot(x, [100 * a for a in h["train_accuracy"]], label="train")
     ax2.plot(x, [100 * a for a in h["val_accuracy"]], label="validation")
+    if test_accuracy is not None:
+        ax2.plot([x[-1]], [100 * test_accuracy], marker="*", ms=12, ls="none", color="C3",
+                 label=f"test ({100 * test_accuracy:.1f}%)")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("accuracy (%)")
     layers = h.get("layers") or []
@@ -38,9 +51,19 @@ def plot_history(result_or_history: dict, path) -> str:
             for ax in (ax1, ax2):
                 ax.axvline(i + 0.5, color="grey", ls=":", lw=1)
     for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_history(result_or_history: dict, path, *, title=None, test_accuracy=None) -> str:
+    """Loss and accuracy per epoch (:func:`history_figure`), saved to ``path``."""
+    plt = _pyplot()
+    fig = history_figure(result_or_history, title=title, test_accuracy=test_accuracy)
     return _save(fig, plt, path)
 
 
