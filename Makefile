@@ -10,7 +10,7 @@ STAMP := $(VENV)/.deps-installed
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 SO_STAMP := $(VENV)/.ext-built
 
-.PHONY: demo test build venv bench ctest clean
+.PHONY: demo test build venv bench ctest clean docs
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: build
 
 ctest: build
 	PYTHON=$(PY) bash csrc/tests/run_ctest.sh
+
+# The API reference, docs/api.md, from docs/guide.md and the docstrings
+# (python_tests/test_docs.py fails when it is stale).
+docs: build
+	$(PY) docs/build.py
 
 bench: build
 	$(PY) benchmarks/compare.py

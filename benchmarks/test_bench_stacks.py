@@ -1,6 +1,9 @@
 """pytest-benchmark: fused against the plain-PyTorch reference, forward and forward+backward.
 
-    .venv/bin/python -m pytest benchmarks/test_bench_stacks.py --benchmark-group-by=param:shape,param:arch
+    python -m pytest benchmarks/test_bench_stacks.py --benchmark-group-by=param:shape,param:arch
+
+with the Python that has stablenets_ext and pytest-benchmark installed (``make test``
+and ``make bench`` use the checkout's ``.venv/bin/python``).
 
 Rows of one group differ only in `impl`, so pytest-benchmark's table compares them directly.
 """

@@ -206,3 +206,114 @@ def test_info_command():
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert sn.__version__ in out.stdout and torch.__version__ in out.stdout
+
+
+# ------------------------------------------------ one public face (issue 23)
+
+
+def test_top_level_exports_conv_stacks_and_models():
+    from stablenets_ext import (ConvAntisymmetricStack, ConvLeapfrogStack, ConvResNetStack,
+                                ConvVerletStack, StableNet, double_layers)
+
+    assert ConvVerletStack is sn.conv.ConvVerletStack and StableNet is sn.models.StableNet
+    assert double_layers is sn.models.double_layers
+    assert {ConvResNetStack, ConvAntisymmetricStack, ConvLeapfrogStack} <= set(
+        sn.conv.CONV_STACKS.values())
+    for name in sn.__all__:
+        assert hasattr(sn, name), name
+
+
+def _conv(arch):
+    return sn.conv.CONV_STACKS[arch]
+
+
+TWO = ["leapfrog", "verlet"]
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+@pytest.mark.parametrize("arch", TWO)
+def test_reversible_that_cannot_be_honoured_is_refused_alike(kind, arch):
+    """Module and function, dense and conv: the same refusal, in the same words."""
+    cls = STACKS[arch] if kind == "dense" else _conv(arch)
+    fn = SF.FUNCTIONS[arch] if kind == "dense" else sn.conv.FUNCTIONS[arch]
+    if kind == "dense":
+        y, w, b = torch.randn(3, 4), torch.randn(2, 4, 4), torch.randn(2, 4)
+    else:
+        y, w, b = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 3, 3, 3) / 9, torch.randn(2, 3)
+    messages = []
+    for make in (lambda: cls(3, 2, activation=torch.sin, reversible=True),
+                 lambda: fn(y, w, b, 0.1, torch.sin, reversible=True),
+                 lambda: cls(3, 2, impl="reference", reversible=True),
+                 lambda: fn(y, w, b, 0.1, reversible=True, impl="reference")):
+        with pytest.raises(ValueError, match=r"^reversible=True cannot be honoured: ") as err:
+            make()
+        assert "reversible=False" in str(err.value)
+        messages.append(str(err.value))
+    assert "callable" in messages[0] and messages[0] == messages[1]
+    assert "impl='reference'" in messages[2] and messages[2] == messages[3]
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match=r"^reversible: expected True or False"):
+            cls(3, 2, reversible=bad)
+        with pytest.raises(ValueError, match=r"^reversible: expected True or False"):
+            fn(y, w, b, 0.1, reversible=bad)
+
+
+def test_reversible_refused_on_a_device_without_a_kernel(monkeypatch):
+    monkeypatch.setattr(ops, "_KERNELS", {"cpu": False, "cuda": False})
+    y, w, b = torch.randn(3, 4), torch.randn(2, 4, 4), torch.randn(2, 4)
+    with pytest.raises(ValueError, match="reversible=True cannot be honoured: no fused kernel"):
+        SF.verlet(y, w, b, 0.1, reversible=True)
+
+
+@pytest.mark.parametrize("cls", [sn.ResNetStack, sn.AntisymmetricStack, sn.ConvResNetStack,
+                                 sn.ConvAntisymmetricStack])
+def test_stacks_without_a_reversible_mode_refuse_it(cls):
+    with pytest.raises(ValueError, match=r"^reversible=True cannot be honoured: .*no reversible mode"):
+        cls(8, 2, reversible=True)
+    with pytest.raises(ValueError, match="reversible: expected True or False"):
+        cls(8, 2, reversible="yes")
+    assert cls(8, 2, reversible=False).layers == 2  # the uniform keyword is accepted
+    with pytest.raises(ValueError, match=r"^reversible=True cannot be honoured: .*no reversible mode"):
+        sn.StableNet("resnet", 4, 2, 2, reversible=True)
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_fused_with_a_callable_activation_is_refused(kind):
+    if kind == "dense":
+        fn, y, w, b = SF.verlet, torch.randn(3, 4), torch.randn(2, 4, 4), torch.randn(2, 4)
+        cls = sn.VerletStack
+    else:
+        fn, cls = sn.conv.conv_verlet, sn.ConvVerletStack
+        y, w, b = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 3, 3, 3) / 9, torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"^impl='fused': the activation sin is a Python callable"):
+        fn(y, w, b, 0.1, torch.sin, impl="fused")
+    with pytest.raises(ValueError, match=r"^impl='fused': the activation ReLU is a Python callable"):
+        cls(3, 2, activation=torch.nn.ReLU(), impl="fused")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert fn(y, w, b, 0.1, torch.sin).shape == y.shape  # impl="auto": the reference
+
+
+@fused_only
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_torchscript_is_refused_naming_torch_export(kind):
+    if kind == "dense":
+        model, x = sn.StableNet("verlet", 4, 3, 2, width=4), torch.randn(2, 4)
+    else:
+        model, x = sn.StableNet("conv-verlet", (1, 6, 6), 3, 2, width=2), torch.randn(2, 1, 6, 6)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="torch.export"):
+            torch.jit.trace(model, (x,))
+    with pytest.raises(RuntimeError, match="torch.jit.script is not supported.*torch.export"):
+        torch.jit.script(model)
+    with pytest.raises(RuntimeError, match="torch.export"):
+        torch.jit.script(model.stack)
+    # the deployment path the errors name works, and agrees with eager
+    model.eval()
+    program = torch.export.export(model, (x,))
+    torch.testing.assert_close(program.module()(x), model(x))
+    # the reference path is plain PyTorch: tracing it records nothing stateful
+    ref = sn.VerletStack(4, 2, impl="reference")
+    traced = torch.jit.trace(ref, (torch.randn(2, 4),))
+    xs = torch.randn(5, 4)
+    torch.testing.assert_close(traced(xs), ref(xs))

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -243,3 +244,74 @@ def test_digits_as_images_for_conv_archs(capsys):
     line = json_line(capsys.readouterr().out)
     assert line["arch"] == "conv-verlet" and line["kernel"] == "fused"
     assert line["accuracy"] > 0.3  # two tiny epochs: well above chance (0.1)
+
+
+# ------------------------------------------------------------ outputs a user reads
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_plot_folder_that_cannot_be_created_names_the_flag(capsys):
+    assert cli.main(["train", "--plot", "/proc/stablenets-no/x", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "--plot" in err and "/proc/stablenets-no/x" in err
+
+
+def test_plot_probe_leaves_nothing_behind(tmp_path):
+    from stablenets_ext.training.outputs import check_folder
+
+    check_folder(tmp_path / "a" / "b", "--plot")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_history_figure_title_integer_epochs_plain_log_labels_and_test_accuracy():
+    from stablenets_ext.training import plots
+
+    h = {"loss": [2.3, 1.1, 0.6], "val_loss": [2.2, 1.2, 0.7], "train_accuracy": [0.2, 0.6, 0.8],
+         "val_accuracy": [0.2, 0.5, 0.7]}
+    fig = plots.history_figure(h, title="conv-verlet on mnist", test_accuracy=0.68)
+    try:
+        fig.canvas.draw()
+        loss_ax, acc_ax = fig.axes
+        assert fig._suptitle.get_text() == "conv-verlet on mnist"
+        for ax in (loss_ax, acc_ax):
+            ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+            assert ticks and all(float(t).is_integer() for t in ticks)
+        labels = [t.get_text() for t in loss_ax.get_yticklabels() if t.get_text()]
+        assert labels and all(re.fullmatch(r"[0-9.]+", s) for s in labels), labels
+        legend = [t.get_text() for t in acc_ax.get_legend().get_texts()]
+        assert any(s.startswith("test") and "68.0%" in s for s in legend), legend
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_image_run_json_and_plot_say_which_accuracy_is_which(tmp_path, capsys, monkeypatch):
+    from stablenets_ext.training import plots
+    from test_data import write_mnist
+
+    seen = {}
+    real = plots.plot_history
+
+    def spy(result, path, **kw):
+        seen.update(kw)
+        return real(result, path, **kw)
+
+    monkeypatch.setattr(plots, "plot_history", spy)
+    write_mnist(tmp_path, n_train=24, n_test=8, side=6)
+    argv = ["train", "--dataset", "mnist", "--data-root", str(tmp_path), "--no-download",
+            "--arch", "conv-verlet", "--width", "4", "--layers", "2", "--epochs", "2",
+            "--batch-size", "8", "--json", "--quiet", "--plot", str(tmp_path / "plots")]
+    assert cli.main(argv) == 0
+    line = json_line(capsys.readouterr().out)
+    assert line["val_accuracy"] == line["accuracy"] and 0 <= line["test_accuracy"] <= 1
+    assert seen["title"] == "conv-verlet on mnist"
+    assert seen["test_accuracy"] == line["test_accuracy"]
+    assert (tmp_path / "plots" / "mnist-conv-verlet-curves.png").stat().st_size > 0
+
+
+def test_json_help_says_which_accuracy_is_which(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "val_accuracy" in text and "test_accuracy" in text and "validation" in text

@@ -98,6 +98,7 @@ def test_fused_is_used_and_modules_match(arch, device):
         out = stack(x)
     assert torch.allclose(out, ref(x), atol=1e-12)
     assert "impl='auto'" in repr(stack)
+    assert repr(stack).startswith(f"{type(stack).__name__}(features=4, layers=3,")  # as the argument
 
 
 # ------------------------------------------------------ gradcheck / opcheck

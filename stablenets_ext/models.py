@@ -271,13 +271,13 @@ class StableNet(nn.Module):
         return cls(**cfg)
 
     def lift_input(self, x):
-        """The stack's initial state ``Y_0``."""
+        """The stack's initial state ``Y_0`` for inputs ``x`` (flattened for dense archs)."""
         if self.pool is None and x.dim() > 2:
             x = x.flatten(1)
         return self.lift(x)
 
     def head(self, y):
-        """Logits from the stack's final state."""
+        """Logits ``(B, classes)`` from the stack's final state ``y``."""
         if self.pool is not None:
             y = self.pool(y).flatten(1)
         return self.classifier(y)
@@ -300,8 +300,8 @@ class StableNet(nn.Module):
 
     @torch.no_grad()
     def trajectory(self, x) -> torch.Tensor:
-        """States ``Y_0 .. Y_N`` through the stack, shape ``(N+1, B, ...)``, by
-        running the stack one layer at a time and carrying its state."""
+        """States ``Y_0 .. Y_N`` through the stack for inputs ``x``, shape
+        ``(N+1, B, ...)``, by running the stack one layer at a time and carrying its state."""
         fn = layer_function(self)
         stack = self.stack
         norm = stack.norm() if getattr(stack, "batch_norm", False) else None
