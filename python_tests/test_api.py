@@ -301,19 +301,33 @@ def test_torchscript_is_refused_naming_torch_export(kind):
         model, x = sn.StableNet("verlet", 4, 3, 2, width=4), torch.randn(2, 4)
     else:
         model, x = sn.StableNet("conv-verlet", (1, 6, 6), 3, 2, width=2), torch.randn(2, 1, 6, 6)
-    for grad in (True, False):
-        with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="torch.export"):
-            torch.jit.trace(model, (x,))
-    with pytest.raises(RuntimeError, match="torch.jit.script is not supported.*torch.export"):
-        torch.jit.script(model)
-    with pytest.raises(RuntimeError, match="torch.export"):
-        torch.jit.script(model.stack)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the argument checks
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="torch.export"):
+                torch.jit.trace(model, (x,))
+        with pytest.raises(RuntimeError, match="torch.jit.script is not supported.*torch.export"):
+            torch.jit.script(model)
+        with pytest.raises(RuntimeError, match="torch.export"):
+            torch.jit.script(model.stack)
     # the deployment path the errors name works, and agrees with eager
     model.eval()
     program = torch.export.export(model, (x,))
     torch.testing.assert_close(program.module()(x), model(x))
     # the reference path is plain PyTorch: tracing it records nothing stateful
     ref = sn.VerletStack(4, 2, impl="reference")
-    traced = torch.jit.trace(ref, (torch.randn(2, 4),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the argument checks
+        traced = torch.jit.trace(ref, (torch.randn(2, 4),))
     xs = torch.randn(5, 4)
     torch.testing.assert_close(traced(xs), ref(xs))
+
+
+def test_fused_with_batch_norm_is_refused():
+    with pytest.raises(ValueError, match=r"^impl='fused': batch normalisation"):
+        sn.ConvVerletStack(3, 2, batch_norm=True, impl="fused")
+    m = sn.ConvVerletStack(3, 2, batch_norm=True)
+    y = torch.randn(2, 3, 5, 5)
+    with pytest.raises(ValueError, match=r"^impl='fused': batch normalisation"):
+        sn.conv.conv_verlet(y, m.weight, m.bias, 0.1, impl="fused", norm=m.norm())

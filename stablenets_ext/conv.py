@@ -106,6 +106,10 @@ def _has_tangent(*tensors) -> bool:
     return any(t is not None and unpack(t).tangent is not None for t in tensors)
 
 
+_BN_FUSED = ("impl='fused': batch normalisation (batch_norm=True) has no fused kernel; use "
+             "impl='auto' or 'reference' (which run it on the per-layer reference path)")
+
+
 def _use_fused(arch, impl, device, activation, norm, reversible, tensors) -> bool:
     """Fused op or reference? Refuses (ValueError naming ``reversible``) a
     ``reversible=True`` that these settings cannot honour, as the dense stacks do."""
@@ -113,6 +117,8 @@ def _use_fused(arch, impl, device, activation, norm, reversible, tensors) -> boo
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     functional.check_reversible(reversible, activation, impl, batch_norm=norm is not None)
     if norm is not None:
+        if impl == "fused":
+            raise ValueError(_BN_FUSED)
         return False  # batch normalisation: the per-layer reference
     if not isinstance(activation, str):
         if impl == "fused":
@@ -371,6 +377,8 @@ class _ConvStack(nn.Module):
         reference.activation_fn(activation)
         if impl == "fused" and not isinstance(activation, str):
             raise functional.fused_refused_for_callable(activation)
+        if impl == "fused" and batch_norm:
+            raise ValueError(_BN_FUSED)
         self.features, self.layers, self.kernel_size = features, layers, kernel_size
         self.step, self.activation, self.impl = float(step), activation, impl
         self.batch_norm = batch_norm

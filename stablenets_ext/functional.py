@@ -6,13 +6,13 @@ or if the activation is a Python callable) or ``"reference"``.
 
 The fused ops serve first-order reverse-mode autograd (and, through their
 backward, double backward). Whatever else can reach them would get wrong
-answers, so these run on the reference, whatever ``impl="auto"`` says, with one
-warning per cause:
+answers, so these run on the reference with one warning per cause:
 
 - ``torch.func`` transforms (``grad``, ``jacrev``, ``jacfwd``, ``hessian``,
   ``vmap``, ``jvp``) and forward-mode AD (``torch.autograd.forward_ad`` dual
-  tensors): the reference stores its states whatever ``reversible`` says
-  (``reversible=True`` is a plan for the reverse-mode backward only);
+  tensors), whatever ``impl`` and ``reversible`` say: these are ways of
+  differentiating, not settings of the stack (``reversible=True`` is a plan for
+  the reverse-mode backward, which such a call does not use);
 - an activation given as a Python callable (``nn.ReLU()``, ``torch.sin``)
   instead of one of the names in ``reference.ACTIVATIONS`` (refused with
   ``impl="fused"`` and with ``reversible=True``).
