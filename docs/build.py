@@ -79,6 +79,7 @@ def signature(obj, drop_self=False) -> str:
     params = list(sig.parameters.values())
     if drop_self and params and params[0].name in ("self", "cls"):
         params = params[1:]
+    params = [p.replace(annotation=inspect.Parameter.empty) for p in params]
     return str(sig.replace(parameters=params, return_annotation=inspect.Signature.empty))
 
 
