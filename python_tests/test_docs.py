@@ -52,7 +52,8 @@ def test_every_public_name_and_parameter_is_documented(obj):
         for name, meth in build.own_methods(obj):
             assert inspect.getdoc(meth), f"{obj.__name__}.{name}: no docstring"
             if name == "forward":
-                assert not _undocumented(meth, meth.__doc__, True), f"{name}: {_undocumented(meth, meth.__doc__, True)}"
+                missing = _undocumented(meth, meth.__doc__, True)
+                assert not missing, f"{obj.__name__}.forward: {missing} not under Args:"
                 assert "Returns:" in meth.__doc__
             else:  # smaller methods: each parameter at least named in the text
                 for p in build.params(meth, True):
