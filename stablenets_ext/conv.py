@@ -112,6 +112,9 @@ def _use_fused(arch, impl, device, activation, norm, reversible, tensors) -> boo
     why_not = None
     if norm is not None:
         why_not = "batch normalisation (batch_norm=True) runs on the per-layer reference path"
+        if impl == "fused":
+            raise ValueError(f"impl='fused': conv_{arch} with norm= has no fused kernel ("
+                             f"{why_not}); use impl='auto' or 'reference'")
     elif not isinstance(activation, str):
         why_not = "a Python-callable activation runs on the per-layer reference path"
         _warn_once(f"callable:{type(activation).__name__}",
@@ -245,6 +248,9 @@ class _ConvStack(nn.Module):
             raise ValueError(f"batch_norm: expected True or False, got {batch_norm!r}")
         if impl not in IMPLS:
             raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+        if batch_norm and impl == "fused":
+            raise ValueError("batch_norm=True with impl='fused': batch normalisation runs only "
+                             "on the per-layer reference path; use impl='auto' or 'reference'")
         reference.activation_fn(activation)
         self.features, self.layers, self.kernel_size = features, layers, kernel_size
         self.step, self.activation, self.impl = float(step), activation, impl
