@@ -126,6 +126,12 @@ def _use_fused(arch, impl, device, activation, norm, reversible, tensors) -> boo
         why_not = "forward-mode AD has no fused formula"
         _warn_once("forward_ad", f"stablenets_ext conv_{arch}: forward-mode AD has no fused "
                    "formula; using the differentiable per-layer reference (slower, same results)")
+    elif _cops._ops.transform_active(tensors):  # as the dense stacks (functional.py)
+        why_not = "a torch.func transform is active"
+        _warn_once("transform", f"stablenets_ext conv_{arch}: a torch.func transform (grad, "
+                   "jacrev, jacfwd, hessian, vmap, jvp) is active; the fused kernels serve "
+                   "reverse-mode autograd only, so the per-layer reference runs instead (same "
+                   "results, slower)")
     elif not _cops.has_kernel(device):
         why = f" ({_cops._ops.LOAD_ERROR})" if _cops._ops.LOAD_ERROR is not None else ""
         why_not = f"no fused conv kernel was compiled for device '{device.type}'{why}"
