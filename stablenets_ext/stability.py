@@ -384,6 +384,8 @@ def _plot_path(out, parser):
     matplotlib.use("Agg", force=True)
     from matplotlib.figure import Figure
 
+    if os.path.isdir(out) or os.fspath(out).endswith(os.sep):
+        return out  # a folder: check_file says so
     ext = os.path.splitext(os.fspath(out))[1].lower().lstrip(".")
     if not ext:
         return os.fspath(out) + ".png"
