@@ -98,6 +98,10 @@ def _fit(model, data, config, options, callbacks):
         from . import ddp
 
         if under_torchrun() or dist.is_initialized():  # this process is one rank
+            for name in ("heartbeat_timeout", "start_timeout"):
+                if getattr(options, name) is not None:
+                    raise OptionError(f"{name}: bounds the ranks this process launches; this "
+                                      "process is itself a rank (torchrun watches its ranks)")
             result = ddp.train_ddp(model, data, checkpoint=config.checkpoint,
                                    resume=config.resume, checkpoint_extra=extra,
                                    on_epoch=on_epoch, **kw)
