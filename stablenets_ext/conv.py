@@ -136,6 +136,12 @@ def _use_fused(arch, impl, device, activation, norm, reversible, tensors) -> boo
         _warn_once("forward_ad", f"stablenets_ext conv_{arch}: forward-mode AD has no fused "
                    "formula; using the differentiable per-layer reference (slower, same results)")
         return False
+    if _cops._ops.transform_active(tensors):  # as the dense stacks (functional.py)
+        _warn_once("transform", f"stablenets_ext conv_{arch}: a torch.func transform (grad, "
+                   "jacrev, jacfwd, hessian, vmap, jvp) is active; the fused kernels serve "
+                   "reverse-mode autograd only, so the per-layer reference runs instead (same "
+                   "results, slower)")
+        return False
     if not _cops.has_kernel(device):
         why = f" ({_cops._ops.LOAD_ERROR})" if _cops._ops.LOAD_ERROR is not None else ""
         why_not = f"no fused conv kernel was compiled for device '{device.type}'{why}"

@@ -36,7 +36,10 @@ _KERNELS = _ops.probe_kernels("stablenets::conv_resnet_forward")
 
 def has_kernel(device: torch.device | str) -> bool:
     """Whether fused conv-stack kernels were compiled for this device type."""
-    return _KERNELS.get(torch.device(device).type, False)
+    kind = torch.device(device).type
+    if kind == "cpu" and _ops.ENV_ERROR is not None:  # a bad STABLENETS_CPU_ISA
+        raise _ops.ENV_ERROR
+    return _KERNELS.get(kind, False)
 
 
 _warned_double_backward: list[bool] = []
@@ -286,6 +289,9 @@ if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
 
                 g = _reference_grads(ctx, fn, (y, other, weight, bias), tuple, (grad_a, grad_b))
                 return (*g, None, None, None)
+            if y.numel() == 0:  # batch 0: no example, no gradient (the op keeps no states)
+                return (torch.zeros_like(y), torch.zeros_like(other), torch.zeros_like(weight),
+                        torch.zeros_like(bias), None, None, None)
             grad_a = torch.zeros_like(y) if grad_a is None else grad_a.contiguous()
             grad_b = torch.zeros_like(y) if grad_b is None else grad_b.contiguous()
             if ctx.stored:

@@ -313,6 +313,13 @@ def mnist(root=None, download=None, val_fraction=IMAGE_VAL_FRACTION) -> Dataset:
                             f"image in {os.path.basename(paths[part + '_x'])}), found shape "
                             f"{labels.shape}")
         _check_labels(labels, 10, paths[part + "_y"])
+        least = 2 if part == "train" else 1  # train: one image held out for validation
+        if images.shape[0] < least:
+            raise DataError(f"{paths[part + '_x']}: holds {images.shape[0]} image"
+                            f"{'' if images.shape[0] == 1 else 's'}; the "
+                            f"{'training' if part == 'train' else 'test'} split needs at least "
+                            f"{least}" + (" (one is held out for validation)" if least == 2
+                                          else ""))
     images = torch.from_numpy(arr["train_x"].astype(np.float32) / 255.0).unsqueeze(1)
     te = torch.from_numpy(arr["val_x"].astype(np.float32) / 255.0).unsqueeze(1)
     labels = torch.from_numpy(arr["train_y"].astype(np.int64))
@@ -415,6 +422,16 @@ class CacheUnreadable(DataError):
     """A cache file that cannot be read (truncated, not HDF5)."""
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _hdf5_or_empty(path) -> bool:
+    """An HDF5 file (a damaged cache may be rebuilt) or an empty one."""
+    with open(path, "rb") as f:
+        head = f.read(len(HDF5_SIGNATURE))
+    return head in (b"", HDF5_SIGNATURE)
+
+
 def load_hdf5(path, with_key=False):
     """Read a dataset written by :func:`save_hdf5`, wholly into memory
     (``with_key``: also return the parameters it was written with)."""
@@ -463,6 +480,10 @@ def load_dataset(name, *, root=None, seed=0, download=None, cache=None) -> Datas
             try:
                 data, found = load_hdf5(path, with_key=True)
             except CacheUnreadable as exc:
+                if not _hdf5_or_empty(path):  # never overwrite a file this package did not write
+                    raise DataError(f"cache: {path!r} exists and is not an HDF5 cache; it "
+                                    f"would be overwritten: give another --cache path or "
+                                    f"remove it first") from None
                 warnings.warn(f"{exc}: it is rebuilt", stacklevel=2)
             else:
                 if data.name != name:

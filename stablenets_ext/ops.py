@@ -45,8 +45,14 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     LOAD_ERROR = exc
 
 # The CPU kernels, built once per instruction set: the best this CPU runs, or
-# STABLENETS_CPU_ISA's choice (an impossible choice raises here).
-CPU_ISA: str | None = _cpu_isa.load() if _C is not None else None
+# STABLENETS_CPU_ISA's choice. An impossible choice is kept in ENV_ERROR, not
+# raised at import: every command reports it as one line (_env.problems), and
+# has_kernel("cpu") raises it, so no CPU stack silently runs another variant.
+try:
+    CPU_ISA: str | None = _cpu_isa.load() if _C is not None else None
+    ENV_ERROR: Exception | None = None
+except (ValueError, RuntimeError) as _exc:
+    CPU_ISA, ENV_ERROR = None, _exc
 
 STATE_SLOTS = {"resnet": 2, "antisymmetric": 2, "leapfrog": 2, "verlet": 4}
 
@@ -88,7 +94,10 @@ _KERNELS = probe_kernels("stablenets::resnet_forward")
 
 def has_kernel(device: torch.device | str) -> bool:
     """Whether fused kernels were compiled for this device type."""
-    return _KERNELS.get(torch.device(device).type, False)
+    kind = torch.device(device).type
+    if kind == "cpu" and ENV_ERROR is not None:
+        raise ENV_ERROR
+    return _KERNELS.get(kind, False)
 
 
 def compiled_devices() -> list[str]:

@@ -135,6 +135,10 @@ def make_weights(layers, features, *, step=0.05, seed=0, sigma=0.5, margin=0.1, 
             period = noise
     else:
         noise = period = scale * torch.randn(layers, d, d, dtype=dtype, generator=gen)
+    # Before any eigen solver: LAPACK given inf/NaN prints its own errors on stdout.
+    if not (torch.isfinite(noise).all() and torch.isfinite(period).all()):
+        raise ValueError(f"step: h={step!r} is too large: the layer times j*h overflow and the "
+                         f"weights K(t) are not finite; use a smaller --step")
     shift = margin - torch.linalg.eigvals(period).real.min().item()
     K = noise + shift * torch.eye(d, dtype=dtype)
     min_re = torch.linalg.eigvals(K).real.min().item()
@@ -371,6 +375,27 @@ def plot(report, example, path):
 # -------------------------------------------------------------------- CLI
 
 
+def _plot_path(out, parser):
+    """The file the plot will really be: matplotlib adds ``.png`` to a name
+    without an extension, and refuses one it has no writer for (say so now,
+    not after the computation)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    if os.path.isdir(out) or os.fspath(out).endswith(os.sep):
+        return out  # a folder: check_file says so
+    ext = os.path.splitext(os.fspath(out))[1].lower().lstrip(".")
+    if not ext:
+        return os.fspath(out) + ".png"
+    formats = Figure().canvas.get_supported_filetypes()
+    if ext not in formats:
+        parser.error(f"--out {out}: matplotlib cannot write .{ext} files; use one of "
+                     f"{', '.join('.' + f for f in sorted(formats))}")
+    return out
+
+
 def _depths(text):
     try:
         values = [int(v) for v in text.replace(",", " ").split()]
@@ -420,6 +445,7 @@ def main(argv=None):
     if not args.no_plot:  # before the computation, not after it
         from .training.outputs import OutputPathError, check_file
 
+        args.out = _plot_path(args.out, parser)
         try:
             check_file(args.out, "--out")
         except OutputPathError as exc:

@@ -41,6 +41,12 @@ def cmd_info(args) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .._env import problems
+
+    bad = problems()  # a bad STABLENETS_* variable: one line, whatever the command
+    if bad and not any(a in ("-h", "--help") for a in argv[:2]):
+        print(f"stablenets: error: {bad[0]}", file=sys.stderr)
+        return 2
     if argv and argv[0] == "stability":
         from .. import stability
 

@@ -19,10 +19,11 @@ SHARED = {
     "heartbeat_timeout": dict(flags=("--heartbeat-timeout",), type=T.positive_float,
                               metavar="S", help="seconds a live worker may go without a "
                                                 "heartbeat before it is reported hung (sg, "
-                                                "pvd; default 30)"),
+                                                "pvd, backprop --backend dist; default 30)"),
     "start_timeout": dict(flags=("--start-timeout",), type=T.positive_float, metavar="S",
                           help="seconds the workers may take to start before they are "
-                               "reported (sg, pvd; default 120)"),
+                               "reported (sg, pvd: default 120; backprop --backend dist: "
+                               "180); no limit once they run"),
 }
 # TrainConfig fields set from flags of the same name.
 CONFIG_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "lr_step", "lr_gamma", "alpha",

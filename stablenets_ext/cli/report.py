@@ -1,5 +1,5 @@
 """The end of ``stablenets train``: history, plots, the summary line (valid
-JSON even when the run diverged), and the local launch of data-parallel runs."""
+JSON even when the run diverged)."""
 
 from __future__ import annotations
 
@@ -107,49 +107,3 @@ def finish(args, cfg, result, model, data, device) -> int:
             flush=True,
         )
     return 0
-
-
-# ------------------------------------------------------------ data parallel
-
-
-def save_for_launcher(folder, result, model) -> None:
-    import torch
-
-    torch.save({"result": result, "model_config": model.config(),
-                "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
-               os.path.join(folder, "result.pt"))
-
-
-def launch_ddp(args, argv, cfg, device) -> int:
-    """``--backend dist`` outside torchrun: run this same command line as
-    ``--workers`` local torchrun ranks and report rank 0's result."""
-    import torch
-
-    from ..data import load_dataset
-    from ..models import StableNet
-    from ..training import checkpoint as ckpt
-    from ..training.runtime import WorkerError, torchrun
-
-    world = args.workers or 2
-    threads = args.threads or max(1, torch.get_num_threads() // world)
-
-    def collect(folder):
-        path = os.path.join(folder, "result.pt")
-        if not os.path.exists(path):
-            raise WorkerError("DDP run: torchrun exited 0 but rank 0 wrote no result")
-        return torch.load(path, weights_only=False)
-
-    lock = ckpt.CheckpointLock(args.save).acquire() if args.save is not None else None
-    try:
-        out = torchrun.launch("stablenets_ext", ["train", *argv], world, threads=threads,
-                              name="ddp", collect=collect,
-                              heartbeat_timeout=args.heartbeat_timeout or 30.0,
-                              what=lambda r: f"DDP rank {r}")
-    finally:
-        if lock is not None:
-            lock.release()
-    model = StableNet.from_config(out["model_config"])
-    model.load_state_dict(out["model_state"])
-    data = load_dataset(args.dataset, root=args.data_root, seed=args.seed,
-                        download=False if args.no_download else None, cache=args.cache)
-    return finish(args, cfg, out["result"], model, data, device)

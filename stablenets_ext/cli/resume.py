@@ -12,7 +12,7 @@ from .errors import CliError
 # Settings that identify a run: a resume must match them (the others may change).
 NOT_IDENTITY = {"epochs", "target_accuracy", "threads", "device", "quiet", "json", "save",
                 "resume", "plot", "history", "compare", "cache", "data_root", "no_download",
-                "heartbeat_timeout", "sg_timeout", "sg_baseline_epochs", "sg_threads",
+                "heartbeat_timeout", "start_timeout", "sg_timeout", "sg_baseline_epochs", "sg_threads",
                 "pvd_threads", "pvd_start_method", "impl", "command"}
 
 MODEL_KWARGS = ("gamma", "reversible", "kernel_size", "lift", "pool", "batch_norm")

@@ -77,6 +77,9 @@ def check_model_flags(args, given: set, arch: str) -> None:
                        ("--batch-norm", "batch_norm")):
         if dest in given and not is_conv(arch):
             raise CliError(f"{flag}: only applies to convolutional architectures, not {arch}")
+    if args.batch_norm and args.impl == "fused" and is_conv(arch):
+        raise CliError("--batch-norm with --impl fused: batch normalisation has no fused kernel "
+                       "(it runs on the per-layer reference path); use --impl auto or reference")
     if args.batch_norm and getattr(args, "trainer", "backprop") != "backprop":
         raise CliError(f"--batch-norm: only with --trainer backprop; the {args.trainer} trainer "
                        "splits a stack's weights and biases across workers, not its per-layer "
@@ -84,12 +87,25 @@ def check_model_flags(args, given: set, arch: str) -> None:
 
 
 def check_outputs(args) -> None:
-    from ..training.outputs import check_file, check_folder
+    """Every output writable (a real file is made and removed), no two on one
+    path (``--save`` may continue ``--resume``'s file), none over a file this
+    package did not write, and what killed runs left there cleared."""
+    from ..training import checkpoint as ckpt
+    from ..training.outputs import (check_distinct, check_file, check_folder, check_ours,
+                                    clean_stale, is_history)
 
+    cache = args.cache if isinstance(args.cache, str) else None
+    check_distinct({"--resume": args.resume, "--save": args.save, "--history": args.history,
+                    "--cache": cache, "--plot": args.plot}, allowed={("--resume", "--save")})
+    for path in (args.save, args.history, args.resume, cache):
+        if path is not None:
+            clean_stale(path)
     if args.save is not None:
         check_file(args.save, "--save")
+        check_ours(args.save, "--save", ckpt.is_checkpoint, "a stablenets checkpoint")
     if args.history is not None:
         check_file(args.history, "--history")
+        check_ours(args.history, "--history", is_history, "a stablenets history (JSON)")
     if args.plot is not None:
         check_folder(args.plot, "--plot")
     if args.resume is not None and not os.path.exists(args.resume):
@@ -177,15 +193,11 @@ def cmd_train(args, argv, parser) -> int:
     check_model_flags(args, given, cfg["arch"])
     device = resolve_device(args.device)
 
-    if name == "backprop" and args.backend == "dist" and not ranked:
-        return report.launch_ddp(args, argv, cfg, device)
-
     rank = int(os.environ.get("RANK", 0)) if ranked else 0
-    run_dir = torchrun.run_dir() if ranked else None
     if rank != 0:
         sys.stdout = open(os.devnull, "w")
     lock = None
-    if args.save is not None and rank == 0 and run_dir is None:
+    if args.save is not None and rank == 0:
         lock = ckpt.CheckpointLock(args.save).acquire()
     try:
         if args.threads is not None:
@@ -236,10 +248,6 @@ def cmd_train(args, argv, parser) -> int:
 
             result["test_loss"], result["test_accuracy"] = evaluate(model, data.test_x,
                                                                     data.test_y)
-        if run_dir is not None:  # launched by `--backend dist`: the launcher reports
-            if rank == 0:
-                report.save_for_launcher(run_dir, result, model)
-            return 0
         if rank != 0:
             return 0
         return report.finish(args, cfg, result, model, data, device)

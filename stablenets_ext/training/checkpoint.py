@@ -50,6 +50,27 @@ def save(path, state: dict) -> None:
             os.remove(tmp)
 
 
+SIGNATURE = ("epoch", "history", "rng")  # keys every checkpoint of loop.run_epochs holds
+
+
+def is_checkpoint(path) -> bool:
+    """Whether ``path`` is a checkpoint this package wrote, read without
+    unpickling anything: a torch zip archive whose pickle names the keys of
+    :data:`SIGNATURE`."""
+    import pickletools
+
+    with zipfile.ZipFile(path) as z:
+        name = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        if name is None:
+            return False
+        raw = z.read(name)
+    strings = set()
+    for op, arg, _ in pickletools.genops(raw):
+        if isinstance(arg, str):
+            strings.add(arg)
+    return all(k in strings for k in SIGNATURE)
+
+
 class CheckpointError(ValueError):
     """A file that cannot be resumed from: the message names it and says why."""
 
@@ -80,6 +101,9 @@ def load(path, map_location="cpu", require=()) -> dict:
     if missing:
         raise CheckpointError(f"resume: {path!r} is not a stablenets checkpoint of this kind "
                               f"(no {', '.join(repr(k) for k in missing)})")
+    if "history" in state and not isinstance(state["history"], dict):
+        raise CheckpointError(f"resume: {path!r} is not a stablenets checkpoint (its 'history' "
+                              f"is a {type(state['history']).__name__}, not a dict)")
     return state
 
 

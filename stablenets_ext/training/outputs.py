@@ -1,11 +1,18 @@
-"""Where results go: output paths checked before any training, JSON that stays
-valid when a run diverges (non-finite numbers become null), atomic writes."""
+"""Where results go: output paths checked before any training (a real file
+is created and removed in the target folder; two outputs on one path and a
+file this package did not write are refused), JSON that stays valid when a
+run diverges (non-finite numbers become null), atomic writes, and the
+leftovers of runs killed mid-write (stale locks, temporary files of dead
+processes) cleared."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import re
 
 
 class OutputPathError(ValueError):
@@ -24,6 +31,96 @@ def _writable_folder(folder: str, option: str, path: str) -> None:
         raise OutputPathError(f"{option}: cannot write {path!r}: {probe!r} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputPathError(f"{option}: cannot write {path!r}: folder {probe!r} is not writable")
+    # os.access trusts the permission bits (and root passes them all): only
+    # writing tells, e.g. /proc, a read-only mount, a full disk.
+    trial = os.path.join(probe, f".stablenets-probe{os.getpid()}")
+    try:
+        fd = os.open(trial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise OutputPathError(f"{option}: cannot write {path!r}: creating a file in folder "
+                              f"{probe!r} fails ({exc.strerror})") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.remove(trial)
+
+
+def check_distinct(paths: dict, allowed=()) -> None:
+    """``paths``: {option: path or None}. Refuse two options on one file
+    (``allowed``: pairs of options that may share one, e.g. --resume/--save)."""
+    seen = {}
+    for option, path in paths.items():
+        if path is None or path is True or path is False:
+            continue
+        real = os.path.realpath(os.fspath(path))
+        other = seen.get(real)
+        if other is not None and (other, option) not in allowed \
+                and (option, other) not in allowed:
+            raise OutputPathError(f"{option}: {os.fspath(path)!r} is also the path of {other}; "
+                                  f"give each its own file")
+        seen.setdefault(real, option)
+
+
+def check_ours(path, option: str, ours, what: str) -> None:
+    """Refuse to overwrite an existing, non-empty ``path`` unless ``ours(path)``
+    says this package wrote it (a checkpoint, a history, a cache)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    try:
+        mine = bool(ours(path))
+    except Exception:  # unreadable: not something this package wrote
+        mine = False
+    if not mine:
+        raise OutputPathError(f"{option}: {path!r} exists and is not {what}; it would be "
+                              f"overwritten: give another path or remove it first")
+
+
+def is_history(path) -> bool:
+    """A JSON history written by ``stablenets train --history``."""
+    with open(path) as f:
+        obj = json.load(f)
+    return isinstance(obj, dict) and isinstance(obj.get("history"), dict)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(path) -> list:
+    """Remove what runs killed while writing ``path`` left behind: its
+    ``.lock`` when no process holds the lock, and temporary files
+    (``<name>.tmp<pid>``, ``.<name>.tmp<pid>``) of processes that are gone.
+    Returns the removed paths."""
+    path = os.path.abspath(os.fspath(path))
+    folder, base = os.path.split(path)
+    removed = []
+    lock = path + ".lock"
+    if os.path.isfile(lock):
+        with contextlib.suppress(OSError):
+            fd = os.open(lock, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds it
+                os.remove(lock)
+                removed.append(lock)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    pattern = re.compile(r"^\.?" + re.escape(base) + r"\.tmp(\d+)$")
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            m = pattern.match(name)
+            if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
+                    removed.append(os.path.join(folder, name))
+    return removed
 
 
 def check_file(path, option: str) -> None:

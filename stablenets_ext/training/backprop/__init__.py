@@ -38,6 +38,10 @@ class Options:
                                      "every doubling)")
     workers: int | None = None    # the CLI's --workers: ranks for backend "dist"
     backend: str | None = None    # the CLI's --backend: None (one process) or "dist"
+    # backend "dist" launched from this process: seconds a live rank may go
+    # without a heartbeat (default 30), and seconds the ranks may take to start.
+    heartbeat_timeout: float | None = None
+    start_timeout: float | None = None
 
     def check(self) -> "Options":
         check_fields(self)
@@ -49,6 +53,18 @@ class Options:
         if self.backend == "dist" and self.levels > 1:
             raise OptionError("levels: multilevel training runs in one process, not with "
                               "backend 'dist'")
+        for name in ("level_lr", "level_step"):
+            if self.backend == "dist" and getattr(self, name) is not None:
+                raise OptionError(f"{name}: multilevel training runs in one process, not with "
+                                  "backend 'dist'")
+        for name in ("heartbeat_timeout", "start_timeout"):
+            if getattr(self, name) is not None:
+                if self.backend != "dist":
+                    raise OptionError(f"{name}: only applies to backprop with backend 'dist' "
+                                      "(the ranks it launches)")
+                from ..runtime import check_timeout
+
+                check_timeout(getattr(self, name), name)
         for name in ("level_lr", "level_step"):
             v = getattr(self, name)
             if isinstance(v, tuple) and len(v) != self.levels:
@@ -76,13 +92,31 @@ def _fit(model, data, config, options, callbacks):
     kw = config.common()
     extra = {"run": config.run} if config.run else None
     if options.backend == "dist":
-        from .ddp import train_ddp
+        import torch.distributed as dist
 
-        result = train_ddp(model, data, checkpoint=config.checkpoint, resume=config.resume,
-                           checkpoint_extra=extra, on_epoch=on_epoch, **kw)
+        from ..runtime.torchrun import under_torchrun
+        from . import ddp
+
+        if under_torchrun() or dist.is_initialized():  # this process is one rank
+            for name in ("heartbeat_timeout", "start_timeout"):
+                if getattr(options, name) is not None:
+                    raise OptionError(f"{name}: bounds the ranks this process launches; this "
+                                      "process is itself a rank (torchrun watches its ranks)")
+            result = ddp.train_ddp(model, data, checkpoint=config.checkpoint,
+                                   resume=config.resume, checkpoint_extra=extra,
+                                   on_epoch=on_epoch, **kw)
+        else:  # launch the ranks (their engine: .ddp)
+            timeouts = {k: v for k, v in (("heartbeat_timeout", options.heartbeat_timeout),
+                                          ("start_timeout", options.start_timeout))
+                        if v is not None}
+            result = ddp.launch(model, data, workers=options.workers or 2,
+                                threads=config.threads, checkpoint=config.checkpoint,
+                                resume=config.resume, checkpoint_extra=extra, **timeouts, **kw)
         result["model"] = model
         return result
-    if options.levels > 1 or config.resume is not None or options.level_step is not None:
+    # --level-lr / --level-step with one level are honoured by the multilevel path.
+    if options.levels > 1 or config.resume is not None or options.level_step is not None \
+            or options.level_lr is not None:
         lr = options.level_lr if options.level_lr is not None else kw.pop("lr")
         kw.pop("lr", None)
         model, result = train_multilevel(

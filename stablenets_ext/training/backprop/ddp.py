@@ -10,19 +10,29 @@ same Adam step. The local loss is ``sum of the slice's cross-entropies * world
 order of floating-point sums. gloo on the CPU, NCCL when every rank has a GPU.
 
 Launch: under ``torchrun`` (``torchrun --nproc-per-node 2 -m stablenets_ext
-train ...``), inside an initialised process group, or ``stablenets train
---backend dist --workers W``, which runs torchrun itself
-(:mod:`.runtime.torchrun`). Only rank 0 prints and writes checkpoints."""
+train ...``), inside an initialised process group (:func:`train_ddp`), or from
+an ordinary process (:func:`launch`; ``stablenets train --backend dist
+--workers W``), which writes the model, data and settings into a private run
+folder and runs ``W`` local torchrun ranks of this module on the shared
+runtime (:mod:`..runtime.torchrun`): every rank beats, dies with the launcher
+(even kill -9), and a rank's own error reaches the caller as its one line; a
+rank silent for ``heartbeat_timeout`` s is named. Only rank 0 prints and
+writes checkpoints."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
+from ..runtime import DEFAULT_TIMEOUT, WorkerError, torchrun
 from . import engine as backprop
+
+START_TIMEOUT = 180.0
 
 
 class Shard:
@@ -46,6 +56,12 @@ class Shard:
         dist.all_reduce(t)
         t = t.to(loss_sum.device)
         return t[0].to(loss_sum.dtype), t[1].round().long()
+
+
+def check_batch(batch_size, world) -> None:
+    if batch_size < world:
+        raise ValueError(f"batch_size: data-parallel training over {world} ranks needs "
+                         f"batches of at least {world}, got {batch_size}")
 
 
 def rank_device(device) -> tuple[torch.device, str]:
@@ -72,9 +88,7 @@ def train_ddp(model, data, *, init_method=None, rank=None, world=None, timeout=3
                                 timeout=datetime.timedelta(seconds=timeout), **kw)
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        if train_kwargs.get("batch_size", 1) < world:
-            raise ValueError(f"batch_size: data-parallel training over {world} ranks needs "
-                             f"batches of at least {world}, got {train_kwargs.get('batch_size')}")
+        check_batch(train_kwargs.get("batch_size", 1), world)
         model.to(device)
         # Every rank starts from rank 0's parameters, whatever its own RNG did.
         with torch.no_grad():
@@ -98,3 +112,80 @@ def train_ddp(model, data, *, init_method=None, rank=None, world=None, timeout=3
     finally:
         if own and dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ------------------------------------------------------------ the launcher
+
+
+def _cpu_state(state):
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def launch(model, data, *, workers=2, threads=None, heartbeat_timeout=DEFAULT_TIMEOUT,
+           start_timeout=START_TIMEOUT, **train_kwargs) -> dict:
+    """Train ``model`` (in place) as ``workers`` local torchrun ranks started
+    from this ordinary process; returns rank 0's summary. ``threads``: torch
+    threads per rank (default: this process's, shared out). Failures raise
+    :class:`~..runtime.WorkerError` naming the rank: its own one-line error, a
+    rank that died, or one silent for ``heartbeat_timeout`` seconds (None:
+    never). ``start_timeout`` bounds the start-up only: once every rank has
+    beaten, a run may last as long as it needs."""
+    check_batch(train_kwargs.get("batch_size", 1), workers)
+    threads = threads or max(1, torch.get_num_threads() // workers)
+    device = train_kwargs.pop("device", None)
+    train_kwargs["quiet"] = True  # ranks have no terminal; the caller reports
+
+    def prepare(folder):
+        spec = os.path.join(folder, "spec.pt")
+        torch.save({"model_config": model.config(), "model_state": _cpu_state(model.state_dict()),
+                    "data": data.to("cpu"), "threads": threads,
+                    "device": None if device is None else str(device),
+                    "kwargs": train_kwargs}, spec)
+        return ["--spec", spec, "--result", os.path.join(folder, "result.pt")]
+
+    def collect(folder):
+        path = os.path.join(folder, "result.pt")
+        if not os.path.exists(path):
+            raise WorkerError("DDP run: torchrun exited 0 but rank 0 wrote no result")
+        return torch.load(path, weights_only=False)
+
+    out = torchrun.launch("stablenets_ext.training.backprop.ddp", [], workers, threads=threads,
+                          name="ddp", prepare=prepare, collect=collect,
+                          heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout,
+                          what=lambda r: f"DDP rank {r}")
+    model.load_state_dict(out["model_state"])
+    return out["result"]
+
+
+def _run_spec(spec_path, result_path) -> None:
+    from ...models import StableNet
+
+    spec = torch.load(spec_path, weights_only=False)
+    torch.set_num_threads(max(1, int(spec["threads"])))
+    model = StableNet.from_config(spec["model_config"])
+    model.load_state_dict(spec["model_state"])
+    result = train_ddp(model, spec["data"], device=spec["device"], **spec["kwargs"])
+    if result["rank"] == 0:
+        torch.save({"result": result, "model_state": _cpu_state(model.state_dict())},
+                   result_path)
+
+
+def main(argv=None) -> int:
+    """A rank started by :func:`launch` (``--spec``/``--result`` in its run folder)."""
+    p = argparse.ArgumentParser(prog="stablenets_ext.training.backprop.ddp")
+    p.add_argument("--spec", required=True)
+    p.add_argument("--result", required=True)
+    args = p.parse_args(argv)
+    if not torchrun.under_torchrun():
+        print("backprop.ddp: started by backprop.ddp.launch under torchrun, not by hand; by hand "
+              "run `torchrun --nproc-per-node 2 -m stablenets_ext train --backend dist ...`",
+              file=sys.stderr)
+        return 2
+    torchrun.rank_setup()
+    with torchrun.reporting_errors():
+        _run_spec(args.spec, args.result)
+    return 0
+
+
+if __name__ == "__main__":
+    torchrun.exit_rank(main())

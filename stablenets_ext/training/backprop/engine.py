@@ -74,6 +74,10 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
     """
     check_positive(epochs, "epochs")
     check_positive(batch_size, "batch_size")
+    for part in ("train", "val"):
+        if getattr(data, f"{part}_x").shape[0] == 0:
+            raise ValueError(f"data: dataset {data.name!r} has no "
+                             f"{'training' if part == 'train' else 'validation'} examples")
     check_positive(lr, "lr", float)
     if weight_decay < 0:
         raise ValueError(f"weight_decay: expected a number >= 0, got {weight_decay!r}")

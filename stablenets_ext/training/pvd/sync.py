@@ -36,10 +36,14 @@ def synchronise(net: Net, shared: SharedState, sync_losses: list[float], cfg: PV
     scores = [v if _finite(v) else math.inf for v in sync_losses]
     best = min(range(P), key=lambda l: scores[l])
     if not math.isfinite(scores[best]):
-        raise FloatingPointError(
-            f"PVD iteration {iteration}: every worker's point has a non-finite loss "
-            f"({sync_losses}); lower --lr"
-        )
+        # The run diverged: like backprop, carry on with the (non-finite) point;
+        # the summary's loss is then non-finite and the caller reports the
+        # divergence (the CLI: strict JSON with "diverged": true).
+        with torch.no_grad():
+            point = candidate(part, shared.x, shared.d, shared.proposal, shared.mu[best], best)
+        return point, {"best_worker": best, "candidate_losses": list(sync_losses),
+                       "best_loss": math.nan, "choice": "diverged", "sync_loss": math.nan,
+                       "sync_seconds": time.perf_counter() - t0}
     val_x, val_y = val
     vi = sync_indices(cfg, val_x.shape[0], iteration, val_x.device)
     vx, vy = (val_x, val_y) if vi is None else (val_x[vi], val_y[vi])

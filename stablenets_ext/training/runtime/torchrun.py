@@ -14,8 +14,12 @@ starts ``python -m torch.distributed.run`` with ``world`` local ranks on
 - every rank beats into the run folder (:class:`.FileHeartbeats`); a rank
   silent for ``heartbeat_timeout`` s is named (torchrun itself would blame
   whichever healthy rank timed out first) and the session is killed;
-- a failed run raises ``error_type`` with the rank torchrun reports as the
-  root cause and the tail of its log.
+- a rank that fails inside :func:`reporting_errors` leaves its one-line
+  error in the run folder, and the launcher raises ``error_type`` with that
+  line (the rank that failed first); any other failed run raises it with the
+  rank torchrun reports as the root cause and the tail of its log;
+- the start-up limit only covers the start: once every rank has beaten it is
+  off, and a run may last as long as it needs.
 """
 
 from __future__ import annotations
@@ -59,6 +63,48 @@ def rank_setup() -> None:
             def cleanup():
                 shutil.rmtree(folder, ignore_errors=True)
         exit_with_parent(int(launcher), on_exit=cleanup)
+
+
+def _error_path(folder, rank):
+    return os.path.join(folder, f"error-{rank}")
+
+
+@contextlib.contextmanager
+def reporting_errors():
+    """In a rank: an exception inside the block is printed as one line on
+    stderr and written to the run folder (for :func:`launch` to report), and
+    the rank exits with status 1 (2 for a ``ValueError``: a bad setting)."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, (ValueError, OSError, RuntimeError)):
+            text = f"{type(exc).__name__}: {text}"
+        print(text, file=sys.stderr, flush=True)
+        folder = run_dir()
+        if folder and os.path.isdir(folder):
+            rank = int(os.environ.get("RANK", 0))
+            with contextlib.suppress(OSError):
+                with open(_error_path(folder, rank) + ".tmp", "w") as f:
+                    f.write(text)
+                os.replace(_error_path(folder, rank) + ".tmp", _error_path(folder, rank))
+        exit_rank(2 if isinstance(exc, ValueError) else 1)
+
+
+def first_rank_error(folder, world):
+    """``(rank, line)`` of the rank that reported its error first, or None."""
+    found = []
+    for r in range(world):
+        path = _error_path(folder, r)
+        with contextlib.suppress(OSError):
+            with open(path, errors="replace") as f:
+                found.append((os.stat(path).st_mtime, r, f.read().strip()))
+    if not found:
+        return None
+    _, rank, line = min(found)
+    return rank, line
 
 
 def exit_rank(code: int) -> None:
@@ -157,6 +203,9 @@ def launch(module: str, argv: list, world: int, *, threads: int = 1, name: str =
         env["OMP_NUM_THREADS"] = str(threads)
         env[ENV_LAUNCHER] = str(os.getpid())
         env[ENV_RUN_DIR] = folder
+        # torchrun's own temporary folders (torchelastic_*) inside the run folder:
+        # removed with it, even when torchrun is killed before it cleans up.
+        env["TMPDIR"] = folder
         pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
             os.path.abspath(__file__)))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
@@ -164,13 +213,16 @@ def launch(module: str, argv: list, world: int, *, threads: int = 1, name: str =
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True, preexec_fn=die_with_parent_preexec)
-            started = time.monotonic()
+            started, starting = time.monotonic(), True
             try:
                 while proc.poll() is None:
                     time.sleep(0.1)
                     beats.check(range(world), heartbeat_timeout,
                                 lambda r: f"{what(r)} (torchrun rank {r})")
+                    if not starting:
+                        continue
                     silent = [r for r in range(world) if beats.age(r) is None]
+                    starting = bool(silent)  # every rank has beaten: the start is over
                     if silent and time.monotonic() - started > start_timeout:
                         raise WorkerError(f"{what(silent[0])} (torchrun rank {silent[0]}) did "
                                           f"not start within {start_timeout:.0f} s", silent[0])
@@ -180,6 +232,9 @@ def launch(module: str, argv: list, world: int, *, threads: int = 1, name: str =
                     raise error_type(str(exc), exc.worker) from None
                 raise
         if proc.returncode != 0:
+            own = first_rank_error(folder, world)
+            if own is not None:
+                raise error_type(f"{what(own[0])}: {own[1]}", own[0])
             with open(log_path, errors="replace") as f:
                 text = f.read()
             message, rank = summarise_failure(proc.returncode, text, world, what)
