@@ -76,17 +76,26 @@ def _ranks(pid):
                 env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
         except OSError:
             continue
-        if b"RANK" in env and b"LOCAL_RANK" in env and b"torch.distributed.run" not in \
-                open(f"/proc/{p}/cmdline", "rb").read():
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                agent = b"torch.distributed.run" in f.read()
+        except OSError:
+            continue
+        if b"RANK" in env and b"LOCAL_RANK" in env and not agent:
             out[int(env[b"RANK"])] = p
     return out
+
+
+def _process_state(pid):
+    from stablenets_ext.training.runtime import process_state
+
+    return process_state(pid)
 
 
 def _gone(pids, limit=15.0):
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        alive = [p for p in pids if os.path.exists(f"/proc/{p}")
-                 and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+        alive = [p for p in pids if _process_state(p) not in ("", "zombie")]
         if not alive:
             return True
         time.sleep(0.2)
@@ -388,8 +397,16 @@ def test_stability_bad_extension_refused_before_computing(tmp_path, capsys, monk
                                        ("STABLENETS_CPU_ISA", "bogus")])
 @pytest.mark.parametrize("command", [["info"], ["train", "--epochs", "1"],
                                      ["stability", "--no-plot", "--depths", "4"]])
-def test_bad_environment_variable_is_one_line_exit_2(tmp_path, var, value, command):
-    proc = subprocess.run([sys.executable, "-m", "stablenets_ext", *command],
+def test_bad_environment_variable_is_one_line_exit_2(var, value, command, monkeypatch, capsys):
+    monkeypatch.setenv(var, value)
+    code, out, err = run(command, capsys)
+    assert code == 2 and var in err and err.count("\n") == 1 and out == "", err
+
+
+@pytest.mark.parametrize("var,value", [("STABLENETS_CPU_CACHE_MB", "abc"),
+                                       ("STABLENETS_CPU_ISA", "bogus")])
+def test_bad_environment_variable_is_no_traceback_at_import(tmp_path, var, value):
+    proc = subprocess.run([sys.executable, "-m", "stablenets_ext", "train", "--epochs", "1"],
                           capture_output=True, text=True, cwd=tmp_path,
                           env=env_for(tmp_path, **{var: value}), timeout=240)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
