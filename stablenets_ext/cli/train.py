@@ -66,7 +66,7 @@ def check_applicable(args, given: set, trainer) -> None:
         raise CliError("--workers: backprop takes it with --backend dist (one rank per worker)")
 
 
-def check_model_flags(args, given: set, arch: str) -> None:
+def check_model_flags(args, given: set, arch: str, cfg=None) -> None:
     from ..models import is_conv
 
     if "gamma" in given and not arch.endswith("antisymmetric"):
@@ -77,6 +77,21 @@ def check_model_flags(args, given: set, arch: str) -> None:
                        ("--batch-norm", "batch_norm")):
         if dest in given and not is_conv(arch):
             raise CliError(f"{flag}: only applies to convolutional architectures, not {arch}")
+    layers, width = cfg_shape = (cfg["layers"], cfg["width"]) if cfg is not None else (None, None)
+    if isinstance(layers, (list, tuple)) and isinstance(width, (list, tuple)) \
+            and len(layers) != len(width):
+        src = lambda d: "" if d in given else " (from the preset or checkpoint)"  # noqa: E731
+        raise CliError(f"--layers {','.join(map(str, layers))}{src('layers')} and --width "
+                       f"{','.join(map(str, width))}{src('width')}: expected one value per stage "
+                       f"in both (or a single value in one), got {len(layers)} and {len(width)}")
+    stages = max(len(v) if isinstance(v, (list, tuple)) else 1 for v in cfg_shape)
+    for dest in ("downsample", "widen"):
+        if dest in given and stages == 1:
+            raise CliError(f"{_flag(dest)}: only applies between stages; give --layers or "
+                           f"--width one value per stage (e.g. --layers 2,2,2)")
+    if "downsample" in given and args.downsample != "none" and not is_conv(arch):
+        raise CliError(f"--downsample {args.downsample}: only convolutional architectures have a "
+                       f"resolution to reduce, not {arch}; use --downsample none or leave it out")
     if args.batch_norm and getattr(args, "trainer", "backprop") != "backprop":
         raise CliError(f"--batch-norm: only with --trainer backprop; the {args.trainer} trainer "
                        "splits a stack's weights and biases across workers, not its per-layer "
@@ -129,6 +144,9 @@ def model_kwargs(args) -> dict:
         kw["pool"] = args.pool
     if args.batch_norm:
         kw["batch_norm"] = True
+    for key in ("downsample", "widen"):
+        if getattr(args, key, None) is not None:
+            kw[key] = getattr(args, key)
     return kw
 
 
@@ -174,7 +192,7 @@ def cmd_train(args, argv, parser) -> int:
     trainer = load_trainer(name)
     check_applicable(args, given, trainer)
     cfg = settings(args, adopted)
-    check_model_flags(args, given, cfg["arch"])
+    check_model_flags(args, given, cfg["arch"], cfg)
     device = resolve_device(args.device)
 
     if name == "backprop" and args.backend == "dist" and not ranked:
