@@ -130,8 +130,25 @@ def settings(args, adopted: dict) -> dict:
     return out
 
 
-def model_kwargs(args) -> dict:
-    kw = {}
+def model_kwargs(args, cfg=None) -> dict:
+    """Model keyword arguments: the flags given, else the preset's (``cfg``)."""
+    from ..training.presets import MODEL_KEYS
+
+    from ..models import is_conv
+
+    kw = {k: cfg[k] for k in MODEL_KEYS if cfg is not None and cfg.get(k) is not None}
+    if kw:  # preset values only where they apply to the shape and arch being built
+        shape = (cfg.get("layers"), cfg.get("width"))
+        if max(len(v) if isinstance(v, (list, tuple)) else 1 for v in shape) == 1:
+            kw.pop("downsample", None)
+            kw.pop("widen", None)
+        if not is_conv(cfg["arch"]):
+            for k in ("pool", "kernel_size"):
+                kw.pop(k, None)
+            if kw.get("downsample") not in (None, "none"):
+                kw.pop("downsample")
+        if not cfg["arch"].endswith("antisymmetric"):
+            kw.pop("gamma", None)
     if args.gamma is not None:
         kw["gamma"] = args.gamma
     if args.reversible:
@@ -229,7 +246,7 @@ def cmd_train(args, argv, parser) -> int:
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
         random.seed(args.seed)
-        model = build_model(cfg, data, args.impl, model_kwargs(args)).to(device)
+        model = build_model(cfg, data, args.impl, model_kwargs(args, cfg)).to(device)
         options = resume.make_options(trainer, args, given)
         run = resume.run_settings(args, cfg, options)
         config_kw = {k: cfg[k] for k in CONFIG_FLAGS if k in cfg}

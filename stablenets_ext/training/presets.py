@@ -53,12 +53,21 @@ for _arch in ("conv-resnet", "conv-antisymmetric", "conv-leapfrog", "conv-verlet
 del _arch
 
 
+# Model keyword arguments beyond the shape (``StableNet(..., **kw)``), by dataset
+# and, where they differ, by (dataset, arch): what the CLI uses for the flags
+# --pool, --kernel-size, --lift, --downsample, --widen, --gamma when not given.
+MODEL_KEYS = ("pool", "kernel_size", "lift", "downsample", "widen", "gamma")
+MODEL_OPTIONS: dict = {}
+
+
 def preset(dataset: str, arch: str | None = None) -> dict:
-    """The settings for ``dataset`` (and ``arch``, default the dataset's own)."""
+    """The settings for ``dataset`` (and ``arch``, default the dataset's own),
+    including the model options of :data:`MODEL_OPTIONS` that apply."""
     if dataset not in PRESETS:
         raise ValueError(f"dataset: expected one of {list(PRESETS)}, got {dataset!r}")
     out = dict(PRESETS[dataset])
     arch = arch or out["arch"]
     out["arch"] = arch
     out.update(ARCH_PRESETS.get((dataset, arch), {}))
+    out.update(MODEL_OPTIONS.get((dataset, arch), MODEL_OPTIONS.get(dataset, {})))
     return out
