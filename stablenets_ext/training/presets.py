@@ -21,10 +21,19 @@ PRESETS = {
     "digits": {"arch": "verlet", "layers": 8, "width": 64, "step": 0.5, "activation": "tanh",
                "epochs": 30, "batch_size": 64, "lr": 0.02, "lr_step": 10, "lr_gamma": 0.5,
                "weight_decay": 0.0, "alpha": 0.0, "alpha_c": 0.0},
-    # Image presets: plausible starting points, not tuned here (no GPU run yet).
-    "mnist": {"arch": "conv-verlet", "layers": 8, "width": 16, "step": 0.1, "activation": "tanh",
-              "epochs": 5, "batch_size": 128, "lr": 0.005, "lr_step": 2, "lr_gamma": 0.5,
-              "weight_decay": 0.0, "alpha": 0.0, "alpha_c": 0.0},
+    # Three Verlet stages (Chang et al. 2018's shape, scaled down): 1 layer each at
+    # 28x28 / 14x14 / 7x7 with 8 / 16 / 32 channels, a learned 3x3 lift, stride-2
+    # convolutions between stages, relu, h = 1 (tanh, or h <= 0.2, leave the few
+    # layers nearly linear: 0.67-0.89). Tuned on the 2000 dev digits (1833 train
+    # after the validation split, 500 test), 1 thread, fused, on a shared 2-core
+    # machine (load ~10; the lead re-measures quietly): test accuracy 0.964 / 0.956
+    # (seeds 0 / 1) in 24.2 / 24.6 s of training, where the LeNet of
+    # benchmarks/bench_images.py reached 0.952 / 0.962 in 25.7 / 23.6 s (20 epochs,
+    # same run, same load). The old single stack (8 layers x 16 channels at 28x28,
+    # tanh, h 0.1) reached 0.81 on held-out digits in 46 s (quiet).
+    "mnist": {"arch": "conv-verlet", "layers": (1, 1, 1), "width": (8, 16, 32), "step": 1.0,
+              "activation": "relu", "epochs": 8, "batch_size": 64, "lr": 0.005, "lr_step": 5,
+              "lr_gamma": 0.3, "weight_decay": 0.0, "alpha": 0.0, "alpha_c": 0.0},
     "cifar10": {"arch": "conv-verlet", "layers": 8, "width": 32, "step": 0.1, "activation": "tanh",
                 "epochs": 20, "batch_size": 128, "lr": 0.005, "lr_step": 8, "lr_gamma": 0.5,
                 "weight_decay": 0.0, "alpha": 0.0, "alpha_c": 0.0},
@@ -57,7 +66,9 @@ del _arch
 # and, where they differ, by (dataset, arch): what the CLI uses for the flags
 # --pool, --kernel-size, --lift, --downsample, --widen, --gamma when not given.
 MODEL_KEYS = ("pool", "kernel_size", "lift", "downsample", "widen", "gamma")
-MODEL_OPTIONS: dict = {}
+MODEL_OPTIONS: dict = {
+    "mnist": {"lift": True, "pool": 4, "downsample": "stride", "widen": "conv"},
+}
 
 
 def preset(dataset: str, arch: str | None = None) -> dict:
