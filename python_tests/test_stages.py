@@ -313,3 +313,23 @@ def test_cli_ddp_two_ranks_on_a_multistage_model(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     line = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1])
     assert line["workers"] == 2 and line["layers"] == 2
+
+
+def test_mnist_preset_builds_stages_from_the_cli(tmp_path, capsys):
+    from test_data import write_mnist
+
+    write_mnist(tmp_path, n_train=24, n_test=8, side=6)
+    ck = tmp_path / "ck.pt"
+    argv = ["train", "--dataset", "mnist", "--data-root", str(tmp_path), "--no-download",
+            "--epochs", "1", "--json", "--quiet", "--save", str(ck)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    line = json.loads([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][-1])
+    assert line["width"] == [8, 16, 32] and line["layers"] == 3
+    config = torch.load(ck, weights_only=False)["model_config"]
+    assert config["downsample"] == "stride" and config["lift"] is True and config["pool"] == 4
+    # a single value on the command line keeps the single stack (no preset transitions)
+    argv = ["train", "--dataset", "mnist", "--data-root", str(tmp_path), "--no-download",
+            "--epochs", "1", "--json", "--quiet", "--layers", "2", "--width", "4"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    line = json.loads([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][-1])
+    assert line["width"] == 4 and line["layers"] == 2

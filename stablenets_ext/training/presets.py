@@ -34,12 +34,20 @@ PRESETS = {
     "mnist": {"arch": "conv-verlet", "layers": (1, 1, 1), "width": (8, 16, 32), "step": 1.0,
               "activation": "relu", "epochs": 8, "batch_size": 64, "lr": 0.005, "lr_step": 5,
               "lr_gamma": 0.3, "weight_decay": 0.0, "alpha": 0.0, "alpha_c": 0.0},
-    "cifar10": {"arch": "conv-verlet", "layers": 8, "width": 32, "step": 0.1, "activation": "tanh",
-                "epochs": 20, "batch_size": 128, "lr": 0.005, "lr_step": 8, "lr_gamma": 0.5,
-                "weight_decay": 0.0, "alpha": 0.0, "alpha_c": 0.0},
-    "cifar100": {"arch": "conv-verlet", "layers": 8, "width": 32, "step": 0.1, "activation": "tanh",
-                 "epochs": 20, "batch_size": 128, "lr": 0.005, "lr_step": 8, "lr_gamma": 0.5,
-                 "weight_decay": 0.0, "alpha": 0.0, "alpha_c": 0.0},
+    # CIFAR: the papers' shape, UNTESTED on the full sets (no CIFAR data or GPU here;
+    # only checked to build and run a batch). Chang et al. 2018 (Hamiltonian-74) and
+    # Ruthotto & Haber 2019: three stages at 32x32 / 16x16 / 8x8 with 32 / 64 / 112
+    # channels, a learned 3x3 lift, 2x2 average pooling and zero-padded channels
+    # between stages (Chang et al.), global average pooling before the classifier;
+    # 6 Verlet layers (Hamiltonian blocks) per stage. The papers train with SGD and
+    # batch norm for ~200 epochs; here Adam and no batch norm (the fused path), relu
+    # and h = 0.2 (N h ~ 1 per stage) as the mnist tuning suggests.
+    "cifar10": {"arch": "conv-verlet", "layers": (6, 6, 6), "width": (32, 64, 112), "step": 0.2,
+                "activation": "relu", "epochs": 60, "batch_size": 128, "lr": 0.003, "lr_step": 20,
+                "lr_gamma": 0.3, "weight_decay": 0.0, "alpha": 0.0, "alpha_c": 0.0},
+    "cifar100": {"arch": "conv-verlet", "layers": (6, 6, 6), "width": (32, 64, 112), "step": 0.2,
+                 "activation": "relu", "epochs": 60, "batch_size": 128, "lr": 0.003, "lr_step": 20,
+                 "lr_gamma": 0.3, "weight_decay": 0.0, "alpha": 0.0, "alpha_c": 0.0},
 }
 
 ARCH_PRESETS: dict[tuple[str, str], dict] = {
@@ -68,7 +76,26 @@ del _arch
 MODEL_KEYS = ("pool", "kernel_size", "lift", "downsample", "widen", "gamma")
 MODEL_OPTIONS: dict = {
     "mnist": {"lift": True, "pool": 4, "downsample": "stride", "widen": "conv"},
+    "cifar10": {"lift": True, "pool": 1, "downsample": "pool", "widen": "pad"},
+    "cifar100": {"lift": True, "pool": 1, "downsample": "pool", "widen": "pad"},
 }
+
+# The mnist preset trained longer: the setting that beats the best LeNet on the dev
+# digits (`stablenets train --dataset mnist --epochs 20 --lr-step 8`). Seed 0:
+# test accuracy 0.972 after 20 epochs (79 s of training, shared machine at load ~10;
+# 0.966 from epoch 10 on), against LeNet's best 0.960 / 0.964 (seeds 0 / 1, any epoch
+# of 20) in the same conditions. benchmarks/bench_images.py runs it as "stable-long".
+MNIST_LONG = {"epochs": 20, "lr_step": 8}
+
+# Dense archs on the image sets: one stack on the flattened image, the settings the
+# image presets had before the stages (untuned).
+for _name in ("mnist", "cifar10", "cifar100"):
+    for _arch in ("resnet", "antisymmetric", "leapfrog", "verlet"):
+        ARCH_PRESETS[(_name, _arch)] = {
+            "layers": 8, "width": 16 if _name == "mnist" else 32, "step": 0.1,
+            "activation": "tanh", "epochs": 5 if _name == "mnist" else 20, "batch_size": 128,
+            "lr": 0.005, "lr_step": 2 if _name == "mnist" else 8, "lr_gamma": 0.5}
+del _name, _arch
 
 
 def preset(dataset: str, arch: str | None = None) -> dict:
