@@ -292,10 +292,13 @@ def test_cli_trains_saves_and_resumes_a_multistage_model(tmp_path, capsys):
     ck = tmp_path / "ck.pt"
     shape = ["--layers", "1,1", "--widths", "4,8", "--downsample", "stride", "--epochs", "1",
              "--batch-size", "128"]
-    code, out = _train([*shape, "--save", str(ck)], capsys)
+    hist = tmp_path / "h.json"
+    code, out = _train([*shape, "--save", str(ck), "--history", str(hist)], capsys)
     assert code == 0, out.err
     line = json.loads(out.out.strip().splitlines()[-1])
     assert line["layers"] == 2 and line["width"] == [4, 8]
+    stages = json.loads(hist.read_text())["stages"]
+    assert [s["width"] for s in stages] == [4, 8] and stages[1]["shape"] == [8, 4, 4]
     code, out = _train(["--resume", str(ck), "--epochs", "2"], capsys)
     assert code == 0, out.err
     assert json.loads(out.out.strip().splitlines()[-1])["epochs"] == 2
@@ -333,3 +336,17 @@ def test_mnist_preset_builds_stages_from_the_cli(tmp_path, capsys):
     assert cli.main(argv) == 0, capsys.readouterr().err
     line = json.loads([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][-1])
     assert line["width"] == 4 and line["layers"] == 2
+
+
+def test_stage_stability_report():
+    from stablenets_ext.stability import stage_report
+
+    model = conv_net("verlet")
+    x, y = images(8)
+    report = stage_report(model, x, y)
+    assert [r["layers"] for r in report] == [2, 3, 2]
+    assert [r["shape"] for r in report] == [[4, 8, 8], [6, 4, 4], [8, 2, 2]]
+    for r in report:
+        assert 0 < r["forward_growth"] < 10 and 0 < r["backward_growth"] < 10
+    single = stage_report(StableNet("verlet", 10, 3, 4), torch.randn(5, 10), torch.tensor([0, 1, 2, 0, 1]))
+    assert len(single) == 1 and single[0]["width"] == 10
