@@ -215,8 +215,8 @@ def test_sg_inprocess_trains_a_multistage_model(stages):
     data = image_data()
     model = conv_net("verlet")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = _fit("sg", model, data, epochs=3, stages=stages)
-    assert result["epochs"] == 3 and result["accuracy"] > 0.5
+    result = _fit("sg", model, data, epochs=2, stages=stages)
+    assert result["epochs"] == 2 and result["accuracy"] > 0.5
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert "transitions.1.change.weight" in changed and "stacks.2.weight" in changed
 
