@@ -350,3 +350,15 @@ def test_stage_stability_report():
         assert 0 < r["forward_growth"] < 10 and 0 < r["backward_growth"] < 10
     single = stage_report(StableNet("verlet", 10, 3, 4), torch.randn(5, 10), torch.tensor([0, 1, 2, 0, 1]))
     assert len(single) == 1 and single[0]["width"] == 10
+
+
+def test_trajectory_plot_runs_through_every_stage(tmp_path):
+    from stablenets_ext.training import plots
+
+    model = StableNet("verlet", 2, 2, (2, 2), (4, 6))
+    x = torch.randn(40, 2)
+    y = (x[:, 0] > 0).long()
+    path = plots.plot_trajectories(model, x, y, tmp_path / "t.png")
+    assert os.path.getsize(path) > 0
+    states = model.trajectory(x)
+    assert [tuple(s.shape) for s in states] == [(3, 40, 4), (3, 40, 6)]
