@@ -362,3 +362,27 @@ def test_trajectory_plot_runs_through_every_stage(tmp_path):
     assert os.path.getsize(path) > 0
     states = model.trajectory(x)
     assert [tuple(s.shape) for s in states] == [(3, 40, 4), (3, 40, 6)]
+
+
+def test_bench_images_runs_and_refuses_foreign_outputs(tmp_path, capsys):
+    from test_data import write_mnist
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_images
+    finally:
+        sys.path.pop(0)
+    write_mnist(tmp_path, n_train=24, n_test=8, side=28)
+    out = tmp_path / "out"
+    argv = ["--data-root", str(tmp_path), "--epochs", "1", "--models", "stable,lenet,mlp",
+            "--out", str(out)]
+    assert bench_images.main(argv) == 0
+    report = json.loads((out / "bench_images.json").read_text())
+    assert [r["model"] for r in report["results"]] == ["stable", "lenet", "mlp"]
+    assert (out / "bench_images.png").stat().st_size > 0
+    assert "| stable |" in capsys.readouterr().out
+    assert bench_images.main(argv) == 0  # its own files may be rewritten
+    (out / "bench_images.json").write_text("{}")  # a file it did not write is not
+    with pytest.raises(SystemExit):
+        bench_images.main(argv)
+    assert "not written by this benchmark" in capsys.readouterr().err
