@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stablenets_ext import cli, conv_ops
-from stablenets_ext.data import Dataset, load_dataset
+from stablenets_ext.data import Dataset
 from stablenets_ext.models import StableNet, Transition, double_layers, halve_layers
 from stablenets_ext.training import TrainConfig, load_trainer
 from stablenets_ext.training.pvd.blocks import BlockPartition
