@@ -358,7 +358,7 @@ def test_torchrun_two_ranks(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           "-m", "stablenets_ext.training.sg.dist", "--dataset", "digits", "--layers", "8",
+           "-m", "stablenets_ext.cli.sg_dist", "--dataset", "digits", "--layers", "8",
            "--width", "64", "--epochs", "6", "--batch-size", "64", "--lr", "0.01",
            "--target-accuracy", "0.9", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=150)

@@ -481,5 +481,50 @@ def main(argv=None):
     return 0
 
 
+
+def stage_report(model, x, y) -> list[dict]:
+    """Per stage of a (trained) :class:`~stablenets_ext.models.StableNet`: how the
+    state and the loss gradient grow through that stage's stack on the batch
+    ``(x, y)``, the quantities of this module's report measured on a real model.
+
+    Returns one dict per stage: ``stage``, ``layers``, ``width``, ``step``, ``shape``
+    (of the state), ``forward_growth`` ``= ||Y_N|| / ||Y_0||`` and
+    ``backward_growth`` ``= ||dL/dY_0|| / ||dL/dY_N||`` (Frobenius norms over the
+    batch; ``Y_0`` is the stage's input after its transition, ``L`` the mean
+    cross-entropy). A single-stack model gives one entry."""
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            h = model.lift_input(x)
+            ins, outs = [], []
+            for k, stack in enumerate(model.stage_stacks):
+                h = model.transition(k, h)
+                if k == 0:  # a leaf; later stage inputs are in its graph
+                    h = h.detach().requires_grad_()
+                ins.append(h)
+                h = stack(h)
+                outs.append(h)
+            loss = F.cross_entropy(model.head(h), y)
+            grads = torch.autograd.grad(loss, ins + outs, allow_unused=True)
+    finally:
+        model.train(was_training)
+    n = len(ins)
+    out = []
+    for k, stack in enumerate(model.stage_stacks):
+        g_in, g_out = grads[k], grads[n + k]
+        g_in = torch.zeros(()) if g_in is None else g_in
+        g_out = torch.zeros(()) if g_out is None else g_out
+        out.append({
+            "stage": k, "layers": stack.layers, "width": stack.features, "step": stack.step,
+            "shape": list(ins[k].shape[1:]),
+            "forward_growth": (outs[k].norm() / ins[k].norm().clamp_min(1e-30)).item(),
+            "backward_growth": (g_in.norm() / g_out.norm().clamp_min(1e-30)).item(),
+        })
+    return out
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -72,8 +72,17 @@ def build_train_parser(sub, suppress_defaults=False):
     m = t.add_argument_group("model")
     m.add_argument("--arch", choices=ARCHS, help="architecture (default: the dataset preset's)")
     m.add_argument("--dataset", choices=DATASETS, default="swiss", help="default: swiss")
-    m.add_argument("--layers", type=T.positive_int, help="layers N of the stack")
-    m.add_argument("--width", type=T.positive_int, help="stack width (channels for conv archs)")
+    m.add_argument("--layers", type=stage_ints, metavar="N[,N...]",
+                   help="layers of the stack, or of each stage (comma-separated: 2,2,2)")
+    m.add_argument("--width", "--widths", dest="width", type=stage_ints, metavar="W[,W...]",
+                   help="stack width (channels for conv archs), or one per stage (16,32,64); "
+                        "a single value of --layers or --width applies to every stage")
+    m.add_argument("--downsample", choices=("pool", "stride", "none"),
+                   help="between stages: 2x2 average pooling (conv default), a stride-2 3x3 "
+                        "convolution, or none (dense archs)")
+    m.add_argument("--widen", choices=("conv", "pad"),
+                   help="between stages: change the width by a learned 1x1 convolution (linear "
+                        "map for dense archs; default) or by zero channels")
     m.add_argument("--step", type=T.positive_float, help="step h")
     m.add_argument("--activation", choices=sorted(ACTIVATIONS))
     m.add_argument("--gamma", type=T.nonneg_float, help="antisymmetric damping (default 0.01)")
@@ -149,6 +158,20 @@ def build_train_parser(sub, suppress_defaults=False):
                 action.default = argparse.SUPPRESS
         t._defaults.clear()
     return t
+
+
+def stage_ints(text):
+    """``"8"`` -> 8; ``"2,2,2"`` -> (2, 2, 2) (one positive int per stage)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected a positive int or comma-separated positive ints (one per stage), "
+            f"got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def _compare_list(text):

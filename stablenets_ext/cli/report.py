@@ -65,7 +65,14 @@ def write_plots(folder, result, model, data, cfg):
 def finish(args, cfg, result, model, data, device) -> int:
     bad = diverged(result)
     if args.history:
-        write_json(args.history, {**result, "diverged": bad})
+        extra = {}
+        if getattr(model, "multistage", False) and not bad:  # growth through each stage
+            from ..stability import stage_report
+
+            device_of = next(model.parameters()).device
+            extra["stages"] = stage_report(model, data.val_x[:256].to(device_of),
+                                           data.val_y[:256].to(device_of))
+        write_json(args.history, {**result, "diverged": bad, **extra})
     if args.plot:
         write_plots(args.plot, result, model, data, cfg)
     line = {

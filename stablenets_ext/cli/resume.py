@@ -15,7 +15,8 @@ NOT_IDENTITY = {"epochs", "target_accuracy", "threads", "device", "quiet", "json
                 "heartbeat_timeout", "start_timeout", "sg_timeout", "sg_baseline_epochs", "sg_threads",
                 "pvd_threads", "pvd_start_method", "impl", "command"}
 
-MODEL_KWARGS = ("gamma", "reversible", "kernel_size", "lift", "pool", "batch_norm")
+MODEL_KWARGS = ("gamma", "reversible", "kernel_size", "lift", "pool", "batch_norm", "downsample",
+                "widen")
 CONFIG_IDENTITY = ("batch_size", "lr", "weight_decay", "lr_step", "lr_gamma", "alpha", "alpha_c")
 MODEL_IDENTITY = ("arch", "layers", "width", "step", "activation")
 

@@ -66,7 +66,7 @@ def check_applicable(args, given: set, trainer) -> None:
         raise CliError("--workers: backprop takes it with --backend dist (one rank per worker)")
 
 
-def check_model_flags(args, given: set, arch: str) -> None:
+def check_model_flags(args, given: set, arch: str, cfg=None) -> None:
     from ..models import is_conv
 
     if "gamma" in given and not arch.endswith("antisymmetric"):
@@ -80,6 +80,21 @@ def check_model_flags(args, given: set, arch: str) -> None:
     if args.batch_norm and args.impl == "fused" and is_conv(arch):
         raise CliError("--batch-norm with --impl fused: batch normalisation has no fused kernel "
                        "(it runs on the per-layer reference path); use --impl auto or reference")
+    layers, width = cfg_shape = (cfg["layers"], cfg["width"]) if cfg is not None else (None, None)
+    if isinstance(layers, (list, tuple)) and isinstance(width, (list, tuple)) \
+            and len(layers) != len(width):
+        src = lambda d: "" if d in given else " (from the preset or checkpoint)"  # noqa: E731
+        raise CliError(f"--layers {','.join(map(str, layers))}{src('layers')} and --width "
+                       f"{','.join(map(str, width))}{src('width')}: expected one value per stage "
+                       f"in both (or a single value in one), got {len(layers)} and {len(width)}")
+    stages = max(len(v) if isinstance(v, (list, tuple)) else 1 for v in cfg_shape)
+    for dest in ("downsample", "widen"):
+        if dest in given and stages == 1:
+            raise CliError(f"{_flag(dest)}: only applies between stages; give --layers or "
+                           f"--width one value per stage (e.g. --layers 2,2,2)")
+    if "downsample" in given and args.downsample != "none" and not is_conv(arch):
+        raise CliError(f"--downsample {args.downsample}: only convolutional architectures have a "
+                       f"resolution to reduce, not {arch}; use --downsample none or leave it out")
     if args.batch_norm and getattr(args, "trainer", "backprop") != "backprop":
         raise CliError(f"--batch-norm: only with --trainer backprop; the {args.trainer} trainer "
                        "splits a stack's weights and biases across workers, not its per-layer "
@@ -131,8 +146,25 @@ def settings(args, adopted: dict) -> dict:
     return out
 
 
-def model_kwargs(args) -> dict:
-    kw = {}
+def model_kwargs(args, cfg=None) -> dict:
+    """Model keyword arguments: the flags given, else the preset's (``cfg``)."""
+    from ..training.presets import MODEL_KEYS
+
+    from ..models import is_conv
+
+    kw = {k: cfg[k] for k in MODEL_KEYS if cfg is not None and cfg.get(k) is not None}
+    if kw:  # preset values only where they apply to the shape and arch being built
+        shape = (cfg.get("layers"), cfg.get("width"))
+        if max(len(v) if isinstance(v, (list, tuple)) else 1 for v in shape) == 1:
+            kw.pop("downsample", None)
+            kw.pop("widen", None)
+        if not is_conv(cfg["arch"]):
+            for k in ("pool", "kernel_size"):
+                kw.pop(k, None)
+            if kw.get("downsample") not in (None, "none"):
+                kw.pop("downsample")
+        if not cfg["arch"].endswith("antisymmetric"):
+            kw.pop("gamma", None)
     if args.gamma is not None:
         kw["gamma"] = args.gamma
     if args.reversible:
@@ -145,6 +177,9 @@ def model_kwargs(args) -> dict:
         kw["pool"] = args.pool
     if args.batch_norm:
         kw["batch_norm"] = True
+    for key in ("downsample", "widen"):
+        if getattr(args, key, None) is not None:
+            kw[key] = getattr(args, key)
     return kw
 
 
@@ -190,7 +225,7 @@ def cmd_train(args, argv, parser) -> int:
     trainer = load_trainer(name)
     check_applicable(args, given, trainer)
     cfg = settings(args, adopted)
-    check_model_flags(args, given, cfg["arch"])
+    check_model_flags(args, given, cfg["arch"], cfg)
     device = resolve_device(args.device)
 
     rank = int(os.environ.get("RANK", 0)) if ranked else 0
@@ -223,7 +258,7 @@ def cmd_train(args, argv, parser) -> int:
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
         random.seed(args.seed)
-        model = build_model(cfg, data, args.impl, model_kwargs(args)).to(device)
+        model = build_model(cfg, data, args.impl, model_kwargs(args, cfg)).to(device)
         options = resume.make_options(trainer, args, given)
         run = resume.run_settings(args, cfg, options)
         config_kw = {k: cfg[k] for k in CONFIG_FLAGS if k in cfg}

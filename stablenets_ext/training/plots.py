@@ -88,8 +88,12 @@ def plot_trajectories(model, x, y, path, snapshots=5) -> str:
     model = model.eval()
     device = next(model.parameters()).device
     x = x.to(device)
-    traj = model.trajectory(x).float().cpu()  # (N+1, B, width)
-    n = traj.shape[0] - 1
+    traj = model.trajectory(x)  # (N+1, B, width); a list of them for several stages
+    if isinstance(traj, (list, tuple)):  # every stage's states, in order (widths may differ)
+        traj = [s for t in traj for s in t.float().cpu()]
+    else:
+        traj = list(traj.float().cpu())
+    n = len(traj) - 1
     picks = sorted({round(i * n / (snapshots - 1)) for i in range(snapshots)})
     proj = _project([traj[i] for i in picks])
     y = y.cpu()

@@ -28,4 +28,5 @@ def classifier(model, alpha_c: float) -> torch.Tensor | float:
 
 def penalty(model, alpha: float = 0.0, alpha_c: float = 0.0):
     """Both penalties for a :class:`~stablenets_ext.models.StableNet`."""
-    return smoothness(model.stack, alpha) + classifier(model, alpha_c)
+    stacks = getattr(model, "stage_stacks", None) or [model.stack]
+    return sum((smoothness(s, alpha) for s in stacks), 0.0) + classifier(model, alpha_c)

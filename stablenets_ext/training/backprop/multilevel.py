@@ -57,7 +57,7 @@ def train_multilevel(model, data, *, levels, epochs, resume=None, checkpoint=Non
     result = None
     for level in range(start, levels):
         if steps is not None:
-            model.stack.step = float(steps[level])
+            model.set_step(float(steps[level]))
         extra = {"level": level, "levels": levels, "level_summaries": per_level,
                  **(checkpoint_extra or {})}
         result = backprop.train(

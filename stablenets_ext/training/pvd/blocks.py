@@ -13,6 +13,13 @@ turns a flat vector (or a concatenation of per-block pieces that carry
 autograd history) back into the named parameters the model's ``forward``
 expects, rebuilding each stack tensor whole so the fused kernels see exactly
 the shapes they would in plain training.
+
+A multi-stage model (several stacks ``stacks.k``, see
+:class:`~stablenets_ext.models.StableNet`) is split over its global layer index
+(the stages' layers one after another): a block may own layers of several
+stages, and the transition into stage ``k`` belongs to the block that owns the
+first layer of stage ``k``. When there are as many blocks as stages the blocks
+are the stages (the natural cut).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ class Segment:
     block: int
     offset: int  # position in the flat vector
     shape: tuple  # shape of the piece (leading dim sliced for stack tensors)
+    rows: tuple | None = None  # (a, b): the stack tensor's local layers a..b-1, else None
 
     @property
     def numel(self) -> int:
@@ -59,29 +67,54 @@ def split_layers(layers: int, blocks: int) -> list[tuple[int, int]]:
     return out
 
 
-def _owner(name: str, blocks: int) -> int | None:
-    """Block of a non-stack parameter: lift -> first, classifier -> last."""
+def _owner(name: str, blocks: int, layer_ranges=None, stage_starts=None) -> int | None:
+    """Block of a non-stack parameter: lift -> first, classifier -> last, the
+    transition into stage k -> the block owning stage k's first layer."""
     head = name.split(".", 1)[0]
     if head == "lift":
         return 0
     if head == "classifier":
         return blocks - 1
+    if head == "transitions" and layer_ranges is not None:
+        k = int(name.split(".")[1]) + 1
+        return _block_of(stage_starts[k], layer_ranges)
     return None
+
+
+def _block_of(layer: int, layer_ranges) -> int:
+    return next(l for l, (a, b) in enumerate(layer_ranges) if a <= layer < b)
+
+
+def _stacks_of(model) -> list[tuple[str, int]]:
+    """``[(parameter prefix, layers)]`` of the model's stacks, in order."""
+    prefixes = getattr(model, "stage_prefixes", None)
+    if prefixes is not None and getattr(model, "multistage", False):
+        return [(p, s.weight.shape[0]) for p, s in zip(prefixes, model.stage_stacks)]
+    return [("stack.", model.stack.weight.shape[0])]
 
 
 class BlockPartition:
     """Maps a model's named parameters to P contiguous blocks of one flat vector."""
 
     def __init__(self, model: nn.Module, blocks: int):
-        stack = getattr(model, "stack", None)
+        stacks_ = getattr(model, "stage_stacks", None)
+        stack = stacks_[0] if stacks_ else getattr(model, "stack", None)
         if stack is None or not hasattr(stack, "weight") or stack.weight.dim() < 2:
             raise TypeError(
                 "model: PVD expects a StableNet-like module with .lift, .stack (weight of shape "
                 f"(layers, ...)) and .classifier; got {type(model).__name__}"
             )
         self.blocks = blocks
-        self.layers = stack.weight.shape[0]
-        self.layer_ranges = split_layers(self.layers, blocks)
+        stacks = _stacks_of(model)
+        self.prefixes = tuple(p for p, _ in stacks)
+        starts = [0]
+        for _, n in stacks:
+            starts.append(starts[-1] + n)
+        self.layers = starts[-1]
+        if len(stacks) > 1 and len(stacks) == blocks:  # the natural cut: one block per stage
+            self.layer_ranges = list(zip(starts, starts[1:]))
+        else:
+            self.layer_ranges = split_layers(self.layers, blocks)
         params = dict(model.named_parameters())
         self.names = list(params)
         self.shapes = {k: tuple(v.shape) for k, v in params.items()}
@@ -90,14 +123,18 @@ class BlockPartition:
         # Segments per block, in a fixed order: lift, stack tensors, classifier.
         per_block: list[list[tuple[str, int, int | None, int | None]]] = [[] for _ in range(blocks)]
         for name, p in params.items():
-            if name.startswith("stack."):
-                if p.dim() >= 1 and p.shape[0] == self.layers:
+            k = next((i for i, (prefix, _) in enumerate(stacks) if name.startswith(prefix)), None)
+            if k is not None:
+                lo, hi = starts[k], starts[k + 1]
+                if p.dim() >= 1 and p.shape[0] == hi - lo:
                     for l, (a, b) in enumerate(self.layer_ranges):
-                        per_block[l].append((name, l, a, b))
-                else:  # a stack-wide parameter (none today): the first block owns it
-                    per_block[0].append((name, 0, None, None))
+                        if max(a, lo) < min(b, hi):  # local layers of stage k in block l
+                            per_block[l].append((name, l, max(a, lo) - lo, min(b, hi) - lo))
+                else:  # a stack-wide parameter (none today): the block of its first layer
+                    owner = _block_of(lo, self.layer_ranges)
+                    per_block[owner].append((name, owner, None, None))
                 continue
-            owner = _owner(name, blocks)
+            owner = _owner(name, blocks, self.layer_ranges, starts)
             if owner is None:
                 raise TypeError(
                     f"model: parameter {name!r} is neither in .lift, .stack nor .classifier, "
@@ -114,7 +151,7 @@ class BlockPartition:
                 shape = self.shapes[name]
                 if a is not None:
                     shape = (b - a,) + shape[1:]
-                seg = Segment(name, block, offset, shape)
+                seg = Segment(name, block, offset, shape, None if a is None else (a, b))
                 self.segments.append(seg)
                 offset += seg.numel
             self.ranges.append((lo, offset))
@@ -152,9 +189,9 @@ class BlockPartition:
         return out
 
     def _slice(self, full: torch.Tensor, seg: Segment) -> torch.Tensor:
-        if tuple(full.shape) == seg.shape:
+        if seg.rows is None:
             return full
-        a, b = self.layer_ranges[seg.block]
+        a, b = seg.rows
         return full[a:b]
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -176,7 +213,7 @@ class BlockPartition:
         out = []
         for l in range(self.blocks):
             extra = sorted({s.name.split(".", 1)[0] for s in self.segments
-                            if s.block == l and not s.name.startswith("stack.")})
+                            if s.block == l and not s.name.startswith(self.prefixes)})
             a, b = self.layer_ranges[l]
             out.append({"block": l, "layers": [a, b], "also": extra,
                         "parameters": self.ranges[l][1] - self.ranges[l][0]})

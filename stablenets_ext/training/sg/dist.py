@@ -14,9 +14,12 @@ history and writes checkpoints.
 
 Entry points:
 
-- ``torchrun --nproc-per-node M -m stablenets_ext.training.sg.dist
+- ``torchrun --nproc-per-node M -m stablenets_ext.cli.sg_dist
   [stablenets train options]``: the ``stablenets train`` command line with
-  ``--trainer sg --backend dist`` implied; rank 0 prints (``--json``: one line);
+  ``--trainer sg --backend dist`` implied; rank 0 prints (``--json``: one line).
+  That entry point lives in :mod:`stablenets_ext.cli.sg_dist`, beside the CLI;
+  this module's own ``__main__`` only runs the ranks :func:`launch` starts
+  (``--spec``/``--result``);
 - ``train_sg(..., backend="dist")`` and ``stablenets train --trainer sg
   --backend dist`` outside torchrun: :func:`launch` writes the model, data and
   settings to a file, runs torchrun with ``M`` local ranks on 127.0.0.1 and a
@@ -446,21 +449,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--spec")
     p.add_argument("--result")
-    known, rest = p.parse_known_args(argv)
+    known, _ = p.parse_known_args(argv)
     if under_torchrun():
         torchrun.rank_setup()
     if known.spec:
         _main_spec(known.spec, known.result)
         return 0
-    if not under_torchrun():
-        print("sg.dist: run me under torchrun, e.g. `torchrun --nproc-per-node 2 -m "
-              "stablenets_ext.training.sg.dist --dataset digits --json`", file=sys.stderr)
-        return 2
-    from ... import cli
-
-    if int(os.environ["RANK"]) != 0:
-        sys.stdout = open(os.devnull, "w")
-    return cli.main(["train", "--trainer", "sg", "--backend", "dist", *rest])
+    # The command-line entry point moved beside the CLI (trainers never import it).
+    print("stablenets_ext.training.sg.dist: this module runs the ranks that "
+          "train_sg(backend='dist') starts (--spec/--result); for the command line use "
+          "`torchrun --nproc-per-node 2 -m stablenets_ext.cli.sg_dist --dataset digits --json`",
+          file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -108,7 +108,8 @@ class _StageWorker:
                         for p in m.parameters()]
         self.ctrl, self.up, self.down = ctrl, up, down
         self.inbuf, self.outbuf = inbuf, outbuf
-        self.parts = private_net.parts
+        # tensors crossing the input and output cuts (1 on a model-stage boundary)
+        self.in_parts, self.out_parts = private_net.in_parts, private_net.out_parts
         self.arrived: set[int] = set()
         parent = tmp.parent_process()
         self.parent_sentinel = parent.sentinel if parent is not None else None
@@ -167,7 +168,7 @@ class _StageWorker:
             n = self.runner.pending[s][1].shape[0]
             slot = s % self.inflight
             target = tuple(self.outbuf["grad"][slot, i, :n].to(self.device, copy=True)
-                           for i in range(self.parts))
+                           for i in range(self.out_parts))
             self.runner.learn(s, target)
 
     def _step(self, t, n):
@@ -180,7 +181,7 @@ class _StageWorker:
         else:
             slot = t % self.inflight
             inputs = tuple(self.inbuf["state"][slot, i, :n].to(self.device, copy=True)
-                           for i in range(self.parts))
+                           for i in range(self.in_parts))
             labels = self.inbuf["labels"][slot, :n].to(self.device, copy=True)
         if not r.last:
             self._learn_upto(t - self.inflight)

@@ -56,6 +56,16 @@ def split_bounds(layers: int, stages: int) -> list[int]:
     return [round(i * layers / stages) for i in range(stages + 1)]
 
 
+def default_bounds(model, stages: int) -> list[int]:
+    """Where to cut ``model`` into ``stages`` slices: a multi-stage model whose
+    stage count equals ``stages`` is cut at its stage boundaries (the natural
+    cuts); otherwise near-equal layer counts (:func:`split_bounds`)."""
+    natural = model.stage_bounds() if getattr(model, "multistage", False) else None
+    if natural is not None and len(natural) - 1 == stages:
+        return natural
+    return split_bounds(model.layers, stages)
+
+
 def check_bounds(bounds, layers: int) -> list[int]:
     bounds = [int(b) for b in bounds]
     if (len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != layers
@@ -66,12 +76,29 @@ def check_bounds(bounds, layers: int) -> list[int]:
     return bounds
 
 
+def _slice_stack(stack, lo, hi):
+    """A copy of ``stack`` holding its layers ``lo .. hi-1``."""
+    out = copy.deepcopy(stack)
+    with torch.no_grad():
+        out.weight = nn.Parameter(stack.weight.detach()[lo:hi].clone())
+        out.bias = nn.Parameter(stack.bias.detach()[lo:hi].clone())
+    out.layers = hi - lo
+    return out
+
+
 class StageNet(nn.Module):
     """One slice of a :class:`~stablenets_ext.models.StableNet`.
 
     ``forward(inputs)`` takes a tuple: ``(x,)`` for the first stage, the cut
     state otherwise; it returns the state at the next cut (a tuple), or the
-    logits for the last stage."""
+    logits for the last stage.
+
+    In a multi-stage model a slice may span several model stages (global layers
+    ``lo .. hi-1``, see :meth:`~stablenets_ext.models.StableNet.pieces`); it then
+    holds ``stacks`` (one slice per model stage it touches) and the
+    ``transitions`` into the model stages it starts. A cut on a model-stage
+    boundary carries ``(Y,)`` only (the next model stage starts at rest): see
+    :attr:`in_parts` and :attr:`out_parts`."""
 
     def __init__(self, model: models.StableNet, lo: int, hi: int, index: int, count: int):
         super().__init__()
@@ -79,12 +106,21 @@ class StageNet(nn.Module):
         self.arch = model.arch
         self.parts = state_parts(model.arch)
         self.flatten = model.pool is None
-        stack = copy.deepcopy(model.stack)
-        with torch.no_grad():
-            stack.weight = nn.Parameter(model.stack.weight.detach()[lo:hi].clone())
-            stack.bias = nn.Parameter(model.stack.bias.detach()[lo:hi].clone())
-        stack.layers = hi - lo
-        self.stack = stack
+        multistage = getattr(model, "multistage", False)
+        if multistage:
+            self.pieces = model.pieces(lo, hi)
+            stacks = model.stage_stacks
+            self.stacks = nn.ModuleList(_slice_stack(stacks[k], a, b) for k, a, b in self.pieces)
+            self.transitions = nn.ModuleList(
+                copy.deepcopy(model.transitions[k - 1]) if a == 0 and k > 0 else nn.Identity()
+                for k, a, b in self.pieces)
+            bounds = model.stage_bounds()
+            self.in_parts = 1 if lo in bounds else self.parts
+            self.out_parts = 1 if hi in bounds else self.parts
+        else:
+            self.pieces = [(0, lo, hi)]
+            self.stack = _slice_stack(model.stack, lo, hi)
+            self.in_parts = self.out_parts = self.parts
         self.lift = copy.deepcopy(model.lift) if index == 0 else None
         last = index == count - 1
         self.pool = copy.deepcopy(model.pool) if last and model.pool is not None else None
@@ -98,6 +134,11 @@ class StageNet(nn.Module):
     def last(self) -> bool:
         return self.index == self.count - 1
 
+    @property
+    def piece_stacks(self) -> list:
+        """The stack slices this stage runs, in order."""
+        return list(self.stacks) if "stacks" in self._modules else [self.stack]
+
     def forward(self, inputs):
         if self.first:
             x = inputs[0]
@@ -106,15 +147,16 @@ class StageNet(nn.Module):
             y, carry = self.lift(x), None
         else:
             y = inputs[0]
-            carry = inputs[1] if self.parts == 2 else None
-        if self.parts == 2:
-            y, carry = self.stack(y, carry, return_state=True)
-            state = (y, carry)
-        else:
-            y = self.stack(y)
-            state = (y,)
+            carry = inputs[1] if self.in_parts == 2 else None
+        for i, stack in enumerate(self.piece_stacks):
+            if "transitions" in self._modules and self.pieces[i][1] == 0 and self.pieces[i][0] > 0:
+                y, carry = self.transitions[i](y), None  # a new model stage starts at rest
+            if self.parts == 2:
+                y, carry = stack(y, carry, return_state=True)
+            else:
+                y = stack(y)
         if not self.last:
-            return state
+            return (y, carry) if self.out_parts == 2 else (y,)
         if self.pool is not None:
             y = self.pool(y).flatten(1)
         return self.classifier(y)
@@ -122,7 +164,7 @@ class StageNet(nn.Module):
     def penalty(self, alpha: float, alpha_c: float):
         """The backprop trainer's regularisers restricted to this stage's
         parameters (smoothness couples neighbouring layers within the stage)."""
-        total = regularizers.smoothness(self.stack, alpha)
+        total = sum((regularizers.smoothness(s, alpha) for s in self.piece_stacks), 0.0)
         if self.last and alpha_c:
             total = total + 0.5 * alpha_c * self.classifier.weight.pow(2).sum()
         return total
@@ -134,7 +176,7 @@ class StageNet(nn.Module):
 def split_model(model: models.StableNet, stages: int | None = None, bounds=None) -> list[StageNet]:
     """Copies of ``model``'s parameters as ``len(bounds)-1`` :class:`StageNet`\\ s."""
     if bounds is None:
-        bounds = split_bounds(model.layers, 2 if stages is None else stages)
+        bounds = default_bounds(model, 2 if stages is None else stages)
     bounds = check_bounds(bounds, model.layers)
     count = len(bounds) - 1
     return [StageNet(model, bounds[k], bounds[k + 1], k, count) for k in range(count)]
@@ -143,9 +185,15 @@ def split_model(model: models.StableNet, stages: int | None = None, bounds=None)
 @torch.no_grad()
 def merge_stages(nets, model: models.StableNet) -> models.StableNet:
     """Write the stages' parameters back into ``model`` (in place)."""
+    stacks = model.stage_stacks if hasattr(model, "stage_stacks") else [model.stack]
     for net in nets:
-        model.stack.weight[net.lo:net.hi].copy_(net.stack.weight)
-        model.stack.bias[net.lo:net.hi].copy_(net.stack.bias)
+        for (k, a, b), piece in zip(net.pieces, net.piece_stacks):
+            stacks[k].weight[a:b].copy_(piece.weight)
+            stacks[k].bias[a:b].copy_(piece.bias)
+        if "transitions" in net._modules:
+            for (k, a, b), t in zip(net.pieces, net.transitions):
+                if a == 0 and k > 0:
+                    model.transitions[k - 1].load_state_dict(t.state_dict())
         if net.first:
             model.lift.load_state_dict(net.lift.state_dict())
         if net.last:

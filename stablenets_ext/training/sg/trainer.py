@@ -44,7 +44,7 @@ from .stages import (
     batch_order,
     make_sg_modules,
     merge_stages,
-    split_bounds,
+    default_bounds,
     split_model,
 )
 
@@ -161,22 +161,12 @@ def _resolve_topology(stages, workers, backend):
 
 def _coarse_model(model: models.StableNet) -> models.StableNet:
     """Half the layers, twice the step: every other layer of ``model``."""
-    if model.layers % 2:
+    if any(n % 2 for n in model.stage_layers):
         raise ValueError(
-            f"coarse_epochs: multilevel training halves the network, so layers must be even, "
-            f"got {model.layers}"
+            f"coarse_epochs: multilevel training halves the network, so layers must be even "
+            f"(in every stage), got {model.layers if not model.multistage else list(model.stage_layers)}"
         )
-    cfg = model.config()
-    cfg["layers"] = model.layers // 2
-    cfg["step"] = model.step * 2
-    ref = model.stack.weight
-    coarse = models.StableNet.from_config(cfg).to(device=ref.device, dtype=ref.dtype)
-    coarse.lift.load_state_dict(model.lift.state_dict())
-    coarse.classifier.load_state_dict(model.classifier.state_dict())
-    with torch.no_grad():
-        coarse.stack.weight.copy_(model.stack.weight[0::2])
-        coarse.stack.bias.copy_(model.stack.bias[0::2])
-    return coarse
+    return models.halve_layers(model)
 
 
 def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=None, workers=None,
@@ -245,13 +235,13 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
         raise ValueError(f"resume: checkpoint {os.fspath(resume)!r} was not written by the "
                          "synthetic-gradient trainer")
 
-    fine_bounds = split_bounds(model.layers, stages) if bounds is None else list(bounds)
+    fine_bounds = default_bounds(model, stages) if bounds is None else list(bounds)
     sgs = None
     coarse_result = None
     if coarse_epochs:
         coarse = _coarse_model(model)
         if bounds is None:
-            cb = split_bounds(coarse.layers, stages)
+            cb = default_bounds(coarse, stages)
         else:
             if any(b % 2 for b in bounds):
                 raise ValueError(f"bounds: multilevel training needs even cut points, got {bounds}")
