@@ -403,7 +403,8 @@ class StableNet(nn.Module):
         return out
 
     def transition(self, k: int, y):
-        """Apply the transition into stage ``k`` (identity for ``k = 0``)."""
+        """Apply the transition into stage ``k`` to the previous stage's final state ``y``
+        (identity for ``k = 0``)."""
         return y if k == 0 else self.transitions[k - 1](y)
 
     # -- properties mirrored from the stack(s)
@@ -478,7 +479,7 @@ class StableNet(nn.Module):
         return self.classifier(y)
 
     def features_of(self, x):
-        """The last stack's final state."""
+        """The last stack's final state for inputs ``x`` (what :meth:`head` classifies)."""
         if not self.multistage:
             return self.stack(self.lift_input(x))
         y = self.lift_input(x)
@@ -504,7 +505,7 @@ class StableNet(nn.Module):
 
     @torch.no_grad()
     def trajectory(self, x, stage=None):
-        """States ``Y_0 .. Y_N`` through the stack, shape ``(N+1, B, ...)``, by
+        """States ``Y_0 .. Y_N`` through the stack for inputs ``x``, shape ``(N+1, B, ...)``, by
         running the stack one layer at a time and carrying its state. Several
         stages: ``stage=k`` gives stage ``k``'s states (from its input, after the
         transition), ``stage=None`` a list with one such tensor per stage."""
