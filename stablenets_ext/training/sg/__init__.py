@@ -38,8 +38,12 @@ class Options(ParallelOptions):
     sg_hidden: int = option("--sg-hidden", 0, type=nonneg_int, metavar="H",
                             help="SG module: 0 for a linear map (default), else an MLP with H "
                                  "hidden units")
-    sg_lr: float = option("--sg-lr", 3e-4, type=positive_float,
-                          help="SG modules' Adam rate (default 3e-4)")
+    sg_fit: str = option("--sg-fit", "auto", choices=("auto", "solve", "adam"),
+                         help="how SG modules learn: solve (least squares over recent batches; "
+                              "linear modules on flat states), adam (--sg-lr), auto (solve where "
+                              "possible; default)")
+    sg_lr: float = option("--sg-lr", 1e-3, type=positive_float,
+                          help="SG modules' Adam rate with --sg-fit adam (default 1e-3)")
     sg_unconditional: bool = option("--sg-unconditional", False, action="store_true",
                                     help="do not feed the label to the SG modules (DNI, not cDNI)")
     sg_inflight: int | None = option("--sg-inflight", None, type=positive_int, metavar="K",
@@ -71,7 +75,7 @@ def fit(model, data, config: TrainConfig, options: Options | None = None, callba
     result = train_sg(
         model, data, stages=options.stages, workers=workers,
         backend=options.backend or "process", inflight=options.sg_inflight,
-        sg_hidden=options.sg_hidden, sg_lr=options.sg_lr,
+        sg_hidden=options.sg_hidden, sg_lr=options.sg_lr, sg_fit=options.sg_fit,
         conditional=not options.sg_unconditional, coarse_epochs=options.coarse_epochs,
         threads=threads, checkpoint=config.checkpoint, resume=config.resume,
         timeout=options.sg_timeout, heartbeat_timeout=options.heartbeat_timeout,
