@@ -302,7 +302,9 @@ class RidgeFit:
             raise ValueError("sg_fit: 'solve' fits a linear SG module on a flat state; this one "
                              f"is {'convolutional' if sg.spatial else 'an MLP'} (use 'adam')")
         self.sg, self.forget, self.ridge = sg, forget, ridge
+        self.every = 1
         self.gram = self.cross = None
+        self.batches = 0
 
     @torch.no_grad()
     def step(self, state, labels, target):
@@ -317,6 +319,9 @@ class RidgeFit:
         else:
             self.gram.mul_(self.forget).add_(gram)
             self.cross.mul_(self.forget).add_(cross)
+        self.batches += 1
+        if self.batches > self.every and self.batches % self.every:
+            return
         eye = torch.eye(self.gram.shape[0], dtype=x.dtype, device=x.device)
         reg = self.ridge * self.gram.diagonal().mean().clamp_min(1e-12)
         chol, info = torch.linalg.cholesky_ex(self.gram + reg * eye)
