@@ -232,6 +232,22 @@ def test_ridge_fit_recovers_a_linear_gradient(one_thread):
         RidgeFit(SyntheticGradient((2, 3, 3), parts=1, classes=2))
 
 
+def test_cut_points(swiss, one_thread):
+    from stablenets_ext.training import TrainConfig, load_trainer
+    from stablenets_ext.training.options import OptionError
+
+    sg = load_trainer("sg")
+    model = make(swiss, layers=6, width=4)
+    config = TrainConfig(epochs=1, batch_size=64, lr=0.02, quiet=True)
+    result = sg.fit(model, swiss, config, sg.Options(sg_cuts=2))
+    assert result["bounds"] == [0, 2, 6]
+    with pytest.raises(OptionError, match="sg_cuts"):
+        sg.fit(make(swiss, layers=6, width=4), swiss, config, sg.Options(sg_cuts=(4, 2)))
+    with pytest.raises(ValueError, match="bounds.*workers is 2"):
+        train_sg(make(swiss, layers=6, width=4), swiss, epochs=1, batch_size=64, lr=0.02,
+                 bounds=[0, 2, 4, 6], workers=2, quiet=True)
+
+
 def test_sg_fit_checks(swiss, one_thread, tmp_path):
     kw = dict(epochs=1, batch_size=64, lr=0.02, stages=2, quiet=True)
     with pytest.raises(ValueError, match="sg_fit"):

@@ -43,6 +43,7 @@ from .stages import (
     SG_FITS,
     StageRunner,
     batch_order,
+    check_bounds,
     make_sg_modules,
     merge_stages,
     split_bounds,
@@ -234,6 +235,14 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
         raise ValueError(f"sg_hidden: expected an int >= 0, got {sg_hidden!r}")
     if target_accuracy is not None and not 0 < target_accuracy <= 1:
         raise ValueError(f"target_accuracy: expected a fraction in (0, 1], got {target_accuracy!r}")
+    if bounds is not None:
+        bounds = check_bounds(bounds, model.layers)
+        cut = len(bounds) - 1
+        for name, value in (("stages", stages), ("workers", workers)):
+            if value and value != cut:
+                raise ValueError(f"bounds: {bounds} cut the network into {cut} stages, but "
+                                 f"{name} is {value}")
+        stages = cut
     stages, workers = _resolve_topology(stages, workers, backend)
     mode = "inprocess" if workers is None else backend
     if inflight is None:
