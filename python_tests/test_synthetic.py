@@ -219,8 +219,7 @@ def test_ridge_fit_recovers_a_linear_gradient(one_thread):
         s = (torch.randn(32, 3), torch.randn(32, 3))
         y = torch.randint(0, 4, (32,))
         target = torch.cat([*s, nn.functional.one_hot(y, 4).float()], 1) @ w + b
-        sg.scale.fill_(target.pow(2).mean().sqrt())
-        fit.step(s, y, (target[:, :3], target[:, 3:]))
+        fit.step(s, y, (target[:, :3], target[:, 3:]), target.pow(2).mean().sqrt())
     s = (torch.randn(16, 3), torch.randn(16, 3))
     y = torch.randint(0, 4, (16,))
     target = torch.cat([*s, nn.functional.one_hot(y, 4).float()], 1) @ w + b

@@ -284,39 +284,59 @@ def make_sg_modules(nets, probe_x, classes, hidden=0, conditional=True) -> list[
 
 SCALE_RATE = 0.05
 LABEL_MAP_RATE = 0.3
+
+
+def update_scale(scale, rms):
+    """An SG module's unit: the targets' RMS on the first batch, then an
+    exponential average (about 20 batches), following the shrinking gradients."""
+    scale.copy_(torch.where(scale > 0, scale + SCALE_RATE * (rms - scale), rms))
 SG_FITS = ("auto", "solve", "adam")
 
 
 class RidgeFit:
-    """Fits a linear SG module by exact least squares over the recent batches:
-    the minimiser of the module's L2 loss on the true gradients, each batch's
+    """Fits a linear SG module by least squares over the recent batches: the
+    minimiser of the module's L2 loss on the true gradients, each batch's
     weight decaying by ``forget`` per batch (recursive least squares), with a
     ridge of ``ridge`` times the mean diagonal of the normal matrix.
 
     Jaderberg et al. train the module by SGD on that same loss. Adam steps on
     it cannot keep up with a target that moves as fast as the network learns
     (on digits, ``sg_rel_error`` stayed at 0.99 while a least-squares fit of
-    the same linear map on the same batches reaches 0.7-0.85); the module, its
-    inputs and its loss are the paper's, only the minimiser differs. Cost per
-    batch: the normal equations (``B D^2``) and one ``D x D`` Cholesky solve,
-    ``D`` = state size + classes + 1."""
+    the same linear map on the same batches reaches 0.3-0.6); the module, its
+    inputs and its loss are the paper's, only the minimiser differs.
 
-    def __init__(self, sg: SyntheticGradient, forget: float = 0.9, ridge: float = 1e-3):
+    Cost per batch, ``D`` = state size + classes + 1 inputs, ``O`` outputs:
+    the normal equations (``B D^2 + B D O``); the fit itself (a Cholesky
+    factorisation and solve, ``D^3 + D^2 O``) every batch when ``D <= B``
+    (then it costs no more than the normal equations), else every batch for
+    the first ``warmup`` batches and every ``every`` batches after, the last
+    fit standing in between (each batch adds only about a tenth to the normal
+    equations). That keeps the fit cheap against the stage it serves: a solve
+    every batch cost more than a whole backprop step of the digits network."""
+
+    def __init__(self, sg: SyntheticGradient, forget: float = 0.9, ridge: float = 1e-3,
+                 every: int = 4, warmup: int = 8):
         if not sg.solvable:
             raise ValueError("sg_fit: 'solve' fits a linear SG module on a flat state; this one "
                              f"is {'convolutional' if sg.spatial else 'an MLP'} (use 'adam')")
         self.sg, self.forget, self.ridge = sg, forget, ridge
-        self.every = 1
+        self.every, self.warmup = every, warmup
         self.gram = self.cross = None
         self.batches = 0
 
     @torch.no_grad()
-    def step(self, state, labels, target):
+    def step(self, state, labels, target, rms):
+        """Learn from one batch; returns the squared error of the module's
+        prediction before it (the statistics' numerator). ``rms``: the
+        targets' RMS, folded into the module's scale first."""
         sg = self.sg
         n = labels.shape[0]
         x = sg.inputs(state, labels)
-        x = torch.cat([x, x.new_ones(n, 1)], 1)
         y = torch.cat([g.reshape(n, -1) for g in target], 1)
+        sq = (torch.addmm(sg.net.bias, x, sg.net.weight.T).mul_(sg._unit()) - y).pow_(2).sum()
+        old = sg._unit().clone()
+        update_scale(sg.scale, rms)
+        x = torch.cat([x, x.new_ones(n, 1)], 1)
         gram, cross = x.T @ x, x.T @ y
         if self.gram is None:
             self.gram, self.cross = gram, cross
@@ -324,22 +344,30 @@ class RidgeFit:
             self.gram.mul_(self.forget).add_(gram)
             self.cross.mul_(self.forget).add_(cross)
         self.batches += 1
-        if self.batches > self.every and self.batches % self.every:
-            return
-        eye = torch.eye(self.gram.shape[0], dtype=x.dtype, device=x.device)
-        reg = self.ridge * self.gram.diagonal().mean().clamp_min(1e-12)
-        chol, info = torch.linalg.cholesky_ex(self.gram + reg * eye)
-        if int(info) != 0:  # not positive definite in floating point: keep the last fit
-            return
-        w = torch.cholesky_solve(self.cross, chol) / sg.scale.clamp_min(1e-12)
-        sg.net.weight.copy_(w[:-1].T)
-        sg.net.bias.copy_(w[-1])
+        # Solve every batch when that costs no more than the normal equations
+        # (D <= batch), else every `every` batches after a warm-up.
+        cheap = x.shape[1] <= n
+        if (cheap or self.batches <= self.warmup or self.batches % self.every == 0):
+            eye = torch.eye(self.gram.shape[0], dtype=x.dtype, device=x.device)
+            reg = self.ridge * self.gram.diagonal().mean().clamp_min(1e-12)
+            chol, info = torch.linalg.cholesky_ex(self.gram + reg * eye)
+            if int(info) == 0:  # else (not positive definite in floating point) keep the last
+                w = torch.cholesky_solve(self.cross, chol).div_(sg.scale.clamp_min(1e-12))
+                sg.net.weight.copy_(w[:-1].T)
+                sg.net.bias.copy_(w[-1])
+                return sq
+        # the last fit stands; keep its prediction in absolute units
+        ratio = old / sg.scale.clamp_min(1e-12)
+        sg.net.weight.mul_(ratio)
+        sg.net.bias.mul_(ratio)
+        return sq
 
     def state_dict(self) -> dict:
-        return {"gram": self.gram, "cross": self.cross}
+        return {"gram": self.gram, "cross": self.cross, "batches": self.batches}
 
     def load_state_dict(self, state: dict):
         self.gram, self.cross = state["gram"], state["cross"]
+        self.batches = state["batches"]
 
 
 
@@ -449,17 +477,12 @@ class StageRunner:
         with torch.no_grad():
             norm = sum(g.pow(2).sum() for g in target)
             rms = (norm / numel).sqrt()
-            scale = self.sg.scale
-            # First batch: adopt the targets' RMS; then an exponential average
-            # (about 20 batches), so the scale follows the shrinking gradients.
-            scale.copy_(torch.where(scale > 0, scale + SCALE_RATE * (rms - scale), rms))
-            inv = 1.0 / scale.clamp_min(1e-12)
         if self.sg_solver is not None:
-            with torch.no_grad():
-                sq = sum(F.mse_loss(p, g, reduction="sum")
-                         for p, g in zip(self.sg(state, labels), target))
-            self.sg_solver.step(state, labels, target)
+            sq = self.sg_solver.step(state, labels, target, rms)
         else:
+            with torch.no_grad():
+                update_scale(self.sg.scale, rms)
+                inv = 1.0 / self.sg.scale.clamp_min(1e-12)
             pred = self.sg(state, labels)
             sq = sum(F.mse_loss(p, g, reduction="sum") for p, g in zip(pred, target))
             self.sg_opt.zero_grad(set_to_none=True)
