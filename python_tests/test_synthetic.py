@@ -191,8 +191,73 @@ def test_conv_arch_gets_a_convolutional_sg(digits, one_thread):
     model = models.StableNet("conv-verlet", (1, 8, 8), 10, 4, width=4, pool=2)
     result = train_sg(model, images, epochs=2, batch_size=64, lr=0.01, stages=2, quiet=True)
     (sg,) = result["sg_modules"]
-    assert sg.spatial and sum(p.numel() for p in sg.parameters()) < 2000
+    assert sg.spatial and sum(p.numel() for p in sg.parameters() if p.requires_grad) < 2000
     assert result["accuracy"] > 0.3
+    # the per-class gradient maps make it predict (1.0 = no better than zero;
+    # a 3x3 convolution alone, trained by Adam, stayed at 0.99-1.0)
+    assert result["history"]["sg_rel_error"][0][0] < 0.7, result["history"]["sg_rel_error"]
+
+
+def test_sg_modules_learn_the_gradient(digits, one_thread):
+    """The SG module predicts the true gradient at the cut: relative error
+    well below 1 (predicting zero gives 1). Adam at 3e-4 on the raw targets,
+    the old default, stayed at 0.99-1.0 on this run."""
+    model = make(digits, layers=8, width=64)
+    result = train_sg(model, digits, epochs=1, batch_size=64, lr=0.01, stages=2, quiet=True)
+    (err,) = result["sg_rel_error"]
+    assert err < 0.6, err
+
+
+def test_ridge_fit_recovers_a_linear_gradient(one_thread):
+    from stablenets_ext.training.sg.stages import RidgeFit
+
+    torch.manual_seed(0)
+    sg = SyntheticGradient((3,), parts=2, classes=4)
+    fit = RidgeFit(sg)
+    w, b = torch.randn(10, 6), torch.randn(6)
+    for _ in range(5):
+        s = (torch.randn(32, 3), torch.randn(32, 3))
+        y = torch.randint(0, 4, (32,))
+        target = torch.cat([*s, nn.functional.one_hot(y, 4).float()], 1) @ w + b
+        fit.step(s, y, (target[:, :3], target[:, 3:]), target.pow(2).mean().sqrt())
+    s = (torch.randn(16, 3), torch.randn(16, 3))
+    y = torch.randint(0, 4, (16,))
+    target = torch.cat([*s, nn.functional.one_hot(y, 4).float()], 1) @ w + b
+    pred = torch.cat(sg(s, y), 1)
+    assert (pred - target).norm() < 0.01 * target.norm()
+    with pytest.raises(ValueError, match="sg_fit"):
+        RidgeFit(SyntheticGradient((3,), parts=1, classes=2, hidden=4))
+    with pytest.raises(ValueError, match="sg_fit"):
+        RidgeFit(SyntheticGradient((2, 3, 3), parts=1, classes=2))
+
+
+def test_cut_points(swiss, one_thread):
+    from stablenets_ext.training import TrainConfig, load_trainer
+    from stablenets_ext.training.options import OptionError
+
+    sg = load_trainer("sg")
+    model = make(swiss, layers=6, width=4)
+    config = TrainConfig(epochs=1, batch_size=64, lr=0.02, quiet=True)
+    result = sg.fit(model, swiss, config, sg.Options(sg_cuts=2))
+    assert result["bounds"] == [0, 2, 6]
+    with pytest.raises(OptionError, match="sg_cuts"):
+        sg.fit(make(swiss, layers=6, width=4), swiss, config, sg.Options(sg_cuts=(4, 2)))
+    with pytest.raises(ValueError, match="bounds.*workers is 2"):
+        train_sg(make(swiss, layers=6, width=4), swiss, epochs=1, batch_size=64, lr=0.02,
+                 bounds=[0, 2, 4, 6], workers=2, quiet=True)
+
+
+def test_sg_fit_checks(swiss, one_thread, tmp_path):
+    kw = dict(epochs=1, batch_size=64, lr=0.02, stages=2, quiet=True)
+    with pytest.raises(ValueError, match="sg_fit"):
+        train_sg(make(swiss, layers=4, width=4), swiss, sg_fit="sgd", **kw)
+    with pytest.raises(ValueError, match="sg_fit"):
+        train_sg(make(swiss, layers=4, width=4), swiss, sg_fit="solve", sg_hidden=8, **kw)
+    ck = tmp_path / "sg.pt"
+    train_sg(make(swiss, layers=4, width=4), swiss, checkpoint=ck, **kw)
+    with pytest.raises(ValueError, match="sg-fit"):
+        train_sg(make(swiss, layers=4, width=4), swiss, sg_fit="adam", resume=ck,
+                 **dict(kw, epochs=2))
 
 
 def test_cli_json_line(capsys):
@@ -260,7 +325,9 @@ def test_pipeline_matches_inprocess(digits, one_thread, tmp_path):
     assert r_pipe["mode"] == "process" and r_pipe["inflight"] == 3
     torch.testing.assert_close(params(piped), params(same), rtol=1e-5, atol=1e-6)
     assert r_pipe["history"]["loss"] == pytest.approx(r_same["history"]["loss"], rel=1e-5)
-    assert abs(r_pipe["accuracy"] - r_ref["accuracy"]) <= 0.02
+    # (best, not final: with SG modules that learn, a 4-epoch digits run wobbles
+    # by a few points from epoch to epoch)
+    assert abs(r_pipe["best_accuracy"] - r_ref["best_accuracy"]) <= 0.02
     assert r_ref["accuracy"] > 0.9
     assert _stage_children(os.getpid()) == []
 

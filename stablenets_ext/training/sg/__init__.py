@@ -13,7 +13,15 @@ import dataclasses
 import torch
 
 from ..config import TrainConfig, prepare
-from ..options import ParallelOptions, nonneg_int, option, positive_float, positive_int
+from ..options import (
+    OptionError,
+    ParallelOptions,
+    nonneg_int,
+    option,
+    per_level,
+    positive_float,
+    positive_int,
+)
 from ..runtime import StageError
 from .trainer import InProcessEngine, time_backprop, train_sg
 
@@ -35,11 +43,19 @@ class Options(ParallelOptions):
     stages: int | None = option("--stages", None, type=positive_int, metavar="M",
                                 help="sub-networks joined by M-1 synthetic-gradient modules "
                                      "(default: --workers, else 2)")
+    sg_cuts: object = option("--sg-cuts", None, type=per_level(positive_int), metavar="L[,L...]",
+                             help="cut the stack after these layers (M-1 increasing numbers; "
+                                  "default: near-equal stages). Stage 0 also carries the input "
+                                  "lift and the SG module's fit, so an earlier cut balances it")
     sg_hidden: int = option("--sg-hidden", 0, type=nonneg_int, metavar="H",
                             help="SG module: 0 for a linear map (default), else an MLP with H "
                                  "hidden units")
-    sg_lr: float = option("--sg-lr", 3e-4, type=positive_float,
-                          help="SG modules' Adam rate (default 3e-4)")
+    sg_fit: str = option("--sg-fit", "auto", choices=("auto", "solve", "adam"),
+                         help="how SG modules learn: solve (least squares over recent batches; "
+                              "linear modules on flat states), adam (--sg-lr), auto (solve where "
+                              "possible; default)")
+    sg_lr: float = option("--sg-lr", 1e-3, type=positive_float,
+                          help="SG modules' Adam rate with --sg-fit adam (default 1e-3)")
     sg_unconditional: bool = option("--sg-unconditional", False, action="store_true",
                                     help="do not feed the label to the SG modules (DNI, not cDNI)")
     sg_inflight: int | None = option("--sg-inflight", None, type=positive_int, metavar="K",
@@ -63,15 +79,23 @@ class Options(ParallelOptions):
 def fit(model, data, config: TrainConfig, options: Options | None = None, callbacks=None) -> dict:
     options = prepare(config, options, Options, UNSUPPORTED, NAME)
     callbacks = callbacks or {}
+    bounds = None
+    if options.sg_cuts is not None:
+        cuts = options.sg_cuts if isinstance(options.sg_cuts, tuple) else (options.sg_cuts,)
+        bounds = [0, *cuts, model.layers]
+        if any(b <= a for a, b in zip(bounds, bounds[1:])):
+            raise OptionError(f"sg_cuts: expected increasing layer numbers between 1 and "
+                              f"{model.layers - 1} (the stack has {model.layers} layers), got "
+                              f"{list(cuts)}")
     workers = options.workers
     if workers is None and options.backend is not None:
-        workers = options.stages or 2
+        workers = options.stages or (len(bounds) - 1 if bounds else 2)
     threads = options.sg_threads or config.threads
     kw = config.common()
     result = train_sg(
-        model, data, stages=options.stages, workers=workers,
+        model, data, stages=options.stages, workers=workers, bounds=bounds,
         backend=options.backend or "process", inflight=options.sg_inflight,
-        sg_hidden=options.sg_hidden, sg_lr=options.sg_lr,
+        sg_hidden=options.sg_hidden, sg_lr=options.sg_lr, sg_fit=options.sg_fit,
         conditional=not options.sg_unconditional, coarse_epochs=options.coarse_epochs,
         threads=threads, checkpoint=config.checkpoint, resume=config.resume,
         timeout=options.sg_timeout, heartbeat_timeout=options.heartbeat_timeout,

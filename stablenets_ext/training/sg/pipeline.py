@@ -5,8 +5,9 @@
 waiting for their losses. Every tensor that moves lives in shared memory
 allocated once, before the processes start:
 
-- an input ring (``max(2, inflight)`` slots of a batch of inputs and labels)
-  that the coordinator fills and stage 0 empties;
+- the training inputs and labels, which stage 0 draws its batches from by
+  itself (the permutation of :func:`.stages.batch_order`), so the coordinator
+  sends one message per epoch, not one per batch;
 - per cut, ``inflight`` slots of the cut state, the labels and the gradient:
   stage ``k`` writes batch ``t``'s output state into slot ``t % inflight``,
   stage ``k+1`` reads it and writes the true gradient of its input back into
@@ -16,7 +17,9 @@ allocated once, before the processes start:
   copies its private, trained ones into at the end of every epoch, so the
   coordinator evaluates and returns them without any transfer.
 
-Pipes carry only small tuples (``("fwd", t, n)``, ``("grad", t)``, replies).
+Pipes carry only small tuples (``("fwd", t, n)``, ``("grad", t)``, replies);
+the last stage reports progress to the coordinator every :data:`DONE_EVERY`
+batches and at the end of an epoch (which is what its stall check watches).
 The schedule is that of :mod:`.stages`, fixed by ``inflight`` and
 not by timing, so a pipeline run equals the in-process trainer run with the
 same ``inflight`` (up to the floating-point effects of thread counts).
@@ -55,6 +58,7 @@ from ..runtime import StageError, fd_sharing
 from .stages import StageRunner, batch_order
 
 EXIT_PEER_LOST = 75
+DONE_EVERY = 16
 EXIT_PARENT_GONE = 76
 POLL_SECONDS = 0.25
 
@@ -93,7 +97,9 @@ def _unblob(data: bytes, device="cpu"):
 class _StageWorker:
     def __init__(self, spec, net, sg, ctrl, up, down, inbuf, outbuf):
         self.k, self.count = spec["index"], spec["count"]
-        self.inflight, self.in_slots = spec["inflight"], spec["in_slots"]
+        self.inflight = spec["inflight"]
+        self.batches, self.batch_size, self.seed = spec["batches"], spec["batch_size"], spec["seed"]
+        self.done = 0
         self.device = torch.device(spec["device"])
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -171,13 +177,20 @@ class _StageWorker:
                            for i in range(self.out_parts))
             self.runner.learn(s, target)
 
-    def _step(self, t, n):
+    def _epoch(self, epoch):
+        """Stage 0: the whole epoch's batches, drawn from the shared data."""
+        x, y = self.inbuf["x"], self.inbuf["y"]
+        order = batch_order(x.shape[0], self.batch_size, self.seed, epoch)
+        t0 = epoch * len(order)
+        for i, idx in enumerate(order):
+            inputs = (x.index_select(0, idx).to(self.device),)
+            labels = y.index_select(0, idx).to(self.device)
+            self._step(t0 + i, idx.shape[0], inputs, labels)
+
+    def _step(self, t, n, inputs=None, labels=None):
         r = self.runner
         if r.first:
-            slot = t % self.in_slots
-            inputs = (self.inbuf["x"][slot, :n].to(self.device, copy=True),)
-            labels = self.inbuf["labels"][slot, :n].to(self.device, copy=True)
-            self.ctrl.send(("free", t))
+            slot = None
         else:
             slot = t % self.inflight
             inputs = tuple(self.inbuf["state"][slot, i, :n].to(self.device, copy=True)
@@ -198,7 +211,10 @@ class _StageWorker:
                 self.inbuf["grad"][slot, i, :n].copy_(g)
             self.up.send(("grad", t))
         if r.last:
-            self.ctrl.send(("done", t))
+            self.done += 1
+            if self.done >= DONE_EVERY or (t + 1) % self.batches == 0:
+                self.ctrl.send(("done", t, self.done))
+                self.done = 0
 
     @torch.no_grad()
     def _publish(self):
@@ -210,7 +226,9 @@ class _StageWorker:
         while True:
             msg = self._next_message()
             kind = msg[0]
-            if kind in ("batch", "fwd"):
+            if kind == "epoch":
+                self._epoch(msg[1])
+            elif kind == "fwd":
                 self._step(msg[1], msg[2])
             elif kind == "sync":
                 self._learn_upto(None)
@@ -266,7 +284,7 @@ class PipelineEngine:
         self.eval_device = torch.device("cpu")
         self.x, self.y = data.train_x.cpu(), data.train_y.cpu()
         self.batch_size, self.seed, self.inflight = batch_size, seed, inflight
-        self.in_slots = max(2, inflight)
+        self.batches = len(batch_order(self.x.shape[0], batch_size, seed, 0))
         self.epochs, self.settings, self.threads = epochs, settings, threads
         self.devices = stage_devices(device, self.count)
         self.on_started, self.timeout = on_started, timeout
@@ -276,7 +294,6 @@ class PipelineEngine:
         self.init_states = [None] * self.count
         self.inbuf = None
         self.cuts = []
-        self.in_flight = 0
         self._started = False
 
     # -- protocol
@@ -305,7 +322,8 @@ class PipelineEngine:
                 down = links[k][0] if k < self.count - 1 else None
                 spec = {
                     "index": k, "count": self.count, "inflight": self.inflight,
-                    "in_slots": self.in_slots, "device": self.devices[k], "epochs": self.epochs,
+                    "batches": self.batches, "batch_size": self.batch_size, "seed": self.seed,
+                    "device": self.devices[k], "epochs": self.epochs,
                     "settings": self.settings, "threads": self.threads,
                     "state": self.init_states[k], "heartbeats": self.heartbeats,
                 }
@@ -333,11 +351,7 @@ class PipelineEngine:
 
     def _allocate(self):
         b = self.batch_size
-        x_shape = tuple(self.x.shape[1:])
-        self.inbuf = {
-            "x": torch.zeros((self.in_slots, b, *x_shape), dtype=self.x.dtype).share_memory_(),
-            "labels": torch.zeros((self.in_slots, b), dtype=torch.int64).share_memory_(),
-        }
+        self.inbuf = {"x": self.x.clone().share_memory_(), "y": self.y.clone().share_memory_()}
         for net in self.nets:
             net.share_memory()
         for sg in self.sgs:
@@ -353,48 +367,35 @@ class PipelineEngine:
             })
 
     def run_epoch(self, epoch):
-        batches = batch_order(self.x.shape[0], self.batch_size, self.seed, epoch)
-        nb = len(batches)
-        t0 = epoch * nb
+        nb = self.batches
         start = time.perf_counter()
-        sent = done = 0
+        done = 0
         last_progress = time.monotonic()
+        self._send(0, ("epoch", epoch))
         while done < nb:
-            while sent < nb and self.in_flight < self.in_slots:
-                t = t0 + sent
-                idx = batches[sent]
-                n = idx.shape[0]
-                slot = t % self.in_slots
-                torch.index_select(self.x, 0, idx, out=self.inbuf["x"][slot, :n])
-                torch.index_select(self.y, 0, idx, out=self.inbuf["labels"][slot, :n])
-                self.ctrl[0].send(("batch", t, n))
-                self.in_flight += 1
-                sent += 1
             for k, msg in self._poll():
                 last_progress = time.monotonic()
-                if msg[0] == "free":
-                    self.in_flight -= 1
-                elif msg[0] == "done":
-                    done += 1
+                if msg[0] == "done":
+                    done += msg[2]
                 else:
                     raise stage_error(f"synthetic-gradient pipeline: unexpected message {msg!r} "
                                       f"from stage {k}", k)
             self._check_stall(last_progress)
-        for conn in self.ctrl:
-            conn.send(("sync", epoch))
+        for k in range(self.count):
+            self._send(k, ("sync", epoch))
         replies = self._collect("synced", range(self.count))
         seconds = time.perf_counter() - start
         return seconds, [replies[k][2] for k in range(self.count)]
 
     def state_dicts(self):
-        for conn in self.ctrl:
-            conn.send(("state",))
+        for k in range(self.count):
+            self._send(k, ("state",))
         replies = self._collect("state", range(self.count))
         return [_unblob(replies[k][2]) for k in range(self.count)]
 
     def finish(self):
-        for conn in self.ctrl:
-            conn.send(("finish",))
+        for k in range(self.count):
+            self._send(k, ("finish",))
         self._collect("finished", range(self.count))
         deadline = time.monotonic() + 10
         for proc in self.procs:
@@ -408,7 +409,15 @@ class PipelineEngine:
         self.ctrl = []
         self.inbuf, self.cuts = None, []
 
-    # -- waiting
+    # -- talking and waiting
+
+    def _send(self, k, msg):
+        """A command to stage ``k``; a stage that has gone (its pipe is broken)
+        becomes the :class:`StageError` naming the root cause."""
+        try:
+            self.ctrl[k].send(msg)
+        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            raise self._failure(k) from None
 
     def _check_stall(self, last_progress, limit=None):
         self.heartbeats.check(range(len(self.procs)), self.heartbeat_timeout,
@@ -456,7 +465,7 @@ class PipelineEngine:
                 if msg[0] == kind and k in want:
                     replies[k] = msg
                     want.discard(k)
-                elif msg[0] not in ("free", "done"):
+                elif msg[0] != "done":
                     raise stage_error(f"synthetic-gradient pipeline: unexpected message {msg[0]!r} "
                                       f"from stage {k} while waiting for {kind!r}", k)
             self._check_stall(last_progress, limit)

@@ -40,8 +40,10 @@ from ..outputs import write_json
 from ..runtime import StageError  # noqa: F401  (re-exported: the SG trainer's error)
 from .epochs import epoch_loop, median, new_history
 from .stages import (
+    SG_FITS,
     StageRunner,
     batch_order,
+    check_bounds,
     make_sg_modules,
     merge_stages,
     default_bounds,
@@ -170,8 +172,8 @@ def _coarse_model(model: models.StableNet) -> models.StableNet:
 
 
 def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=None, workers=None,
-             backend="process", inflight=None, bounds=None, sg_hidden=0, sg_lr=3e-4,
-             conditional=True, coarse_epochs=0, weight_decay=0.0, lr_step=None, lr_gamma=0.5,
+             backend="process", inflight=None, bounds=None, sg_hidden=0, sg_lr=1e-3,
+             sg_fit="auto", conditional=True, coarse_epochs=0, weight_decay=0.0, lr_step=None, lr_gamma=0.5,
              alpha=0.0, alpha_c=0.0, target_accuracy=None, device=None, seed=0, threads=None,
              checkpoint=None, resume=None, history_path=None, quiet=False, eval_batch_size=4096,
              history=None, on_epoch=None, on_workers_started=None, timeout=None,
@@ -187,7 +189,11 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
     rank (``backend="dist"``) per stage. ``inflight``: batches a stage may run
     ahead of the true gradient its SG module learns from (default 1
     in-process, 3 in a pipeline). ``sg_hidden``: 0 for a linear SG module,
-    else the hidden width of an MLP; ``sg_lr``: its Adam rate; ``conditional``:
+    else the hidden width of an MLP; ``sg_fit``: how the modules learn,
+    ``"solve"`` (least squares over the recent batches, :class:`.stages.RidgeFit`;
+    linear modules on flat states only), ``"adam"`` (Adam at ``sg_lr`` on the
+    targets in units of their running RMS) or ``"auto"`` (solve where it can,
+    else adam; the default); ``conditional``:
     feed it the one-hot label (cDNI). ``coarse_epochs``: multilevel training
     (see module doc); ``epochs`` then counts the fine epochs. ``threads``:
     torch threads per worker (default: this process's threads / workers).
@@ -219,6 +225,14 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
         raise ValueError(f"sg_hidden: expected an int >= 0, got {sg_hidden!r}")
     if target_accuracy is not None and not 0 < target_accuracy <= 1:
         raise ValueError(f"target_accuracy: expected a fraction in (0, 1], got {target_accuracy!r}")
+    if bounds is not None:
+        bounds = check_bounds(bounds, model.layers)
+        cut = len(bounds) - 1
+        for name, value in (("stages", stages), ("workers", workers)):
+            if value and value != cut:
+                raise ValueError(f"bounds: {bounds} cut the network into {cut} stages, but "
+                                 f"{name} is {value}")
+        stages = cut
     stages, workers = _resolve_topology(stages, workers, backend)
     mode = "inprocess" if workers is None else backend
     if inflight is None:
@@ -228,7 +242,12 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
     device = torch.device(device) if device is not None else loop.model_device(model)
     model.to(device)
     history = new_history(history)
-    settings = dict(lr=lr, sg_lr=sg_lr, weight_decay=weight_decay, lr_step=lr_step,
+    if sg_fit not in SG_FITS:
+        raise ValueError(f"sg_fit: expected one of {SG_FITS}, got {sg_fit!r}")
+    if sg_fit == "solve" and sg_hidden:
+        raise ValueError("sg_fit: 'solve' fits a linear SG module; sg_hidden > 0 makes an MLP "
+                         "(use 'adam' or 'auto')")
+    settings = dict(lr=lr, sg_lr=sg_lr, sg_fit=sg_fit, weight_decay=weight_decay, lr_step=lr_step,
                     lr_gamma=lr_gamma, alpha=alpha, alpha_c=alpha_c)
     resume_state = ckpt.load(resume, map_location=device) if resume is not None else None
     if resume_state is not None and resume_state.get("trainer") != "sg":
