@@ -34,6 +34,6 @@ T3 antisymmetric_backward(const at::Tensor& grad_out, const at::Tensor& states,
 }  // namespace stablenets
 
 TORCH_LIBRARY_IMPL(stablenets, CPU, m) {
-  m.impl("antisymmetric_forward", &stablenets::cpu::antisymmetric_forward);
-  m.impl("antisymmetric_backward", &stablenets::cpu::antisymmetric_backward);
+  SN_IMPL(m, "antisymmetric_forward", &stablenets::cpu::antisymmetric_forward);
+  SN_IMPL(m, "antisymmetric_backward", &stablenets::cpu::antisymmetric_backward);
 }

@@ -204,6 +204,6 @@ T3 resnet_backward(const at::Tensor& grad_out, const at::Tensor& states,
 }  // namespace stablenets
 
 TORCH_LIBRARY_IMPL(stablenets, CPU, m) {
-  m.impl("resnet_forward", &stablenets::cpu::resnet_forward);
-  m.impl("resnet_backward", &stablenets::cpu::resnet_backward);
+  SN_IMPL(m, "resnet_forward", &stablenets::cpu::resnet_forward);
+  SN_IMPL(m, "resnet_backward", &stablenets::cpu::resnet_backward);
 }

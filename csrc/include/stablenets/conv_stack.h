@@ -621,14 +621,14 @@ struct ConvStack {
 #define SN_REGISTER_CONV_OPS(m, Launcher)                                                    \
   do {                                                                                       \
     using S = ::stablenets::conv_detail::ConvStack<Launcher>;                                \
-    m.impl("conv_resnet_forward", &S::resnet_forward);                                       \
-    m.impl("conv_resnet_backward", &S::resnet_backward);                                     \
-    m.impl("conv_antisymmetric_forward", &S::antisymmetric_forward);                         \
-    m.impl("conv_antisymmetric_backward", &S::antisymmetric_backward);                       \
-    m.impl("conv_leapfrog_forward", &S::leapfrog_forward);                                   \
-    m.impl("conv_leapfrog_backward", &S::leapfrog_backward);                                 \
-    m.impl("conv_leapfrog_backward_reversible", &S::leapfrog_backward_reversible);           \
-    m.impl("conv_verlet_forward", &S::verlet_forward);                                       \
-    m.impl("conv_verlet_backward", &S::verlet_backward);                                     \
-    m.impl("conv_verlet_backward_reversible", &S::verlet_backward_reversible);               \
+    SN_IMPL(m, "conv_resnet_forward", &S::resnet_forward);                                         \
+    SN_IMPL(m, "conv_resnet_backward", &S::resnet_backward);                                       \
+    SN_IMPL(m, "conv_antisymmetric_forward", &S::antisymmetric_forward);                           \
+    SN_IMPL(m, "conv_antisymmetric_backward", &S::antisymmetric_backward);                         \
+    SN_IMPL(m, "conv_leapfrog_forward", &S::leapfrog_forward);                                     \
+    SN_IMPL(m, "conv_leapfrog_backward", &S::leapfrog_backward);                                   \
+    SN_IMPL(m, "conv_leapfrog_backward_reversible", &S::leapfrog_backward_reversible);             \
+    SN_IMPL(m, "conv_verlet_forward", &S::verlet_forward);                                         \
+    SN_IMPL(m, "conv_verlet_backward", &S::verlet_backward);                                       \
+    SN_IMPL(m, "conv_verlet_backward_reversible", &S::verlet_backward_reversible);                 \
   } while (0)
