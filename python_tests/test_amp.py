@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import stablenets_ext as sn
+from conftest import DEVICES
 from stablenets_ext import conv, ops
 
 pytestmark = pytest.mark.skipif(not ops.has_kernel("cpu"), reason="no compiled CPU kernels")
@@ -35,18 +36,23 @@ def _rel(a, ref):
     return (a.double() - ref).norm().item() / max(ref.norm().item(), 1e-30)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("arch,reversible", CASES)
 @pytest.mark.parametrize("d", [8, 48])  # narrow tile path and wide GEMM path
-def test_dense_under_autocast(arch, reversible, d, dtype):
+def test_dense_under_autocast(arch, reversible, d, dtype, device):
     """The issue's example: a stack after nn.Linear under autocast runs, returns the
-    autocast dtype, and trains (float32 parameters get float32 gradients)."""
-    m = _stack(DENSE, arch, reversible, d, 6)
-    lin = torch.nn.Linear(d, d)
-    x = torch.randn(33, d)
-    with torch.autocast("cpu", dtype=dtype):
+    autocast dtype, and trains (float32 parameters get float32 gradients); the output
+    agrees with the float32 stack to the dtype's accuracy."""
+    m = _stack(DENSE, arch, reversible, d, 6, device=device)
+    lin = torch.nn.Linear(d, d, device=device)
+    x = torch.randn(33, d, device=device)
+    with torch.autocast(device, dtype=dtype):
         y = m(lin(x))
     assert y.dtype == dtype
+    with torch.no_grad():
+        y32 = m(lin(x))
+    assert _rel(y.detach(), y32.double()) < 16 * torch.finfo(dtype).eps
     y.float().square().sum().backward()
     for p in (*m.parameters(), *lin.parameters()):
         assert p.grad is not None and p.grad.dtype == torch.float32
@@ -94,13 +100,14 @@ def test_float64_untouched_by_autocast():
         assert m(torch.randn(4, 8, dtype=torch.float64)).dtype == torch.float64
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cast", ["bfloat16", "half"])
 @pytest.mark.parametrize("arch,reversible", CASES)
-def test_module_cast(arch, reversible, cast):
+def test_module_cast(arch, reversible, cast, device):
     """.bfloat16() / .half(): outputs and gradients in the parameters' dtype."""
-    m = getattr(_stack(DENSE, arch, reversible, 40, 5), cast)()
+    m = getattr(_stack(DENSE, arch, reversible, 40, 5, device=device), cast)()
     dtype = m.weight.dtype
-    y = torch.randn(9, 40, dtype=dtype, requires_grad=True)
+    y = torch.randn(9, 40, dtype=dtype, device=device, requires_grad=True)
     out = m(y)
     assert out.dtype == dtype
     out.sum().backward()
@@ -160,6 +167,26 @@ def test_bf16_error_at_most_pytorch_autocast(arch, reversible, d):
         assert fused <= slack * plain, f"{name}: fused {fused:.2e} > {slack} x PyTorch autocast {plain:.2e}"
 
 
+@pytest.mark.parametrize("arch,reversible", CASES)
+def test_conv_bf16_error_at_most_pytorch_autocast(arch, reversible):
+    """The conv stacks on the CPU run bfloat16 natively (oneDNN convolutions in bf16,
+    elementwise passes in float32, states in bf16; reversible mode in float32), judged
+    as the dense ones, with the same allowance for the bias gradient."""
+    m64 = _stack(CONV, arch, reversible, 4, 6, impl="reference").double()
+    y_in = torch.randn(8, 4, 7, 7).bfloat16()
+    exact = _outputs_and_grads(m64, y_in.double())
+    errs = {}
+    for impl in ("fused", "reference"):
+        m = _stack(CONV, arch, reversible, 4, 6, impl=impl)
+        m.load_state_dict({k: v.float() for k, v in m64.state_dict().items()})
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = _outputs_and_grads(m, y_in)
+        errs[impl] = [_rel(a, e) for a, e in zip(got, exact)]
+    for name, fused, plain, slack in zip(("output", "grad y", "grad weight", "grad bias"),
+                                         errs["fused"], errs["reference"], (1, 1, 1, 1.25)):
+        assert fused <= slack * plain, f"{name}: fused {fused:.2e} > {slack} x PyTorch autocast {plain:.2e}"
+
+
 @pytest.mark.parametrize("arch", ["leapfrog", "verlet"])
 def test_bf16_reversible_deep_stack_rebuilds(arch):
     """Depth 1024, well-conditioned: the reversible backward in bfloat16 (module cast and
@@ -206,3 +233,58 @@ def test_opcheck_bf16():
     torch.library.opcheck(torch.ops.stablenets.resnet_forward.default, (y, w, b, 0.1, "tanh", True),
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
+
+
+# ------------------------------------------------------------------- training
+
+
+def _cli_json(capsys, argv):
+    from stablenets_ext import cli
+
+    assert cli.main(argv) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    import json
+
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_train_amp_backprop(tmp_path, capsys, amp):
+    """--amp trains (fp16 with a gradient scaler, saved in the checkpoint and resumed)."""
+    ck = tmp_path / "ck.pt"
+    argv = ["train", "--dataset", "ellipse", "--layers", "4", "--epochs", "2", "--quiet",
+            "--json", "--threads", "1", "--amp", amp, "--save", str(ck)]
+    line = _cli_json(capsys, argv)
+    assert line["accuracy"] > 0.5
+    state = torch.load(ck, map_location="cpu", weights_only=False)
+    assert ("grad_scaler" in state) == (amp == "fp16")
+    assert all(v.dtype == torch.float32 for k, v in state["model"].items() if v.is_floating_point())
+
+
+def test_train_amp_changes_the_run_and_keeps_float32_parameters():
+    from stablenets_ext import data as D
+    from stablenets_ext.models import StableNet
+    from stablenets_ext.training.backprop import engine
+
+    torch.manual_seed(0)
+    data = D.load_dataset("ellipse", seed=0)
+    results = {}
+    for amp in (None, "bf16"):
+        torch.manual_seed(0)
+        model = StableNet("verlet", data.features, data.classes, 4)
+        r = engine.train(model, data, epochs=1, batch_size=64, lr=1e-2, quiet=True, amp=amp)
+        results[amp] = (r["loss"], [p.detach().clone() for p in model.parameters()])
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert results[None][0] != results["bf16"][0]  # autocast was really on
+
+
+def test_amp_refused_where_it_cannot_be_honoured(capsys):
+    from stablenets_ext import cli
+    from stablenets_ext.training import TrainConfig
+    from stablenets_ext.training.options import OptionError
+
+    assert cli.main(["train", "--dataset", "digits", "--trainer", "sg", "--amp", "bf16",
+                     "--epochs", "1", "--quiet"]) == 2
+    assert "--amp" in capsys.readouterr().err
+    with pytest.raises(OptionError, match="amp: expected one of"):
+        TrainConfig(amp="int8").check()

@@ -12,13 +12,16 @@
 // argument whose dtype is wrong (checks.h accepts bf16/fp16 in each).
 //
 // This is the generic path every backend has (CPU, CUDA and the CUDA emulator
-// register their kernels through it); a kernel that serves a reduced dtype
-// itself at the same or better accuracy (native_reduced) is called directly.
+// register their kernels through it), and the one dtype dispatch of every op; a
+// kernel that serves a reduced dtype itself (SN_IMPL_NATIVE: the CPU's wide
+// ResNet and antisymmetric stacks, whose GEMMs then run in bf16/fp16) is called
+// directly where its predicate says so.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 namespace stablenets {
@@ -58,15 +61,20 @@ std::tuple<Ts...> down(const std::tuple<Ts...>& r, at::ScalarType t) {
 
 }  // namespace rp_detail
 
-template <auto Fn>
+// Native: nullptr, or bool(const at::Tensor& first) saying whether Fn serves a
+// reduced-dtype call itself (given the call's first tensor argument).
+template <auto Fn, auto Native = nullptr>
 struct InFloat32;
 
-template <typename R, typename... Args, R (*Fn)(Args...)>
-struct InFloat32<Fn> {
+template <typename R, typename... Args, R (*Fn)(Args...), auto Native>
+struct InFloat32<Fn, Native> {
   static R call(Args... args) {
     rp_detail::CommonDtype common;
     (common.see(args), ...);
     if (common.mixed || !is_reduced(common.type)) return Fn(args...);
+    if constexpr (!std::is_null_pointer_v<decltype(Native)>) {
+      if (Native(std::get<0>(std::forward_as_tuple(args...)))) return Fn(args...);
+    }
     return rp_detail::down(Fn(rp_detail::up(args)...), common.type);
   }
 };
@@ -75,3 +83,6 @@ struct InFloat32<Fn> {
 
 // m.impl(name, fn) through InFloat32: the registration every backend uses.
 #define SN_IMPL(m, name, fn) (m).impl(name, &::stablenets::InFloat32<fn>::call)
+// The same for a kernel that serves reduced dtypes itself where native(first) says so.
+#define SN_IMPL_NATIVE(m, name, fn, native) \
+  (m).impl(name, &::stablenets::InFloat32<fn, native>::call)
