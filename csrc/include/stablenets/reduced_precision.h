@@ -62,12 +62,13 @@ std::tuple<Ts...> down(const std::tuple<Ts...>& r, at::ScalarType t) {
 }  // namespace rp_detail
 
 // Native: nullptr, or bool(const at::Tensor& first) saying whether Fn serves a
-// reduced-dtype call itself (given the call's first tensor argument).
-template <auto Fn, auto Native = nullptr>
-struct InFloat32;
+// reduced-dtype call itself (given the call's first tensor argument). The
+// signature is matched from the type of Fn (Sig), where R and Args deduce.
+template <auto Fn, auto Native, typename Sig = decltype(Fn)>
+struct InFloat32Impl;
 
-template <typename R, typename... Args, R (*Fn)(Args...), auto Native>
-struct InFloat32<Fn, Native> {
+template <auto Fn, auto Native, typename R, typename... Args>
+struct InFloat32Impl<Fn, Native, R (*)(Args...)> {
   static R call(Args... args) {
     rp_detail::CommonDtype common;
     (common.see(args), ...);
@@ -78,6 +79,9 @@ struct InFloat32<Fn, Native> {
     return rp_detail::down(Fn(rp_detail::up(args)...), common.type);
   }
 };
+
+template <auto Fn, auto Native = nullptr>
+using InFloat32 = InFloat32Impl<Fn, Native>;
 
 }  // namespace stablenets
 
