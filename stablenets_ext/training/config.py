@@ -88,7 +88,7 @@ class TrainConfig:
         """The keyword arguments the existing ``train*`` functions take."""
         return {k: getattr(self, k) for k in (
             "epochs", "batch_size", "lr", "weight_decay", "lr_step", "lr_gamma", "alpha",
-            "alpha_c", "target_accuracy", "device", "seed", "quiet", "amp")}
+            "alpha_c", "target_accuracy", "device", "seed", "quiet")}
 
 
 def prepare(config: TrainConfig, options, options_cls, unsupported, trainer: str):
