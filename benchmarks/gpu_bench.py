@@ -159,6 +159,16 @@ def forward_backward(stack, inputs, leaves, cots):
     return fn
 
 
+def forward_backward_bf16(stack, inputs, leaves, cots):
+    """forward_backward under torch.autocast(bfloat16): the mixed-precision training step."""
+    def fn():
+        with torch.enable_grad():
+            with torch.autocast(DEV, dtype=torch.bfloat16):
+                outs = stack(*inputs)
+            return torch.autograd.grad([o.float() for o in outs], leaves, cots)
+    return fn
+
+
 def gemm_fn(y, W, count):
     N = W.shape[0]
     out = torch.empty_like(y)
@@ -182,7 +192,7 @@ class Bench:
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "dtype": "float32",
+            "dtype": "float32 (columns bf16, bf16 eager: under torch.autocast bfloat16)",
             "tf32": False,
         }
 
@@ -263,7 +273,11 @@ class Bench:
                 else:
                     self.put(shape, arch, "fwd", col, lambda: time_us(fw[col]))
             for col in bwd_cols:
-                if col == "graph":
+                if col in ("bf16", "bf16 eager"):
+                    stack = fused if col == "bf16" else ref
+                    self.put(shape, arch, "fwd+bwd", col,
+                             lambda: time_us(forward_backward_bf16(stack, inputs, leaves, cots)))
+                elif col == "graph":
                     self.put(shape, arch, "fwd+bwd", col, lambda: time_us(graphed(fb["eager"])))
                 else:
                     self.put(shape, arch, "fwd+bwd", col, lambda: time_us(fb[col]))
@@ -412,13 +426,13 @@ class Bench:
         return out
 
     def report(self):
-        cols = ("fused", "eager", "graph", "compile", "gemm")
+        cols = ("fused", "eager", "graph", "compile", "gemm", "bf16", "bf16 eager")
         print("\n### Table: " + " | ".join(f"{k} {v}" for k, v in self.meta.items()))
         print("median us per call; ratios other/fused (gemm: fused/gemm)")
         for shape in (SMALL, MID, WIDE):
             print(f"\nB={shape[0]} d={shape[1]} N={shape[2]}")
             print(f"{'arch':<14}{'mode':<8}" + "".join(c.rjust(10) for c in cols)
-                  + "   eager/f graph/f compile/f  f/gemm")
+                  + "   eager/f graph/f compile/f  f/gemm  f/bf16")
             for arch in ARCHS:
                 for mode in ("fwd", "fwd+bwd"):
                     r = self.rows.get((shape, arch, mode))
@@ -427,7 +441,8 @@ class Bench:
                     f = r.get("fused")
                     line = f"{arch:<14}{mode:<8}" + "".join(fmt(r.get(c, "")) for c in cols)
                     rs = (ratio(r.get("eager"), f), ratio(r.get("graph"), f),
-                          ratio(r.get("compile"), f), ratio(f, r.get("gemm")))
+                          ratio(r.get("compile"), f), ratio(f, r.get("gemm")),
+                          ratio(f, r.get("bf16")))
                     line += "  " + "".join(
                         (f"{x:.2f}x" if x is not None else "-").rjust(9) for x in rs)
                     print(line)
@@ -527,11 +542,11 @@ def main(argv=None):
           flush=True)
     name = "B={} d={} N={}".format
     bench.section(name(*SMALL), 20, lambda: bench.stacks(
-        SMALL, ("fused", "eager", "graph"), ("fused", "eager")))
+        SMALL, ("fused", "eager", "graph"), ("fused", "eager", "bf16", "bf16 eager")))
     bench.section(name(*MID), 15, lambda: bench.stacks(
-        MID, ("fused", "eager"), ("fused", "eager")))
+        MID, ("fused", "eager"), ("fused", "eager", "bf16", "bf16 eager")))
     bench.section(name(*WIDE), 20, lambda: bench.stacks(
-        WIDE, ("fused", "gemm", "eager"), ("fused", "eager")))
+        WIDE, ("fused", "gemm", "eager"), ("fused", "eager", "bf16", "bf16 eager")))
     try:
         import torchdiffeq  # noqa: F401
         for shape in (SMALL, MID):

@@ -162,7 +162,7 @@ test_cuda() {
 
 test_core() {
   pyt python_tests/test_ops.py python_tests/test_reversible.py python_tests/test_autograd.py \
-    python_tests/test_conv.py -m cuda -k "$EARLY"
+    python_tests/test_conv.py python_tests/test_amp.py -m cuda -k "$EARLY"
 }
 
 test_late() {

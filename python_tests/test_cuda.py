@@ -284,6 +284,29 @@ def test_non_contiguous_inputs(arch, d):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=f"seed {seed}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [4, 70])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reduced_precision_is_float32_rounded(arch, d, dtype):
+    """bfloat16/float16 ops run the float32 kernels on float32 copies and round what they
+    return (csrc/include/stablenets/reduced_precision.h): outputs are exactly the float32
+    results, rounded, on the same (reduced-precision) inputs; gradients, read from states
+    stored in the reduced dtype, agree to a few units of its precision."""
+    inputs = [t.to(dtype) if t is not None else None for t in make_inputs(arch, 33, d, 3, 0)]
+    up = [t.float() if t is not None else None for t in inputs]
+    cots = [torch.ones(33, d, device=DEVICE) for _ in range(2 if arch in PAIR else 1)]
+    for reversible in (False, True) if arch in PAIR else (False,):
+        o16, g16 = outputs_and_grads(arch, inputs, 0.1, "tanh", "fused", cots, reversible)
+        o32, g32 = outputs_and_grads(arch, up, 0.1, "tanh", "fused", cots, reversible)
+        eps = torch.finfo(dtype).eps
+        for a, b in zip(o16, o32):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, b.to(dtype), rtol=0, atol=0)
+        for a, b in zip(g16, g32):
+            assert a.dtype == dtype
+            assert (a.float() - b).norm() <= 8 * eps * b.norm(), (arch, d, reversible)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_empty_batch(arch):
     y, other, W, b = make_inputs(arch, 0, 6, 2, 0)

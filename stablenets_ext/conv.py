@@ -271,7 +271,8 @@ def conv_leapfrog(y, weight, bias, step=0.1, activation="tanh", y_prev=None, ret
     else:
         prev = y if y_prev is None else y_prev
         store = _needs_grad(y, prev, weight, bias) and not reversible
-        out = _cops.ops.conv_leapfrog_forward(y, prev, weight, bias, float(step), activation, store)[:2]
+        out = functional.run_pair_op(_cops.ops.conv_leapfrog_forward, (y, prev, weight, bias),
+                                     (float(step), activation, store), reversible=reversible)
     return tuple(out) if return_state else out[0]
 
 
@@ -307,7 +308,8 @@ def conv_verlet(y, weight, bias, step=0.1, activation="tanh", z=None, return_sta
     else:
         z0 = torch.zeros_like(y) if z is None else z
         store = _needs_grad(y, z0, weight, bias) and not reversible
-        out = _cops.ops.conv_verlet_forward(y, z0, weight, bias, float(step), activation, store)[:2]
+        out = functional.run_pair_op(_cops.ops.conv_verlet_forward, (y, z0, weight, bias),
+                                     (float(step), activation, store), reversible=reversible)
     return tuple(out) if return_state else out[0]
 
 

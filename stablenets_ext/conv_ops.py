@@ -78,7 +78,8 @@ if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
             bias.dim() == 2 and bias.shape[0] == weight.shape[0] and bias.shape[1] == weight.shape[1],
             lambda: f"bias: expected shape (layers, channels), got {tuple(bias.shape)}",
         )
-        torch._check(y.dtype in (torch.float32, torch.float64), lambda: f"y: expected float32 or float64, got {y.dtype}")
+        torch._check(y.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+                     lambda: f"y: expected float32, float64, bfloat16 or float16, got {y.dtype}")
         torch._check(
             weight.dtype == y.dtype and bias.dtype == y.dtype,
             lambda: f"weight, bias: expected the dtype of y ({y.dtype}), got {weight.dtype} and {bias.dtype}",

@@ -45,11 +45,27 @@ _warned_reasons: set[str] = set()
 _NUMBER = (int, float, torch.SymInt, torch.SymFloat)
 
 
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def check_tensor(t, name):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{name}: expected a float32 or float64 tensor, got {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name}: expected a float32, float64, bfloat16 or float16 tensor, got {t.dtype}"
+        )
+
+
+def autocast_casts(y, t) -> bool:
+    """Whether torch.autocast will cast ``y`` and ``t`` to one dtype before the op runs
+    (both autocast-eligible: floating point but not float64, and autocast on for y's
+    device), so that their dtypes may differ here."""
+    return (
+        torch.is_autocast_enabled(y.device.type)
+        and y.dtype != torch.float64
+        and t.dtype != torch.float64
+    )
 
 
 def check_scalar(value, name, *, allow_zero=False):
@@ -91,7 +107,7 @@ def check_rest(y, weight, bias, step, activation, *, gamma=None, state=None, sta
     convolutional, see :func:`stablenets_ext.conv.check_args`): parameters on y's
     dtype and device, the carried state like y, the scalars, the activation."""
     for t, name in ((weight, "weight"), (bias, "bias")):
-        if t.dtype != y.dtype:
+        if t.dtype != y.dtype and not autocast_casts(y, t):
             raise ValueError(f"{name}: expected the dtype of y ({y.dtype}), got {t.dtype}")
         if t.device != y.device:
             raise ValueError(f"{name}: expected the device of y ({y.device}), got {t.device}")
@@ -101,7 +117,7 @@ def check_rest(y, weight, bias, step, activation, *, gamma=None, state=None, sta
             raise ValueError(
                 f"{state_name}: expected the shape of y {tuple(y.shape)}, got {tuple(state.shape)}"
             )
-        if state.dtype != y.dtype or state.device != y.device:
+        if (state.dtype != y.dtype and not autocast_casts(y, state)) or state.device != y.device:
             raise ValueError(
                 f"{state_name}: expected dtype {y.dtype} on {y.device}, "
                 f"got {state.dtype} on {state.device}"
@@ -257,6 +273,25 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def run_pair_op(op, tensors, rest, *, reversible):
+    """``op(*tensors, *rest)[:2]`` for the leapfrog and Verlet ops (dense and conv).
+
+    Reversible mode on bfloat16/float16 tensors runs the op in float32 and returns the
+    pair in their dtype: the backward then rebuilds the states from a float32 final pair
+    (from a pair rounded to bf16, every rebuilt state of a deep stack would carry that
+    rounding back). Under torch.autocast the op's autocast kernel does the same
+    (stablenets_ext.autocast)."""
+    y = tensors[0]
+    if (reversible and y.dtype in REDUCED_DTYPES and _needs_grad(*tensors)
+            and not torch.is_autocast_enabled(y.device.type)):
+        out = op(*(t.float() for t in tensors), *rest)
+        return out[0].to(y.dtype), out[1].to(y.dtype)
+    return op(*tensors, *rest)[:2]
+
+
 # -------------------------------------------------------------- functions
 
 
@@ -367,7 +402,8 @@ def leapfrog(
         prev = y if y_prev is None else y_prev
         grads = (y, weight, bias) if y_prev is None else (y, prev, weight, bias)
         store = _needs_grad(*grads) and not reversible
-        out = _ops.ops.leapfrog_forward(y, prev, weight, bias, float(step), activation, store)[:2]
+        out = run_pair_op(_ops.ops.leapfrog_forward, (y, prev, weight, bias),
+                          (float(step), activation, store), reversible=reversible)
     return tuple(out) if return_state else out[0]
 
 
@@ -407,7 +443,8 @@ def verlet(
     else:
         z0 = torch.zeros_like(y) if z is None else z
         store = _needs_grad(y, z0, weight, bias) and not reversible
-        out = _ops.ops.verlet_forward(y, z0, weight, bias, float(step), activation, store)[:2]
+        out = run_pair_op(_ops.ops.verlet_forward, (y, z0, weight, bias),
+                          (float(step), activation, store), reversible=reversible)
     return tuple(out) if return_state else out[0]
 
 

@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover
     _get_proxy_mode = None
 
 from . import _cpu_isa
+from . import autocast as _autocast
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.stablenets.* and the CUDA kernels)
@@ -148,8 +149,8 @@ def check_activation(activation) -> None:
 
 def _check_float_tensor(t, name):
     require(
-        t.dtype in (torch.float32, torch.float64),
-        lambda: f"{name}: expected a float32 or float64 tensor, got {t.dtype}",
+        t.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+        lambda: f"{name}: expected a float32, float64, bfloat16 or float16 tensor, got {t.dtype}",
     )
 
 
@@ -228,7 +229,10 @@ def _check_states(states, slots, grad, weight):
 # d = 8-64, 96 rows) the gradients' relative error is about ten times the
 # rebuilt state's (3e-5 at N = 256, h = 0.05; 1e-3 -> 1e-2 at N = 1024,
 # h = 0.1; O(1) -> 3-10 at N = 256, h = 0.5).
-REBUILD_TOLERANCE = {dt: torch.finfo(dt).eps ** 0.5 for dt in (torch.float32, torch.float64)}
+# bfloat16/float16 inputs rebuild in float32 (csrc/include/stablenets/reduced_precision.h)
+# from a final pair rounded to their dtype, so their own sqrt(eps) applies.
+REBUILD_TOLERANCE = {dt: torch.finfo(dt).eps ** 0.5
+                     for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
 
 
 def rebuild_error(rebuilt, seen) -> float:
@@ -560,3 +564,6 @@ if _C is not None:
                            ops.verlet_backward_reversible.default),
         setup_context=_setup_two,
     )
+
+    # torch.autocast: one kernel per op and autocast device type (stablenets_ext.autocast).
+    _autocast.register(_LIB, _autocast.op_names())

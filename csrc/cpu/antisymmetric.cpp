@@ -34,6 +34,8 @@ T3 antisymmetric_backward(const at::Tensor& grad_out, const at::Tensor& states,
 }  // namespace stablenets
 
 TORCH_LIBRARY_IMPL(stablenets, CPU, m) {
-  m.impl("antisymmetric_forward", &stablenets::cpu::antisymmetric_forward);
-  m.impl("antisymmetric_backward", &stablenets::cpu::antisymmetric_backward);
+  SN_IMPL_NATIVE(m, "antisymmetric_forward", &stablenets::cpu::antisymmetric_forward,
+                 &stablenets::cpu_detail::resnet_reduced_native);
+  SN_IMPL_NATIVE(m, "antisymmetric_backward", &stablenets::cpu::antisymmetric_backward,
+                 &stablenets::cpu_detail::resnet_reduced_native);
 }

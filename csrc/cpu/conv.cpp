@@ -28,6 +28,9 @@ namespace cpu_detail {
 
 struct ConvLauncher {
   static constexpr bool kHoistAct = true;
+  // bfloat16/float16 stacks convolve in that dtype (oneDNN: AVX-512 BF16 where the
+  // CPU has it), the elementwise passes compute in float32.
+  static bool native_reduced(const at::Tensor&) { return true; }
   static bool channels_last() {
     static const bool cl = [] {
       const char* v = std::getenv("STABLENETS_CONV_CHANNELS_LAST");

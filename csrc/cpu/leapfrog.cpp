@@ -348,7 +348,7 @@ T6 leapfrog_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad
 }  // namespace stablenets
 
 TORCH_LIBRARY_IMPL(stablenets, CPU, m) {
-  m.impl("leapfrog_forward", &stablenets::cpu::leapfrog_forward);
-  m.impl("leapfrog_backward", &stablenets::cpu::leapfrog_backward);
-  m.impl("leapfrog_backward_reversible", &stablenets::cpu::leapfrog_backward_reversible);
+  SN_IMPL(m, "leapfrog_forward", &stablenets::cpu::leapfrog_forward);
+  SN_IMPL(m, "leapfrog_backward", &stablenets::cpu::leapfrog_backward);
+  SN_IMPL(m, "leapfrog_backward_reversible", &stablenets::cpu::leapfrog_backward_reversible);
 }

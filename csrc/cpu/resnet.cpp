@@ -14,9 +14,10 @@ namespace stablenets {
 namespace cpu_detail {
 namespace {
 
-template <typename T, Act A>
-void forward_narrow(const T* y, const T* K, const T* b, T h, int64_t N, int64_t B, int64_t d,
-                    T* out, T* states) {
+// S: the storage type of y, out and states (T, or bfloat16/float16 with T = float).
+template <typename T, Act A, typename S = T>
+void forward_narrow(const S* y, const T* K, const T* b, T h, int64_t N, int64_t B, int64_t d,
+                    S* out, S* states) {
   for_tiles(B, N * d * d, [&](int64_t, int64_t row0, int64_t rows) {
     std::vector<T> buf(2 * d * kTile);
     T* Y = buf.data();
@@ -37,9 +38,9 @@ void forward_narrow(const T* y, const T* K, const T* b, T h, int64_t N, int64_t 
   });
 }
 
-template <typename T, Act A>
-void backward_narrow(const T* gout, const T* states, const T* K, T h, int64_t N, int64_t B,
-                     int64_t d, T* gy, Partials<T>& part) {
+template <typename T, Act A, typename S = T>
+void backward_narrow(const S* gout, const S* states, const T* K, T h, int64_t N, int64_t B,
+                     int64_t d, S* gy, Partials<T>& part) {
   for_tiles(B, N * d * d, [&](int64_t c, int64_t row0, int64_t rows) {
     std::vector<T> buf(3 * d * kTile);
     T* L = buf.data();
@@ -115,7 +116,93 @@ void backward_wide(const at::Tensor& gout, const at::Tensor& states, const at::T
   }
 }
 
+// ------------------------------------------------- bfloat16 / float16, wide
+//
+// Storage (inputs, outputs, stored states, gradients) in T = bfloat16 or float16,
+// the layer's products as ATen GEMMs in T (oneDNN accumulates them in float32, on
+// AVX-512 BF16 / AMX where the CPU has them: 3-4x the float32 GEMM here), and the
+// rest in float32: the carried state Y (forward) and adjoint L (backward) stay
+// float32 across all layers, T copies of them feed the GEMMs and the stored states.
+// Plain PyTorch under autocast rounds Y to T at every layer instead.
+
+template <typename T, Act A>
+void forward_wide_reduced(const at::Tensor& y, const at::Tensor& K, const at::Tensor& b, float h,
+                          at::Tensor& out, at::Tensor& states, bool store, const double* gamma) {
+  const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
+  store = store && N > 0;
+  at::Tensor Y32 = y.to(at::kFloat);
+  float* yp = Y32.data_ptr<float>();
+  at::Tensor cur = store ? slot(states, 0, 0) : out;  // Y_j in T: the GEMM's input
+  cur.copy_(y);
+  at::Tensor P = at::empty({B, d}, y.options());
+  at::Tensor wbuf = gamma ? at::empty({d, d}, K.options()) : at::Tensor();
+  for (int64_t j = 0; j < N; ++j) {
+    at::mm_out(P, cur, layer_weight<T>(K, j, gamma, wbuf).t());
+    const at::Tensor next = store && j + 1 < N ? slot(states, j + 1, 0) : out;
+    const T* pp = P.data_ptr<T>();
+    const T* bj = b.data_ptr<T>() + j * d;
+    T* np = next.data_ptr<T>();
+    T* ap = store ? slot(states, j, 1).data_ptr<T>() : nullptr;
+    ew_rows(B, d, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t o = r * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) {
+          const float v = static_cast<float>(pp[o + c]) + static_cast<float>(bj[c]);
+          const float a = act_f<A, float>(v);
+          const float yn = yp[o + c] + h * a;
+          yp[o + c] = yn;
+          np[o + c] = static_cast<T>(yn);
+          if (ap) ap[o + c] = static_cast<T>(kStoresPre<A> ? v : a);
+        }
+      }
+    });
+    cur = next;
+  }
+}
+
+template <typename T, Act A>
+void backward_wide_reduced(const at::Tensor& gout, const at::Tensor& states, const at::Tensor& K,
+                           float h, at::Tensor& gy, at::Tensor& gw, at::Tensor& gb,
+                           const double* gamma) {
+  const int64_t N = K.size(0), B = gout.size(0), d = K.size(1);
+  at::Tensor L32 = gout.to(at::kFloat);
+  float* lp = L32.data_ptr<float>();
+  at::Tensor G = at::empty({B, d}, gout.options()), GK = at::empty({B, d}, gout.options());
+  at::Tensor wbuf = gamma ? at::empty({d, d}, K.options()) : at::Tensor();
+  at::Tensor gwbuf = gamma ? at::empty({d, d}, K.options()) : at::Tensor();
+  std::vector<float> gb32(d);
+  T* gbp = gb.data_ptr<T>();
+  for (int64_t j = N - 1; j >= 0; --j) {
+    const T* ap = slot(states, j, 1).data_ptr<T>();
+    T* gp = G.data_ptr<T>();
+    colsum_pass<float>(B, d, gb32.data(), false, [&](int64_t e) {
+      const float g = h * lp[e] * stored_grad<A, float>(static_cast<float>(ap[e]));
+      gp[e] = static_cast<T>(g);
+      return g;
+    });
+    for (int64_t c = 0; c < d; ++c) gbp[j * d + c] = static_cast<T>(gb32[c]);
+    at::Tensor gwj = gw[j];
+    if (gamma) {
+      at::mm_out(gwbuf, G.t(), slot(states, j, 0));
+      antisymmetrize<T>(gwbuf.data_ptr<T>(), 1, d, T(0), gwj.data_ptr<T>());
+    } else {
+      at::mm_out(gwj, G.t(), slot(states, j, 0));
+    }
+    at::mm_out(GK, G, layer_weight<T>(K, j, gamma, wbuf));  // L += G K_j, in float32
+    const T* gk = GK.data_ptr<T>();
+    ew(B * d, [&](int64_t e0, int64_t e1) {
+#pragma omp simd
+      for (int64_t e = e0; e < e1; ++e) lp[e] += static_cast<float>(gk[e]);
+    });
+  }
+  gy.copy_(L32);
+}
+
 }  // namespace
+
+// Every width: narrow stacks keep float32 tiles over bf16/fp16 memory.
+bool resnet_reduced_native(const at::Tensor&) { return true; }
 
 at::Tensor antisymmetric_weight(const at::Tensor& K_in, double gamma) {
   const at::Tensor K = K_in.contiguous();
@@ -127,14 +214,39 @@ at::Tensor antisymmetric_weight(const at::Tensor& K_in, double gamma) {
   return out;
 }
 
+// Narrow stacks in bfloat16/float16: the float32 tile kernels reading and writing
+// reduced-precision memory; weights (N d^2, small) converted to float32 up front.
+static at::Tensor narrow_weight_f32(const at::Tensor& K_in, const double* gamma) {
+  const at::Tensor K = K_in.to(at::kFloat).contiguous();
+  return gamma ? antisymmetric_weight(K, *gamma) : K;
+}
+
 T2 resnet_forward_impl(const at::Tensor& y_in, const at::Tensor& K_in, const at::Tensor& b_in,
                        double step, Act act, bool store, const double* gamma) {
   const at::Tensor y = y_in.contiguous(), b = b_in.contiguous();
   const int64_t N = K_in.size(0), B = y.size(0), d = y.size(1);
-  // Narrow stacks: transform all layers up front (d <= 32, so it is tiny).
-  const at::Tensor K = (gamma && narrow(d)) ? antisymmetric_weight(K_in, *gamma) : K_in.contiguous();
   at::Tensor out = at::empty({B, d}, y.options());
   at::Tensor states = empty_states(y, store ? N : 0, 2);
+  if (is_reduced(y.scalar_type())) {
+    const at::Tensor Kf = narrow(d) ? narrow_weight_f32(K_in, gamma) : at::Tensor();
+    const at::Tensor bf = narrow(d) ? b.to(at::kFloat) : at::Tensor();
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "resnet_forward_reduced", [&] {
+      SN_DISPATCH_ACT(act, [&] {
+        if (narrow(d)) {
+          forward_narrow<float, kAct, scalar_t>(
+              y.data_ptr<scalar_t>(), Kf.data_ptr<float>(), bf.data_ptr<float>(),
+              static_cast<float>(step), N, B, d, out.data_ptr<scalar_t>(),
+              store ? states.data_ptr<scalar_t>() : nullptr);
+        } else {
+          forward_wide_reduced<scalar_t, kAct>(y, K_in.contiguous(), b, static_cast<float>(step),
+                                               out, states, store, gamma);
+        }
+      });
+    });
+    return {out, states};
+  }
+  // Narrow stacks: transform all layers up front (d <= 32, so it is tiny).
+  const at::Tensor K = (gamma && narrow(d)) ? antisymmetric_weight(K_in, *gamma) : K_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "resnet_forward", [&] {
     const scalar_t h = static_cast<scalar_t>(step);
     SN_DISPATCH_ACT(act, [&] {
@@ -155,9 +267,35 @@ T3 resnet_backward_impl(const at::Tensor& gout_in, const at::Tensor& states_in,
                         const at::Tensor& K_in, double step, Act act, const double* gamma) {
   const at::Tensor gout = gout_in.contiguous(), states = states_in.contiguous();
   const int64_t N = K_in.size(0), B = gout.size(0), d = gout.size(1);
-  const at::Tensor K = (gamma && narrow(d)) ? antisymmetric_weight(K_in, *gamma) : K_in.contiguous();
   at::Tensor gy = at::empty({B, d}, gout.options());
   at::Tensor gw, gb;
+  if (is_reduced(gout.scalar_type())) {
+    if (narrow(d)) {
+      const at::Tensor Kf = narrow_weight_f32(K_in, gamma);
+      const int64_t chunks = num_chunks(B, N * d * d);
+      Partials<float> part(chunks, N, d, gout.options().dtype(at::kFloat));
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(gout.scalar_type(), "resnet_backward_reduced", [&] {
+        SN_DISPATCH_ACT(act, [&] {
+          backward_narrow<float, kAct, scalar_t>(
+              gout.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(), Kf.data_ptr<float>(),
+              static_cast<float>(step), N, B, d, gy.data_ptr<scalar_t>(), part);
+        });
+      });
+      std::tie(gw, gb) = part.sum(chunks);
+      if (gamma) gw = antisymmetric_weight(gw, 0.0);
+      return {gy, gw.to(gout.scalar_type()), gb.to(gout.scalar_type())};
+    }
+    gw = empty_cached({N, d, d}, gout.options());
+    gb = at::empty({N, d}, gout.options());
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(gout.scalar_type(), "resnet_backward_reduced", [&] {
+      SN_DISPATCH_ACT(act, [&] {
+        backward_wide_reduced<scalar_t, kAct>(gout, states, K_in.contiguous(),
+                                              static_cast<float>(step), gy, gw, gb, gamma);
+      });
+    });
+    return {gy, gw, gb};
+  }
+  const at::Tensor K = (gamma && narrow(d)) ? antisymmetric_weight(K_in, *gamma) : K_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(gout.scalar_type(), "resnet_backward", [&] {
     const scalar_t h = static_cast<scalar_t>(step);
     SN_DISPATCH_ACT(act, [&] {
@@ -204,6 +342,8 @@ T3 resnet_backward(const at::Tensor& grad_out, const at::Tensor& states,
 }  // namespace stablenets
 
 TORCH_LIBRARY_IMPL(stablenets, CPU, m) {
-  m.impl("resnet_forward", &stablenets::cpu::resnet_forward);
-  m.impl("resnet_backward", &stablenets::cpu::resnet_backward);
+  SN_IMPL_NATIVE(m, "resnet_forward", &stablenets::cpu::resnet_forward,
+                 &stablenets::cpu_detail::resnet_reduced_native);
+  SN_IMPL_NATIVE(m, "resnet_backward", &stablenets::cpu::resnet_backward,
+                 &stablenets::cpu_detail::resnet_reduced_native);
 }

@@ -8,6 +8,11 @@
 namespace stablenets {
 namespace cpu_detail {
 
+// Whether the kernels below serve a bfloat16/float16 call themselves (wide stacks:
+// GEMMs in the reduced dtype) rather than through InFloat32's float32 copies.
+// first: y or grad_out.
+bool resnet_reduced_native(const at::Tensor& first);
+
 // gamma: nullptr for the ResNet stack; for the antisymmetric stack, its gamma,
 // and the layers use W_j = (K_j - K_j^T - gamma I) / 2.
 T2 resnet_forward_impl(const at::Tensor& y, const at::Tensor& K, const at::Tensor& b, double step,

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "block_cache.h"
@@ -56,34 +57,45 @@ inline void for_tiles(int64_t batch, int64_t row_macs, const F& fn) {
 }
 
 // Row-major (rows x d) block at src  ->  feature-major d x kTile at dst; tail zeroed.
-template <typename T>
-inline void load_tile(const T* src, int64_t rows, int64_t d, T* dst) {
+// The tile (T) may be wider than the memory (S: bfloat16/float16 storage, float
+// tiles); these and the state helpers below convert on the way.
+template <typename S, typename T>
+inline void load_tile(const S* src, int64_t rows, int64_t d, T* dst) {
   for (int64_t i = 0; i < d; ++i) {
     T* out = dst + i * kTile;
-    for (int64_t t = 0; t < rows; ++t) out[t] = src[t * d + i];
+    for (int64_t t = 0; t < rows; ++t) out[t] = static_cast<T>(src[t * d + i]);
     for (int64_t t = rows; t < kTile; ++t) out[t] = T(0);
   }
 }
 
-template <typename T>
-inline void store_tile(const T* src, int64_t rows, int64_t d, T* dst) {
+template <typename T, typename S>
+inline void store_tile(const T* src, int64_t rows, int64_t d, S* dst) {
   for (int64_t t = 0; t < rows; ++t)
-    for (int64_t i = 0; i < d; ++i) dst[t * d + i] = src[i * kTile + t];
+    for (int64_t i = 0; i < d; ++i) dst[t * d + i] = static_cast<S>(src[i * kTile + t]);
 }
 
 // Stored states of narrow stacks keep the tile layout: the block of a tile
 // starting at row0 holds its rows feature-major ([i * rows + t]), so saving and
 // reloading a layer's state are contiguous copies, not transposes. Only the
 // matching backward kernel reads them.
-template <typename T>
-inline void save_state(const T* tile, int64_t rows, int64_t d, T* dst) {
-  for (int64_t i = 0; i < d; ++i) std::copy(tile + i * kTile, tile + i * kTile + rows, dst + i * rows);
+template <typename T, typename S>
+inline void save_state(const T* tile, int64_t rows, int64_t d, S* dst) {
+  if constexpr (std::is_same_v<S, T>) {
+    for (int64_t i = 0; i < d; ++i) std::copy(tile + i * kTile, tile + i * kTile + rows, dst + i * rows);
+  } else {
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t t = 0; t < rows; ++t) dst[i * rows + t] = static_cast<S>(tile[i * kTile + t]);
+  }
 }
 
-template <typename T>
-inline void load_state(const T* src, int64_t rows, int64_t d, T* tile) {
+template <typename S, typename T>
+inline void load_state(const S* src, int64_t rows, int64_t d, T* tile) {
   for (int64_t i = 0; i < d; ++i) {
-    std::copy(src + i * rows, src + (i + 1) * rows, tile + i * kTile);
+    if constexpr (std::is_same_v<S, T>) {
+      std::copy(src + i * rows, src + (i + 1) * rows, tile + i * kTile);
+    } else {
+      for (int64_t t = 0; t < rows; ++t) tile[i * kTile + t] = static_cast<T>(src[i * rows + t]);
+    }
     std::fill(tile + i * kTile + rows, tile + (i + 1) * kTile, T(0));
   }
 }
@@ -92,9 +104,11 @@ inline void load_state(const T* src, int64_t rows, int64_t d, T* tile) {
 // is full (the layouts are the same, [i * kTile + t]), else a zero-padded copy
 // in buf. The stored backwards read their states in place this way (copying
 // them into tile buffers took a third of the narrow ResNet backward).
-template <typename T>
-inline const T* state_tile(const T* src, int64_t rows, int64_t d, T* buf) {
-  if (rows == kTile) return src;
+template <typename S, typename T>
+inline const T* state_tile(const S* src, int64_t rows, int64_t d, T* buf) {
+  if constexpr (std::is_same_v<S, T>) {
+    if (rows == kTile) return src;
+  }
   load_state(src, rows, d, buf);
   return buf;
 }

@@ -343,7 +343,7 @@ T6 verlet_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad_z
 }  // namespace stablenets
 
 TORCH_LIBRARY_IMPL(stablenets, CPU, m) {
-  m.impl("verlet_forward", &stablenets::cpu::verlet_forward);
-  m.impl("verlet_backward", &stablenets::cpu::verlet_backward);
-  m.impl("verlet_backward_reversible", &stablenets::cpu::verlet_backward_reversible);
+  SN_IMPL(m, "verlet_forward", &stablenets::cpu::verlet_forward);
+  SN_IMPL(m, "verlet_backward", &stablenets::cpu::verlet_backward);
+  SN_IMPL(m, "verlet_backward_reversible", &stablenets::cpu::verlet_backward_reversible);
 }

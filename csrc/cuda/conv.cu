@@ -27,6 +27,9 @@ struct ConvLauncher {
   // One instantiation per pass and dtype: the activation switch is uniform
   // across a launch, so a runtime Act costs no divergence.
   static constexpr bool kHoistAct = false;
+  // bfloat16/float16: on float32 copies (reduced_precision.h) until the cuDNN
+  // reduced-precision path is measured on a GPU.
+  static bool native_reduced(const at::Tensor&) { return false; }
   // cuDNN's float32/float64 paths are most at home in NCHW: stay there.
   static bool channels_last() { return false; }
   static void fresh_buffer(const at::Tensor&) {}

@@ -5,14 +5,14 @@
 #include "entry.cuh"
 
 TORCH_LIBRARY_IMPL(stablenets, CUDA, m) {
-  m.impl("resnet_forward", &stablenets::cuda::resnet_forward);
-  m.impl("resnet_backward", &stablenets::cuda::resnet_backward);
-  m.impl("antisymmetric_forward", &stablenets::cuda::antisymmetric_forward);
-  m.impl("antisymmetric_backward", &stablenets::cuda::antisymmetric_backward);
-  m.impl("leapfrog_forward", &stablenets::cuda::leapfrog_forward);
-  m.impl("leapfrog_backward", &stablenets::cuda::leapfrog_backward);
-  m.impl("leapfrog_backward_reversible", &stablenets::cuda::leapfrog_backward_reversible);
-  m.impl("verlet_forward", &stablenets::cuda::verlet_forward);
-  m.impl("verlet_backward", &stablenets::cuda::verlet_backward);
-  m.impl("verlet_backward_reversible", &stablenets::cuda::verlet_backward_reversible);
+  SN_IMPL(m, "resnet_forward", &stablenets::cuda::resnet_forward);
+  SN_IMPL(m, "resnet_backward", &stablenets::cuda::resnet_backward);
+  SN_IMPL(m, "antisymmetric_forward", &stablenets::cuda::antisymmetric_forward);
+  SN_IMPL(m, "antisymmetric_backward", &stablenets::cuda::antisymmetric_backward);
+  SN_IMPL(m, "leapfrog_forward", &stablenets::cuda::leapfrog_forward);
+  SN_IMPL(m, "leapfrog_backward", &stablenets::cuda::leapfrog_backward);
+  SN_IMPL(m, "leapfrog_backward_reversible", &stablenets::cuda::leapfrog_backward_reversible);
+  SN_IMPL(m, "verlet_forward", &stablenets::cuda::verlet_forward);
+  SN_IMPL(m, "verlet_backward", &stablenets::cuda::verlet_backward);
+  SN_IMPL(m, "verlet_backward_reversible", &stablenets::cuda::verlet_backward_reversible);
 }

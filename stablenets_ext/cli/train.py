@@ -51,6 +51,9 @@ def check_applicable(args, given: set, trainer) -> None:
                            f"not {name}")
         if dest in SHARED and dest not in fields:
             raise CliError(f"{SHARED[dest]['flags'][0]}: does not apply to --trainer {name}")
+        if dest == "amp" and dest in trainer.UNSUPPORTED:
+            raise CliError(f"--amp: --trainer {name} does not run mixed precision (backprop "
+                           f"does); leave it out")
         if dest in trainer.UNSUPPORTED:
             raise CliError(f"{_flag(dest)}: --trainer {name} cannot honour it (no schedule or "
                            f"regulariser there); leave it out")
@@ -266,6 +269,7 @@ def cmd_train(args, argv, parser) -> int:
         for k in trainer.UNSUPPORTED:  # preset values the trainer has no use for
             config_kw.pop(k, None)
         config = TrainConfig(**config_kw, seed=args.seed, device=device, threads=args.threads,
+                             amp=args.amp,
                              checkpoint=args.save, resume=args.resume,
                              quiet=args.quiet or args.json, run=run)
         resume.check_progress(args, state, trainer, cfg, options)

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 
+from . import amp
 from .options import OptionError
 
 
@@ -35,6 +36,7 @@ class TrainConfig:
     resume: str | None = None
     quiet: bool = False
     run: dict | None = None
+    amp: str | None = None  # mixed precision: None, "bf16" or "fp16" (training/amp.py)
 
     def check(self) -> "TrainConfig":
         def positive(name, kind=int):
@@ -65,6 +67,7 @@ class TrainConfig:
                               f"{self.target_accuracy!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise OptionError(f"seed: expected an integer from 0 to {2**32 - 1}, got {self.seed!r}")
+        amp.check_mode(self.amp)
         for name in ("checkpoint", "resume"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, (str, os.PathLike)):

@@ -34,8 +34,11 @@ inline void check_step(double step) {
 
 inline void check_float_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.defined(), name, ": expected a tensor, got None");
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-                    ": expected a float32 or float64 tensor, got ", t.scalar_type());
+  // bfloat16/float16 reach the kernels' checks only in calls with mixed dtypes
+  // (reduced_precision.h runs one-dtype calls in float32), which a later check refuses.
+  const at::ScalarType s = t.scalar_type();
+  TORCH_CHECK_VALUE(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf,
+                    name, ": expected a float32, float64, bfloat16 or float16 tensor, got ", s);
 }
 
 // Weight and bias against y, once their own shapes are checked: weight.size(1)

@@ -13,7 +13,14 @@
 // `ActT` parameter is either `Act` (runtime) or std::integral_constant<Act, X>:
 // the CPU passes a constant for the activations it knows, so the switch folds
 // and the loop vectorises, and the runtime value for any other.
+//
+// T is the storage type; the arithmetic runs in M = Math<T> (float for bfloat16
+// and float16, so a pass rounds once per value it writes) and the scalars
+// (step, factors) are M, never rounded to T.
 #pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -22,6 +29,21 @@
 
 namespace stablenets {
 namespace conv_ew {
+
+template <typename T>
+struct MathOf {
+  using type = T;
+};
+template <>
+struct MathOf<c10::BFloat16> {
+  using type = float;
+};
+template <>
+struct MathOf<c10::Half> {
+  using type = float;
+};
+template <typename T>
+using Math = typename MathOf<T>::type;
 
 template <typename ActT>
 SN_HOST_DEVICE Act act_of(ActT a) {
@@ -38,11 +60,12 @@ struct ResidualAct {
   const T* base;
   T* p_out;  // used when StoreP
   T* out;
-  T s;
+  Math<T> s;
   SN_HOST_DEVICE void operator()(int64_t e, T b) const {
-    const T p = x[e] + b;
-    if constexpr (StoreP) p_out[e] = p;
-    out[e] = base[e] + s * act_fwd<T>(act_of(act), p);
+    using M = Math<T>;
+    const M p = static_cast<M>(x[e]) + static_cast<M>(b);
+    if constexpr (StoreP) p_out[e] = static_cast<T>(p);
+    out[e] = static_cast<T>(static_cast<M>(base[e]) + s * act_fwd<M>(act_of(act), p));
   }
 };
 
@@ -57,10 +80,11 @@ struct BiasAct {
   T* a_out;
   T* d_out;  // used when StoreD
   SN_HOST_DEVICE void operator()(int64_t e, T b) const {
-    const T p = x[e] + b;
-    if constexpr (StoreP) p_out[e] = p;
-    if constexpr (StoreD) d_out[e] = act_grad<T>(act_of(act), p);
-    a_out[e] = act_fwd<T>(act_of(act), p);
+    using M = Math<T>;
+    const M p = static_cast<M>(x[e]) + static_cast<M>(b);
+    if constexpr (StoreP) p_out[e] = static_cast<T>(p);
+    if constexpr (StoreD) d_out[e] = static_cast<T>(act_grad<M>(act_of(act), p));
+    a_out[e] = static_cast<T>(act_fwd<M>(act_of(act), p));
   }
 };
 
@@ -74,14 +98,15 @@ struct GradAct {
   const T* add;  // used when Add
   const T* p;
   T* g;
-  T s;
+  Math<T> s;
   SN_HOST_DEVICE void operator()(int64_t e, T) const {
-    T l = lam[e];
+    using M = Math<T>;
+    M l = static_cast<M>(lam[e]);
     if constexpr (Add) {
-      l += add[e];
-      lam[e] = l;
+      l += static_cast<M>(add[e]);
+      lam[e] = static_cast<T>(l);
     }
-    g[e] = s * l * act_grad<T>(act_of(act), p[e]);
+    g[e] = static_cast<T>(s * l * act_grad<M>(act_of(act), static_cast<M>(p[e])));
   }
 };
 
@@ -92,8 +117,12 @@ struct LeapfrogStep {
   const T* yp;
   const T* q;
   T* out;
-  T h2;
-  SN_HOST_DEVICE void operator()(int64_t e, T) const { out[e] = T(2) * y[e] - yp[e] - h2 * q[e]; }
+  Math<T> h2;
+  SN_HOST_DEVICE void operator()(int64_t e, T) const {
+    using M = Math<T>;
+    out[e] = static_cast<T>(M(2) * static_cast<M>(y[e]) - static_cast<M>(yp[e]) -
+                            h2 * static_cast<M>(q[e]));
+  }
 };
 
 // g = s g d
@@ -101,8 +130,11 @@ template <typename T>
 struct ScaleMul {
   T* g;
   const T* d;
-  T s;
-  SN_HOST_DEVICE void operator()(int64_t e, T) const { g[e] = s * g[e] * d[e]; }
+  Math<T> s;
+  SN_HOST_DEVICE void operator()(int64_t e, T) const {
+    using M = Math<T>;
+    g[e] = static_cast<T>(s * static_cast<M>(g[e]) * static_cast<M>(d[e]));
+  }
 };
 
 // Leapfrog adjoint of one layer: (lam, c) = (dL/dY_{j+1}, dL/dY_j so far) becomes
@@ -115,9 +147,11 @@ struct LeapfrogAdjoint {
   const T* c;
   const T* lam;
   const T* gy;
-  T cs;
+  Math<T> cs;
   SN_HOST_DEVICE void operator()(int64_t e, T) const {
-    out[e] = cs * c[e] + T(2) * lam[e] + gy[e];
+    using M = Math<T>;
+    out[e] = static_cast<T>(cs * static_cast<M>(c[e]) + M(2) * static_cast<M>(lam[e]) +
+                            static_cast<M>(gy[e]));
   }
 };
 

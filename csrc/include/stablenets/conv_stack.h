@@ -137,6 +137,12 @@ inline Tensor antisymmetric_kernel_grad(const Tensor& gA) {
 
 // -------------------------------------------------------- elementwise passes
 
+// The storage types of every pass: float32, float64, and bfloat16/float16 (arithmetic
+// in float32, conv_elementwise.h), where the backend runs those itself
+// (Launcher::kNativeReduced; else reduced_precision.h hands the ops float32 copies).
+#define SN_DISPATCH_CONV_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
 template <class L>
 struct Ew {
   using IC_Tanh = std::integral_constant<Act, Act::Tanh>;
@@ -170,16 +176,16 @@ struct Ew {
   // out = base + s act(x + bias); [p_out = x + bias]
   static void residual_act(Act act, const Tensor& x, const Tensor& bias, const Tensor& base,
                            double s, const Tensor& p_out, const Tensor& out) {
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "conv_residual_act", [&] {
+    SN_DISPATCH_CONV_TYPES(out.scalar_type(), "conv_residual_act", [&] {
       using T = scalar_t;
       with_act(act, [&](auto A) {
         if (p_out.defined()) {
           conv_ew::ResidualAct<T, decltype(A), true> op{A, ptr<T>(x), ptr<T>(base), ptr<T>(p_out),
-                                                        ptr<T>(out), static_cast<T>(s)};
+                                                        ptr<T>(out), static_cast<conv_ew::Math<T>>(s)};
           L::launch(op, out, ptr<T>(bias));
         } else {
           conv_ew::ResidualAct<T, decltype(A), false> op{A, ptr<T>(x), ptr<T>(base), nullptr,
-                                                         ptr<T>(out), static_cast<T>(s)};
+                                                         ptr<T>(out), static_cast<conv_ew::Math<T>>(s)};
           L::launch(op, out, ptr<T>(bias));
         }
       });
@@ -189,7 +195,7 @@ struct Ew {
   // a_out = act(x + bias); [p_out = x + bias]; [d_out = act'(x + bias)]
   static void bias_act(Act act, const Tensor& x, const Tensor& bias, const Tensor& p_out,
                        const Tensor& a_out, const Tensor& d_out) {
-    AT_DISPATCH_FLOATING_TYPES(a_out.scalar_type(), "conv_bias_act", [&] {
+    SN_DISPATCH_CONV_TYPES(a_out.scalar_type(), "conv_bias_act", [&] {
       using T = scalar_t;
       with_act(act, [&](auto A) {
         using AT = decltype(A);
@@ -213,16 +219,16 @@ struct Ew {
   // [lam += add]; g = s lam act'(p)
   static void grad_act(Act act, const Tensor& lam, const Tensor& add, const Tensor& p, double s,
                        const Tensor& g) {
-    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv_grad_act", [&] {
+    SN_DISPATCH_CONV_TYPES(g.scalar_type(), "conv_grad_act", [&] {
       using T = scalar_t;
       with_act(act, [&](auto A) {
         if (add.defined()) {
           conv_ew::GradAct<T, decltype(A), true> op{A, ptr<T>(lam), ptr<T>(add), ptr<T>(p),
-                                                    ptr<T>(g), static_cast<T>(s)};
+                                                    ptr<T>(g), static_cast<conv_ew::Math<T>>(s)};
           L::launch(op, g, static_cast<const T*>(nullptr));
         } else {
           conv_ew::GradAct<T, decltype(A), false> op{A, ptr<T>(lam), nullptr, ptr<T>(p),
-                                                     ptr<T>(g), static_cast<T>(s)};
+                                                     ptr<T>(g), static_cast<conv_ew::Math<T>>(s)};
           L::launch(op, g, static_cast<const T*>(nullptr));
         }
       });
@@ -232,19 +238,19 @@ struct Ew {
   // out = 2 y - yp - h2 q
   static void leapfrog_step(const Tensor& y, const Tensor& yp, const Tensor& q, double h2,
                             const Tensor& out) {
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "conv_leapfrog_step", [&] {
+    SN_DISPATCH_CONV_TYPES(out.scalar_type(), "conv_leapfrog_step", [&] {
       using T = scalar_t;
       conv_ew::LeapfrogStep<T> op{ptr<T>(y), ptr<T>(yp), ptr<T>(q), ptr<T>(out),
-                                  static_cast<T>(h2)};
+                                  static_cast<conv_ew::Math<T>>(h2)};
       L::launch(op, out, static_cast<const T*>(nullptr));
     });
   }
 
   // g = s g d
   static void scale_mul(const Tensor& g, const Tensor& d, double s) {
-    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv_scale_mul", [&] {
+    SN_DISPATCH_CONV_TYPES(g.scalar_type(), "conv_scale_mul", [&] {
       using T = scalar_t;
-      conv_ew::ScaleMul<T> op{ptr<T>(g), ptr<T>(d), static_cast<T>(s)};
+      conv_ew::ScaleMul<T> op{ptr<T>(g), ptr<T>(d), static_cast<conv_ew::Math<T>>(s)};
       L::launch(op, g, static_cast<const T*>(nullptr));
     });
   }
@@ -252,10 +258,10 @@ struct Ew {
   // out = cs c + 2 lam + gy
   static void leapfrog_adjoint(const Tensor& out, const Tensor& c, double cs, const Tensor& lam,
                                const Tensor& gy) {
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "conv_leapfrog_adjoint", [&] {
+    SN_DISPATCH_CONV_TYPES(out.scalar_type(), "conv_leapfrog_adjoint", [&] {
       using T = scalar_t;
       conv_ew::LeapfrogAdjoint<T> op{ptr<T>(out), ptr<T>(c), ptr<T>(lam), ptr<T>(gy),
-                                     static_cast<T>(cs)};
+                                     static_cast<conv_ew::Math<T>>(cs)};
       L::launch(op, out, static_cast<const T*>(nullptr));
     });
   }
@@ -617,18 +623,24 @@ struct ConvStack {
 }  // namespace conv_detail
 }  // namespace stablenets
 
-// Registers every conv op for one dispatch key with ConvStack<Launcher>.
+// Registers every conv op for one dispatch key with ConvStack<Launcher>;
+// Launcher::native_reduced(y) says whether bfloat16/float16 calls run in that
+// dtype (convolutions included) rather than on float32 copies.
 #define SN_REGISTER_CONV_OPS(m, Launcher)                                                    \
   do {                                                                                       \
-    using S = ::stablenets::conv_detail::ConvStack<Launcher>;                                \
-    m.impl("conv_resnet_forward", &S::resnet_forward);                                       \
-    m.impl("conv_resnet_backward", &S::resnet_backward);                                     \
-    m.impl("conv_antisymmetric_forward", &S::antisymmetric_forward);                         \
-    m.impl("conv_antisymmetric_backward", &S::antisymmetric_backward);                       \
-    m.impl("conv_leapfrog_forward", &S::leapfrog_forward);                                   \
-    m.impl("conv_leapfrog_backward", &S::leapfrog_backward);                                 \
-    m.impl("conv_leapfrog_backward_reversible", &S::leapfrog_backward_reversible);           \
-    m.impl("conv_verlet_forward", &S::verlet_forward);                                       \
-    m.impl("conv_verlet_backward", &S::verlet_backward);                                     \
-    m.impl("conv_verlet_backward_reversible", &S::verlet_backward_reversible);               \
+    using L = Launcher;                                                                      \
+    using S = ::stablenets::conv_detail::ConvStack<L>;                                       \
+    SN_IMPL_NATIVE(m, "conv_resnet_forward", &S::resnet_forward, &L::native_reduced);        \
+    SN_IMPL_NATIVE(m, "conv_resnet_backward", &S::resnet_backward, &L::native_reduced);      \
+    SN_IMPL_NATIVE(m, "conv_antisymmetric_forward", &S::antisymmetric_forward, &L::native_reduced); \
+    SN_IMPL_NATIVE(m, "conv_antisymmetric_backward", &S::antisymmetric_backward,             \
+                   &L::native_reduced);                                                      \
+    SN_IMPL_NATIVE(m, "conv_leapfrog_forward", &S::leapfrog_forward, &L::native_reduced);    \
+    SN_IMPL_NATIVE(m, "conv_leapfrog_backward", &S::leapfrog_backward, &L::native_reduced);  \
+    SN_IMPL_NATIVE(m, "conv_leapfrog_backward_reversible", &S::leapfrog_backward_reversible, \
+                   &L::native_reduced);                                                      \
+    SN_IMPL_NATIVE(m, "conv_verlet_forward", &S::verlet_forward, &L::native_reduced);        \
+    SN_IMPL_NATIVE(m, "conv_verlet_backward", &S::verlet_backward, &L::native_reduced);      \
+    SN_IMPL_NATIVE(m, "conv_verlet_backward_reversible", &S::verlet_backward_reversible,     \
+                   &L::native_reduced);                                                      \
   } while (0)

@@ -7,6 +7,8 @@
 
 #include <tuple>
 
+#include "stablenets/reduced_precision.h"
+
 namespace stablenets {
 
 using T2 = std::tuple<at::Tensor, at::Tensor>;

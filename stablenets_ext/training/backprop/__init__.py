@@ -90,6 +90,7 @@ def fit(model, data, config: TrainConfig, options: Options | None = None, callba
 def _fit(model, data, config, options, callbacks):
     on_epoch = (callbacks or {}).get("on_epoch")
     kw = config.common()
+    kw["amp"] = config.amp  # mixed precision: this trainer's alone so far (training/amp.py)
     extra = {"run": config.run} if config.run else None
     if options.backend == "dist":
         import torch.distributed as dist

@@ -10,6 +10,7 @@ import time
 import torch
 
 from ...data import Dataset, TensorLoader
+from .. import amp as _amp
 from .. import checkpoint as ckpt
 from .. import regularizers
 from .. import loop
@@ -52,7 +53,8 @@ def make_optimizer(model, lr, weight_decay=0.0, lr_step=None, lr_gamma=0.5, epoc
 def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_step=None,
           lr_gamma=0.5, alpha=0.0, alpha_c=0.0, target_accuracy=None, device=None, seed=0,
           checkpoint=None, resume=None, history_path=None, quiet=False, eval_batch_size=4096,
-          history=None, checkpoint_extra=None, desc=None, on_epoch=None, shard=None) -> dict:
+          history=None, checkpoint_extra=None, desc=None, on_epoch=None, shard=None,
+          amp=None) -> dict:
     """Train ``model`` in place on ``data`` for ``epochs`` epochs (total, counting
     epochs already done in a resumed checkpoint).
 
@@ -67,6 +69,9 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
     whose ``forward`` (the DistributedDataParallel wrapper) computes this
     rank's slice of every batch; the loss is scaled so that the all-reduced
     gradient is the whole batch's mean, and only rank 0 writes checkpoints.
+
+    ``amp``: mixed precision, ``"bf16"`` or ``"fp16"`` (with a gradient scaler), see
+    :mod:`..amp`; evaluation stays in float32.
 
     Returns :func:`summary`: ``accuracy``, ``loss``, ``seconds``, ``epochs``,
     ``stopped_early`` and ``history`` (per-epoch lists: ``loss``,
@@ -86,12 +91,13 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
     if target_accuracy is not None and not 0 < target_accuracy <= 1:
         raise ValueError(f"target_accuracy: expected a fraction in (0, 1], got {target_accuracy!r}")
     device = torch.device(device) if device is not None else model_device(model)
+    _amp.check_device(amp, device)
     model.to(device)
     history = new_history() if history is None else history
     engine = BackpropEngine(model, data, device=device, batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, lr_step=lr_step, lr_gamma=lr_gamma,
                             epochs=epochs, alpha=alpha, alpha_c=alpha_c, seed=seed,
-                            eval_batch_size=eval_batch_size, shard=shard)
+                            eval_batch_size=eval_batch_size, shard=shard, amp=amp)
     start, stopped = 0, False
     if resume is not None:
         state = ckpt.load(resume, map_location=device,
@@ -120,8 +126,9 @@ class BackpropEngine:
     protocol of :func:`..loop.run_epochs`."""
 
     def __init__(self, model, data, *, device, batch_size, lr, weight_decay, lr_step, lr_gamma,
-                 epochs, alpha, alpha_c, seed, eval_batch_size, shard=None):
+                 epochs, alpha, alpha_c, seed, eval_batch_size, shard=None, amp=None):
         self.model, self.device, self.shard = model, device, shard
+        self.amp = _amp.Amp(amp, device)
         self.alpha, self.alpha_c, self.eval_batch_size = alpha, alpha_c, eval_batch_size
         self.opt, self.sched = make_optimizer(model, lr, weight_decay, lr_step, lr_gamma, epochs)
         self.loader = TensorLoader(data.train_x, data.train_y, batch_size, shuffle=True,
@@ -138,24 +145,25 @@ class BackpropEngine:
         correct = torch.zeros((), device=device, dtype=torch.int64)
         for xb, yb in self.loader:
             opt.zero_grad(set_to_none=True)
-            if shard is None:
-                logits = model(xb)
-                loss = torch.nn.functional.cross_entropy(logits, yb)
-                loss_total = loss
-                batch_loss, labels = loss.detach() * yb.shape[0], yb
-            else:
-                xb, labels, scale = shard.slice(xb, yb)
-                logits = self.forward(xb)
-                loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
-                loss_total = loss * scale
-                batch_loss = loss.detach() * (1.0 if scale else 0.0)
-                if not scale:
-                    labels = labels[:0]
-                    logits = logits[:0]
-            if self.alpha or self.alpha_c:
-                loss_total = loss_total + regularizers.penalty(model, self.alpha, self.alpha_c)
-            loss_total.backward()
-            opt.step()
+            with self.amp.autocast():
+                if shard is None:
+                    logits = model(xb)
+                    loss = torch.nn.functional.cross_entropy(logits, yb)
+                    loss_total = loss
+                    batch_loss, labels = loss.detach() * yb.shape[0], yb
+                else:
+                    xb, labels, scale = shard.slice(xb, yb)
+                    logits = self.forward(xb)
+                    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+                    loss_total = loss * scale
+                    batch_loss = loss.detach() * (1.0 if scale else 0.0)
+                    if not scale:
+                        labels = labels[:0]
+                        logits = logits[:0]
+                if self.alpha or self.alpha_c:
+                    loss_total = loss_total + regularizers.penalty(model, self.alpha, self.alpha_c)
+            self.amp.backward(loss_total)
+            self.amp.step(opt)
             loss_sum += batch_loss
             correct += (logits.detach().argmax(1) == labels).sum()
         if shard is not None:
@@ -178,9 +186,11 @@ class BackpropEngine:
         model = self.model
         return {"model_config": model.config() if hasattr(model, "config") else None,
                 "model": model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict()}
+                "scheduler": self.sched.state_dict(),
+                **({"grad_scaler": self.amp.state_dict()} if self.amp.scaler is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
+        self.amp.load_state_dict(state.get("grad_scaler"))

@@ -23,7 +23,7 @@ ENGINES = {"process": "one worker process per block over shared memory",
            "sequential": "the blocks one after another in this process (the timing baseline)",
            "dist": "one torch.distributed rank per block"}
 # PVD runs Adam on each block with a fixed rate; it has no schedule or regulariser.
-UNSUPPORTED = frozenset({"weight_decay", "lr_step", "lr_gamma", "alpha", "alpha_c"})
+UNSUPPORTED = frozenset({"weight_decay", "lr_step", "lr_gamma", "alpha", "alpha_c", "amp"})
 COMPARISONS = ("sequential", "backprop")
 
 __all__ = ["COMPARISONS", "ENGINES", "Options", "PVDConfig", "UNSUPPORTED", "WorkerError",

@@ -29,7 +29,7 @@ NAME = "sg"
 ENGINES = {"inprocess": "every stage in this process (the reference)",
            "process": "one process per stage, shared-memory buffers",
            "dist": "one torch.distributed rank per stage (torchrun)"}
-UNSUPPORTED: frozenset = frozenset()
+UNSUPPORTED: frozenset = frozenset({"amp"})  # mixed precision: backprop only so far
 COMPARISONS = ("backprop",)
 
 __all__ = ["COMPARISONS", "ENGINES", "InProcessEngine", "Options", "StageError", "UNSUPPORTED",

@@ -1,0 +1,105 @@
+"""``torch.autocast`` for every stablenets op, as dispatcher kernels.
+
+Under ``torch.autocast(device_type, dtype=...)`` each op (dense and conv, forward
+and backward, stored and reversible) gets an AutocastCPU / AutocastCUDA kernel
+that runs it with autocast off after casting its floating tensor arguments:
+
+- forward ops: to the autocast dtype ("lower precision" policy), so the stacks
+  take what the layers before them hand over (an ``nn.Linear`` under autocast
+  returns bfloat16 from float32 inputs) and return the autocast dtype, as
+  ``nn.Linear`` and ``nn.Conv2d`` do;
+- backward ops: to the widest dtype among them ("promote" policy; nothing is
+  cast when they agree, as they do when autograd calls them), so a
+  ``loss.backward()`` run inside the autocast region differentiates in the
+  precision the forward ran in.
+
+float64 tensors are left alone, as autocast leaves them (a float64 stack under
+autocast then refuses the cast parameters by name, as ``F.linear`` would).
+
+The kernels of bfloat16/float16 calls compute in float32 and store in the
+reduced dtype (csrc/include/stablenets/reduced_precision.h). One case runs in
+float32 outright: a reversible forward (leapfrog or Verlet forward with
+``store=False`` while gradients are wanted), whose final pair is what the
+backward rebuilds every state from; it is kept in float32 and only the
+returned pair is cast.
+
+Registered with ``torch.library.Library.impl`` (and ``OpOverload.py_impl`` for the
+Python dispatcher torch.compile and torch.export trace with), as
+``torch.library.register_autocast`` does; that function casts to one fixed dtype,
+while these follow the dtype of the autocast region.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+# Forward ops carrying a pair, whose store=False forward is the reversible one.
+PAIR_FORWARDS = ("leapfrog_forward", "verlet_forward", "conv_leapfrog_forward",
+                 "conv_verlet_forward")
+
+
+def _autocast_eligible(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
+
+
+def _cast(args, dtype):
+    return tuple(a.to(dtype) if _autocast_eligible(a) and a.dtype != dtype else a for a in args)
+
+
+def _reversible_with_grad(name, args) -> bool:
+    return (name in PAIR_FORWARDS and args[-1] is False and torch.is_grad_enabled()
+            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
+
+
+def _widest(args):
+    dtypes = [a.dtype for a in args if _autocast_eligible(a)]
+    return max(dtypes, key=lambda t: torch.finfo(t).bits) if dtypes else None
+
+
+def _make_kernel(name, op, device_type):
+    if not name.endswith("_forward"):
+        def backward_kernel(*args):
+            with torch.autocast(device_type, enabled=False):
+                return op(*_cast(args, _widest(args)))
+
+        return backward_kernel
+
+    def kernel(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        if _reversible_with_grad(name, args):
+            with torch.autocast(device_type, enabled=False):
+                out = op(*_cast(args, torch.float32))
+            return tuple(o.to(dtype) if _autocast_eligible(o) else o for o in out)
+        with torch.autocast(device_type, enabled=False):
+            return op(*_cast(args, dtype))
+
+    return kernel
+
+
+def register(lib: torch.library.Library, names) -> None:
+    """Give each op ``stablenets::<name>`` in ``names`` its autocast kernels, in ``lib``."""
+    for name in names:
+        op = getattr(torch.ops.stablenets, name).default
+        for device_type in DEVICE_TYPES:
+            if not torch.amp.is_autocast_available(device_type):
+                continue
+            key = "AutocastCUDA" if device_type == "cuda" else "AutocastCPU"
+            kernel = _make_kernel(name, op, device_type)
+            dispatch_key = getattr(torch._C.DispatchKey, key)
+            if op.has_kernel_for_dispatch_key(dispatch_key):
+                op.py_kernels.pop(dispatch_key, None)
+            op.py_impl(dispatch_key)(kernel)
+            lib.impl(name, lambda _keyset, *args, _k=kernel: _k(*args), key, with_keyset=True)
+
+
+def op_names() -> list[str]:
+    """Every op of the stablenets library this build has (dense and conv, forward and backward)."""
+    names = []
+    for prefix in ("", "conv_"):
+        for arch in ("resnet", "antisymmetric", "leapfrog", "verlet"):
+            names += [f"{prefix}{arch}_forward", f"{prefix}{arch}_backward"]
+            if arch in ("leapfrog", "verlet"):
+                names.append(f"{prefix}{arch}_backward_reversible")
+    return [name for name in names if hasattr(torch.ops.stablenets, name)]
