@@ -178,7 +178,7 @@ def conv_resnet(y, weight, bias, step=0.1, activation="tanh", *, impl="auto", no
     """Forward-Euler conv stack ``Y <- Y + h act(K_j Y + b_j)``.
 
     Args:
-        y (Tensor): ``(B, C, H, W)`` state ``Y_0``, float32 or float64.
+        y (Tensor): ``(B, C, H, W)`` state ``Y_0``, float32, float64, bfloat16 or float16.
         weight (Tensor): ``(N, C, C, k, k)``, layer ``j``'s kernel ``K_j`` (odd ``k``,
             "same" padding); the dtype and device of ``y``.
         bias (Tensor): ``(N, C)``, layer ``j``'s per-channel ``b_j``.
@@ -214,7 +214,7 @@ def conv_antisymmetric(y, weight, bias, step=0.1, activation="tanh", gamma=0.01,
     (``K^T`` the adjoint convolution).
 
     Args:
-        y (Tensor): ``(B, C, H, W)`` state ``Y_0``, float32 or float64.
+        y (Tensor): ``(B, C, H, W)`` state ``Y_0``, float32, float64, bfloat16 or float16.
         weight (Tensor): ``(N, C, C, k, k)``, layer ``j``'s kernel ``K_j`` (odd ``k``,
             "same" padding); the dtype and device of ``y``.
         bias (Tensor): ``(N, C)``, layer ``j``'s per-channel ``b_j``.
@@ -245,7 +245,7 @@ def conv_leapfrog(y, weight, bias, step=0.1, activation="tanh", y_prev=None, ret
     ``Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 K_j^T act(K_j Y_j + b_j)``.
 
     Args:
-        y (Tensor): ``(B, C, H, W)`` state ``Y_0``, float32 or float64.
+        y (Tensor): ``(B, C, H, W)`` state ``Y_0``, float32, float64, bfloat16 or float16.
         weight (Tensor): ``(N, C, C, k, k)``, layer ``j``'s kernel ``K_j`` (odd ``k``,
             "same" padding); the dtype and device of ``y``.
         bias (Tensor): ``(N, C)``, layer ``j``'s per-channel ``b_j``.
@@ -282,7 +282,7 @@ def conv_verlet(y, weight, bias, step=0.1, activation="tanh", z=None, return_sta
     ``Y <- Y + h act(K_j^T Z + b_j)``.
 
     Args:
-        y (Tensor): ``(B, C, H, W)`` state ``Y_0``, float32 or float64.
+        y (Tensor): ``(B, C, H, W)`` state ``Y_0``, float32, float64, bfloat16 or float16.
         weight (Tensor): ``(N, C, C, k, k)``, layer ``j``'s kernel ``K_j`` (odd ``k``,
             "same" padding); the dtype and device of ``y``.
         bias (Tensor): ``(N, C)``, layer ``j``'s per-channel ``b_j``.
@@ -346,7 +346,8 @@ _CARGS = """
         impl (str): ``"auto"`` (default), ``"fused"`` or ``"reference"``, as for the
             dense stacks.
         device (torch.device, optional): device of the parameters.
-        dtype (torch.dtype, optional): ``torch.float32`` (default) or ``torch.float64``."""
+        dtype (torch.dtype, optional): ``torch.float32`` (default), ``torch.float64``,
+            ``torch.bfloat16`` or ``torch.float16`` (mixed precision: float32 inside)."""
 
 _CREV = """
         reversible (bool): False (default) stores every state for the backward; True

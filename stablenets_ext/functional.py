@@ -299,7 +299,7 @@ def resnet(y, weight, bias, step=0.1, activation="tanh", *, impl="auto"):
     """Forward-Euler ResNet stack: ``Y <- Y + h act(Y K_j^T + b_j)`` for ``j = 0..N-1``.
 
     Args:
-        y (Tensor): ``(B, d)`` state ``Y_0``, float32 or float64, on any device (fused
+        y (Tensor): ``(B, d)`` state ``Y_0``, float32, float64, bfloat16 or float16, on any device (fused
             where a kernel was compiled for it).
         weight (Tensor): ``(N, d, d)``, layer ``j``'s ``K_j`` in the ``nn.Linear``
             layout (``Y K_j^T``); the dtype and device of ``y``.
@@ -332,7 +332,7 @@ def antisymmetric(y, weight, bias, step=0.1, activation="tanh", *, gamma=0.01, i
     ``Y <- Y + h act(Y A_j^T + b_j)``.
 
     Args:
-        y (Tensor): ``(B, d)`` state ``Y_0``, float32 or float64, on any device (fused
+        y (Tensor): ``(B, d)`` state ``Y_0``, float32, float64, bfloat16 or float16, on any device (fused
             where a kernel was compiled for it).
         weight (Tensor): ``(N, d, d)``, layer ``j``'s ``K_j`` in the ``nn.Linear``
             layout (``Y K_j^T``); the dtype and device of ``y``.
@@ -363,7 +363,7 @@ def leapfrog(
     ``Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 act(Y_j K_j^T + b_j) K_j``.
 
     Args:
-        y (Tensor): ``(B, d)`` state ``Y_0``, float32 or float64, on any device (fused
+        y (Tensor): ``(B, d)`` state ``Y_0``, float32, float64, bfloat16 or float16, on any device (fused
             where a kernel was compiled for it).
         weight (Tensor): ``(N, d, d)``, layer ``j``'s ``K_j`` in the ``nn.Linear``
             layout (``Y K_j^T``); the dtype and device of ``y``.
@@ -415,7 +415,7 @@ def verlet(
     ``Y <- Y + h act(Z K_j^T + b_j)``.
 
     Args:
-        y (Tensor): ``(B, d)`` state ``Y_0``, float32 or float64, on any device (fused
+        y (Tensor): ``(B, d)`` state ``Y_0``, float32, float64, bfloat16 or float16, on any device (fused
             where a kernel was compiled for it).
         weight (Tensor): ``(N, d, d)``, layer ``j``'s ``K_j`` in the ``nn.Linear``
             layout (``Y K_j^T``); the dtype and device of ``y``.

@@ -37,7 +37,8 @@ _ARGS = """
             the input's device, else the reference with one warning), ``"fused"``
             (error instead of any fallback) or ``"reference"`` (plain PyTorch).
         device (torch.device, optional): device of the parameters.
-        dtype (torch.dtype, optional): ``torch.float32`` (default) or ``torch.float64``;
+        dtype (torch.dtype, optional): ``torch.float32`` (default), ``torch.float64``,
+            ``torch.bfloat16`` or ``torch.float16`` (mixed precision: float32 inside);
             the input must have the same dtype and device as the parameters."""
 
 _REVERSIBLE = """
