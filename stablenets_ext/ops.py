@@ -243,16 +243,6 @@ def transform_active(tensors) -> bool:
     )
 
 
-_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
-
-
-def legacy_vmap_active(tensors) -> bool:
-    """Whether ``tensors`` are batched by ``torch._vmap_internals._vmap``, which gradcheck's
-    batched-gradient check and ``autograd.grad(is_grads_batched=True)`` use and which
-    sets no functorch level. Not for code torch.compile traces."""
-    return any(isinstance(t, torch.Tensor) and _is_legacy_batched(t) for t in tensors)
-
-
 if _C is not None:
     ops = torch.ops.stablenets
 
