@@ -19,10 +19,14 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// Importing stablenets_ext._C registers the ops; the module itself is empty.
+// Importing stablenets_ext._C registers the ops; the module itself holds only
+// the hooks of the autograd formulas (csrc/autograd.cpp).
+extern PyMethodDef stablenets_module_methods[];
+
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          stablenets_module_methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -445,3 +445,124 @@ def test_every_named_activation_wide_matches_reference(act):
             want_g = torch.autograd.grad(want, ref_args, cot)
             for name, g, r in zip(("y", "weight", "bias"), got_g, want_g):
                 torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10, msg=f"{arch} {act} {name} rev={reversible}")
+
+
+# ------------------------------------------------- the C++ autograd path (issue 22)
+
+
+@pytest.mark.parametrize("arch,reversible", MODES, ids=MODE_IDS)
+def test_module_call_goes_straight_to_the_cpp_formula(arch, reversible):
+    """A module's output hangs off the C++ node (csrc/autograd.cpp), no Python wrapper in
+    between; its gradients match the reference's and a second backward through a kept
+    graph still works."""
+    fused, ref = module_pair(arch, reversible, d=5, N=6)
+    x = torch.randn(9, 5, dtype=torch.float64)
+    out = fused(x)
+    assert "StateFn" in out.grad_fn.name()
+    cot = torch.randn_like(out)
+    got = torch.autograd.grad(out, (fused.weight, fused.bias), cot, retain_graph=True)
+    again = torch.autograd.grad(out, (fused.weight, fused.bias), cot)
+    want = torch.autograd.grad(ref(x), (ref.weight, ref.bias), cot)
+    for g, a, w in zip(got, again, want):
+        torch.testing.assert_close(g, w)
+        torch.testing.assert_close(a, w)
+
+
+def test_no_grad_and_inference_mode_record_nothing():
+    m = sn.VerletStack(4, 3, step=0.2, impl="fused").double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert m(x).grad_fn is None
+    with torch.inference_mode():
+        assert m(x).grad_fn is None
+    assert m(x).grad_fn is not None
+
+
+def test_unused_outputs_and_partial_needs():
+    """Only the second state used; only some inputs need a gradient."""
+    y, w, b = make(6, 3, 4)
+    z = torch.randn_like(y).requires_grad_()
+    w.requires_grad_()
+    for reversible in (False, True):
+        for fn in (SF.leapfrog, SF.verlet):
+            key = "y_prev" if fn is SF.leapfrog else "z"
+            _, state = fn(y, w, b, 0.3, impl="fused", return_state=True, reversible=reversible, **{key: z})
+            got = torch.autograd.grad(state.sum(), (z, w))
+            ref = reference.FUNCTIONS["leapfrog" if fn is SF.leapfrog else "verlet"]
+            _, rs = ref(y, w, b, 0.3, "tanh", z, return_state=True)
+            want = torch.autograd.grad(rs.sum(), (z, w))
+            for g, r in zip(got, want):
+                torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("arch", ["leapfrog", "verlet"])
+def test_lost_reversibility_warns_on_every_backward(arch):
+    """The check runs in the C++ backward on every CPU call, not only the first."""
+    if not ops.REBUILDS[arch]:
+        pytest.skip("this build's reversible backward does not return the rebuilt state")
+    m = sn.layers.STACKS[arch](8, 256, step=0.5, impl="fused", reversible=True)
+    with torch.no_grad():
+        m.weight.mul_(3.0 * 8**0.5)
+    x = torch.randn(96, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            m(x).sum().backward()
+        ops.flush_reversibility_checks()  # nothing pending on the CPU: no more warnings
+    lost = [w for w in caught if "reversibility was lost" in str(w.message)]
+    assert len(lost) == 3 and all(issubclass(w.category, UserWarning) for w in lost)
+    assert f"stablenets {arch} reversible backward" in str(lost[0].message)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["leapfrog", "verlet"])
+def test_lost_reversibility_warns_on_cuda(arch):
+    """On CUDA the check is read back without a host sync, on one call in 16: a run of 16
+    lost backwards warns by the time flush_reversibility_checks() returns."""
+    m = sn.layers.STACKS[arch](8, 256, step=0.5, impl="fused", reversible=True).cuda()
+    with torch.no_grad():
+        m.weight.mul_(3.0 * 8**0.5)
+    x = torch.randn(96, 8, device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(16):
+            m(x).sum().backward()
+        ops.flush_reversibility_checks()
+    assert any("reversibility was lost" in str(w.message) for w in caught)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch,reversible", MODES, ids=MODE_IDS)
+def test_module_step_captures_in_a_cuda_graph(arch, reversible):
+    """A module forward + backward captured once and replayed on new data gives the eager
+    gradients (the reversible check stays off while capturing)."""
+    kw = {"reversible": reversible} if arch in KEY else {}
+    m = sn.layers.STACKS[arch](16, 4, step=0.2, impl="fused", **kw).cuda()
+    static_x = torch.randn(64, 16, device="cuda")
+
+    def step():
+        m(static_x).square().sum().backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            m.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    m.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    x = torch.randn_like(static_x)
+    static_x.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    got = (m.weight.grad.clone(), m.bias.grad.clone())
+    m.zero_grad(set_to_none=True)
+    m(x).square().sum().backward()
+    torch.testing.assert_close(got[0], m.weight.grad)
+    torch.testing.assert_close(got[1], m.bias.grad)
+    ops.flush_reversibility_checks()

@@ -4,7 +4,9 @@ Loading ``stablenets_ext._C`` registers the schemas and the CPU (and, where
 built, CUDA) kernels with the dispatcher. This module adds what the
 dispatcher needs from Python: a fake kernel per op (shapes, checked as the
 real kernels check them, for ``torch.compile``, ``opcheck`` and meta tensors)
-and autograd formulas whose backward calls the matching backward op.
+and, for the autograd formulas, which live in C++ (csrc/autograd.cpp, the
+Autograd key: a module call goes from the dispatcher straight into them), the
+function their backward calls back when it must itself be differentiable.
 
 The backward ops are not themselves differentiable. When a backward runs
 with ``create_graph=True`` (double backward: gradient penalties,
@@ -17,22 +19,11 @@ higher derivatives are exact rather than silently zero. Forward-mode AD and
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch.autograd import forward_ad as _fwad
 
 from . import reference
-
-try:  # what torch.library.register_autograd builds, so that a check can run first
-    from torch._library.autograd import Info as _AutogradInfo
-    from torch._library.autograd import make_autograd_impl as _make_autograd_impl
-except ImportError:  # pragma: no cover - a torch that moved them: plain register_autograd
-    _make_autograd_impl = None
-try:
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode as _get_proxy_mode
-except ImportError:  # pragma: no cover
-    _get_proxy_mode = None
 
 from . import _cpu_isa
 from . import autocast as _autocast
@@ -243,29 +234,16 @@ def rebuild_error(rebuilt, seen) -> float:
     return err if math.isfinite(err) else math.inf
 
 
-def _tracing_or_capturing(t) -> bool:
-    """Whether this backward is being traced (torch.compile, AOTAutograd as opcheck and
-    export drive it, make_fx) or captured into a CUDA graph: then no number may be read
-    back from the device."""
-    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode((t,)) is not None:
-        return True
-    if _get_proxy_mode is not None and _get_proxy_mode() is not None:
-        return True
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+def flush_reversibility_checks() -> None:
+    """Wait for the reversibility checks still pending and warn for those that failed.
 
-
-def _warn_if_not_reversible(arch, rebuilt, seen):
-    tol = REBUILD_TOLERANCE[seen[0].dtype]
-    err = rebuild_error(rebuilt, seen)
-    if err > tol:
-        warnings.warn(
-            f"stablenets {arch} reversible backward: the initial state rebuilt by running the stack "
-            f"in reverse is off by a relative error of {err:.1e} (> {tol:.1e}), so reversibility was "
-            "lost (step too large, weights unstable, or too deep for the dtype) and the gradients "
-            "are inaccurate. Use reversible=False to differentiate with stored states.",
-            UserWarning,
-            stacklevel=2,
-        )
+    A reversible backward (leapfrog, Verlet) checks the initial pair it rebuilt against
+    the one the forward saw and warns when reversibility was lost. On the CPU it checks
+    every call, at once. On CUDA it checks one call in 16 without a host sync: the error
+    is read back after the fact and the warning comes at a later backward, or here.
+    """
+    if _C is not None:
+        _C.flush_reversibility_checks()
 
 
 def transform_active(tensors) -> bool:
@@ -278,66 +256,8 @@ def transform_active(tensors) -> bool:
     )
 
 
-_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
-
-
-def legacy_vmap_active(tensors) -> bool:
-    """Whether ``tensors`` are batched by ``torch._vmap_internals._vmap``, which gradcheck's
-    batched-gradient check and ``autograd.grad(is_grads_batched=True)`` use and which
-    sets no functorch level. Not for code torch.compile traces."""
-    return any(isinstance(t, torch.Tensor) and _is_legacy_batched(t) for t in tensors)
-
-
 if _C is not None:
     ops = torch.ops.stablenets
-    _LIB = torch.library.Library("stablenets", "FRAGMENT")  # noqa: TOR901
-
-    def _register_autograd(qualname, backward, setup_context):
-        """torch.library.register_autograd, plus a refusal under torch.func transforms and
-        forward-mode AD: the generated autograd.Function would silently drop tangents
-        (jacfwd of a raw op is all zeros) or fail naming neither the op nor a way out."""
-        if _make_autograd_impl is None:  # pragma: no cover
-            torch.library.register_autograd(qualname, backward, setup_context=setup_context)
-            return
-        name = qualname.split("::")[1]
-        op = getattr(ops, name).default
-        impl = _make_autograd_impl(op, _AutogradInfo(backward, setup_context))
-
-        def kernel(keyset, *args, **kwargs):
-            if transform_active(args):
-                raise RuntimeError(
-                    f"{qualname}: the fused ops support reverse-mode autograd only, not torch.func "
-                    "transforms (grad, jacrev, jacfwd, hessian, vmap, jvp) or forward-mode AD. Call "
-                    "the stack through stablenets_ext.functional or the modules, which run the "
-                    "reference implementation under these, or use stablenets_ext.reference."
-                )
-            return impl(keyset, *args, **kwargs)
-
-        _LIB.impl(name, kernel, "Autograd", with_keyset=True)
-
-    def _register_not_differentiable(name):
-        """The backward ops have no derivative of their own (a backward run with
-        create_graph=True recomputes through the reference instead): refuse, naming
-        the op, rather than return results that are silently constant."""
-        op = getattr(ops, name).default
-
-        def kernel(keyset, *args, **kwargs):
-            if transform_active(args) or legacy_vmap_active(args) or (
-                torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
-            ):
-                raise RuntimeError(
-                    f"stablenets::{name} is not differentiable (and serves no torch.func transform "
-                    "or forward-mode AD). Differentiate the forward op instead: its backward "
-                    "supports create_graph=True; or use stablenets_ext.reference."
-                )
-            with torch._C._AutoDispatchBelowAutograd():
-                return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
-
-        _LIB.impl(name, kernel, "Autograd", with_keyset=True)
-
-    for _name in ("resnet_backward", "antisymmetric_backward", "leapfrog_backward",
-                  "leapfrog_backward_reversible", "verlet_backward", "verlet_backward_reversible"):
-        _register_not_differentiable(_name)
 
     # Whether the reversible backward ops also return the rebuilt initial state
     # (the 6-output schemas); older builds return the four gradients only.
@@ -432,138 +352,43 @@ if _C is not None:
         )
 
     # ------------------------------------------------------------- autograd
+    #
+    # The formulas are C++ (csrc/autograd.cpp). A backward that must itself be
+    # differentiable (create_graph=True, or a transform over the backward: vmap of it,
+    # batched gradients, autograd.grad(is_grads_batched=True),
+    # autograd.functional.jacobian(vectorize=True)) calls back _reference_vjp.
 
-    def _zeros_if_none(grad, like):
-        return torch.zeros_like(like) if grad is None else grad
-
-    def _no_states(arch):
-        return RuntimeError(
-            f"stablenets::{arch}_forward ran with store=False, so it kept no states for the "
-            "backward; call it with store=True when gradients are needed"
-        )
-
-    def _differentiable_backward_wanted(grads) -> bool:
-        """create_graph=True (double backward), or a transform over the backward itself
-        (vmap of it: batched gradients, ``autograd.grad(is_grads_batched=True)``,
-        ``autograd.functional.jacobian(vectorize=True)``): the backward ops serve
-        neither, the reference's autograd serves both."""
-        return torch.is_grad_enabled() or transform_active(grads) or legacy_vmap_active(grads)
-
-    def _reference_fn(arch, ctx):
+    def _reference_fn(arch, step, gamma, act):
         """The op's forward as a function of its tensor inputs, in plain PyTorch."""
-        step = ctx.step
         if arch == "resnet":
-            (act,) = ctx.rest
             return lambda y, w, b: (reference.resnet(y, w, b, step, act),)
         if arch == "antisymmetric":
-            gamma, act = ctx.rest
             return lambda y, w, b: (reference.antisymmetric(y, w, b, step, act, gamma),)
-        act = ctx.activation
         if arch == "leapfrog":
             return lambda y, yp, w, b: reference.leapfrog(y, w, b, step, act, yp, return_state=True)
         return lambda y, z, w, b: reference.verlet(y, w, b, step, act, z, return_state=True)
 
-    def _reference_vjp(arch, ctx, inputs, grads):
-        """The backward as a differentiable function of the inputs and of ``grads``
-        (``create_graph=True``), by recomputing the forward through the reference.
+    def _reference_vjp(arch, inputs, grads, step, gamma, act, needs):
+        """The backward as a differentiable function of the inputs and of ``grads`` (None:
+        an output nobody used), by recomputing the forward through the reference; the
+        gradient of each input marked in ``needs``, None for the others.
 
         Each input enters through its own view, so an input passed twice (leapfrog's
         default ``y_prev = y``) gets its own partial derivative per slot."""
-        needs = ctx.needs_input_grad[: len(inputs)]
         with torch.enable_grad():
             leaves = [t.view_as(t) if n else t.detach() for t, n in zip(inputs, needs)]
-            outs = _reference_fn(arch, ctx)(*leaves)
+            outs = _reference_fn(arch, step, gamma, act)(*leaves)
             pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
             wanted = [t for t, n in zip(leaves, needs) if n]
+            if not pairs or not wanted:
+                return [None] * len(inputs)
             got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
                                            create_graph=True, allow_unused=True))
-        return tuple(next(got) if n else None for n in needs)
+        return [next(got) if n else None for n in needs]
 
-    # resnet / antisymmetric: one carried tensor.
-    def _setup_one(ctx, inputs, output):
-        y, weight, bias, step = inputs[:4]
-        # Outputs nobody differentiated (the states, always) arrive as None instead
-        # of zero tensors: materialising the states' gradient zero-filled a tensor of
-        # N x slots x B x d floats on every backward (~0.3 ms of 1 ms at (1024, 4, 64)).
-        ctx.set_materialize_grads(False)
-        ctx.step = step
-        ctx.rest = inputs[4:-1]  # (activation,) or (gamma, activation)
-        ctx.stored = inputs[-1]
-        ctx.save_for_backward(output[1], y, weight, bias)
+    _C.set_reference_vjp(_reference_vjp)
 
-    def _make_backward_one(arch, backward_op):
-        def backward(ctx, grad_out, _grad_states):
-            states, y, weight, bias = ctx.saved_tensors
-            nones = (None,) * (2 + len(ctx.rest))
-            if not ctx.stored:
-                raise _no_states(arch)
-            if grad_out is None:  # only the states were used downstream
-                grad_out = torch.zeros_like(y)
-            if _differentiable_backward_wanted((grad_out,)):
-                return _reference_vjp(arch, ctx, (y, weight, bias), (grad_out,)) + nones
-            gy, gw, gb = backward_op(grad_out.contiguous(), states, weight, bias, ctx.step, *ctx.rest)
-            return (gy, gw, gb) + nones
-
-        return backward
-
-    _register_autograd(
-        "stablenets::resnet_forward",
-        _make_backward_one("resnet", ops.resnet_backward.default),
-        setup_context=_setup_one,
-    )
-    _register_autograd(
-        "stablenets::antisymmetric_forward",
-        _make_backward_one("antisymmetric", ops.antisymmetric_backward.default),
-        setup_context=_setup_one,
-    )
-
-    # leapfrog / verlet: a pair of carried tensors; without stored states the
-    # backward runs the integrator in reverse from the final pair, and checks
-    # the pair it arrives at against the inputs the forward saw.
-    def _setup_two(ctx, inputs, output):
-        y, other, weight, bias, step, activation, store = inputs
-        ctx.set_materialize_grads(False)  # see _setup_one
-        ctx.step, ctx.activation, ctx.stored = step, activation, store
-        if store:
-            ctx.save_for_backward(y, other, weight, bias, output[2])
-        else:
-            ctx.save_for_backward(y, other, weight, bias, output[0], output[1])
-
-    def _make_backward_two(arch, stored_op, reversible_op):
-        def backward(ctx, grad_a, grad_b, _grad_states):
-            y0, other0, weight, bias, *kept = ctx.saved_tensors
-            nones = (None, None, None)
-            if _differentiable_backward_wanted((grad_a, grad_b)):
-                return _reference_vjp(arch, ctx, (y0, other0, weight, bias), (grad_a, grad_b)) + nones
-            grad_a = _zeros_if_none(grad_a, y0).contiguous()
-            grad_b = _zeros_if_none(grad_b, y0).contiguous()
-            if ctx.stored:
-                (states,) = kept
-                ga, gb_, gw, gbias = stored_op(grad_a, grad_b, states, weight, bias, ctx.step, ctx.activation)
-            else:
-                ya, yb = kept
-                out = reversible_op(grad_a, grad_b, ya, yb, weight, bias, ctx.step, ctx.activation)
-                ga, gb_, gw, gbias = out[:4]
-                # The check reads a number back from the device, which neither a traced
-                # backward (torch.compile) nor CUDA graph capture allows: eager only.
-                if len(out) == 6 and not _tracing_or_capturing(ya):
-                    _warn_if_not_reversible(arch, out[4:], (y0, other0))
-            return (ga, gb_, gw, gbias) + nones
-
-        return backward
-
-    _register_autograd(
-        "stablenets::leapfrog_forward",
-        _make_backward_two("leapfrog", ops.leapfrog_backward.default,
-                           ops.leapfrog_backward_reversible.default),
-        setup_context=_setup_two,
-    )
-    _register_autograd(
-        "stablenets::verlet_forward",
-        _make_backward_two("verlet", ops.verlet_backward.default,
-                           ops.verlet_backward_reversible.default),
-        setup_context=_setup_two,
-    )
-
-    # torch.autocast: one kernel per op and autocast device type (stablenets_ext.autocast).
+    # torch.autocast: one kernel per op and autocast device type (stablenets_ext.autocast),
+    # above Autograd, so they serve the C++ autograd path as they do the conv ops'.
+    _LIB = torch.library.Library("stablenets", "FRAGMENT")  # noqa: TOR901
     _autocast.register(_LIB, _autocast.op_names())

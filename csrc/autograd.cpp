@@ -1,0 +1,519 @@
+// The autograd formulas of the dense stacks, in C++, for the Autograd key.
+//
+// A training step through a small stack (B, d, N) = (1024, 4, 64) spends about
+// as long in its kernels as a Python autograd wrapper spends around them, so
+// the formulas live here: a module call goes from the dispatcher straight into
+// a torch::autograd::Function, whose backward calls the matching backward op
+// below autograd. Python is entered only where it is needed:
+//
+// - a backward that must itself be differentiable (create_graph=True, or a
+//   transform over the backward: batched gradients, vectorized jacobians)
+//   recomputes through stablenets_ext.reference, by calling back the function
+//   ops.py hands to set_reference_vjp (the backward ops have no derivative);
+// - torch.func transforms and forward-mode AD are refused by name (the
+//   functional layer routes them to the reference before any op runs).
+//
+// The reversible backward compares the initial pair it rebuilt with the one the
+// forward saw and warns when reversibility was lost. On the CPU that is one
+// pass over 2 x B x d numbers, every call; on CUDA the error is reduced on the
+// device and read back through an event, never a host sync, on one call in
+// kCudaCheckEvery (flush_reversibility_checks() waits for the pending ones).
+// Nothing is read back while tracing (torch.compile, export, opcheck, make_fx)
+// or during CUDA graph capture.
+#include <Python.h>
+#include <torch/autograd.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/LegacyBatchedTensorImpl.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+
+#include <atomic>
+#include <cmath>
+#include <deque>
+#include <limits>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#ifdef STABLENETS_WITH_CUDA
+#include <c10/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace stablenets {
+namespace autograd {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// ------------------------------------------------------------------ modes
+
+// What torch._C._are_functorch_transforms_active() reads.
+bool transforms_active() {
+  auto included = c10::impl::tls_local_dispatch_key_set().included_;
+  return included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+}
+
+// A dual tensor of torch.autograd.forward_ad (level 0, the only one Python opens).
+bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+
+// torch._vmap_internals' batching, which gradcheck's batched-gradient check and
+// autograd.grad(is_grads_batched=True) use and which sets no functorch level.
+bool legacy_batched(const Tensor& t) { return t.defined() && at::isBatchedTensor(t); }
+
+// Real numbers on this process's memory: not traced (fake, functional or proxy
+// tensors, a dispatch mode), not meta, not under CUDA graph capture. Only then
+// may a value be read back.
+bool readable(const Tensor& t) {
+  if (c10::impl::TorchDispatchModeTLS::any_modes_set()) return false;
+  constexpr auto traced = c10::DispatchKeySet({c10::DispatchKey::Python,
+                                               c10::DispatchKey::PythonTLSSnapshot,
+                                               c10::DispatchKey::Functionalize});
+  if (t.key_set().has_any(traced) || t.is_meta()) return false;
+#ifdef STABLENETS_WITH_CUDA
+  if (t.is_cuda() &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    return false;
+  }
+#endif
+  return true;
+}
+
+void refuse_transforms(const char* op, std::initializer_list<const Tensor*> tensors) {
+  bool refuse = transforms_active();
+  for (const Tensor* t : tensors) refuse = refuse || has_tangent(*t);
+  TORCH_CHECK(!refuse, "stablenets::", op,
+              ": the fused ops support reverse-mode autograd only, not torch.func transforms "
+              "(grad, jacrev, jacfwd, hessian, vmap, jvp) or forward-mode AD. Call the stack "
+              "through stablenets_ext.functional or the modules, which run the reference "
+              "implementation under these, or use stablenets_ext.reference.");
+}
+
+bool any_requires_grad(std::initializer_list<const Tensor*> tensors) {
+  if (!c10::GradMode::is_enabled()) return false;
+  for (const Tensor* t : tensors) {
+    if (t->requires_grad()) return true;
+  }
+  return false;
+}
+
+// create_graph=True, or a transform over the backward itself: the backward ops
+// serve neither, the reference's autograd serves both.
+bool differentiable_backward_wanted(const variable_list& grads) {
+  if (c10::GradMode::is_enabled() || transforms_active()) return true;
+  for (const Tensor& g : grads) {
+    if (legacy_batched(g) || has_tangent(g)) return true;
+  }
+  return false;
+}
+
+// ---------------------------------------------------- the reference callback
+
+PyObject* g_reference_vjp = nullptr;  // owned; set once by ops.py
+
+// The gradients of the reference stack with respect to `inputs` (those marked
+// in `needs`), as differentiable functions of inputs and grads.
+variable_list reference_vjp(const char* arch, const variable_list& inputs,
+                            const variable_list& grads, double step, double gamma,
+                            const std::string& act, const std::vector<bool>& needs) {
+  pybind11::gil_scoped_acquire gil;
+  TORCH_CHECK(g_reference_vjp != nullptr,
+              "stablenets: double backward needs stablenets_ext.ops, which was not imported");
+  // An undefined gradient (an output nobody used) reaches Python as None.
+  std::vector<std::optional<Tensor>> gs;
+  for (const Tensor& g : grads) gs.emplace_back(g.defined() ? std::optional<Tensor>(g) : std::nullopt);
+  auto fn = pybind11::reinterpret_borrow<pybind11::object>(g_reference_vjp);
+  pybind11::object out = fn(std::string(arch), inputs, gs, step, gamma, act, needs);
+  auto got = out.cast<std::vector<std::optional<Tensor>>>();
+  variable_list res;
+  for (auto& g : got) res.push_back(g.has_value() ? *g : Tensor());
+  return res;
+}
+
+// ------------------------------------------------------------ reversibility
+
+constexpr int64_t kCudaCheckEvery = 16;
+
+std::string lost_message(const std::string& arch, double err, double tol) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.1e (> %.1e)", err, tol);
+  return "stablenets " + arch + " reversible backward: the initial state rebuilt by running the "
+         "stack in reverse is off by a relative error of " + buf + ", so reversibility was lost "
+         "(step too large, weights unstable, or too deep for the dtype) and the gradients are "
+         "inaccurate. Use reversible=False to differentiate with stored states.";
+}
+
+void warn_if_lost(const std::string& arch, double err, double tol) {
+  if (!(err <= tol)) TORCH_WARN(lost_message(arch, std::isfinite(err) ? err : INFINITY, tol));
+}
+
+// sqrt(eps): half the digits (ops.REBUILD_TOLERANCE, which the conv stacks use).
+double tolerance(at::ScalarType dtype) {
+  double tol = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "stablenets_tolerance", [&] {
+    tol = std::sqrt(static_cast<double>(std::numeric_limits<scalar_t>::epsilon()));
+  });
+  return tol;
+}
+
+// || rebuilt - seen || / || seen || over the pair, accumulated in double.
+double rebuild_error_cpu(const Tensor& ra, const Tensor& rb, const Tensor& sa, const Tensor& sb) {
+  double num = 0, den = 0;
+  for (auto [r, s] : {std::pair<const Tensor&, const Tensor&>{ra, sa}, {rb, sb}}) {
+    Tensor rc = r.contiguous(), sc = s.contiguous();
+    const int64_t n = sc.numel();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sc.scalar_type(), "stablenets_rebuild", [&] {
+      const scalar_t* rp = rc.const_data_ptr<scalar_t>();
+      const scalar_t* sp = sc.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < n; ++i) {
+        const double sv = static_cast<double>(sp[i]);
+        const double dv = static_cast<double>(rp[i]) - sv;
+        num += dv * dv;
+        den += sv * sv;
+      }
+    });
+  }
+  return std::sqrt(num / std::max(den, std::numeric_limits<double>::min()));
+}
+
+#ifdef STABLENETS_WITH_CUDA
+struct PendingCheck {
+  std::string arch;
+  double tol;
+  Tensor host;  // pinned, filled by the copy the event follows
+  c10::cuda::CUDAEvent done;
+};
+std::mutex g_pending_mutex;
+std::deque<PendingCheck> g_pending;
+std::atomic<int64_t> g_cuda_calls{0};
+
+// Warn for the finished checks (all of them, waiting, with `wait`).
+void poll_pending(bool wait) {
+  std::vector<std::tuple<std::string, double, double>> lost;
+  {
+    std::lock_guard<std::mutex> lock(g_pending_mutex);
+    while (!g_pending.empty()) {
+      PendingCheck& p = g_pending.front();
+      if (wait) {
+        p.done.synchronize();
+      } else if (!p.done.query()) {
+        break;
+      }
+      lost.emplace_back(p.arch, p.host.item<double>(), p.tol);
+      g_pending.pop_front();
+    }
+  }
+  for (auto& [arch, err, tol] : lost) warn_if_lost(arch, err, tol);
+}
+
+void check_cuda(const std::string& arch, const Tensor& ra, const Tensor& rb, const Tensor& sa,
+                const Tensor& sb) {
+  poll_pending(false);
+  if (g_cuda_calls.fetch_add(1) % kCudaCheckEvery != 0) return;
+  at::NoGradGuard no_grad;
+  auto sq = [](const Tensor& t) { return t.to(at::kDouble).square().sum(); };
+  Tensor num = sq(ra - sa) + sq(rb - sb);
+  Tensor den = sq(sa) + sq(sb);
+  Tensor err = (num / den.clamp_min(std::numeric_limits<double>::min())).sqrt().reshape({1});
+  Tensor host = at::empty({1}, err.options().device(at::kCPU).pinned_memory(true));
+  host.copy_(err, /*non_blocking=*/true);
+  PendingCheck p{arch, tolerance(sa.scalar_type()), host, c10::cuda::CUDAEvent()};
+  p.done.record(c10::cuda::getCurrentCUDAStream(sa.device().index()));
+  std::lock_guard<std::mutex> lock(g_pending_mutex);
+  g_pending.push_back(std::move(p));
+}
+#endif
+
+void check_rebuilt(const std::string& arch, const Tensor& ra, const Tensor& rb, const Tensor& sa,
+                   const Tensor& sb) {
+  if (!readable(sa) || !readable(ra)) return;
+  if (sa.is_cpu()) {
+    warn_if_lost(arch, rebuild_error_cpu(ra, rb, sa, sb), tolerance(sa.scalar_type()));
+    return;
+  }
+#ifdef STABLENETS_WITH_CUDA
+  if (sa.is_cuda()) check_cuda(arch, ra, rb, sa, sb);
+#endif
+}
+
+void flush_checks() {
+#ifdef STABLENETS_WITH_CUDA
+  poll_pending(true);
+#endif
+}
+
+// ------------------------------------------------------------------- ops
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using T2 = std::tuple<Tensor, Tensor>;
+using T3 = std::tuple<Tensor, Tensor, Tensor>;
+using T4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using T6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Str = c10::string_view;
+using TR = const Tensor&;
+
+using ResnetFwd = T2(TR, TR, TR, double, Str, bool);
+using ResnetBwd = T3(TR, TR, TR, TR, double, Str);
+using AntiFwd = T2(TR, TR, TR, double, double, Str, bool);
+using AntiBwd = T3(TR, TR, TR, TR, double, double, Str);
+using TwoFwd = T3(TR, TR, TR, TR, double, Str, bool);
+using TwoBwd = T4(TR, TR, TR, TR, TR, double, Str);
+using TwoRev = T6(TR, TR, TR, TR, TR, TR, double, Str);
+
+// Looked up once: the schemas are registered by the time an autograd kernel runs.
+struct Ops {
+  c10::TypedOperatorHandle<ResnetFwd> resnet_fwd = op<ResnetFwd>("stablenets::resnet_forward");
+  c10::TypedOperatorHandle<ResnetBwd> resnet_bwd = op<ResnetBwd>("stablenets::resnet_backward");
+  c10::TypedOperatorHandle<AntiFwd> anti_fwd = op<AntiFwd>("stablenets::antisymmetric_forward");
+  c10::TypedOperatorHandle<AntiBwd> anti_bwd = op<AntiBwd>("stablenets::antisymmetric_backward");
+  c10::TypedOperatorHandle<TwoFwd> leap_fwd = op<TwoFwd>("stablenets::leapfrog_forward");
+  c10::TypedOperatorHandle<TwoBwd> leap_bwd = op<TwoBwd>("stablenets::leapfrog_backward");
+  c10::TypedOperatorHandle<TwoRev> leap_rev =
+      op<TwoRev>("stablenets::leapfrog_backward_reversible");
+  c10::TypedOperatorHandle<TwoFwd> verlet_fwd = op<TwoFwd>("stablenets::verlet_forward");
+  c10::TypedOperatorHandle<TwoBwd> verlet_bwd = op<TwoBwd>("stablenets::verlet_backward");
+  c10::TypedOperatorHandle<TwoRev> verlet_rev =
+      op<TwoRev>("stablenets::verlet_backward_reversible");
+};
+
+const Ops& ops() {
+  static const Ops o;
+  return o;
+}
+
+// ----------------------------------------- resnet / antisymmetric: one state
+
+// anti: the antisymmetric stack (with its gamma), else the ResNet stack.
+T2 one_forward_op(bool anti, TR y, TR w, TR b, double step, double gamma, Str act, bool store) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  if (!anti) return ops().resnet_fwd.call(y, w, b, step, act, store);
+  return ops().anti_fwd.call(y, w, b, step, gamma, act, store);
+}
+
+struct OneStateFn : public torch::autograd::Function<OneStateFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& y, const Tensor& w,
+                               const Tensor& b, bool anti, double step, double gamma,
+                               std::string act, bool store) {
+    auto [out, states] = one_forward_op(anti, y, w, b, step, gamma, act, store);
+    // Outputs nobody differentiated (the states, always) arrive undefined rather
+    // than as zero tensors of N x slots x B x d numbers.
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["anti"] = anti;
+    ctx->saved_data["step"] = step;
+    ctx->saved_data["gamma"] = gamma;
+    ctx->saved_data["act"] = std::move(act);
+    ctx->saved_data["store"] = store;
+    ctx->save_for_backward({states, y, w, b});
+    return {out, states};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool anti = ctx->saved_data["anti"].toBool();
+    const double step = ctx->saved_data["step"].toDouble();
+    const double gamma = ctx->saved_data["gamma"].toDouble();
+    const std::string act = ctx->saved_data["act"].toStringRef();
+    const char* arch = anti ? "antisymmetric" : "resnet";
+    auto saved = ctx->get_saved_variables();
+    const Tensor &states = saved[0], &y = saved[1], &w = saved[2], &b = saved[3];
+    TORCH_CHECK(ctx->saved_data["store"].toBool(), "stablenets::", arch,
+                "_forward ran with store=False, so it kept no states for the backward; call it "
+                "with store=True when gradients are needed");
+    Tensor g = grads[0].defined() ? grads[0] : at::zeros_like(y);  // only the states were used
+    variable_list res(8);
+    if (differentiable_backward_wanted({g})) {
+      // Every input that requires grad, not only those this backward is asked for:
+      // the gradients are functions of all of them (a gradient penalty on y alone
+      // still differentiates through the weights).
+      std::vector<bool> needs{y.requires_grad(), w.requires_grad(), b.requires_grad()};
+      auto r = reference_vjp(arch, {y, w, b}, {g}, step, gamma, act, needs);
+      std::copy(r.begin(), r.end(), res.begin());
+      return res;
+    }
+    at::AutoDispatchBelowADInplaceOrView below;
+    T3 out = anti ? ops().anti_bwd.call(g.contiguous(), states, w, b, step, gamma, act)
+                  : ops().resnet_bwd.call(g.contiguous(), states, w, b, step, act);
+    std::tie(res[0], res[1], res[2]) = std::move(out);
+    return res;
+  }
+};
+
+T2 one_autograd(bool anti, TR y, TR w, TR b, double step, double gamma, Str act, bool store) {
+  refuse_transforms(anti ? "antisymmetric_forward" : "resnet_forward", {&y, &w, &b});
+  if (!any_requires_grad({&y, &w, &b})) {
+    return one_forward_op(anti, y, w, b, step, gamma, act, store);
+  }
+  auto out = OneStateFn::apply(y, w, b, anti, step, gamma, std::string(act), store);
+  return {out[0], out[1]};
+}
+
+T2 resnet_forward(TR y, TR w, TR b, double step, Str act, bool store) {
+  return one_autograd(false, y, w, b, step, 0.0, act, store);
+}
+
+T2 antisymmetric_forward(TR y, TR w, TR b, double step, double gamma, Str act, bool store) {
+  return one_autograd(true, y, w, b, step, gamma, act, store);
+}
+
+// ------------------------------------------------ leapfrog / verlet: a pair
+
+T3 two_forward_op(bool verlet, TR y, TR other, TR w, TR b, double step, Str act, bool store) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  return (verlet ? ops().verlet_fwd : ops().leap_fwd).call(y, other, w, b, step, act, store);
+}
+
+// Without stored states the backward runs the integrator in reverse from the
+// final pair and checks the pair it arrives at against the inputs.
+struct TwoStateFn : public torch::autograd::Function<TwoStateFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& y, const Tensor& other,
+                               const Tensor& w, const Tensor& b, bool verlet, double step,
+                               std::string act, bool store) {
+    auto [ya, yb, states] = two_forward_op(verlet, y, other, w, b, step, act, store);
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["verlet"] = verlet;
+    ctx->saved_data["step"] = step;
+    ctx->saved_data["act"] = std::move(act);
+    ctx->saved_data["store"] = store;
+    if (store) {
+      ctx->save_for_backward({y, other, w, b, states});
+    } else {
+      ctx->save_for_backward({y, other, w, b, ya, yb});
+    }
+    return {ya, yb, states};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool verlet = ctx->saved_data["verlet"].toBool();
+    const double step = ctx->saved_data["step"].toDouble();
+    const std::string act = ctx->saved_data["act"].toStringRef();
+    const char* arch = verlet ? "verlet" : "leapfrog";
+    auto saved = ctx->get_saved_variables();
+    const Tensor &y0 = saved[0], &other0 = saved[1], &w = saved[2], &b = saved[3];
+    variable_list res(8);
+    if (differentiable_backward_wanted({grads[0], grads[1]})) {
+      std::vector<bool> needs;  // as for OneStateFn
+      for (size_t i = 0; i < 4; ++i) needs.push_back(saved[i].requires_grad());
+      auto r = reference_vjp(arch, {y0, other0, w, b}, {grads[0], grads[1]}, step, 0.0, act, needs);
+      std::copy(r.begin(), r.end(), res.begin());
+      return res;
+    }
+    Tensor ga = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(y0);
+    Tensor gb = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(y0);
+    at::AutoDispatchBelowADInplaceOrView below;
+    if (ctx->saved_data["store"].toBool()) {
+      std::tie(res[0], res[1], res[2], res[3]) =
+          (verlet ? ops().verlet_bwd : ops().leap_bwd).call(ga, gb, saved[4], w, b, step, act);
+      return res;
+    }
+    Tensor ra, rb;
+    std::tie(res[0], res[1], res[2], res[3], ra, rb) =
+        (verlet ? ops().verlet_rev : ops().leap_rev).call(ga, gb, saved[4], saved[5], w, b, step, act);
+    check_rebuilt(arch, ra, rb, y0, other0);
+    return res;
+  }
+};
+
+T3 two_autograd(bool verlet, TR y, TR other, TR w, TR b, double step, Str act, bool store) {
+  refuse_transforms(verlet ? "verlet_forward" : "leapfrog_forward", {&y, &other, &w, &b});
+  if (!any_requires_grad({&y, &other, &w, &b})) {
+    return two_forward_op(verlet, y, other, w, b, step, act, store);
+  }
+  auto out = TwoStateFn::apply(y, other, w, b, verlet, step, std::string(act), store);
+  return {out[0], out[1], out[2]};
+}
+
+T3 leapfrog_forward(TR y, TR y_prev, TR w, TR b, double step, Str act, bool store) {
+  return two_autograd(false, y, y_prev, w, b, step, act, store);
+}
+
+T3 verlet_forward(TR y, TR z, TR w, TR b, double step, Str act, bool store) {
+  return two_autograd(true, y, z, w, b, step, act, store);
+}
+
+// --------------------------------------------------- the backward ops: none
+
+// The backward ops have no derivative of their own (a backward run with
+// create_graph=True recomputes through the reference instead): refuse, naming
+// the op, rather than return results that are silently constant.
+void not_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+  const auto n = op.schema().arguments().size();
+  bool refuse = transforms_active();
+  const bool grad = c10::GradMode::is_enabled();
+  for (const c10::IValue& v : torch::jit::last(*stack, n)) {
+    if (!v.isTensor()) continue;
+    const Tensor& t = v.toTensor();
+    refuse = refuse || has_tangent(t) || legacy_batched(t) || (grad && t.requires_grad());
+  }
+  TORCH_CHECK(!refuse, op.schema().name(),
+              " is not differentiable (and serves no torch.func transform or forward-mode AD). "
+              "Differentiate the forward op instead: its backward supports create_graph=True; or "
+              "use stablenets_ext.reference.");
+  at::AutoDispatchBelowADInplaceOrView below;
+  op.callBoxed(stack);
+}
+
+}  // namespace autograd
+}  // namespace stablenets
+
+// ------------------------------------------------------- Python entry points
+
+namespace {
+
+PyObject* set_reference_vjp(PyObject*, PyObject* fn) {
+  if (!PyCallable_Check(fn)) {
+    PyErr_SetString(PyExc_TypeError, "set_reference_vjp: expected a callable");
+    return nullptr;
+  }
+  Py_INCREF(fn);
+  Py_XDECREF(stablenets::autograd::g_reference_vjp);
+  stablenets::autograd::g_reference_vjp = fn;
+  Py_RETURN_NONE;
+}
+
+PyObject* flush_reversibility_checks(PyObject*, PyObject*) {
+  HANDLE_TH_ERRORS
+  {
+    pybind11::gil_scoped_release no_gil;
+    stablenets::autograd::flush_checks();
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+}  // namespace
+
+// ops.cpp's module: stablenets_ext._C.
+PyMethodDef stablenets_module_methods[] = {
+    {"set_reference_vjp", set_reference_vjp, METH_O,
+     "Set the function a differentiable backward calls: fn(arch, inputs, grads, step, gamma, "
+     "activation, needs) -> gradients (None where not needed)."},
+    {"flush_reversibility_checks", flush_reversibility_checks, METH_NOARGS,
+     "Wait for the pending reversibility checks of CUDA reversible backwards and warn for "
+     "those that lost reversibility."},
+    {nullptr, nullptr, 0, nullptr}};
+
+TORCH_LIBRARY_IMPL(stablenets, Autograd, m) {
+  namespace A = stablenets::autograd;
+  m.impl("resnet_forward", &A::resnet_forward);
+  m.impl("antisymmetric_forward", &A::antisymmetric_forward);
+  m.impl("leapfrog_forward", &A::leapfrog_forward);
+  m.impl("verlet_forward", &A::verlet_forward);
+  for (const char* name : {"resnet_backward", "antisymmetric_backward", "leapfrog_backward",
+                           "leapfrog_backward_reversible", "verlet_backward",
+                           "verlet_backward_reversible"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&A::not_differentiable>());
+  }
+}
