@@ -14,6 +14,8 @@ import math
 import os
 import re
 
+from .runtime.processes import pid_alive
+
 
 class OutputPathError(ValueError):
     """An output path that cannot be written; the message names the option."""
@@ -82,16 +84,6 @@ def is_history(path) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("history"), dict)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale(path) -> list:
     """Remove what runs killed while writing ``path`` left behind: its
     ``.lock`` when no process holds the lock, and temporary files
@@ -116,7 +108,7 @@ def clean_stale(path) -> list:
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
             m = pattern.match(name)
-            if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(folder, name))
                     removed.append(os.path.join(folder, name))

@@ -144,6 +144,17 @@ def reap(procs, grace: float = 3.0) -> None:
             p.join(2.0)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def exit_with_parent(pid: int | None = None, on_exit=None) -> None:
     """Start a daemon thread that ends this process (``os._exit(1)``) as soon as
     process ``pid`` (default: the parent) is gone; ``on_exit()`` runs first
@@ -151,13 +162,7 @@ def exit_with_parent(pid: int | None = None, on_exit=None) -> None:
     pid = os.getppid() if pid is None else int(pid)
 
     def alive() -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_alive(pid)
 
     def watch():
         fd = None
