@@ -172,7 +172,7 @@ debug = os.environ.get("DEBUG", "0") == "1"
 opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
 cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
-sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "autograd.cpp")]
+sources = [os.path.join("csrc", f) for f in ("ops.cpp", "autograd.cpp", "autocast.cpp")]
 cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 isas = cpu_isas()
 cpu_exts = [

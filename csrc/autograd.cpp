@@ -309,30 +309,28 @@ struct OneStateFn : public torch::autograd::Function<OneStateFn> {
                                const Tensor& b, bool anti, double step, double gamma,
                                std::string act, bool store) {
     auto [out, states] = one_forward_op(anti, y, w, b, step, gamma, act, store);
-    // Outputs nobody differentiated (the states, always) arrive undefined rather
-    // than as zero tensors of N x slots x B x d numbers.
+    // The states are what the backward reads, not a result to differentiate.
+    ctx->mark_non_differentiable({states});
     ctx->set_materialize_grads(false);
-    ctx->saved_data["anti"] = anti;
-    ctx->saved_data["step"] = step;
-    ctx->saved_data["gamma"] = gamma;
-    ctx->saved_data["act"] = std::move(act);
-    ctx->saved_data["store"] = store;
+    // One entry (each saved_data key is a hash-map insert and lookup per call).
+    ctx->saved_data["p"] = c10::ivalue::Tuple::create(anti, step, gamma, std::move(act), store);
     ctx->save_for_backward({states, y, w, b});
     return {out, states};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool anti = ctx->saved_data["anti"].toBool();
-    const double step = ctx->saved_data["step"].toDouble();
-    const double gamma = ctx->saved_data["gamma"].toDouble();
-    const std::string act = ctx->saved_data["act"].toStringRef();
+    const auto& p = ctx->saved_data["p"].toTupleRef().elements();
+    const bool anti = p[0].toBool();
+    const double step = p[1].toDouble();
+    const double gamma = p[2].toDouble();
+    const std::string& act = p[3].toStringRef();
     const char* arch = anti ? "antisymmetric" : "resnet";
     auto saved = ctx->get_saved_variables();
     const Tensor &states = saved[0], &y = saved[1], &w = saved[2], &b = saved[3];
-    TORCH_CHECK(ctx->saved_data["store"].toBool(), "stablenets::", arch,
+    TORCH_CHECK(p[4].toBool(), "stablenets::", arch,
                 "_forward ran with store=False, so it kept no states for the backward; call it "
                 "with store=True when gradients are needed");
-    Tensor g = grads[0].defined() ? grads[0] : at::zeros_like(y);  // only the states were used
+    Tensor g = grads[0].defined() ? grads[0] : at::zeros_like(y);
     variable_list res(8);
     if (differentiable_backward_wanted({g})) {
       // Every input that requires grad, not only those this backward is asked for:
@@ -382,11 +380,9 @@ struct TwoStateFn : public torch::autograd::Function<TwoStateFn> {
                                const Tensor& w, const Tensor& b, bool verlet, double step,
                                std::string act, bool store) {
     auto [ya, yb, states] = two_forward_op(verlet, y, other, w, b, step, act, store);
+    ctx->mark_non_differentiable({states});
     ctx->set_materialize_grads(false);
-    ctx->saved_data["verlet"] = verlet;
-    ctx->saved_data["step"] = step;
-    ctx->saved_data["act"] = std::move(act);
-    ctx->saved_data["store"] = store;
+    ctx->saved_data["p"] = c10::ivalue::Tuple::create(verlet, step, std::move(act), store);
     if (store) {
       ctx->save_for_backward({y, other, w, b, states});
     } else {
@@ -396,9 +392,10 @@ struct TwoStateFn : public torch::autograd::Function<TwoStateFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool verlet = ctx->saved_data["verlet"].toBool();
-    const double step = ctx->saved_data["step"].toDouble();
-    const std::string act = ctx->saved_data["act"].toStringRef();
+    const auto& p = ctx->saved_data["p"].toTupleRef().elements();
+    const bool verlet = p[0].toBool();
+    const double step = p[1].toDouble();
+    const std::string& act = p[2].toStringRef();
     const char* arch = verlet ? "verlet" : "leapfrog";
     auto saved = ctx->get_saved_variables();
     const Tensor &y0 = saved[0], &other0 = saved[1], &w = saved[2], &b = saved[3];
@@ -413,7 +410,7 @@ struct TwoStateFn : public torch::autograd::Function<TwoStateFn> {
     Tensor ga = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(y0);
     Tensor gb = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(y0);
     at::AutoDispatchBelowADInplaceOrView below;
-    if (ctx->saved_data["store"].toBool()) {
+    if (p[3].toBool()) {
       std::tie(res[0], res[1], res[2], res[3]) =
           (verlet ? ops().verlet_bwd : ops().leap_bwd).call(ga, gb, saved[4], w, b, step, act);
       return res;

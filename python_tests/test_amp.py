@@ -94,6 +94,95 @@ def test_raw_op_under_autocast_returns_autocast_dtype():
     assert all(t.dtype == torch.float32 for t in g32)
 
 
+def _op_args(name, dtype=torch.float32, store=True):
+    """Arguments for stablenets::<name>: float32 parameters, ``dtype`` data."""
+    conv_op = name.startswith("conv_")
+    arch = name.removeprefix("conv_").split("_")[0]
+    g = torch.Generator().manual_seed(1)
+    shape = (2, 3, 5, 5) if conv_op else (5, 8)
+    c = shape[1]
+    w = torch.randn((3, c, c, 3, 3) if conv_op else (3, c, c), generator=g) * 0.2
+    b = torch.randn(3, c, generator=g) * 0.1
+    y = torch.randn(shape, generator=g).to(dtype)
+    extra = (0.01,) if arch == "antisymmetric" else ()
+    fwd = getattr(torch.ops.stablenets, name.split("_backward")[0].removesuffix("_forward")
+                  + "_forward").default
+    pair = arch in ("leapfrog", "verlet")
+    with torch.no_grad():
+        out = fwd(*((y, y) if pair else (y,)), w.to(dtype), b.to(dtype), 0.1, *extra, "tanh",
+                  True)
+    if name.endswith("_forward"):
+        return ((y, y.clone()) if pair else (y,)) + (w, b, 0.1, *extra, "tanh", store)
+    gy = torch.ones(shape).to(dtype)
+    if name.endswith("_backward_reversible"):
+        return (gy, gy, out[0], out[1], w, b, 0.1, "tanh")
+    if pair:
+        return (gy, gy, out[2], w, b, 0.1, "tanh")
+    return (gy, out[1], w, b, 0.1, *extra, "tanh")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_autocast_kernels_are_cpp_and_match_the_python_policy(monkeypatch, dtype):
+    """Eager calls under autocast run the C++ kernels (csrc/autocast.cpp: no Python per
+    call); the Python kernels torch.compile/export trace with (stablenets_ext.autocast)
+    give the same dtypes and values, for every op."""
+    from stablenets_ext import autocast
+
+    python_kernels = {name: autocast._make_kernel(name, getattr(torch.ops.stablenets, name).default,
+                                                  "cpu") for name in autocast.op_names()}
+
+    def refuse(*args, **kw):
+        raise AssertionError("an eager call under autocast entered the Python autocast policy")
+
+    for name in autocast.op_names():
+        op = getattr(torch.ops.stablenets, name).default
+        args = _op_args(name, dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with monkeypatch.context() as mp:
+                mp.setattr(autocast, "_cast", refuse)
+                got = op(*args)
+            want = python_kernels[name](*args)
+        assert len(got) == len(want), name
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype, name
+            assert torch.equal(g, w), name
+
+
+def test_eager_autocast_reversible_forward_runs_in_float32():
+    """A reversible forward with gradients wanted keeps its final pair in float32 inside the
+    op (the backward rebuilds every state from it) and returns the autocast dtype."""
+    y = torch.randn(5, 8)
+    w = (torch.randn(3, 8, 8) * 0.2).requires_grad_()
+    b = torch.zeros(3, 8, requires_grad=True)
+    op = torch.ops.stablenets.verlet_forward.default
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya, yb, _ = op(y, torch.zeros_like(y), w, b, 0.1, "tanh", False)
+    with torch.no_grad():
+        fa, fb, _ = op(y, torch.zeros_like(y), w, b, 0.1, "tanh", False)
+    assert ya.dtype == yb.dtype == torch.bfloat16
+    assert torch.equal(ya, fa.bfloat16()) and torch.equal(yb, fb.bfloat16())
+
+
+def test_autocast_caches_the_cast_of_a_parameter():
+    """Within one autocast region a leaf parameter is cast once (at::autocast::cached_cast),
+    as for ATen's own ops: a second call casts only its input."""
+    m = sn.ResNetStack(8, 3)
+    x = torch.randn(4, 8)
+
+    def casts(calls):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs = [m(x) for _ in range(calls)]
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy"), outs
+
+    one, _ = casts(1)
+    two, (a, b) = casts(2)
+    # The second call casts x again but not weight and bias (whatever the kernel casts
+    # inside, which both calls do alike).
+    assert two == 2 * one - 2, (one, two)
+    assert torch.equal(a, b)
+
+
 def test_float64_untouched_by_autocast():
     m = sn.VerletStack(8, 4).double()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -1,8 +1,8 @@
-"""``torch.autocast`` for every stablenets op, as dispatcher kernels.
+"""``torch.autocast`` for every stablenets op: the policy, for the Python dispatcher.
 
 Under ``torch.autocast(device_type, dtype=...)`` each op (dense and conv, forward
-and backward, stored and reversible) gets an AutocastCPU / AutocastCUDA kernel
-that runs it with autocast off after casting its floating tensor arguments:
+and backward, stored and reversible) runs with autocast off after its floating
+tensor arguments are cast:
 
 - forward ops: to the autocast dtype ("lower precision" policy), so the stacks
   take what the layers before them hand over (an ``nn.Linear`` under autocast
@@ -23,10 +23,11 @@ float32 outright: a reversible forward (leapfrog or Verlet forward with
 backward rebuilds every state from; it is kept in float32 and only the
 returned pair is cast.
 
-Registered with ``torch.library.Library.impl`` (and ``OpOverload.py_impl`` for the
-Python dispatcher torch.compile and torch.export trace with), as
-``torch.library.register_autocast`` does; that function casts to one fixed dtype,
-while these follow the dtype of the autocast region.
+Eager calls run this policy in C++ (csrc/autocast.cpp: AutocastCPU and
+AutocastCUDA kernels registered with ``TORCH_LIBRARY_IMPL``, no Python per
+call). ``torch.compile`` and ``torch.export`` trace with the Python dispatcher,
+which takes the Python kernels registered here with ``OpOverload.py_impl`` for
+the same keys; python_tests/test_amp.py checks that both agree.
 """
 
 from __future__ import annotations
@@ -78,20 +79,18 @@ def _make_kernel(name, op, device_type):
     return kernel
 
 
-def register(lib: torch.library.Library, names) -> None:
-    """Give each op ``stablenets::<name>`` in ``names`` its autocast kernels, in ``lib``."""
+def register(names) -> None:
+    """Give each op ``stablenets::<name>`` in ``names`` its autocast kernels for the Python
+    dispatcher (the C++ ones, csrc/autocast.cpp, serve eager calls)."""
     for name in names:
         op = getattr(torch.ops.stablenets, name).default
         for device_type in DEVICE_TYPES:
             if not torch.amp.is_autocast_available(device_type):
                 continue
             key = "AutocastCUDA" if device_type == "cuda" else "AutocastCPU"
-            kernel = _make_kernel(name, op, device_type)
             dispatch_key = getattr(torch._C.DispatchKey, key)
-            if op.has_kernel_for_dispatch_key(dispatch_key):
-                op.py_kernels.pop(dispatch_key, None)
-            op.py_impl(dispatch_key)(kernel)
-            lib.impl(name, lambda _keyset, *args, _k=kernel: _k(*args), key, with_keyset=True)
+            op.py_kernels.pop(dispatch_key, None)
+            op.py_impl(dispatch_key)(_make_kernel(name, op, device_type))
 
 
 def op_names() -> list[str]:

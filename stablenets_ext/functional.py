@@ -81,22 +81,21 @@ def check_args(y, weight, bias, step, activation, *, gamma=None, state=None, sta
     check_tensor(y, "y")
     check_tensor(weight, "weight")
     check_tensor(bias, "bias")
-    if y.dim() != 2:
-        raise ValueError(f"y: expected a 2-D tensor (batch, features), got shape {tuple(y.shape)}")
-    if weight.dim() != 3 or weight.shape[1] != weight.shape[2]:
-        raise ValueError(
-            f"weight: expected shape (layers, features, features), got {tuple(weight.shape)}"
-        )
-    if weight.shape[0] == 0:
+    ys, ws = y.shape, weight.shape
+    if len(ys) != 2:
+        raise ValueError(f"y: expected a 2-D tensor (batch, features), got shape {tuple(ys)}")
+    if len(ws) != 3 or ws[1] != ws[2]:
+        raise ValueError(f"weight: expected shape (layers, features, features), got {tuple(ws)}")
+    if ws[0] == 0:
         raise ValueError("weight: expected at least one layer, got 0 layers")
-    if weight.shape[1] != y.shape[1]:
+    if ws[1] != ys[1]:
         raise ValueError(
-            f"weight: expected features = {y.shape[1]} (from y of shape {tuple(y.shape)}), "
-            f"got shape {tuple(weight.shape)}"
+            f"weight: expected features = {ys[1]} (from y of shape {tuple(ys)}), "
+            f"got shape {tuple(ws)}"
         )
-    if tuple(bias.shape) != (weight.shape[0], weight.shape[1]):
+    if bias.shape != ws[:2]:
         raise ValueError(
-            f"bias: expected shape {(weight.shape[0], weight.shape[1])} = (layers, features), "
+            f"bias: expected shape {tuple(ws[:2])} = (layers, features), "
             f"got {tuple(bias.shape)}"
         )
     check_rest(y, weight, bias, step, activation, gamma=gamma, state=state, state_name=state_name)
@@ -106,11 +105,12 @@ def check_rest(y, weight, bias, step, activation, *, gamma=None, state=None, sta
     """The checks that do not depend on the layout of y and weight (dense or
     convolutional, see :func:`stablenets_ext.conv.check_args`): parameters on y's
     dtype and device, the carried state like y, the scalars, the activation."""
+    dtype, device = y.dtype, y.device
     for t, name in ((weight, "weight"), (bias, "bias")):
-        if t.dtype != y.dtype and not autocast_casts(y, t):
-            raise ValueError(f"{name}: expected the dtype of y ({y.dtype}), got {t.dtype}")
-        if t.device != y.device:
-            raise ValueError(f"{name}: expected the device of y ({y.device}), got {t.device}")
+        if t.dtype != dtype and not autocast_casts(y, t):
+            raise ValueError(f"{name}: expected the dtype of y ({dtype}), got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}: expected the device of y ({device}), got {t.device}")
     if state is not None:
         check_tensor(state, state_name)
         if state.shape != y.shape:

@@ -86,7 +86,7 @@ _KERNELS = probe_kernels("stablenets::resnet_forward")
 
 def has_kernel(device: torch.device | str) -> bool:
     """Whether fused kernels were compiled for this device type."""
-    kind = torch.device(device).type
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
     if kind == "cpu" and ENV_ERROR is not None:
         raise ENV_ERROR
     return _KERNELS.get(kind, False)
@@ -388,7 +388,6 @@ if _C is not None:
 
     _C.set_reference_vjp(_reference_vjp)
 
-    # torch.autocast: one kernel per op and autocast device type (stablenets_ext.autocast),
-    # above Autograd, so they serve the C++ autograd path as they do the conv ops'.
-    _LIB = torch.library.Library("stablenets", "FRAGMENT")  # noqa: TOR901
-    _autocast.register(_LIB, _autocast.op_names())
+    # torch.autocast: C++ kernels (csrc/autocast.cpp) above Autograd serve eager calls;
+    # the Python dispatcher (torch.compile, torch.export) takes these.
+    _autocast.register(_autocast.op_names())
