@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <limits>
@@ -695,6 +696,35 @@ void check_throws(const std::string& what, const std::string& needle,
   }
 }
 
+#if __has_include("../cpu/tile.h")
+// The bit-level float <-> bfloat16 conversion of the narrow kernels' stored states
+// (cpu_detail::convert_run) against c10's static_cast, bit for bit: random floats
+// over every exponent, the rounding ties, zeros, infinities, NaNs, denormals.
+void check_bf16_conversion() {
+  std::mt19937 gen(7);
+  std::vector<uint32_t> bits;
+  for (int k = 0; k < 200000; ++k) bits.push_back(gen());
+  for (uint32_t hi : {0x0000u, 0x3F80u, 0x7F7Fu, 0x7F80u, 0x7FC0u, 0x8000u, 0xFF80u, 0x0001u})
+    for (uint32_t lo : {0x0000u, 0x7FFFu, 0x8000u, 0x8001u, 0xFFFFu, 0x0001u})
+      bits.push_back((hi << 16) | lo);
+  std::vector<float> f(bits.size());
+  std::memcpy(f.data(), bits.data(), bits.size() * sizeof(float));
+  std::vector<c10::BFloat16> got(f.size());
+  stablenets::cpu_detail::convert_run(f.data(), got.data(), static_cast<int64_t>(f.size()));
+  int64_t down_bad = 0, up_bad = 0;
+  std::vector<float> back(f.size());
+  stablenets::cpu_detail::convert_run(got.data(), back.data(), static_cast<int64_t>(f.size()));
+  for (size_t k = 0; k < f.size(); ++k) {
+    if (got[k].x != static_cast<c10::BFloat16>(f[k]).x) ++down_bad;
+    const float want = static_cast<float>(got[k]);
+    if (std::memcmp(&back[k], &want, sizeof(float)) != 0) ++up_bad;
+  }
+  std::snprintf(buf, sizeof buf, "%zu values: %lld float->bf16 and %lld bf16->float differ",
+                f.size(), static_cast<long long>(down_bad), static_cast<long long>(up_bad));
+  report(down_bad == 0 && up_bad == 0, "bfloat16 state conversion == static_cast", buf);
+}
+#endif
+
 void check_arguments() {
   namespace k = stablenets::cpu;
   const auto opt = at::TensorOptions().dtype(at::kDouble);
@@ -740,6 +770,11 @@ int main() {
 
   std::printf("\n== argument checks\n");
   check_arguments();
+
+#if __has_include("../cpu/tile.h")
+  std::printf("\n== reduced-precision storage\n");
+  check_bf16_conversion();
+#endif
 
   std::printf("\n%d checks, %d failed\n", n_checks, n_failed);
   return n_failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
