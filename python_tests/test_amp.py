@@ -167,6 +167,33 @@ def test_bf16_error_at_most_pytorch_autocast(arch, reversible, d):
         assert fused <= slack * plain, f"{name}: fused {fused:.2e} > {slack} x PyTorch autocast {plain:.2e}"
 
 
+@pytest.mark.parametrize("activation", ["tanh", "silu"])
+@pytest.mark.parametrize("arch,reversible", CASES)
+def test_bf16_cast_wide_error_at_most_pytorch_bf16(arch, reversible, activation):
+    """Modules cast with .bfloat16(), wide (d = 40 > the narrow tile width: bfloat16 GEMMs,
+    with the carried states and adjoints in float32; leapfrog and Verlet stored and
+    reversible; silu keeps P, not act(P), in its states): output and every gradient
+    against float64 at most the error of plain PyTorch running the reference stack in
+    bfloat16 on the same (bf16-valued) parameters and inputs."""
+    d, n = 40, 12
+    m64 = _stack(DENSE, arch, reversible, d, n, activation=activation, impl="reference").double()
+    with torch.no_grad():
+        for p in m64.parameters():
+            p.copy_(p.bfloat16().double())
+    y_in = torch.randn(64, d).bfloat16()
+    exact = _outputs_and_grads(m64, y_in.double())
+    errs = {}
+    for impl in ("fused", "reference"):
+        m = _stack(DENSE, arch, reversible, d, n, activation=activation, impl=impl)
+        m.load_state_dict(m64.state_dict())
+        got = _outputs_and_grads(m.bfloat16(), y_in)
+        assert all(t.dtype == torch.bfloat16 for t in got)
+        errs[impl] = [_rel(a, e) for a, e in zip(got, exact)]
+    for name, fused, plain in zip(("output", "grad y", "grad weight", "grad bias"),
+                                  errs["fused"], errs["reference"]):
+        assert fused <= plain, f"{name}: fused {fused:.2e} > PyTorch bfloat16 {plain:.2e}"
+
+
 @pytest.mark.parametrize("arch,reversible", CASES)
 def test_conv_bf16_error_within_2x_pytorch_autocast(arch, reversible):
     """The conv stacks on the CPU run bfloat16 natively (oneDNN convolutions in bf16,

@@ -143,20 +143,7 @@ void forward_wide_reduced(const at::Tensor& y, const at::Tensor& K, const at::Te
     const T* bj = b.data_ptr<T>() + j * d;
     T* np = next.data_ptr<T>();
     T* ap = store ? slot(states, j, 1).data_ptr<T>() : nullptr;
-    ew_rows(B, d, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t o = r * d;
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) {
-          const float v = static_cast<float>(pp[o + c]) + static_cast<float>(bj[c]);
-          const float a = act_f<A, float>(v);
-          const float yn = yp[o + c] + h * a;
-          yp[o + c] = yn;
-          np[o + c] = static_cast<T>(yn);
-          if (ap) ap[o + c] = static_cast<T>(kStoresPre<A> ? v : a);
-        }
-      }
-    });
+    act_step_reduced<T, A>(B, d, yp, np, pp, ap, h, bj);
     cur = next;
   }
 }
@@ -201,8 +188,12 @@ void backward_wide_reduced(const at::Tensor& gout, const at::Tensor& states, con
 
 }  // namespace
 
-// Every width: narrow stacks keep float32 tiles over bf16/fp16 memory.
-bool resnet_reduced_native(const at::Tensor&) { return true; }
+// Narrow stacks keep float32 tiles over bf16/fp16 memory; wide ones serve bfloat16
+// (their GEMMs in bf16), while wide float16 takes float32 copies (tile.h:
+// wide_reduced_native). A malformed first argument goes straight to the checks.
+bool resnet_reduced_native(const at::Tensor& first) {
+  return first.dim() != 2 || narrow(first.size(1)) || wide_reduced_native(first);
+}
 
 at::Tensor antisymmetric_weight(const at::Tensor& K_in, double gamma) {
   const at::Tensor K = K_in.contiguous();

@@ -403,6 +403,45 @@ void act_step(const at::Tensor& dst, const at::Tensor& src, const at::Tensor& p,
   });
 }
 
+// ------------------------------------------- wide path, bfloat16 storage
+//
+// Wide stacks in bfloat16 run their GEMMs in bfloat16 (ATen -> oneDNN, float32
+// accumulation, AVX-512 BF16 / AMX where the CPU has them) and everything else in
+// float32: the state carried from layer to layer (and the adjoint carried back)
+// stays float32 across the whole stack, and bfloat16 copies of it feed the GEMMs
+// and the stored states. float16 is not served this way: this CPU has no float16
+// GEMM (ATen's runs 3-20x slower than float32), so a float16 call takes
+// reduced_precision.h's float32 copies instead.
+inline bool wide_reduced_native(const at::Tensor& first) {
+  return first.scalar_type() == at::kBFloat16 && first.dim() == 2 && !narrow(first.size(1));
+}
+
+// The reduced-precision twin of act_step, over a (rows, d) matrix: with
+// v = p + bias (float32), x32 += alpha * act(v) when x32 is given (the carried
+// float32 state), then xt = x32 rounded to T (when given: the next GEMM's input or
+// a stored state), and s = what a state keeps of v, act(v) or v (kStoresPre), when
+// given (s may be p itself). bias: one row of d.
+template <typename T, Act A>
+void act_step_reduced(int64_t rows, int64_t d, float* x32, T* xt, const T* p, T* s, float alpha,
+                      const T* bias) {
+  ew_rows(rows, d, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t o = r * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) {
+        const float v = static_cast<float>(p[o + c]) + static_cast<float>(bias[c]);
+        const float a = act_f<A, float>(v);
+        if (s) s[o + c] = static_cast<T>(kStoresPre<A> ? v : a);
+        if (x32) {
+          const float x = x32[o + c] + alpha * a;
+          x32[o + c] = x;
+          if (xt) xt[o + c] = static_cast<T>(x);
+        }
+      }
+    }
+  });
+}
+
 // g = elem(e) for every element e of a (rows, d) matrix (elem writes g where it
 // belongs and returns it), and gb = (accumulate ? gb : 0) + the column sums of
 // g, in one pass. The sums run over fixed blocks of rows, then over the blocks
