@@ -271,31 +271,35 @@ void forward_wide_reduced(const at::Tensor& y, const at::Tensor& yprev, const at
       T* pp = P.data_ptr<T>();
       T* ap = Aj.data_ptr<T>();
       const T* bj = b.data_ptr<T>() + j * d;
-      ew_rows(B, d, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t o = r * d;
+      with_flags(kStoresPre<A> && store, false, false, [&](auto KeepP, auto, auto) {
+        ew_rows(B, d, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t o = r * d;
 #pragma omp simd
-          for (int64_t c = 0; c < d; ++c) {
-            const float v = static_cast<float>(pp[o + c]) + static_cast<float>(bj[c]);
-            if (kStoresPre<A> && store) pp[o + c] = static_cast<T>(v);
-            ap[o + c] = static_cast<T>(act_f<A, float>(v));
+            for (int64_t c = 0; c < d; ++c) {
+              const float v = static_cast<float>(pp[o + c]) + static_cast<float>(bj[c]);
+              if constexpr (KeepP()) pp[o + c] = round_to<T>(v);
+              ap[o + c] = round_to<T>(act_f<A, float>(v));
+            }
           }
-        }
+        });
       });
     }
     at::mm_out(Q, Aj, K[j]);
     T* np = store && j + 1 < N ? slot(states, j + 1, 0).data_ptr<T>()
                                : (store ? nullptr : cur.data_ptr<T>());
     const T* qp = Q.data_ptr<T>();
-    ew(B * d, [&](int64_t e0, int64_t e1) {
+    with_flags(np != nullptr, false, false, [&](auto Next, auto, auto) {
+      ew(B * d, [&](int64_t e0, int64_t e1) {
 #pragma omp simd
-      for (int64_t e = e0; e < e1; ++e) {  // Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 A_j K_j
-        const float yo = yp[e];
-        const float yn = 2.f * yo - ypp[e] + mh2 * static_cast<float>(qp[e]);
-        ypp[e] = yo;
-        yp[e] = yn;
-        if (np) np[e] = static_cast<T>(yn);
-      }
+        for (int64_t e = e0; e < e1; ++e) {  // Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 A_j K_j
+          const float yo = yp[e];
+          const float yn = 2.f * yo - ypp[e] + mh2 * static_cast<float>(qp[e]);
+          ypp[e] = yo;
+          yp[e] = yn;
+          if constexpr (Next()) np[e] = round_to<T>(yn);
+        }
+      });
     });
     if (store && j + 1 < N) cur = slot(states, j + 1, 0);
   }
@@ -333,8 +337,8 @@ void backward_wide_reduced(const at::Tensor& ga, const at::Tensor& gc, const at:
   ew(B * d, [&](int64_t e0, int64_t e1) {
 #pragma omp simd
     for (int64_t e = e0; e < e1; ++e) {
-      wl[e] = static_cast<T>(mh2 * ap32[e]);
-      if (Reversible) wy[e] = static_cast<T>(yp[e]);
+      wl[e] = round_to<T>(mh2 * ap32[e]);
+      if (Reversible) wy[e] = round_to<T>(yp[e]);
     }
   });
   std::vector<float> gb32(d);
@@ -361,7 +365,7 @@ void backward_wide_reduced(const at::Tensor& ga, const at::Tensor& gc, const at:
       ew(B * d, [&](int64_t e0, int64_t e1) {
 #pragma omp simd
         for (int64_t e = e0; e < e1; ++e)
-          xa[e] = static_cast<T>(act_f<A, float>(static_cast<float>(pp[e])));
+          xa[e] = round_to<T>(act_f<A, float>(static_cast<float>(pp[e])));
       });
       sp = pp;
     }
@@ -372,10 +376,10 @@ void backward_wide_reduced(const at::Tensor& ga, const at::Tensor& gc, const at:
       colsum_pass<float>(B, d, gb32.data(), false, [&](int64_t e) {
         const float g =
             static_cast<float>(gpp[e]) * stored_grad<A, float>(static_cast<float>(sp[e]));
-        xg[e] = static_cast<T>(g);
+        xg[e] = round_to<T>(g);
         return g;
       });
-      for (int64_t c = 0; c < d; ++c) gbp[j * d + c] = static_cast<T>(gb32[c]);
+      for (int64_t c = 0; c < d; ++c) gbp[j * d + c] = round_to<T>(gb32[c]);
     }
     at::mm_out(R, Reversible ? X : Xg, K[j]);
     at::Tensor gwj = gw[j];
@@ -389,13 +393,13 @@ void backward_wide_reduced(const at::Tensor& ga, const at::Tensor& gc, const at:
         const float na = cp32[e] + 2.f * lam + static_cast<float>(rp[e]);
         cp32[e] = -lam;
         ap32[e] = na;
-        wl[e] = static_cast<T>(mh2 * na);
+        wl[e] = round_to<T>(mh2 * na);
         if (Reversible) {  // Y_{j-1} = 2 Y_j - Y_{j+1} - h^2 A_j K_j
           const float yo = yp[e];
           const float yb = 2.f * yo - ynp[e] + mh2 * static_cast<float>(rp[B * d + e]);
           ynp[e] = yo;
           yp[e] = yb;
-          wy[e] = static_cast<T>(yb);
+          wy[e] = round_to<T>(yb);
         }
       }
     });

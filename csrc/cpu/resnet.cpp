@@ -165,7 +165,7 @@ void backward_wide_reduced(const at::Tensor& gout, const at::Tensor& states, con
     T* gp = G.data_ptr<T>();
     colsum_pass<float>(B, d, gb32.data(), false, [&](int64_t e) {
       const float g = h * lp[e] * stored_grad<A, float>(static_cast<float>(ap[e]));
-      gp[e] = static_cast<T>(g);
+      gp[e] = round_to<T>(g);
       return g;
     });
     for (int64_t c = 0; c < d; ++c) gbp[j * d + c] = static_cast<T>(gb32[c]);

@@ -320,7 +320,7 @@ void backward_wide_reduced(const at::Tensor& gy_in, const at::Tensor& gz_in,
       const T* sp = S2.data_ptr<T>();
       colsum_pass<float>(B, d, gb32.data(), false, [&](int64_t e) {
         const float g = h * lyp[e] * stored_grad<A, float>(static_cast<float>(sp[e]));
-        xg[e] = static_cast<T>(g);
+        xg[e] = round_to<T>(g);
         return g;
       });
     }
@@ -331,10 +331,10 @@ void backward_wide_reduced(const at::Tensor& gy_in, const at::Tensor& gz_in,
         const float lz = lzp[e] + static_cast<float>(rp[e]);
         lzp[e] = lz;
         const float g = -h * lz * stored_grad<A, float>(static_cast<float>(sp[e]));
-        wg[e] = static_cast<T>(g);
+        wg[e] = round_to<T>(g);
         return g;
       });
-      for (int64_t c = 0; c < d; ++c) gbp[j * d + c] = static_cast<T>(gb32[c]);
+      for (int64_t c = 0; c < d; ++c) gbp[j * d + c] = round_to<T>(gb32[c]);
     }
     at::mm_out(R, Wg, K[j].t());  // ly += G1 K_j^T
     at::Tensor gwj = gw[j];
@@ -349,7 +349,7 @@ void backward_wide_reduced(const at::Tensor& gy_in, const at::Tensor& gz_in,
         if (Reversible) {  // Z_{j-1/2} = Z_{j+1/2} + h act(P1)
           const float zn = zp[e] + h * stored_act<A, float>(static_cast<float>(s1[e]));
           zp[e] = zn;
-          wz[e] = static_cast<T>(zn);
+          wz[e] = round_to<T>(zn);
         }
       }
     });
