@@ -219,11 +219,11 @@ def test_conv_bf16_error_within_2x_pytorch_autocast(arch, reversible):
         assert fused <= 2 * plain, f"{name}: fused {fused:.2e} > 2 x PyTorch autocast {plain:.2e}"
 
 
+@pytest.mark.parametrize("d", [8, 40])  # narrow tiles; wide (bf16 GEMMs, float32 pair)
 @pytest.mark.parametrize("arch", ["leapfrog", "verlet"])
-def test_bf16_reversible_deep_stack_rebuilds(arch):
+def test_bf16_reversible_deep_stack_rebuilds(arch, d):
     """Depth 1024, well-conditioned: the reversible backward in bfloat16 (module cast and
     autocast) rebuilds its states without the reversibility warning."""
-    d = 8
     m = _stack(DENSE, arch, True, d, 1024, step=0.05)
     with torch.no_grad():
         m.weight.mul_(0.5)
