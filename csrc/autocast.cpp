@@ -8,7 +8,8 @@
 //   takes what the layers before it hand over (an nn.Linear under autocast
 //   returns bfloat16 from float32 inputs) and returns the autocast dtype, as
 //   nn.Linear and nn.Conv2d do. at::autocast::cached_cast reuses the cast of a
-//   leaf parameter within one autocast region, as ATen's own ops do;
+//   leaf parameter within one autocast region, as ATen's own ops do (tensors of
+//   1 MiB and more go through stablenets::cpu_cast on the CPU, see cast());
 // - backward ops: to the widest dtype among them ("promote"; nothing is cast
 //   when they agree, as they do when autograd calls them);
 // - the reversible forward (a leapfrog/Verlet forward with store=False while
@@ -44,6 +45,24 @@ bool eligible(const at::Tensor& t) {
 }
 
 int bits(at::ScalarType t) { return static_cast<int>(c10::elementSize(t)) * 8; }
+
+// Tensors at least this large are cast on the CPU with stablenets::cpu_cast (the CPU
+// kernels' block cache, csrc/cpu/block_cache.cpp), whose gradient is cast back the
+// same way: through .to() a training step's large weight cast and its float32
+// gradient were fresh blocks, page-faulted in every step. The Python policy
+// (stablenets_ext/autocast.py, _CACHED_CAST_MIN_BYTES) draws the same line.
+constexpr int64_t kCachedCastMinBytes = int64_t{1} << 20;
+
+at::Tensor cast(const at::Tensor& t, at::ScalarType to, c10::DeviceType dev) {
+  if (dev == c10::DeviceType::CPU && t.is_cpu() &&
+      t.numel() * static_cast<int64_t>(c10::elementSize(to)) >= kCachedCastMinBytes) {
+    // Looked up per call (only large tensors come here): the op lives in the CPU
+    // kernel library, which is loaded after this one.
+    auto handle = c10::Dispatcher::singleton().findSchema({"stablenets::cpu_cast", ""});
+    if (handle) return handle->typed<at::Tensor(const at::Tensor&, at::ScalarType)>().call(t, to);
+  }
+  return at::autocast::cached_cast(to, t, dev);
+}
 
 // leapfrog/verlet forwards (dense or conv): the ones with a reversible mode.
 bool pair_forward(std::string_view name) {
@@ -83,7 +102,7 @@ void kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stac
     for (auto it = args_begin; it != stack->end(); ++it) {
       if (!it->isTensor()) continue;
       const at::Tensor& t = it->toTensor();
-      if (eligible(t) && t.scalar_type() != target) *it = at::autocast::cached_cast(target, t, Dev);
+      if (eligible(t) && t.scalar_type() != target) *it = cast(t, target, Dev);
     }
   }
   {

@@ -256,6 +256,69 @@ def test_bf16_error_at_most_pytorch_autocast(arch, reversible, d):
         assert fused <= slack * plain, f"{name}: fused {fused:.2e} > {slack} x PyTorch autocast {plain:.2e}"
 
 
+@pytest.mark.parametrize("activation", ["tanh", "silu"])
+@pytest.mark.parametrize("arch,reversible", CASES)
+def test_bf16_cast_wide_error_at_most_pytorch_bf16(arch, reversible, activation):
+    """Modules cast with .bfloat16(), wide (d = 40 > the narrow tile width: bfloat16 GEMMs,
+    with the carried states and adjoints in float32; silu keeps P, not act(P), in its
+    states; a reversible stack that trains runs its op in float32, functional.run_pair_op,
+    and the reversible op in bf16 is tested on its own below): output and every gradient
+    against float64 at most the error of plain PyTorch running the reference stack in
+    bfloat16 on the same (bf16-valued) parameters and inputs."""
+    d, n = 40, 12
+    m64 = _stack(DENSE, arch, reversible, d, n, activation=activation, impl="reference").double()
+    with torch.no_grad():
+        for p in m64.parameters():
+            p.copy_(p.bfloat16().double())
+    y_in = torch.randn(64, d).bfloat16()
+    exact = _outputs_and_grads(m64, y_in.double())
+    errs = {}
+    for impl in ("fused", "reference"):
+        m = _stack(DENSE, arch, reversible, d, n, activation=activation, impl=impl)
+        m.load_state_dict(m64.state_dict())
+        got = _outputs_and_grads(m.bfloat16(), y_in)
+        assert all(t.dtype == torch.bfloat16 for t in got)
+        errs[impl] = [_rel(a, e) for a, e in zip(got, exact)]
+    # The bias gradient is at the floor both share, as in the autocast test above.
+    for name, fused, plain, slack in zip(("output", "grad y", "grad weight", "grad bias"),
+                                         errs["fused"], errs["reference"], (1, 1, 1, 1.25)):
+        assert fused <= slack * plain, f"{name}: fused {fused:.2e} > {slack} x PyTorch bf16 {plain:.2e}"
+
+
+@pytest.mark.parametrize("arch", ["leapfrog", "verlet"])
+def test_bf16_wide_reversible_backward_op(arch):
+    """The reversible backward op itself in bfloat16, wide (bf16 GEMMs; the rebuilt pair and
+    the adjoints carried in float32; the modules call it in float32 when they train, see
+    functional.run_pair_op, so it is tested here on the op): its gradients against the
+    float64 op on the same bf16-valued inputs are as accurate as the stored backward's
+    against its float64 twin, and it rebuilds the inputs to bfloat16 accuracy."""
+    ops = torch.ops.stablenets
+    fwd, back = getattr(ops, f"{arch}_forward"), getattr(ops, f"{arch}_backward")
+    rev = getattr(ops, f"{arch}_backward_reversible")
+    B, d, n = 32, 40, 12
+
+    def bf(*shape, scale=1.0):
+        return (torch.randn(*shape) * scale).bfloat16().double()
+
+    y0, w, b, g1, g2 = bf(B, d), bf(n, d, d, scale=d ** -0.5), bf(n, d, scale=0.1), bf(B, d), bf(B, d)
+    p0 = y0.clone() if arch == "leapfrog" else torch.zeros_like(y0)
+    h = (0.1, "tanh")
+    y_n, p_n, states = fwd(y0, p0, w, b, *h, True)
+    y_n, p_n = y_n.bfloat16(), p_n.bfloat16()  # the pair a bf16 forward hands over
+    got = rev(g1.bfloat16(), g2.bfloat16(), y_n, p_n, w.bfloat16(), b.bfloat16(), *h)
+    exact = rev(g1, g2, y_n.double(), p_n.double(), w, b, *h)
+    assert all(t.dtype == torch.bfloat16 for t in got)
+    _, _, sb = fwd(y0.bfloat16(), p0.bfloat16(), w.bfloat16(), b.bfloat16(), *h, True)
+    stored = back(g1.bfloat16(), g2.bfloat16(), sb, w.bfloat16(), b.bfloat16(), *h)
+    stored_exact = back(g1, g2, states, w, b, *h)
+    for name, a, e, sa, se in zip(("grad y", "grad pair", "grad weight", "grad bias"), got, exact,
+                                  stored, stored_exact):
+        assert _rel(a, e) <= 1.5 * _rel(sa, se) + 1e-4, (name, _rel(a, e), _rel(sa, se))
+    eps = torch.finfo(torch.bfloat16).eps
+    assert _rel(got[4], exact[4]) < 2 * eps  # Y_0
+    assert (got[5].double() - exact[5]).abs().max() < 4 * eps * y0.abs().max()  # the second input
+
+
 @pytest.mark.parametrize("arch,reversible", CASES)
 def test_conv_bf16_error_within_2x_pytorch_autocast(arch, reversible):
     """The conv stacks on the CPU run bfloat16 natively (oneDNN convolutions in bf16,
@@ -280,11 +343,11 @@ def test_conv_bf16_error_within_2x_pytorch_autocast(arch, reversible):
         assert fused <= 2 * plain, f"{name}: fused {fused:.2e} > 2 x PyTorch autocast {plain:.2e}"
 
 
+@pytest.mark.parametrize("d", [8, 40])  # narrow tiles; wide (bf16 GEMMs, float32 pair)
 @pytest.mark.parametrize("arch", ["leapfrog", "verlet"])
-def test_bf16_reversible_deep_stack_rebuilds(arch):
+def test_bf16_reversible_deep_stack_rebuilds(arch, d):
     """Depth 1024, well-conditioned: the reversible backward in bfloat16 (module cast and
     autocast) rebuilds its states without the reversibility warning."""
-    d = 8
     m = _stack(DENSE, arch, True, d, 1024, step=0.05)
     with torch.no_grad():
         m.weight.mul_(0.5)
@@ -317,6 +380,32 @@ def test_compile_under_autocast():
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, f(x))
+
+
+def test_autocast_casts_large_parameters_through_the_cache():
+    """Under CPU autocast, parameters of 1 MB and more are cast by stablenets::cpu_cast (into
+    the kernels' block cache, the gradient cast back the same way): the same outputs and
+    float32 gradients as casting them with .to()."""
+    m = sn.VerletStack(512, 3)  # bf16 weight: 1.5 MB
+    x = torch.randn(16, 512)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    assert any("cpu_cast" in type(f).__name__ for f, _ in out.grad_fn.next_functions if f)
+    out.float().square().sum().backward()
+    w = m.weight.detach().bfloat16().requires_grad_()
+    b = m.bias.detach().bfloat16().requires_grad_()
+    y, z, _ = torch.ops.stablenets.verlet_forward(x.bfloat16(), torch.zeros(16, 512).bfloat16(),
+                                                  w, b, m.step, "tanh", True)
+    torch.testing.assert_close(out, y, rtol=0, atol=0)
+    y.float().square().sum().backward()
+    assert m.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(m.weight.grad, w.grad.float(), rtol=0, atol=0)
+
+
+def test_opcheck_cpu_cast():
+    x = torch.randn(4, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.stablenets.cpu_cast.default, (x, torch.bfloat16))
+    torch.library.opcheck(torch.ops.stablenets.cpu_cast.default, (x.bfloat16(), torch.float32))
 
 
 def test_opcheck_bf16():

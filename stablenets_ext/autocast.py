@@ -45,8 +45,42 @@ def _autocast_eligible(x) -> bool:
     return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
 
 
+# Tensors at least this large (the CPU kernels' block cache's smallest block) are
+# cast on the CPU with stablenets::cpu_cast, which writes into that cache and casts
+# the gradient back the same way: with .to() a training step's weight cast and its
+# float32 gradient were fresh blocks page-faulted in every step (csrc/cpu/block_cache.cpp).
+_CACHED_CAST_MIN_BYTES = 1 << 20
+
+
+def _cast_one(a, dtype):
+    if (a.device.type == "cpu" and a.numel() * dtype.itemsize >= _CACHED_CAST_MIN_BYTES
+            and hasattr(torch.ops.stablenets, "cpu_cast")):
+        return torch.ops.stablenets.cpu_cast(a, dtype)
+    return a.to(dtype)
+
+
 def _cast(args, dtype):
-    return tuple(a.to(dtype) if _autocast_eligible(a) and a.dtype != dtype else a for a in args)
+    return tuple(_cast_one(a, dtype) if _autocast_eligible(a) and a.dtype != dtype else a
+                 for a in args)
+
+
+def _register_cpu_cast(lib) -> None:
+    """Fake kernel and autograd of stablenets::cpu_cast (the gradient cast back, cached too)."""
+    if not hasattr(torch.ops.stablenets, "cpu_cast"):
+        return
+
+    def fake(x, dtype):
+        return torch.empty(x.shape, dtype=dtype, device=x.device)
+
+    def setup_context(ctx, inputs, output):
+        ctx.dtype = inputs[0].dtype
+
+    def backward(ctx, grad):
+        return torch.ops.stablenets.cpu_cast(grad, ctx.dtype), None
+
+    torch.library.register_fake("stablenets::cpu_cast", fake, lib=lib)
+    torch.library.register_autograd("stablenets::cpu_cast", backward, setup_context=setup_context,
+                                    lib=lib)
 
 
 def _reversible_with_grad(name, args) -> bool:
@@ -79,9 +113,11 @@ def _make_kernel(name, op, device_type):
     return kernel
 
 
-def register(names) -> None:
+def register(lib: torch.library.Library, names) -> None:
     """Give each op ``stablenets::<name>`` in ``names`` its autocast kernels for the Python
-    dispatcher (the C++ ones, csrc/autocast.cpp, serve eager calls)."""
+    dispatcher (the C++ ones, csrc/autocast.cpp, serve eager calls), and
+    stablenets::cpu_cast its fake kernel and autograd, in ``lib``."""
+    _register_cpu_cast(lib)
     for name in names:
         op = getattr(torch.ops.stablenets, name).default
         for device_type in DEVICE_TYPES:

@@ -390,4 +390,5 @@ if _C is not None:
 
     # torch.autocast: C++ kernels (csrc/autocast.cpp) above Autograd serve eager calls;
     # the Python dispatcher (torch.compile, torch.export) takes these.
-    _autocast.register(_autocast.op_names())
+    _LIB = torch.library.Library("stablenets", "FRAGMENT")  # noqa: TOR901
+    _autocast.register(_LIB, _autocast.op_names())

@@ -238,6 +238,180 @@ void backward_wide(const at::Tensor& ga, const at::Tensor& gc, const at::Tensor&
   }
 }
 
+// ------------------------------------------------------------ bfloat16, wide
+//
+// As resnet.cpp's wide reduced path (tile.h: wide_reduced_native): the GEMMs in
+// bfloat16, the rest in float32. The pair (Y_j, Y_{j-1}) of the forward, the
+// adjoint pair of the backward and the pair a reversible backward rebuilds stay
+// float32 through all layers; bf16 copies feed the GEMMs and the stored states.
+// Leapfrog's two-step recurrence subtracts nearly equal states (2 Y_j - Y_{j-1}),
+// so rounding them to bf16 at every layer (as plain PyTorch under autocast does)
+// is where its error would come from.
+
+template <typename T, Act A>
+void forward_wide_reduced(const at::Tensor& y, const at::Tensor& yprev, const at::Tensor& K,
+                          const at::Tensor& b, float h, at::Tensor& out, at::Tensor& out_prev,
+                          at::Tensor& states, bool store) {
+  const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
+  const float mh2 = -h * h;
+  store = store && N > 0;
+  at::Tensor Y32 = y.to(at::kFloat), Yp32 = yprev.to(at::kFloat);  // Y_j, Y_{j-1}
+  float* yp = Y32.data_ptr<float>();
+  float* ypp = Yp32.data_ptr<float>();
+  // Y_j in T (the GEMM's input): its state slot when states are kept.
+  at::Tensor cur = store ? slot(states, 0, 0) : at::empty({B, d}, y.options());
+  cur.copy_(y);
+  at::Tensor Abuf = store && !kStoresPre<A> ? at::Tensor() : at::empty({B, d}, y.options());
+  at::Tensor Q = at::empty({B, d}, y.options());
+  for (int64_t j = 0; j < N; ++j) {
+    at::Tensor P = store ? slot(states, j, 1) : Abuf;  // P_j, then what the state keeps
+    const at::Tensor Aj = store && !kStoresPre<A> ? P : Abuf;
+    at::mm_out(P, cur, K[j].t());
+    {  // A_j = act(P_j + b_j); a kept state holds A_j (in place) or P_j + b_j (kStoresPre)
+      T* pp = P.data_ptr<T>();
+      T* ap = Aj.data_ptr<T>();
+      const T* bj = b.data_ptr<T>() + j * d;
+      with_flags(kStoresPre<A> && store, false, false, [&](auto KeepP, auto, auto) {
+        ew_rows(B, d, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t o = r * d;
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) {
+              const float v = static_cast<float>(pp[o + c]) + static_cast<float>(bj[c]);
+              if constexpr (KeepP()) pp[o + c] = round_to<T>(v);
+              ap[o + c] = round_to<T>(act_f<A, float>(v));
+            }
+          }
+        });
+      });
+    }
+    at::mm_out(Q, Aj, K[j]);
+    T* np = store && j + 1 < N ? slot(states, j + 1, 0).data_ptr<T>()
+                               : (store ? nullptr : cur.data_ptr<T>());
+    const T* qp = Q.data_ptr<T>();
+    with_flags(np != nullptr, false, false, [&](auto Next, auto, auto) {
+      ew(B * d, [&](int64_t e0, int64_t e1) {
+#pragma omp simd
+        for (int64_t e = e0; e < e1; ++e) {  // Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 A_j K_j
+          const float yo = yp[e];
+          const float yn = 2.f * yo - ypp[e] + mh2 * static_cast<float>(qp[e]);
+          ypp[e] = yo;
+          yp[e] = yn;
+          if constexpr (Next()) np[e] = round_to<T>(yn);
+        }
+      });
+    });
+    if (store && j + 1 < N) cur = slot(states, j + 1, 0);
+  }
+  out.copy_(Y32);
+  out_prev.copy_(Yp32);
+}
+
+template <typename T, Act A, bool Reversible>
+void backward_wide_reduced(const at::Tensor& ga, const at::Tensor& gc, const at::Tensor& states,
+                           const at::Tensor& y_hi, const at::Tensor& y_lo, const at::Tensor& K,
+                           const at::Tensor& b, float h, at::Tensor& gy, at::Tensor& gyp,
+                           at::Tensor& gw, at::Tensor& gb, at::Tensor& ry, at::Tensor& ryp) {
+  const int64_t N = K.size(0), B = ga.size(0), d = ga.size(1);
+  const float mh2 = -h * h;
+  const at::TensorOptions opt = ga.options();
+  at::Tensor a32 = ga.to(at::kFloat), c32 = gc.to(at::kFloat);  // (dL/dY_{j+1}, dL/dY_j)
+  at::Tensor Y32, Yn32;                                         // Y_j, Y_{j+1} (reversible)
+  if (Reversible) {
+    Y32 = y_lo.to(at::kFloat);
+    Yn32 = y_hi.to(at::kFloat);
+  }
+  float* ap32 = a32.data_ptr<float>();
+  float* cp32 = c32.data_ptr<float>();
+  float* yp = Reversible ? Y32.data_ptr<float>() : nullptr;
+  float* ynp = Reversible ? Yn32.data_ptr<float>() : nullptr;
+  // One GEMM of 2B rows for dK_j = G^T Y_j - h^2 A_j^T lam = X^T W, and (reversible)
+  // one for [G K_j; A_j K_j] = X K_j: X = [G; A_j], W = [Y_j; -h^2 lam].
+  at::Tensor X = at::empty({2 * B, d}, opt), W = at::empty({2 * B, d}, opt);
+  at::Tensor R = at::empty({Reversible ? 2 * B : B, d}, opt), Gp = at::empty({B, d}, opt);
+  at::Tensor Xg = X.narrow(0, 0, B), Xa = X.narrow(0, B, B);
+  at::Tensor Wy = W.narrow(0, 0, B), Wl = W.narrow(0, B, B);
+  at::Tensor Pv = Reversible ? at::empty({B, d}, opt) : at::Tensor();  // P_j (+ b_j)
+  T* wl = Wl.data_ptr<T>();
+  T* wy = Wy.data_ptr<T>();
+  ew(B * d, [&](int64_t e0, int64_t e1) {
+#pragma omp simd
+    for (int64_t e = e0; e < e1; ++e) {
+      wl[e] = round_to<T>(mh2 * ap32[e]);
+      if (Reversible) wy[e] = round_to<T>(yp[e]);
+    }
+  });
+  std::vector<float> gb32(d);
+  T* gbp = gb.data_ptr<T>();
+  for (int64_t j = N - 1; j >= 0; --j) {
+    const T* bj = b.data_ptr<T>() + j * d;
+    // Xa = A_j; sp: what act' reads (P_j + b_j for kStoresPre, else A_j).
+    const T* sp = Xa.data_ptr<T>();
+    if (Reversible) {
+      at::mm_out(Pv, Wy, K[j].t());
+      act_step_reduced<T, A>(B, d, nullptr, nullptr, Pv.data_ptr<T>(),
+                             kStoresPre<A> ? Pv.data_ptr<T>() : Xa.data_ptr<T>(), 0.f, bj);
+    } else {
+      Wy.copy_(slot(states, j, 0));
+      if constexpr (kStoresPre<A>) {
+        Pv = slot(states, j, 1);
+      } else {
+        Xa.copy_(slot(states, j, 1));
+      }
+    }
+    if constexpr (kStoresPre<A>) {  // A_j from P_j + b_j, which act' reads
+      const T* pp = Pv.data_ptr<T>();
+      T* xa = Xa.data_ptr<T>();
+      ew(B * d, [&](int64_t e0, int64_t e1) {
+#pragma omp simd
+        for (int64_t e = e0; e < e1; ++e)
+          xa[e] = round_to<T>(act_f<A, float>(static_cast<float>(pp[e])));
+      });
+      sp = pp;
+    }
+    at::mm_out(Gp, Wl, K[j].t());  // -h^2 lam K_j^T
+    {  // G = -h^2 (lam K_j^T) act'(P_j), db_j = sum G
+      const T* gpp = Gp.data_ptr<T>();
+      T* xg = Xg.data_ptr<T>();
+      colsum_pass<float>(B, d, gb32.data(), false, [&](int64_t e) {
+        const float g =
+            static_cast<float>(gpp[e]) * stored_grad<A, float>(static_cast<float>(sp[e]));
+        xg[e] = round_to<T>(g);
+        return g;
+      });
+      for (int64_t c = 0; c < d; ++c) gbp[j * d + c] = round_to<T>(gb32[c]);
+    }
+    at::mm_out(R, Reversible ? X : Xg, K[j]);
+    at::Tensor gwj = gw[j];
+    at::mm_out(gwj, X.t(), W);
+    const T* rp = R.data_ptr<T>();
+    ew(B * d, [&](int64_t e0, int64_t e1) {
+#pragma omp simd
+      for (int64_t e = e0; e < e1; ++e) {
+        // (a, c) <- (c + 2 lam + G K_j, -lam)
+        const float lam = ap32[e];
+        const float na = cp32[e] + 2.f * lam + static_cast<float>(rp[e]);
+        cp32[e] = -lam;
+        ap32[e] = na;
+        wl[e] = round_to<T>(mh2 * na);
+        if (Reversible) {  // Y_{j-1} = 2 Y_j - Y_{j+1} - h^2 A_j K_j
+          const float yo = yp[e];
+          const float yb = 2.f * yo - ynp[e] + mh2 * static_cast<float>(rp[B * d + e]);
+          ynp[e] = yo;
+          yp[e] = yb;
+          wy[e] = round_to<T>(yb);
+        }
+      }
+    });
+  }
+  gy.copy_(a32);
+  gyp.copy_(c32);
+  if (Reversible) {
+    ry.copy_(Yn32);  // Y_0
+    ryp.copy_(Y32);  // Y_{-1}
+  }
+}
+
 template <bool Reversible>
 T6 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& states_in,
             const at::Tensor& yhi_in, const at::Tensor& ylo_in, const at::Tensor& K_in,
@@ -253,6 +427,16 @@ T6 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& 
   if (Reversible) {
     ry = at::empty({B, d}, ga.options());
     ryp = at::empty({B, d}, ga.options());
+  }
+  if (wide_reduced_native(ga)) {
+    gw = empty_cached({N, d, d}, ga.options());
+    gb = at::empty({N, d}, ga.options());
+    SN_DISPATCH_ACT(act, [&] {
+      backward_wide_reduced<at::BFloat16, kAct, Reversible>(ga, gc, states, yhi, ylo, K, b,
+                                                            static_cast<float>(step), gy, gyp,
+                                                            gw, gb, ry, ryp);
+    });
+    return {gy, gyp, gw, gb, ry, ryp};
   }
   AT_DISPATCH_FLOATING_TYPES(ga.scalar_type(), "leapfrog_backward", [&] {
     const scalar_t h = static_cast<scalar_t>(step);
@@ -300,6 +484,13 @@ T3 leapfrog_forward(const at::Tensor& y_in, const at::Tensor& yprev_in, const at
   const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
   at::Tensor out = at::empty({B, d}, y.options()), out_prev = at::empty({B, d}, y.options());
   at::Tensor states = empty_states(y, store ? N : 0, 2);
+  if (wide_reduced_native(y)) {
+    SN_DISPATCH_ACT(act, [&] {
+      forward_wide_reduced<at::BFloat16, kAct>(y, yprev, K, b, static_cast<float>(step), out,
+                                               out_prev, states, store);
+    });
+    return {out, out_prev, states};
+  }
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "leapfrog_forward", [&] {
     const scalar_t h = static_cast<scalar_t>(step);
     SN_DISPATCH_ACT(act, [&] {
@@ -348,7 +539,11 @@ T6 leapfrog_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad
 }  // namespace stablenets
 
 TORCH_LIBRARY_IMPL(stablenets, CPU, m) {
-  SN_IMPL(m, "leapfrog_forward", &stablenets::cpu::leapfrog_forward);
-  SN_IMPL(m, "leapfrog_backward", &stablenets::cpu::leapfrog_backward);
-  SN_IMPL(m, "leapfrog_backward_reversible", &stablenets::cpu::leapfrog_backward_reversible);
+  using stablenets::cpu_detail::wide_reduced_native;
+  SN_IMPL_NATIVE(m, "leapfrog_forward", &stablenets::cpu::leapfrog_forward,
+                 &wide_reduced_native);
+  SN_IMPL_NATIVE(m, "leapfrog_backward", &stablenets::cpu::leapfrog_backward,
+                 &wide_reduced_native);
+  SN_IMPL_NATIVE(m, "leapfrog_backward_reversible",
+                 &stablenets::cpu::leapfrog_backward_reversible, &wide_reduced_native);
 }

@@ -118,9 +118,10 @@ void backward_wide(const at::Tensor& gout, const at::Tensor& states, const at::T
 
 // ------------------------------------------------- bfloat16 / float16, wide
 //
-// Storage (inputs, outputs, stored states, gradients) in T = bfloat16 or float16,
-// the layer's products as ATen GEMMs in T (oneDNN accumulates them in float32, on
-// AVX-512 BF16 / AMX where the CPU has them: 3-4x the float32 GEMM here), and the
+// Storage (inputs, outputs, stored states, gradients) in T = bfloat16 (float16 takes
+// float32 copies: tile.h, wide_reduced_native), the layer's products as ATen GEMMs
+// in T (oneDNN accumulates them in float32, on AVX-512 BF16 / AMX where the CPU has
+// them: 2x the float32 GEMM on this machine, 1.7 against 3.4 ms), and the
 // rest in float32: the carried state Y (forward) and adjoint L (backward) stay
 // float32 across all layers, T copies of them feed the GEMMs and the stored states.
 // Plain PyTorch under autocast rounds Y to T at every layer instead.
@@ -143,20 +144,7 @@ void forward_wide_reduced(const at::Tensor& y, const at::Tensor& K, const at::Te
     const T* bj = b.data_ptr<T>() + j * d;
     T* np = next.data_ptr<T>();
     T* ap = store ? slot(states, j, 1).data_ptr<T>() : nullptr;
-    ew_rows(B, d, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t o = r * d;
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) {
-          const float v = static_cast<float>(pp[o + c]) + static_cast<float>(bj[c]);
-          const float a = act_f<A, float>(v);
-          const float yn = yp[o + c] + h * a;
-          yp[o + c] = yn;
-          np[o + c] = static_cast<T>(yn);
-          if (ap) ap[o + c] = static_cast<T>(kStoresPre<A> ? v : a);
-        }
-      }
-    });
+    act_step_reduced<T, A>(B, d, yp, np, pp, ap, h, bj);
     cur = next;
   }
 }
@@ -178,7 +166,7 @@ void backward_wide_reduced(const at::Tensor& gout, const at::Tensor& states, con
     T* gp = G.data_ptr<T>();
     colsum_pass<float>(B, d, gb32.data(), false, [&](int64_t e) {
       const float g = h * lp[e] * stored_grad<A, float>(static_cast<float>(ap[e]));
-      gp[e] = static_cast<T>(g);
+      gp[e] = round_to<T>(g);
       return g;
     });
     for (int64_t c = 0; c < d; ++c) gbp[j * d + c] = static_cast<T>(gb32[c]);
@@ -201,8 +189,12 @@ void backward_wide_reduced(const at::Tensor& gout, const at::Tensor& states, con
 
 }  // namespace
 
-// Every width: narrow stacks keep float32 tiles over bf16/fp16 memory.
-bool resnet_reduced_native(const at::Tensor&) { return true; }
+// Narrow stacks keep float32 tiles over bf16/fp16 memory; wide ones serve bfloat16
+// (their GEMMs in bf16), while wide float16 takes float32 copies (tile.h:
+// wide_reduced_native). A malformed first argument goes straight to the checks.
+bool resnet_reduced_native(const at::Tensor& first) {
+  return first.dim() != 2 || narrow(first.size(1)) || wide_reduced_native(first);
+}
 
 at::Tensor antisymmetric_weight(const at::Tensor& K_in, double gamma) {
   const at::Tensor K = K_in.contiguous();

@@ -8,9 +8,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -26,6 +28,21 @@ constexpr int64_t kTile = 64;      // rows per tile: 8 AVX2 float vectors
 constexpr int64_t kNarrowMax = 32; // widest stack run by the tile kernels
 
 inline bool narrow(int64_t d) { return d <= kNarrowMax; }
+
+// x rounded to T. For float -> bfloat16, c10's conversion (the same round to
+// nearest even) does not vectorise, for its NaN branch: it cost each elementwise
+// pass of a wide bf16 stack 7x (0.8 ms against 0.11 ms at (256, 784)).
+template <typename T, typename F>
+inline T round_to(F x) {
+  if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<F, float>) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return T(static_cast<uint16_t>(x != x ? 0x7fc0u : r), T::from_bits());
+  } else {
+    return static_cast<T>(x);
+  }
+}
 
 inline int64_t num_tiles(int64_t batch) { return (batch + kTile - 1) / kTile; }
 
@@ -71,30 +88,21 @@ inline void load_tile(const S* src, int64_t rows, int64_t d, T* dst) {
 template <typename T, typename S>
 inline void store_tile(const T* src, int64_t rows, int64_t d, S* dst) {
   for (int64_t t = 0; t < rows; ++t)
-    for (int64_t i = 0; i < d; ++i) dst[t * d + i] = static_cast<S>(src[i * kTile + t]);
+    for (int64_t i = 0; i < d; ++i) dst[t * d + i] = round_to<S>(src[i * kTile + t]);
 }
 
-// Contiguous float <-> bfloat16 runs, bit for bit what static_cast does (round to
-// nearest even, NaN to the quiet NaN 0x7FC0) but written on the bits so that the
-// compiler vectorises them: c10::BFloat16's scalar conversion, element by element,
-// made a bfloat16 narrow stack cost 2-3x the instructions of the float32 one.
-// Other pairs of types take static_cast.
+// Contiguous runs between the tile type and the storage type: round_to (float ->
+// bfloat16, vectorised), the bfloat16 -> float widening on the bits, else
+// static_cast. Element by element through c10's conversion, a bfloat16 narrow
+// stack cost 2-3x the instructions of the float32 one.
 template <typename T, typename S>
 inline void convert_run(const T* src, S* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<S, c10::BFloat16>) {
-    const uint32_t* in = reinterpret_cast<const uint32_t*>(src);
-    uint16_t* out = reinterpret_cast<uint16_t*>(dst);
-    for (int64_t k = 0; k < n; ++k) {
-      const uint32_t u = in[k];
-      const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-      out[k] = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
-    }
-  } else if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<S, float>) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<S, float>) {
     const uint16_t* in = reinterpret_cast<const uint16_t*>(src);
     uint32_t* out = reinterpret_cast<uint32_t*>(dst);
     for (int64_t k = 0; k < n; ++k) out[k] = static_cast<uint32_t>(in[k]) << 16;
   } else {
-    for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<S>(src[k]);
+    for (int64_t k = 0; k < n; ++k) dst[k] = round_to<S>(src[k]);
   }
 }
 
@@ -335,9 +343,11 @@ struct Partials {
 // out_j = (M_j - M_j^T - gamma I) / 2 for every layer, in cache-sized blocks: a
 // plain ATen transpose-and-subtract reads M_j^T with a stride of d and cost a
 // wide stack's forward twice its GEMM time. The backward maps dL/dA to dL/dK
-// with the same function (gamma = 0).
+// with the same function (gamma = 0). bfloat16/float16 compute in float (their
+// operators round every step and do not vectorise: 3x slower).
 template <typename T>
 void antisymmetrize(const T* M, int64_t N, int64_t d, T gamma, T* out) {
+  using C = at::opmath_type<T>;
   constexpr int64_t kBlock = 32;
   const int64_t nb = (d + kBlock - 1) / kBlock;
   at::parallel_for(0, N * nb, 1, [&](int64_t begin, int64_t end) {
@@ -349,9 +359,10 @@ void antisymmetrize(const T* M, int64_t N, int64_t d, T gamma, T* out) {
         const int64_t k1 = std::min(d, k0 + kBlock);
         for (int64_t i = i0; i < i1; ++i)
           for (int64_t k = k0; k < k1; ++k)
-            Oj[i * d + k] = T(0.5) * (Mj[i * d + k] - Mj[k * d + i]);
+            Oj[i * d + k] = round_to<T>(C(0.5) * (C(Mj[i * d + k]) - C(Mj[k * d + i])));
       }
-      for (int64_t i = i0; i < i1; ++i) Oj[i * d + i] -= T(0.5) * gamma;
+      for (int64_t i = i0; i < i1; ++i)
+        Oj[i * d + i] = round_to<T>(C(Oj[i * d + i]) - C(0.5) * C(gamma));
     }
   });
 }
@@ -361,6 +372,7 @@ void antisymmetrize(const T* M, int64_t N, int64_t d, T gamma, T* out) {
 // in cache: a streaming copy) into its buffer and transforms it there.
 template <typename T>
 void antisymmetrize_inplace(T* M, int64_t d, T gamma) {
+  using C = at::opmath_type<T>;
   constexpr int64_t kBlock = 32;
   const int64_t nb = (d + kBlock - 1) / kBlock;
   at::parallel_for(0, nb * (nb + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
@@ -372,12 +384,12 @@ void antisymmetrize_inplace(T* M, int64_t d, T gamma) {
       const int64_t k0 = kb * kBlock, k1 = std::min(d, k0 + kBlock);
       for (int64_t i = i0; i < i1; ++i)
         for (int64_t k = (ib == kb ? i + 1 : k0); k < k1; ++k) {
-          const T v = T(0.5) * (M[i * d + k] - M[k * d + i]);
-          M[i * d + k] = v;
-          M[k * d + i] = -v;
+          const C v = C(0.5) * (C(M[i * d + k]) - C(M[k * d + i]));
+          M[i * d + k] = round_to<T>(v);
+          M[k * d + i] = round_to<T>(-v);
         }
       if (ib == kb)
-        for (int64_t i = i0; i < i1; ++i) M[i * d + i] = -T(0.5) * gamma;
+        for (int64_t i = i0; i < i1; ++i) M[i * d + i] = round_to<T>(-C(0.5) * C(gamma));
     }
   });
 }
@@ -423,6 +435,65 @@ void act_step(const at::Tensor& dst, const at::Tensor& src, const at::Tensor& p,
         orow[c] = xr[c] + alpha * a;
       }
     }
+  });
+}
+
+// ------------------------------------------- wide path, bfloat16 storage
+//
+// Wide stacks in bfloat16 run their GEMMs in bfloat16 (ATen -> oneDNN, float32
+// accumulation, AVX-512 BF16 / AMX where the CPU has them) and everything else in
+// float32: the state carried from layer to layer (and the adjoint carried back)
+// stays float32 across the whole stack, and bfloat16 copies of it feed the GEMMs
+// and the stored states. float16 is not served this way: this CPU has no float16
+// GEMM (ATen's runs 3-20x slower than float32), so a float16 call takes
+// reduced_precision.h's float32 copies instead.
+inline bool wide_reduced_native(const at::Tensor& first) {
+  return first.scalar_type() == at::kBFloat16 && first.dim() == 2 && !narrow(first.size(1));
+}
+
+// fn(std::bool_constant<a>{}, ...) for run-time flags a, b, c: one instantiation
+// per combination, so the flags are compile-time constants inside fn's loops.
+template <typename F>
+void with_flags(bool a, bool b, bool c, const F& fn) {
+  auto with_c = [&](auto A, auto B) {
+    if (c) fn(A, B, std::true_type{});
+    else fn(A, B, std::false_type{});
+  };
+  auto with_b = [&](auto A) {
+    if (b) with_c(A, std::true_type{});
+    else with_c(A, std::false_type{});
+  };
+  if (a) with_b(std::true_type{});
+  else with_b(std::false_type{});
+}
+
+// The reduced-precision twin of act_step, over a (rows, d) matrix: with
+// v = p + bias (float32), x32 += alpha * act(v) when x32 is given (the carried
+// float32 state), then xt = x32 rounded to T (when given: the next GEMM's input or
+// a stored state), and s = what a state keeps of v, act(v) or v (kStoresPre), when
+// given (s may be p itself). bias: one row of d.
+template <typename T, Act A>
+void act_step_reduced(int64_t rows, int64_t d, float* x32, T* xt, const T* p, T* s, float alpha,
+                      const T* bias) {
+  // The optional outputs as compile-time flags: a run-time test inside the loop
+  // keeps it from vectorising (the pass ran 9x slower).
+  with_flags(s != nullptr, x32 != nullptr, xt != nullptr, [&](auto S, auto X, auto XT) {
+    ew_rows(rows, d, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t o = r * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) {
+          const float v = static_cast<float>(p[o + c]) + static_cast<float>(bias[c]);
+          const float a = act_f<A, float>(v);
+          if constexpr (S()) s[o + c] = round_to<T>(kStoresPre<A> ? v : a);
+          if constexpr (X()) {
+            const float x = x32[o + c] + alpha * a;
+            x32[o + c] = x;
+            if constexpr (XT()) xt[o + c] = round_to<T>(x);
+          }
+        }
+      }
+    });
   });
 }
 

@@ -228,6 +228,140 @@ void backward_wide(const at::Tensor& states, const at::Tensor& K, const at::Tens
   }
 }
 
+// ------------------------------------------------------------ bfloat16, wide
+//
+// As resnet.cpp's wide reduced path (tile.h: wide_reduced_native): the GEMMs in
+// bfloat16, the rest in float32. The two half-states (Y, Z) of the forward, the
+// adjoints (dL/dY, dL/dZ) of the backward and the pair a reversible backward
+// rebuilds stay float32 through all layers; bf16 copies of them feed the GEMMs
+// and the stored states.
+
+template <typename T, Act A>
+void forward_wide_reduced(const at::Tensor& y, const at::Tensor& z, const at::Tensor& K,
+                          const at::Tensor& b, float h, at::Tensor& out_y, at::Tensor& out_z,
+                          at::Tensor& states, bool store) {
+  const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
+  store = store && N > 0;
+  at::Tensor Y32 = y.to(at::kFloat), Z32 = z.to(at::kFloat);
+  // Y_j and Z_{j+1/2} in T (the GEMMs' inputs): their state slots when states are kept.
+  at::Tensor Yt = store ? slot(states, 0, 0) : at::empty({B, d}, y.options());
+  at::Tensor Zt = store ? at::Tensor() : at::empty({B, d}, y.options());
+  at::Tensor P1 = store ? at::Tensor() : at::empty({B, d}, y.options());
+  at::Tensor P2 = store ? at::Tensor() : at::empty({B, d}, y.options());
+  Yt.copy_(y);
+  for (int64_t j = 0; j < N; ++j) {
+    const T* bj = b.data_ptr<T>() + j * d;
+    if (store) {
+      P1 = slot(states, j, 1);
+      Zt = slot(states, j, 2);
+      P2 = slot(states, j, 3);
+    }
+    at::mm_out(P1, Yt, K[j]);  // Z_{j+1/2} = Z_{j-1/2} - h act(Y_j K_j + b_j)
+    act_step_reduced<T, A>(B, d, Z32.data_ptr<float>(), Zt.data_ptr<T>(), P1.data_ptr<T>(),
+                           store ? P1.data_ptr<T>() : nullptr, -h, bj);
+    at::mm_out(P2, Zt, K[j].t());  // Y_{j+1} = Y_j + h act(Z_{j+1/2} K_j^T + b_j)
+    if (store && j + 1 < N) Yt = slot(states, j + 1, 0);
+    act_step_reduced<T, A>(B, d, Y32.data_ptr<float>(),
+                           store && j + 1 == N ? nullptr : Yt.data_ptr<T>(), P2.data_ptr<T>(),
+                           store ? P2.data_ptr<T>() : nullptr, h, bj);
+  }
+  out_y.copy_(Y32);
+  out_z.copy_(Z32);
+}
+
+template <typename T, Act A, bool Reversible>
+void backward_wide_reduced(const at::Tensor& gy_in, const at::Tensor& gz_in,
+                           const at::Tensor& states, const at::Tensor& y_out,
+                           const at::Tensor& z_out, const at::Tensor& K, const at::Tensor& b,
+                           float h, at::Tensor& gy, at::Tensor& gz, at::Tensor& gw,
+                           at::Tensor& gb, at::Tensor& ry, at::Tensor& rz) {
+  const int64_t N = K.size(0), B = gy_in.size(0), d = gy_in.size(1);
+  const at::TensorOptions opt = gy_in.options();
+  at::Tensor ly32 = gy_in.to(at::kFloat), lz32 = gz_in.to(at::kFloat);
+  at::Tensor Y32, Z32;  // Y_{j+1} then Y_j, and Z_{j+1/2} (reversible)
+  if (Reversible) {
+    Y32 = y_out.to(at::kFloat);
+    Z32 = z_out.to(at::kFloat);
+  }
+  float* lyp = ly32.data_ptr<float>();
+  float* lzp = lz32.data_ptr<float>();
+  // dK_j = G2^T Z_{j+1/2} + Y_j^T G1 = X^T W in one GEMM of 2B rows:
+  // X = [G2; Y_j], W = [Z_{j+1/2}; G1].
+  at::Tensor X = at::empty({2 * B, d}, opt), W = at::empty({2 * B, d}, opt);
+  at::Tensor Xg = X.narrow(0, 0, B), Xy = X.narrow(0, B, B);
+  at::Tensor Wz = W.narrow(0, 0, B), Wg = W.narrow(0, B, B);
+  at::Tensor R = at::empty({B, d}, opt), S1, S2;  // S1, S2: what the states keep of P1, P2
+  if (Reversible) {
+    S1 = at::empty({B, d}, opt);
+    S2 = at::empty({B, d}, opt);
+    Wz.copy_(Z32);
+  }
+  std::vector<float> gb32(d);
+  T* gbp = gb.data_ptr<T>();
+  T* xg = Xg.data_ptr<T>();
+  T* wg = Wg.data_ptr<T>();
+  const T* rp = R.data_ptr<T>();
+  for (int64_t j = N - 1; j >= 0; --j) {
+    const T* bj = b.data_ptr<T>() + j * d;
+    if (Reversible) {  // Y_j = Y_{j+1} - h act(Z_{j+1/2} K_j^T + b_j), then P1 = Y_j K_j + b_j
+      at::mm_out(S2, Wz, K[j].t());
+      act_step_reduced<T, A>(B, d, Y32.data_ptr<float>(), Xy.data_ptr<T>(), S2.data_ptr<T>(),
+                             S2.data_ptr<T>(), -h, bj);
+      at::mm_out(S1, Xy, K[j]);
+      act_step_reduced<T, A>(B, d, nullptr, nullptr, S1.data_ptr<T>(), S1.data_ptr<T>(), 0.f,
+                             bj);
+    } else {
+      Xy.copy_(slot(states, j, 0));
+      S1 = slot(states, j, 1);
+      Wz.copy_(slot(states, j, 2));
+      S2 = slot(states, j, 3);
+    }
+    {  // G2 = h ly act'(P2), db_j = sum G2
+      const T* sp = S2.data_ptr<T>();
+      colsum_pass<float>(B, d, gb32.data(), false, [&](int64_t e) {
+        const float g = h * lyp[e] * stored_grad<A, float>(static_cast<float>(sp[e]));
+        xg[e] = round_to<T>(g);
+        return g;
+      });
+    }
+    at::mm_out(R, Xg, K[j]);  // lz += G2 K_j
+    {  // G1 = -h lz act'(P1), db_j += sum G1
+      const T* sp = S1.data_ptr<T>();
+      colsum_pass<float>(B, d, gb32.data(), true, [&](int64_t e) {
+        const float lz = lzp[e] + static_cast<float>(rp[e]);
+        lzp[e] = lz;
+        const float g = -h * lz * stored_grad<A, float>(static_cast<float>(sp[e]));
+        wg[e] = round_to<T>(g);
+        return g;
+      });
+      for (int64_t c = 0; c < d; ++c) gbp[j * d + c] = round_to<T>(gb32[c]);
+    }
+    at::mm_out(R, Wg, K[j].t());  // ly += G1 K_j^T
+    at::Tensor gwj = gw[j];
+    at::mm_out(gwj, X.t(), W);
+    const T* s1 = S1.data_ptr<T>();
+    T* wz = Wz.data_ptr<T>();
+    float* zp = Reversible ? Z32.data_ptr<float>() : nullptr;
+    ew(B * d, [&](int64_t e0, int64_t e1) {
+#pragma omp simd
+      for (int64_t e = e0; e < e1; ++e) {
+        lyp[e] += static_cast<float>(rp[e]);
+        if (Reversible) {  // Z_{j-1/2} = Z_{j+1/2} + h act(P1)
+          const float zn = zp[e] + h * stored_act<A, float>(static_cast<float>(s1[e]));
+          zp[e] = zn;
+          wz[e] = round_to<T>(zn);
+        }
+      }
+    });
+  }
+  gy.copy_(ly32);
+  gz.copy_(lz32);
+  if (Reversible) {  // the rebuilt inputs (Y_0, Z_{-1/2}), checked by the caller
+    ry.copy_(Y32);
+    rz.copy_(Z32);
+  }
+}
+
 template <bool Reversible>
 T6 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& states_in,
             const at::Tensor& y_in, const at::Tensor& z_in, const at::Tensor& K_in,
@@ -241,6 +375,17 @@ T6 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& 
   if (Reversible) {
     ry = at::empty({B, d}, gyc.options());
     rz = at::empty({B, d}, gyc.options());
+  }
+  if (wide_reduced_native(gyc)) {
+    gw = empty_cached({N, d, d}, gyc.options());
+    gb = at::empty({N, d}, gyc.options());
+    SN_DISPATCH_ACT(act, [&] {
+      backward_wide_reduced<at::BFloat16, kAct, Reversible>(
+          gyc, gzc, states, Reversible ? y_in.contiguous() : at::Tensor(),
+          Reversible ? z_in.contiguous() : at::Tensor(), K, b, static_cast<float>(step), gy, gz,
+          gw, gb, ry, rz);
+    });
+    return {gy, gz, gw, gb, ry, rz};
   }
   AT_DISPATCH_FLOATING_TYPES(gyc.scalar_type(), "verlet_backward", [&] {
     const scalar_t h = static_cast<scalar_t>(step);
@@ -296,6 +441,13 @@ T3 verlet_forward(const at::Tensor& y_in, const at::Tensor& z_in, const at::Tens
   const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
   at::Tensor out_y = at::empty({B, d}, y.options()), out_z = at::empty({B, d}, y.options());
   at::Tensor states = empty_states(y, store ? N : 0, 4);
+  if (wide_reduced_native(y)) {
+    SN_DISPATCH_ACT(act, [&] {
+      forward_wide_reduced<at::BFloat16, kAct>(y, z, K, b, static_cast<float>(step), out_y,
+                                               out_z, states, store);
+    });
+    return {out_y, out_z, states};
+  }
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "verlet_forward", [&] {
     const scalar_t h = static_cast<scalar_t>(step);
     SN_DISPATCH_ACT(act, [&] {
@@ -343,7 +495,9 @@ T6 verlet_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad_z
 }  // namespace stablenets
 
 TORCH_LIBRARY_IMPL(stablenets, CPU, m) {
-  SN_IMPL(m, "verlet_forward", &stablenets::cpu::verlet_forward);
-  SN_IMPL(m, "verlet_backward", &stablenets::cpu::verlet_backward);
-  SN_IMPL(m, "verlet_backward_reversible", &stablenets::cpu::verlet_backward_reversible);
+  using stablenets::cpu_detail::wide_reduced_native;
+  SN_IMPL_NATIVE(m, "verlet_forward", &stablenets::cpu::verlet_forward, &wide_reduced_native);
+  SN_IMPL_NATIVE(m, "verlet_backward", &stablenets::cpu::verlet_backward, &wide_reduced_native);
+  SN_IMPL_NATIVE(m, "verlet_backward_reversible", &stablenets::cpu::verlet_backward_reversible,
+                 &wide_reduced_native);
 }

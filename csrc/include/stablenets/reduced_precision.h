@@ -14,8 +14,9 @@
 // This is the generic path every backend has (CPU, CUDA and the CUDA emulator
 // register their kernels through it), and the one dtype dispatch of every op; a
 // kernel that serves a reduced dtype itself (SN_IMPL_NATIVE: the CPU's wide
-// ResNet and antisymmetric stacks, whose GEMMs then run in bf16/fp16) is called
-// directly where its predicate says so.
+// stacks in bfloat16, whose GEMMs then run in bf16 with the carried state in
+// float32, and its narrow ResNet/antisymmetric tiles) is called directly where
+// its predicate says so.
 #pragma once
 
 #include <ATen/ATen.h>
