@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -40,7 +41,11 @@ struct ConvLauncher {
   static bool channels_last() {
     static const bool cl = [] {
       const char* v = std::getenv("STABLENETS_CONV_CHANNELS_LAST");
-      return v == nullptr || v[0] != '0';
+      const std::string s = v ? v : "";
+      TORCH_CHECK(s.empty() || s == "0" || s == "1",
+                  "STABLENETS_CONV_CHANNELS_LAST: expected 1 (channels-last inside the conv "
+                  "ops, the default) or 0 (NCHW), got '", s, "'");
+      return s != "0";
     }();
     return cl;
   }

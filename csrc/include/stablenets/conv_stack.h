@@ -564,7 +564,8 @@ struct ConvStack {
       auto [gA, gwq, unused] = grads(a, A, k, j, true, {true, true, false});
       E::scale_mul(gA, D, -h2);  // gA is now G = dL/dP
       auto [gY, gwp, gbj] = grads(gA, Yj, k, j, false, {true, true, true});
-      gW[j].copy_(gwp).add_(gwq, -h2);
+      Tensor gWj = gW[j];
+      at::add_out(gWj, gwp, gwq, -h2);
       gb[j].copy_(gbj);
       // new a = cs c + 2 a + gY, into c where c is ours, else into a buffer of ours
       Tensor out;
@@ -707,8 +708,9 @@ struct ConvStack {
       E::grad_act(act, gz, gz2, P1j, -h, G, own_z);  // gz += K G2; G1
       gz = own_z;
       auto [gy1, gw1, gb1] = grads(G, Yj, k, j, false, {true, true, true});
-      gW[j].copy_(gw1).add_(gw2);
-      gb[j].copy_(gb1).add_(gb2);
+      Tensor gWj = gW[j], gbj = gb[j];
+      at::add_out(gWj, gw1, gw2);
+      at::add_out(gbj, gb1, gb2);
       gi = gy1;
       if (rev) std::swap(Z, Zn);
     }
