@@ -373,3 +373,79 @@ def test_compiles_fullgraph_and_reports_its_kernel():
     assert conv.kernel_used("auto", "cpu") == "fused"
     assert conv.kernel_used("auto", "cpu", batch_norm=True) == "reference"
     assert conv.kernel_used("reference", "cpu") == "reference"
+
+
+# ------------------------------------------------------------------ layouts
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_any_input_layout_gives_nchw_outputs_and_the_same_results(arch):
+    # The CPU ops run channels-last inside (STABLENETS_CONV_CHANNELS_LAST, default 1):
+    # NCHW, channels-last and strided inputs and cotangents give the reference's results,
+    # returned NCHW; y_prev = y (the same tensor) is served once.
+    y, w, b = make(3, 4, 5, 6, 2, 3, torch.float64, "cpu")
+    state = state_for(arch, y)
+    want = outputs_and_grads(arch, y, w, b, 0.2, "tanh", "reference", state)
+    for fmt in ("nchw", "channels_last", "strided"):
+        def lay(t):
+            if t is None or fmt == "nchw":
+                return t
+            if fmt == "channels_last":
+                return t.contiguous(memory_format=torch.channels_last)
+            return torch.stack([t, 2 * t], dim=-1)[..., 0]  # a non-contiguous view of t
+        leaves = [t.detach().requires_grad_() for t in (lay(y), w, b)]
+        st = lay(state).detach().requires_grad_() if state is not None else None
+        outs = run(arch, *leaves, 0.2, "tanh", "fused", st)
+        assert all(o.is_contiguous() for o in outs)
+        gen = torch.Generator().manual_seed(3)
+        cot = [lay(torch.randn(o.shape, generator=gen, dtype=o.dtype)) for o in outs]
+        torch.autograd.backward(outs, cot)
+        grads = [t.grad for t in leaves] + ([st.grad] if st is not None else [])
+        for g, r in zip([o.detach() for o in outs] + grads, want[0] + want[1]):
+            assert rel(g, r) < 1e-10, fmt
+    if arch == "leapfrog":  # y_prev omitted: y itself
+        y1 = y.detach().requires_grad_()
+        y2 = y.detach().requires_grad_()
+        conv.conv_leapfrog(y1, w, b, 0.2, "tanh", impl="fused").sum().backward()
+        conv.conv_leapfrog(y2, w, b, 0.2, "tanh", impl="reference").sum().backward()
+        assert rel(y1.grad, y2.grad) < 1e-10
+
+
+_NCHW_CHECK = r"""
+import torch
+from stablenets_ext import conv
+torch.manual_seed(0)
+for arch in ("resnet", "antisymmetric", "leapfrog", "verlet"):
+    for rev in ((False, True) if arch in ("leapfrog", "verlet") else (False,)):
+        y = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+        w = torch.randn(2, 3, 3, 3, 3, dtype=torch.float64) / 5
+        b = torch.randn(2, 3, dtype=torch.float64) / 3
+        got, want = [], []
+        for impl, out in (("fused", got), ("reference", want)):
+            ins = [t.detach().requires_grad_() for t in (y, w, b)]
+            kw = {"reversible": rev} if arch in ("leapfrog", "verlet") else {}
+            if impl == "reference":
+                kw = {}
+            conv.FUNCTIONS[arch](*ins, 0.2, "tanh", impl=impl, **kw).sum().backward()
+            out += [t.grad for t in ins]
+        assert all(torch.allclose(g, r, atol=1e-12) for g, r in zip(got, want)), arch
+print("ok")
+"""
+
+
+def test_nchw_layout_and_a_bad_layout_value(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(conv.__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = tmp_path / "nchw_check.py"
+    script.write_text(_NCHW_CHECK)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env=dict(env, STABLENETS_CONV_CHANNELS_LAST="0"), timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    bad = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env=dict(env, STABLENETS_CONV_CHANNELS_LAST="yes"), timeout=300)
+    assert bad.returncode != 0
+    assert "STABLENETS_CONV_CHANNELS_LAST: expected 1" in bad.stderr

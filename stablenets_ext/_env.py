@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 CACHE_ENV = "STABLENETS_CPU_CACHE_MB"
+CONV_LAYOUT_ENV = "STABLENETS_CONV_CHANNELS_LAST"
 
 
 def problems() -> list[str]:
@@ -17,6 +18,10 @@ def problems() -> list[str]:
         if not (cache.isascii() and cache.isdigit() and len(cache) <= 9):
             out.append(f"{CACHE_ENV}: expected a whole number of megabytes (0 turns the CPU "
                        f"block cache off), got {cache!r}")
+    layout = os.environ.get(CONV_LAYOUT_ENV)
+    if layout and layout not in ("0", "1"):  # the rule of csrc/cpu/conv.cpp (channels_last)
+        out.append(f"{CONV_LAYOUT_ENV}: expected 1 (channels-last inside the CPU conv ops, the "
+                   f"default) or 0 (NCHW), got {layout!r}")
     from . import _cpu_isa, ops
 
     isa = os.environ.get(_cpu_isa.ENV, "").strip().lower()

@@ -306,7 +306,8 @@ def conv_verlet(y, weight, bias, step=0.1, activation="tanh", z=None, return_sta
     if not _use_fused("verlet", impl, y.device, activation, norm, reversible, (y, z, weight, bias)):
         out = reference_verlet(y, weight, bias, step, activation, z, True, norm=norm)
     else:
-        z0 = torch.zeros_like(y) if z is None else z
+        # Z_{-1/2} = 0 without an allocation of its own (the op reads any layout)
+        z0 = y.new_zeros(()).expand(y.shape) if z is None else z
         store = _needs_grad(y, z0, weight, bias) and not reversible
         out = functional.run_pair_op(_cops.ops.conv_verlet_forward, (y, z0, weight, bias),
                                      (float(step), activation, store), reversible=reversible)

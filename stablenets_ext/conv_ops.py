@@ -167,6 +167,11 @@ if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
 
     # ------------------------------------------------------------- autograd
 
+    def _zeros(y):
+        """A zero gradient like ``y`` without an allocation of its size (the ops read
+        gradients in any layout)."""
+        return y.new_zeros(()).expand(y.shape)
+
     def _no_states(arch):
         return RuntimeError(
             f"stablenets::conv_{arch}_forward ran with store=False, so it kept no states for "
@@ -211,7 +216,7 @@ if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
             if not ctx.stored:
                 raise _no_states(arch)
             if grad_out is None:
-                grad_out = torch.zeros_like(y)
+                grad_out = _zeros(y)
             if torch.is_grad_enabled():
                 ref = conv_reference.REFERENCE[arch]
                 if arch == "antisymmetric":
@@ -227,7 +232,9 @@ if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
 
                 g = _reference_grads(ctx, fn, (y, weight, bias), lambda o: (o,), (grad_out,))
                 return (*g, *(None,) * (2 + len(ctx.rest)))
-            gy, gw, gb = backward_op(grad_out.contiguous(), states, weight, bias, ctx.step, *ctx.rest)
+            # any layout: the op reads the gradient as it is (converting it once to the
+            # layout it runs in), so a broadcast one (from .sum()) is not materialised
+            gy, gw, gb = backward_op(grad_out, states, weight, bias, ctx.step, *ctx.rest)
             return (gy, gw, gb) + (None,) * (2 + len(ctx.rest))
 
         return backward
@@ -293,8 +300,8 @@ if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
             if y.numel() == 0:  # batch 0: no example, no gradient (the op keeps no states)
                 return (torch.zeros_like(y), torch.zeros_like(other), torch.zeros_like(weight),
                         torch.zeros_like(bias), None, None, None)
-            grad_a = torch.zeros_like(y) if grad_a is None else grad_a.contiguous()
-            grad_b = torch.zeros_like(y) if grad_b is None else grad_b.contiguous()
+            grad_a = _zeros(y) if grad_a is None else grad_a
+            grad_b = _zeros(y) if grad_b is None else grad_b
             if ctx.stored:
                 (states,) = kept
                 out = stored_op(grad_a, grad_b, states, weight, bias, ctx.step, ctx.activation)

@@ -96,10 +96,11 @@ void BlockCache::release_all() {
   for (auto& b : blocks) c10::free_cpu(b.second);
 }
 
-at::Tensor empty_cached(at::IntArrayRef shape, const at::TensorOptions& options) {
+at::Tensor empty_cached(at::IntArrayRef shape, const at::TensorOptions& options,
+                        size_t min_bytes) {
   BlockCache& cache = BlockCache::get();
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(shape)) * options.dtype().itemsize();
-  if (!cache.enabled() || bytes < BlockCache::kMinBytes || options.device().type() != c10::kCPU)
+  if (!cache.enabled() || bytes < min_bytes || options.device().type() != c10::kCPU)
     return at::empty(shape, options);
   return at::detail::empty_generic(shape, &cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), std::nullopt);

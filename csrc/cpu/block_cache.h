@@ -55,8 +55,11 @@ class BlockCache final : public c10::Allocator {
   std::unordered_map<void*, size_t> live_;    // handed out: pointer -> bytes
 };
 
-// at::empty(shape, options) for a CPU tensor, from the cache when it is large.
-at::Tensor empty_cached(at::IntArrayRef shape, const at::TensorOptions& options);
+// at::empty(shape, options) for a CPU tensor, from the cache when it has at least
+// min_bytes (the conv stacks pass less: their per-call temporaries of a few
+// hundred kB page-fault in again on every call otherwise).
+at::Tensor empty_cached(at::IntArrayRef shape, const at::TensorOptions& options,
+                        size_t min_bytes = BlockCache::kMinBytes);
 
 }  // namespace cpu_detail
 }  // namespace stablenets

@@ -4,17 +4,23 @@
 // bias[c] is a contiguous vector load); one without walks the memory flat.
 // The layer loops live in conv_stack.h.
 //
-// Layout: NCHW by default. STABLENETS_CONV_CHANNELS_LAST=1 runs the activations
-// channels-last inside the ops (inputs converted once, outputs returned NCHW):
-// oneDNN's convolutions alone measured up to 2x faster on NHWC here, but whole
-// stacks came out within the noise of a busy 2-core machine (2026-11-30), so
-// the default stays the simpler one until a quiet measurement says otherwise.
+// Layout: channels-last inside the ops (inputs converted once, outputs returned
+// NCHW), kernels too; STABLENETS_CONV_CHANNELS_LAST=0 runs NCHW. Measured on
+// one thread (2026-12-05, (64, C, H, W) at the mnist preset's stage shapes):
+// oneDNN's forward convolution 1.2-2x, its backward-data up to 4x and its
+// backward-weights 1.2-2.4x faster channels-last than in NCHW (the NCHW
+// backward-data at 8 channels 7x slower than a forward convolution), which the
+// NCHW <-> NHWC conversions at the ops' edges (one pass each) more than repay.
+// K^T Y and every input gradient run as forward convolutions with the adjoint
+// kernel (kAdjointAsForward): never slower, and much faster than oneDNN's
+// deconvolution/backward-data primitives where those are weak.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -28,13 +34,18 @@ namespace cpu_detail {
 
 struct ConvLauncher {
   static constexpr bool kHoistAct = true;
+  static constexpr bool kAdjointAsForward = true;
   // bfloat16/float16 stacks convolve in that dtype (oneDNN: AVX-512 BF16 where the
   // CPU has it), the elementwise passes compute in float32.
   static bool native_reduced(const at::Tensor&) { return true; }
   static bool channels_last() {
     static const bool cl = [] {
       const char* v = std::getenv("STABLENETS_CONV_CHANNELS_LAST");
-      return v != nullptr && v[0] == '1';
+      const std::string s = v ? v : "";
+      TORCH_CHECK(s.empty() || s == "0" || s == "1",
+                  "STABLENETS_CONV_CHANNELS_LAST: expected 1 (channels-last inside the conv "
+                  "ops, the default) or 0 (NCHW), got '", s, "'");
+      return s != "0";
     }();
     return cl;
   }
@@ -57,10 +68,12 @@ struct ConvLauncher {
 #endif
   }
 
-  // States come from the block cache (block_cache.h): a training step reuses
-  // the previous step's instead of page-faulting hundreds of MB in again.
+  // States and temporaries come from the block cache (block_cache.h): a
+  // training step reuses the previous step's instead of page-faulting them in
+  // again (the C library returns freed blocks of a few hundred kB to the kernel
+  // too, so the cache takes blocks from 64 kB here).
   static at::Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) {
-    return empty_cached(shape, options);
+    return empty_cached(shape, options, size_t{64} << 10);
   }
 
   template <class Op, typename T>

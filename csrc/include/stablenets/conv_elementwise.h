@@ -88,23 +88,26 @@ struct BiasAct {
   }
 };
 
-// [lam += add];  g = s lam act'(p)
+// [lam_out = lam + add];  g = s (lam [+ add]) act'(p)
 // The adjoint of a residual step: add is the previous (later) layer's
 // input-gradient convolution, folded in here instead of in a pass of its own.
+// lam_out may be lam (in place) or a buffer of the caller's, so that an
+// incoming gradient is read, never written, and needs no copy of its own.
 template <typename T, typename ActT, bool Add>
 struct GradAct {
   ActT act;
-  T* lam;
+  const T* lam;
   const T* add;  // used when Add
   const T* p;
   T* g;
   Math<T> s;
+  T* lam_out;    // used when Add
   SN_HOST_DEVICE void operator()(int64_t e, T) const {
     using M = Math<T>;
     M l = static_cast<M>(lam[e]);
     if constexpr (Add) {
       l += static_cast<M>(add[e]);
-      lam[e] = static_cast<T>(l);
+      lam_out[e] = static_cast<T>(l);
     }
     g[e] = static_cast<T>(s * l * act_grad<M>(act_of(act), static_cast<M>(p[e])));
   }

@@ -216,19 +216,22 @@ struct Ew {
     });
   }
 
-  // [lam += add]; g = s lam act'(p)
+  // [lam_out = lam + add]; g = s (lam [+ add]) act'(p)   (lam_out may be lam)
   static void grad_act(Act act, const Tensor& lam, const Tensor& add, const Tensor& p, double s,
-                       const Tensor& g) {
+                       const Tensor& g, const Tensor& lam_out) {
     SN_DISPATCH_CONV_TYPES(g.scalar_type(), "conv_grad_act", [&] {
       using T = scalar_t;
       with_act(act, [&](auto A) {
         if (add.defined()) {
+          TORCH_INTERNAL_ASSERT(lam_out.defined());
           conv_ew::GradAct<T, decltype(A), true> op{A, ptr<T>(lam), ptr<T>(add), ptr<T>(p),
-                                                    ptr<T>(g), static_cast<conv_ew::Math<T>>(s)};
+                                                    ptr<T>(g), static_cast<conv_ew::Math<T>>(s),
+                                                    ptr<T>(lam_out)};
           L::launch(op, g, static_cast<const T*>(nullptr));
         } else {
           conv_ew::GradAct<T, decltype(A), false> op{A, ptr<T>(lam), nullptr, ptr<T>(p),
-                                                     ptr<T>(g), static_cast<conv_ew::Math<T>>(s)};
+                                                     ptr<T>(g), static_cast<conv_ew::Math<T>>(s),
+                                                     nullptr};
           L::launch(op, g, static_cast<const T*>(nullptr));
         }
       });
@@ -269,18 +272,67 @@ struct Ew {
 
 // ---------------------------------------------------------------- the ops
 
+// Launcher::kAdjointAsForward (optional, default false): run K^T Y as a forward
+// convolution with the adjoint kernel (channels swapped, taps flipped) instead
+// of a transposed convolution, and the input gradient of K Y likewise. oneDNN's
+// backward-data and transposed (deconvolution) primitives measured up to 7x
+// slower than its forward one on the CPU at 8 channels (NCHW, 2026-12-05); the
+// forward one is the best tuned everywhere.
+template <class L, class = void>
+struct AdjointAsForward : std::false_type {};
+template <class L>
+struct AdjointAsForward<L, std::void_t<decltype(L::kAdjointAsForward)>>
+    : std::bool_constant<L::kAdjointAsForward> {};
+
 template <class L>
 struct ConvStack {
   using E = Ew<L>;
 
-  // The layout every activation-sized tensor has inside the ops (oneDNN runs
-  // these convolutions about twice as fast channels-last as in NCHW on the
-  // CPU). Inputs are converted once, outputs returned contiguous (NCHW).
+  // The layout every activation-sized tensor has inside the ops (channels-last
+  // on the CPU: oneDNN's convolutions run up to 2x faster there than in NCHW).
+  // Inputs are converted once (or read as they are where they already have it),
+  // outputs returned contiguous (NCHW).
   static at::MemoryFormat fmt() {
     return L::channels_last() ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   }
-  static Tensor internal(const Tensor& t) { return t.contiguous(fmt()); }
-  static Tensor nchw(const Tensor& t) { return t.contiguous(); }
+  // An uninitialised tensor of t's shape in the internal layout, from the
+  // launcher's allocator (on the CPU the block cache, so that a training step
+  // does not page-fault its temporaries in again on every call).
+  static Tensor scratch(const Tensor& t) {
+    if (!L::channels_last()) return L::empty(t.sizes(), t.options());
+    return L::empty({t.size(0), t.size(2), t.size(3), t.size(1)}, t.options())
+        .permute({0, 3, 1, 2});
+  }
+  // t in the internal layout: t itself where it has it (then read-only), else a copy.
+  static Tensor internal(const Tensor& t) {
+    if (t.is_contiguous(fmt())) return t;
+    Tensor o = scratch(t);
+    o.copy_(t);
+    return o;
+  }
+  // A copy of t of our own in the internal layout (written by the caller).
+  static Tensor own_copy(const Tensor& t) {
+    Tensor o = scratch(t);
+    o.copy_(t);
+    return o;
+  }
+  // t (a tensor of ours) as an NCHW output: t itself where it is NCHW already.
+  static Tensor nchw(const Tensor& t) {
+    if (t.is_contiguous()) return t;
+    return nchw_copy(t);
+  }
+  // A new NCHW tensor holding t (for outputs that must not alias a view of ours).
+  static Tensor nchw_copy(const Tensor& t) {
+    Tensor o = L::empty(t.sizes(), t.options());
+    o.copy_(t);
+    return o;
+  }
+  // a + b (tensors of ours) as an NCHW output, in one pass.
+  static Tensor nchw_sum(const Tensor& a, const Tensor& b) {
+    Tensor o = L::empty(a.sizes(), a.options());
+    at::add_out(o, a, b);
+    return o;
+  }
   static Tensor slot(const Tensor& states, int64_t j, int64_t s) {
     return conv_detail::slot(states, j, s, L::channels_last());
   }
@@ -290,39 +342,88 @@ struct ConvStack {
     return t;
   }
 
-  static T2 resnet_forward_impl(const Tensor& y, const Tensor& K, const Tensor& b, double h,
+  // The kernels of one call in the layout the convolutions take them in: K[j]
+  // is layer j's (C, C, k, k) kernel, channels-last where the activations are
+  // (else oneDNN reorders it on every call), and Kt[j] its adjoint where the
+  // launcher runs K^T as a forward convolution (AdjointAsForward).
+  struct Kernels {
+    Tensor K, Kt;
+  };
+  static Tensor conv_layout(const Tensor& K) {  // (N, C, C, k, k)
+    if (!L::channels_last()) return K.contiguous();
+    return K.permute({0, 1, 3, 4, 2}).contiguous().permute({0, 1, 4, 2, 3});
+  }
+  static Kernels kernels(const Tensor& K) {
+    Kernels k;
+    k.K = conv_layout(K);
+    if constexpr (AdjointAsForward<L>::value) k.Kt = conv_layout(K.transpose(1, 2).flip({3, 4}));
+    return k;
+  }
+  // K_j Y and K_j^T Y.
+  static Tensor fwd(const Tensor& y, const Kernels& k, int64_t j) {
+    return conv(y, k.K[j], false);
+  }
+  static Tensor adj(const Tensor& y, const Kernels& k, int64_t j) {
+    return k.Kt.defined() ? conv(y, k.Kt[j], false) : conv(y, k.K[j], true);
+  }
+  // Gradients of X = K_j Y (transposed = false) or X = K_j^T Y (true) from
+  // G = dL/dX: (dL/dY, dL/dK_j, dL/db_j of a bias added to X) as mask selects.
+  static std::tuple<Tensor, Tensor, Tensor> grads(const Tensor& G, const Tensor& Y,
+                                                  const Kernels& k, int64_t j, bool transposed,
+                                                  std::array<bool, 3> mask) {
+    if (!k.Kt.defined()) return conv_grads(G, Y, k.K[j], transposed, mask);
+    Tensor gi;
+    if (mask[0]) gi = transposed ? fwd(G, k, j) : adj(G, k, j);
+    auto r = conv_grads(G, Y, k.K[j], transposed, {false, mask[1], mask[2]});
+    return {gi, std::get<1>(r), std::get<2>(r)};
+  }
+
+  static T2 resnet_forward_impl(const Tensor& y, const Tensor& Kw, const Tensor& b, double h,
                                 Act act, bool store) {
-    const int64_t N = K.size(0);
+    const int64_t N = Kw.size(0);
     Tensor states = empty_states(y, store ? N : 0, 2);
     if (y.numel() == 0) return {y.clone(at::MemoryFormat::Contiguous), states};
-    Tensor out = store ? at::empty_like(y) : y.clone();
-    if (store) slot(states, 0, 0).copy_(y);
+    const Kernels k = kernels(Kw);
+    Tensor Y;  // the state, when not stored
+    if (store)
+      slot(states, 0, 0).copy_(y);
+    else
+      Y = own_copy(y);
+    Tensor out;
     for (int64_t j = 0; j < N; ++j) {
-      const Tensor Yj = store ? slot(states, j, 0) : out;
-      const Tensor X = conv(Yj, K[j], false);
-      const Tensor next = store && j + 1 < N ? slot(states, j + 1, 0) : out;
+      const Tensor Yj = store ? slot(states, j, 0) : Y;
+      const Tensor X = fwd(Yj, k, j);
+      // the last stored layer writes Y_N over its convolution's output (same index)
+      const Tensor next = !store ? Y : j + 1 < N ? slot(states, j + 1, 0) : X;
       E::residual_act(act, X, b[j], Yj, h, store ? slot(states, j, 1) : Tensor(), next);
+      out = next;
     }
     return {nchw(out), states};
   }
 
   // Returns (dL/dy, dL/dK, dL/db) for the kernels K the forward ran with.
-  static T3 resnet_backward_impl(const Tensor& g, const Tensor& states, const Tensor& K, double h,
-                                 Act act) {
-    const int64_t N = K.size(0);
-    if (g.numel() == 0)
-      return {at::zeros_like(g, at::MemoryFormat::Contiguous), at::zeros_like(K), at::zeros({N, K.size(1)}, K.options())};
-    Tensor gW = at::empty_like(K), gb = at::empty({N, K.size(1)}, K.options());
-    Tensor lam = g.clone(), G = at::empty_like(g), gi;
+  static T3 resnet_backward_impl(const Tensor& g_in, const Tensor& states, const Tensor& Kw,
+                                 double h, Act act) {
+    const int64_t N = Kw.size(0);
+    if (g_in.numel() == 0)
+      return {at::zeros_like(g_in, at::MemoryFormat::Contiguous), at::zeros_like(Kw),
+              at::zeros({N, Kw.size(1)}, Kw.options())};
+    const Kernels k = kernels(Kw);
+    Tensor gW = at::empty(Kw.sizes(), Kw.options()), gb = at::empty({N, Kw.size(1)}, Kw.options());
+    // lam = dL/dY_{j+1}: the incoming gradient (read only) until a layer adds
+    // its input gradient, then a buffer of ours.
+    const Tensor g = internal(g_in);
+    Tensor lam = g, G = scratch(g), gi, own;
     for (int64_t j = N - 1; j >= 0; --j) {
-      E::grad_act(act, lam, gi, slot(states, j, 1), h, G);
+      if (gi.defined() && !own.defined()) own = scratch(g);
+      E::grad_act(act, lam, gi, slot(states, j, 1), h, G, own);
+      if (gi.defined()) lam = own;
       Tensor gw, gbj;
-      std::tie(gi, gw, gbj) = conv_grads(G, slot(states, j, 0), K[j], false, {true, true, true});
+      std::tie(gi, gw, gbj) = grads(G, slot(states, j, 0), k, j, false, {true, true, true});
       gW[j].copy_(gw);
       gb[j].copy_(gbj);
     }
-    lam.add_(gi);
-    return {nchw(lam), gW, gb};
+    return {nchw_sum(lam, gi), gW, gb};
   }
 
   static T2 resnet_forward(const Tensor& y, const Tensor& weight, const Tensor& bias, double step,
@@ -330,8 +431,7 @@ struct ConvStack {
     check_conv_stack(y, weight, bias);
     check_step(step);
     const Act act = parse_activation(activation);
-    return resnet_forward_impl(internal(y), weight.contiguous(), bias.contiguous(), step, act,
-                               store);
+    return resnet_forward_impl(y, weight, bias.contiguous(), step, act, store);
   }
 
   static T3 resnet_backward(const Tensor& grad_out, const Tensor& states, const Tensor& weight,
@@ -340,8 +440,7 @@ struct ConvStack {
     check_conv_states(states, 2, grad_out, weight);
     check_step(step);
     const Act act = parse_activation(activation);
-    return resnet_backward_impl(internal(grad_out), states.contiguous(), weight.contiguous(),
-                                step, act);
+    return resnet_backward_impl(grad_out, states.contiguous(), weight, step, act);
   }
 
   static T2 antisymmetric_forward(const Tensor& y, const Tensor& weight, const Tensor& bias,
@@ -351,7 +450,7 @@ struct ConvStack {
     check_step(step);
     check_gamma(gamma);
     const Act act = parse_activation(activation);
-    return resnet_forward_impl(internal(y), antisymmetric_kernel(weight.contiguous(), gamma),
+    return resnet_forward_impl(y, antisymmetric_kernel(weight.contiguous(), gamma),
                                bias.contiguous(), step, act, store);
   }
 
@@ -364,64 +463,81 @@ struct ConvStack {
     check_gamma(gamma);
     const Act act = parse_activation(activation);
     auto [gy, gA, gb] =
-        resnet_backward_impl(internal(grad_out), states.contiguous(),
+        resnet_backward_impl(grad_out, states.contiguous(),
                              antisymmetric_kernel(weight.contiguous(), gamma), step, act);
     return {gy, antisymmetric_kernel_grad(gA), gb};
   }
 
   // ---------------------------------------------------------- leapfrog
 
-  static T3 leapfrog_forward(const Tensor& y_in, const Tensor& yprev_in, const Tensor& weight,
+  static T3 leapfrog_forward(const Tensor& y, const Tensor& yprev_in, const Tensor& weight,
                              const Tensor& bias, double step, c10::string_view activation,
                              bool store) {
-    check_conv_stack(y_in, weight, bias);
-    check_like(yprev_in, "y_prev", y_in);
+    check_conv_stack(y, weight, bias);
+    check_like(yprev_in, "y_prev", y);
     check_step(step);
     const Act act = parse_activation(activation);
-    const Tensor y = internal(y_in), yprev = internal(yprev_in), K = weight.contiguous(),
-                 b = bias.contiguous();
-    const int64_t N = K.size(0);
+    const Tensor b = bias.contiguous();
+    const int64_t N = weight.size(0);
     const double h2 = step * step;
     Tensor states = empty_states(y, store ? N : 0, 2);
     if (y.numel() == 0)
-      return {y.clone(at::MemoryFormat::Contiguous), yprev.clone(at::MemoryFormat::Contiguous), states};
+      return {y.clone(at::MemoryFormat::Contiguous), yprev_in.clone(at::MemoryFormat::Contiguous),
+              states};
+    const Kernels k = kernels(weight);
+    // y_prev is often y itself (zero velocity): then one conversion serves both
+    const bool same = yprev_in.is_same(y);
     if (!store) {
-      Tensor Y = y.clone(), Yp = yprev.clone();
+      Tensor Y = own_copy(y), Yp;
+      if (same) {
+        Yp = scratch(Y);
+        Yp.copy_(Y);
+      } else {
+        Yp = own_copy(yprev_in);
+      }
       for (int64_t j = 0; j < N; ++j) {
-        Tensor X = conv(Y, K[j], false);
+        Tensor X = fwd(Y, k, j);
         E::bias_act(act, X, b[j], Tensor(), X, Tensor());
-        const Tensor Q = conv(X, K[j], true);
+        const Tensor Q = adj(X, k, j);
         E::leapfrog_step(Y, Yp, Q, h2, Yp);
         std::swap(Y, Yp);
       }
       return {nchw(Y), nchw(Yp), states};
     }
-    Tensor out = at::empty_like(y);
     slot(states, 0, 0).copy_(y);
+    const Tensor yprev = same ? slot(states, 0, 0) : internal(yprev_in);
+    Tensor out;
     for (int64_t j = 0; j < N; ++j) {
       const Tensor Yj = slot(states, j, 0);
       const Tensor Yp = j == 0 ? yprev : slot(states, j - 1, 0);
-      Tensor X = conv(Yj, K[j], false);
+      Tensor X = fwd(Yj, k, j);
       E::bias_act(act, X, b[j], slot(states, j, 1), X, Tensor());
-      const Tensor Q = conv(X, K[j], true);
-      E::leapfrog_step(Yj, Yp, Q, h2, j + 1 < N ? slot(states, j + 1, 0) : out);
+      const Tensor Q = adj(X, k, j);
+      // the last layer writes Y_N over Q (same index)
+      out = j + 1 < N ? slot(states, j + 1, 0) : Q;
+      E::leapfrog_step(Yj, Yp, Q, h2, out);
     }
-    return {nchw(out), slot(states, N - 1, 0).clone(at::MemoryFormat::Contiguous), states};
+    // Y_{N-1}: for one layer y itself (a plain copy where y is NCHW, not a conversion)
+    return {nchw(out), nchw_copy(N == 1 ? y : slot(states, N - 1, 0)), states};
   }
 
   // states defined: stored mode; else (y_hi, y_lo) = (Y_N, Y_{N-1}) seed the rebuild,
-  // and the last two results are the rebuilt inputs (Y_0, Y_{-1}).
-  static T6 leapfrog_backward_impl(const Tensor& ga, const Tensor& gc, const Tensor& states,
-                                   const Tensor& y_hi, const Tensor& y_lo, const Tensor& K,
+  // and the last two results are the rebuilt inputs (Y_0, Y_{-1}). Gradients and
+  // seeds in any layout (read only).
+  static T6 leapfrog_backward_impl(const Tensor& ga_in, const Tensor& gc_in, const Tensor& states,
+                                   const Tensor& y_hi, const Tensor& y_lo, const Tensor& Kw,
                                    const Tensor& b, double h, Act act) {
-    const int64_t N = K.size(0);
+    const int64_t N = Kw.size(0);
     const bool rev = !states.defined();
     const double h2 = h * h;
-    if (ga.numel() == 0)
-      return {at::zeros_like(ga, at::MemoryFormat::Contiguous),
-              at::zeros_like(ga, at::MemoryFormat::Contiguous), at::zeros_like(K),
-              at::zeros({N, K.size(1)}, K.options()), nchw(y_hi).clone(), nchw(y_lo).clone()};
-    Tensor gW = at::empty_like(K), gb = at::empty({N, K.size(1)}, K.options());
+    if (ga_in.numel() == 0)
+      return {at::zeros_like(ga_in, at::MemoryFormat::Contiguous),
+              at::zeros_like(ga_in, at::MemoryFormat::Contiguous), at::zeros_like(Kw),
+              at::zeros({N, Kw.size(1)}, Kw.options()), y_hi.clone(at::MemoryFormat::Contiguous),
+              y_lo.clone(at::MemoryFormat::Contiguous)};
+    const Kernels k = kernels(Kw);
+    Tensor gW = at::empty(Kw.sizes(), Kw.options()), gb = at::empty({N, Kw.size(1)}, Kw.options());
+    const Tensor ga = internal(ga_in), gc = internal(gc_in);
     // (a, cs * c) = (dL/dY_{j+1}, dL/dY_j so far). The incoming gradients are
     // read, never written; two buffers of our own (`own`) take the new a's in
     // turn, and the new c is the old a with its sign flipped (a flag, not a pass).
@@ -429,38 +545,38 @@ struct ConvStack {
     double cs = 1.0;
     Tensor own[2];
     int next = 0;
-    Tensor A = at::empty_like(ga), D = at::empty_like(ga);
+    Tensor A = scratch(ga), D = scratch(ga);
     Tensor Y, Yn;
     if (rev) {
-      Y = y_lo.clone();
-      Yn = y_hi.clone();
+      Y = own_copy(y_lo);
+      Yn = own_copy(y_hi);
     }
     for (int64_t j = N - 1; j >= 0; --j) {
-      const Tensor Kj = K[j];
       Tensor Yj;
       if (rev) {
         Yj = Y;
-        E::bias_act(act, conv(Yj, Kj, false), b[j], Tensor(), A, D);
+        E::bias_act(act, fwd(Yj, k, j), b[j], Tensor(), A, D);
       } else {
         Yj = slot(states, j, 0);
         E::bias_act(act, slot(states, j, 1), Tensor(), Tensor(), A, D);
       }
       // Y_{j+1} = ... - h^2 K^T A:  dL/dA = -h^2 K lam, dL/dK (this term) = -h^2 (.)
-      auto [gA, gwq, unused] = conv_grads(a, A, Kj, true, {true, true, false});
+      auto [gA, gwq, unused] = grads(a, A, k, j, true, {true, true, false});
       E::scale_mul(gA, D, -h2);  // gA is now G = dL/dP
-      auto [gY, gwp, gbj] = conv_grads(gA, Yj, Kj, false, {true, true, true});
-      gW[j].copy_(gwp).add_(gwq, -h2);
+      auto [gY, gwp, gbj] = grads(gA, Yj, k, j, false, {true, true, true});
+      Tensor gWj = gW[j];
+      at::add_out(gWj, gwp, gwq, -h2);
       gb[j].copy_(gbj);
       // new a = cs c + 2 a + gY, into c where c is ours, else into a buffer of ours
       Tensor out;
       if (c.is_same(own[0]) || c.is_same(own[1])) {
         out = c;
       } else {
-        if (!own[next].defined()) own[next] = at::empty_like(ga);
+        if (!own[next].defined()) own[next] = scratch(ga);
         out = own[next];
         next ^= 1;
         if (out.is_same(a)) {  // a is ours and about to become c: use the other buffer
-          if (!own[next].defined()) own[next] = at::empty_like(ga);
+          if (!own[next].defined()) own[next] = scratch(ga);
           out = own[next];
           next ^= 1;
         }
@@ -470,14 +586,15 @@ struct ConvStack {
       cs = -1.0;
       a = out;
       if (rev) {
-        E::leapfrog_step(Y, Yn, conv(A, Kj, true), h2, Yn);  // Y_{j-1}
+        E::leapfrog_step(Y, Yn, adj(A, k, j), h2, Yn);  // Y_{j-1}
         std::swap(Y, Yn);
       }
     }
-    // cs = -1 after any layer; c is one of ours unless N == 1 (then it is grad_y)
-    c = (c.is_same(own[0]) || c.is_same(own[1])) ? c.neg_() : c.neg();
-    if (rev) return {nchw(a), nchw(c), gW, gb, nchw(Yn), nchw(Y)};  // (Y_0, Y_{-1})
-    return {nchw(a), nchw(c), gW, gb, Tensor(), Tensor()};
+    // cs = -1 after any layer: dL/dY_{-1} = -c, written NCHW in one pass
+    Tensor gprev = L::empty(c.sizes(), c.options());
+    at::neg_out(gprev, c);
+    if (rev) return {nchw(a), gprev, gW, gb, nchw(Yn), nchw(Y)};  // (Y_0, Y_{-1})
+    return {nchw(a), gprev, gW, gb, Tensor(), Tensor()};
   }
 
   static T4 leapfrog_backward(const Tensor& grad_y, const Tensor& grad_y_prev,
@@ -488,9 +605,8 @@ struct ConvStack {
     check_conv_states(states, 2, grad_y, weight);
     check_step(step);
     const Act act = parse_activation(activation);
-    auto r = leapfrog_backward_impl(internal(grad_y), internal(grad_y_prev), states.contiguous(),
-                                    Tensor(), Tensor(), weight.contiguous(), bias.contiguous(),
-                                    step, act);
+    auto r = leapfrog_backward_impl(grad_y, grad_y_prev, states.contiguous(), Tensor(), Tensor(),
+                                    weight, bias.contiguous(), step, act);
     return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
   }
 
@@ -504,92 +620,103 @@ struct ConvStack {
     check_like(y_prev, "y_prev", grad_y);
     check_step(step);
     const Act act = parse_activation(activation);
-    return leapfrog_backward_impl(internal(grad_y), internal(grad_y_prev), Tensor(),
-                                  internal(y), internal(y_prev), weight.contiguous(),
+    return leapfrog_backward_impl(grad_y, grad_y_prev, Tensor(), y, y_prev, weight,
                                   bias.contiguous(), step, act);
   }
 
   // ------------------------------------------------------------ verlet
 
-  static T3 verlet_forward(const Tensor& y_in, const Tensor& z_in, const Tensor& weight,
+  static T3 verlet_forward(const Tensor& y, const Tensor& z_in, const Tensor& weight,
                            const Tensor& bias, double step, c10::string_view activation,
                            bool store) {
-    check_conv_stack(y_in, weight, bias);
-    check_like(z_in, "z", y_in);
+    check_conv_stack(y, weight, bias);
+    check_like(z_in, "z", y);
     check_step(step);
     const Act act = parse_activation(activation);
-    const Tensor y = internal(y_in), z = internal(z_in), K = weight.contiguous(),
-                 b = bias.contiguous();
-    const int64_t N = K.size(0);
+    const Tensor b = bias.contiguous();
+    const int64_t N = weight.size(0);
     const double h = step;
     Tensor states = empty_states(y, store ? N : 0, 4);
     if (y.numel() == 0)
-      return {y.clone(at::MemoryFormat::Contiguous), z.clone(at::MemoryFormat::Contiguous), states};
+      return {y.clone(at::MemoryFormat::Contiguous), z_in.clone(at::MemoryFormat::Contiguous),
+              states};
+    const Kernels k = kernels(weight);
     if (!store) {
-      Tensor Y = y.clone(), Z = z.clone();
+      Tensor Y = own_copy(y), Z = own_copy(z_in);
       for (int64_t j = 0; j < N; ++j) {
-        E::residual_act(act, conv(Y, K[j], false), b[j], Z, -h, Tensor(), Z);
-        E::residual_act(act, conv(Z, K[j], true), b[j], Y, h, Tensor(), Y);
+        E::residual_act(act, fwd(Y, k, j), b[j], Z, -h, Tensor(), Z);
+        E::residual_act(act, adj(Z, k, j), b[j], Y, h, Tensor(), Y);
       }
       return {nchw(Y), nchw(Z), states};
     }
-    Tensor out = at::empty_like(y);
+    const Tensor z = internal(z_in);
     slot(states, 0, 0).copy_(y);
+    Tensor out;
     for (int64_t j = 0; j < N; ++j) {
       const Tensor Yj = slot(states, j, 0), Zj = slot(states, j, 2);
       const Tensor Zprev = j == 0 ? z : slot(states, j - 1, 2);
-      E::residual_act(act, conv(Yj, K[j], false), b[j], Zprev, -h, slot(states, j, 1), Zj);
-      E::residual_act(act, conv(Zj, K[j], true), b[j], Yj, h, slot(states, j, 3),
-                      j + 1 < N ? slot(states, j + 1, 0) : out);
+      E::residual_act(act, fwd(Yj, k, j), b[j], Zprev, -h, slot(states, j, 1), Zj);
+      const Tensor X = adj(Zj, k, j);
+      out = j + 1 < N ? slot(states, j + 1, 0) : X;  // the last layer: Y_N over X
+      E::residual_act(act, X, b[j], Yj, h, slot(states, j, 3), out);
     }
-    return {nchw(out), slot(states, N - 1, 2).clone(at::MemoryFormat::Contiguous), states};
+    return {nchw(out), nchw_copy(slot(states, N - 1, 2)), states};
   }
 
   // states defined: stored mode; else (y_end, z_end) = (Y_N, Z_{N-1/2}) seed the rebuild,
-  // and the last two results are the rebuilt inputs (Y_0, Z_{-1/2}).
+  // and the last two results are the rebuilt inputs (Y_0, Z_{-1/2}). Gradients and
+  // seeds in any layout (read only).
   static T6 verlet_backward_impl(const Tensor& gy_in, const Tensor& gz_in, const Tensor& states,
-                                 const Tensor& y_end, const Tensor& z_end, const Tensor& K,
+                                 const Tensor& y_end, const Tensor& z_end, const Tensor& Kw,
                                  const Tensor& b, double h, Act act) {
-    const int64_t N = K.size(0);
+    const int64_t N = Kw.size(0);
     const bool rev = !states.defined();
     if (gy_in.numel() == 0)
       return {at::zeros_like(gy_in, at::MemoryFormat::Contiguous),
-              at::zeros_like(gy_in, at::MemoryFormat::Contiguous), at::zeros_like(K),
-              at::zeros({N, K.size(1)}, K.options()), nchw(y_end).clone(), nchw(z_end).clone()};
-    Tensor gW = at::empty_like(K), gb = at::empty({N, K.size(1)}, K.options());
-    Tensor gy = gy_in.clone(), gz = gz_in.clone(), G = at::empty_like(gy_in), gi;
+              at::zeros_like(gy_in, at::MemoryFormat::Contiguous), at::zeros_like(Kw),
+              at::zeros({N, Kw.size(1)}, Kw.options()), y_end.clone(at::MemoryFormat::Contiguous),
+              z_end.clone(at::MemoryFormat::Contiguous)};
+    const Kernels k = kernels(Kw);
+    Tensor gW = at::empty(Kw.sizes(), Kw.options()), gb = at::empty({N, Kw.size(1)}, Kw.options());
+    // gy, gz: the incoming gradients (read only) until a layer adds to them,
+    // then buffers of ours (own_y, own_z).
+    Tensor gy = internal(gy_in), gz = internal(gz_in);
+    Tensor G = scratch(gy), own_y, own_z = scratch(gy), gi;
     Tensor Y, Z, Zn, P1, P2;
     if (rev) {
-      Y = y_end.clone();
-      Z = z_end.clone();
-      Zn = at::empty_like(Z);
-      P1 = at::empty_like(Z);
-      P2 = at::empty_like(Z);
+      Y = own_copy(y_end);
+      Z = own_copy(z_end);
+      Zn = scratch(Z);
+      P1 = scratch(Z);
+      P2 = scratch(Z);
     }
     for (int64_t j = N - 1; j >= 0; --j) {
-      const Tensor Kj = K[j];
       Tensor Yj, Zj, P1j, P2j;
       if (rev) {
         // Y_j = Y_{j+1} - h act(K^T Z_{j+1/2} + b);  Z_{j-1/2} = Z_{j+1/2} + h act(K Y_j + b)
-        E::residual_act(act, conv(Z, Kj, true), b[j], Y, -h, P2, Y);
-        E::residual_act(act, conv(Y, Kj, false), b[j], Z, h, P1, Zn);
+        E::residual_act(act, adj(Z, k, j), b[j], Y, -h, P2, Y);
+        E::residual_act(act, fwd(Y, k, j), b[j], Z, h, P1, Zn);
         Yj = Y, Zj = Z, P1j = P1, P2j = P2;
       } else {
         Yj = slot(states, j, 0), P1j = slot(states, j, 1), Zj = slot(states, j, 2),
         P2j = slot(states, j, 3);
       }
-      E::grad_act(act, gy, gi, P2j, h, G);  // gy += (previous layer's K^T G1); G2
-      auto [gz2, gw2, gb2] = conv_grads(G, Zj, Kj, true, {true, true, true});
-      E::grad_act(act, gz, gz2, P1j, -h, G);  // gz += K G2; G1
-      auto [gy1, gw1, gb1] = conv_grads(G, Yj, Kj, false, {true, true, true});
-      gW[j].copy_(gw1).add_(gw2);
-      gb[j].copy_(gb1).add_(gb2);
+      if (gi.defined() && !own_y.defined()) own_y = scratch(gy);
+      E::grad_act(act, gy, gi, P2j, h, G, own_y);  // gy += (previous layer's K^T G1); G2
+      if (gi.defined()) gy = own_y;
+      auto [gz2, gw2, gb2] = grads(G, Zj, k, j, true, {true, true, true});
+      E::grad_act(act, gz, gz2, P1j, -h, G, own_z);  // gz += K G2; G1
+      gz = own_z;
+      auto [gy1, gw1, gb1] = grads(G, Yj, k, j, false, {true, true, true});
+      Tensor gWj = gW[j], gbj = gb[j];
+      at::add_out(gWj, gw1, gw2);
+      at::add_out(gbj, gb1, gb2);
       gi = gy1;
       if (rev) std::swap(Z, Zn);
     }
-    gy.add_(gi);
-    if (rev) return {nchw(gy), nchw(gz), gW, gb, nchw(Y), nchw(Z)};  // (Y_0, Z_{-1/2})
-    return {nchw(gy), nchw(gz), gW, gb, Tensor(), Tensor()};
+    const Tensor gy_out = nchw_sum(gy, gi);
+    if (rev) return {gy_out, nchw(gz), gW, gb, nchw(Y), nchw(Z)};  // (Y_0, Z_{-1/2})
+    return {gy_out, nchw(gz), gW, gb, Tensor(), Tensor()};
   }
 
   static T4 verlet_backward(const Tensor& grad_y, const Tensor& grad_z, const Tensor& states,
@@ -600,8 +727,8 @@ struct ConvStack {
     check_conv_states(states, 4, grad_y, weight);
     check_step(step);
     const Act act = parse_activation(activation);
-    auto r = verlet_backward_impl(internal(grad_y), internal(grad_z), states.contiguous(), Tensor(),
-                                  Tensor(), weight.contiguous(), bias.contiguous(), step, act);
+    auto r = verlet_backward_impl(grad_y, grad_z, states.contiguous(), Tensor(), Tensor(), weight,
+                                  bias.contiguous(), step, act);
     return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
   }
 
@@ -615,8 +742,8 @@ struct ConvStack {
     check_like(z, "z", grad_y);
     check_step(step);
     const Act act = parse_activation(activation);
-    return verlet_backward_impl(internal(grad_y), internal(grad_z), Tensor(), internal(y),
-                                internal(z), weight.contiguous(), bias.contiguous(), step, act);
+    return verlet_backward_impl(grad_y, grad_z, Tensor(), y, z, weight, bias.contiguous(), step,
+                                act);
   }
 };
 
