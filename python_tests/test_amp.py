@@ -358,7 +358,10 @@ def test_narrow_reduced_ops_are_float32_rounded_once(arch, dtype, activation):
     y, p, g1, g2 = (torch.randn(B, d).to(dtype) for _ in range(4))
     w, b = (torch.randn(n, d, d) * d ** -0.5).to(dtype), (torch.randn(n, d) * 0.1).to(dtype)
     h = (0.1, activation)
-    f32 = lambda *ts: [t.float() for t in ts]  # noqa: E731
+
+    def f32(*ts):
+        return [t.float() for t in ts]
+
     out = fwd(y, p, w, b, *h, True)
     ref = fwd(*f32(y, p, w, b), *h, True)
     assert all(t.dtype == dtype for t in out)
