@@ -343,6 +343,42 @@ def test_conv_bf16_error_within_2x_pytorch_autocast(arch, reversible):
         assert fused <= 2 * plain, f"{name}: fused {fused:.2e} > 2 x PyTorch autocast {plain:.2e}"
 
 
+@pytest.mark.parametrize("activation", ["tanh", "silu"])  # act(P) stored; P stored (silu)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["leapfrog", "verlet"])
+def test_narrow_reduced_ops_are_float32_rounded_once(arch, dtype, activation):
+    """Narrow (d <= 32) leapfrog/Verlet ops in bfloat16/float16 run the float32 tile kernels
+    over reduced-precision memory: forward, stored backward and reversible backward return
+    exactly the float32 op's results on the same (reduced-valued) inputs, rounded once to
+    the dtype. B = 70: a full tile and a partial one."""
+    ops = torch.ops.stablenets
+    fwd, back = getattr(ops, f"{arch}_forward"), getattr(ops, f"{arch}_backward")
+    rev = getattr(ops, f"{arch}_backward_reversible")
+    B, d, n = 70, 12, 5
+    y, p, g1, g2 = (torch.randn(B, d).to(dtype) for _ in range(4))
+    w, b = (torch.randn(n, d, d) * d ** -0.5).to(dtype), (torch.randn(n, d) * 0.1).to(dtype)
+    h = (0.1, activation)
+
+    def f32(*ts):
+        return [t.float() for t in ts]
+
+    out = fwd(y, p, w, b, *h, True)
+    ref = fwd(*f32(y, p, w, b), *h, True)
+    assert all(t.dtype == dtype for t in out)
+    for a, e in zip(out, ref):
+        assert torch.equal(a, e.to(dtype))
+    got = back(g1, g2, out[2], w, b, *h)
+    exact = back(*f32(g1, g2, out[2], w, b), *h)
+    assert all(t.dtype == dtype for t in got)
+    for a, e in zip(got, exact):
+        assert torch.equal(a, e.to(dtype))
+    got = rev(g1, g2, out[0], out[1], w, b, *h)
+    exact = rev(*f32(g1, g2, out[0], out[1], w, b), *h)
+    assert all(t.dtype == dtype for t in got)
+    for a, e in zip(got, exact):  # gradients and the rebuilt pair (rebuilt in float32)
+        assert torch.equal(a, e.to(dtype))
+
+
 @pytest.mark.parametrize("d", [8, 40])  # narrow tiles; wide (bf16 GEMMs, float32 pair)
 @pytest.mark.parametrize("arch", ["leapfrog", "verlet"])
 def test_bf16_reversible_deep_stack_rebuilds(arch, d):

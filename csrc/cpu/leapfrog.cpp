@@ -16,9 +16,12 @@ namespace stablenets {
 namespace cpu_detail {
 namespace {
 
-template <typename T, Act A>
-void forward_narrow(const T* y, const T* yprev, const T* K, const T* b, T h, int64_t N,
-                    int64_t B, int64_t d, T* out, T* out_prev, T* states) {
+// S: the storage type of the inputs, outputs and states (T, or bfloat16/float16
+// with T = float: float32 tiles, so the pair carried through the stack stays
+// float32, as in resnet.cpp's narrow kernels).
+template <typename T, Act A, typename S = T>
+void forward_narrow(const S* y, const S* yprev, const T* K, const T* b, T h, int64_t N,
+                    int64_t B, int64_t d, S* out, S* out_prev, S* states) {
   const T mh2 = -h * h;
   for_tiles(B, N * d * d, [&](int64_t, int64_t row0, int64_t rows) {
     std::vector<T> buf(3 * d * kTile);
@@ -48,11 +51,12 @@ void forward_narrow(const T* y, const T* yprev, const T* K, const T* b, T h, int
   });
 }
 
-// Reversible: `states` is null and (y_hi, y_lo) = (Y_N, Y_{N-1}) seed the reconstruction.
-template <typename T, Act A, bool Reversible>
-void backward_narrow(const T* ga_in, const T* gc_in, const T* states, const T* y_hi,
-                     const T* y_lo, const T* K, const T* b, T h, int64_t N, int64_t B, int64_t d,
-                     T* gy, T* gyprev, T* ry, T* ryprev, Partials<T>& part) {
+// Reversible: `states` is null and (y_hi, y_lo) = (Y_N, Y_{N-1}) seed the reconstruction
+// (in T tiles: a reduced-precision call rebuilds the pair in float32).
+template <typename T, Act A, bool Reversible, typename S = T>
+void backward_narrow(const S* ga_in, const S* gc_in, const S* states, const S* y_hi,
+                     const S* y_lo, const T* K, const T* b, T h, int64_t N, int64_t B, int64_t d,
+                     S* gy, S* gyprev, S* ry, S* ryprev, Partials<T>& part) {
   const T mh2 = -h * h;
   for_tiles(B, N * d * d, [&](int64_t c, int64_t row0, int64_t rows) {
     std::vector<T> buf(7 * d * kTile);
@@ -438,6 +442,25 @@ T6 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& 
     });
     return {gy, gyp, gw, gb, ry, ryp};
   }
+  if (is_reduced(ga.scalar_type()) && narrow(d)) {  // tile.h: reduced_native
+    const at::Tensor Kf = K.to(at::kFloat), bf = b.to(at::kFloat);
+    const int64_t chunks = num_chunks(B, N * d * d);
+    Partials<float> part(chunks, N, d, ga.options().dtype(at::kFloat));
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(ga.scalar_type(), "leapfrog_backward_reduced", [&] {
+      SN_DISPATCH_ACT(act, [&] {
+        backward_narrow<float, kAct, Reversible, scalar_t>(
+            ga.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
+            Reversible ? nullptr : states.data_ptr<scalar_t>(),
+            Reversible ? yhi.data_ptr<scalar_t>() : nullptr,
+            Reversible ? ylo.data_ptr<scalar_t>() : nullptr, Kf.data_ptr<float>(),
+            bf.data_ptr<float>(), static_cast<float>(step), N, B, d, gy.data_ptr<scalar_t>(),
+            gyp.data_ptr<scalar_t>(), Reversible ? ry.data_ptr<scalar_t>() : nullptr,
+            Reversible ? ryp.data_ptr<scalar_t>() : nullptr, part);
+      });
+    });
+    std::tie(gw, gb) = part.sum(chunks);
+    return {gy, gyp, gw.to(ga.scalar_type()), gb.to(ga.scalar_type()), ry, ryp};
+  }
   AT_DISPATCH_FLOATING_TYPES(ga.scalar_type(), "leapfrog_backward", [&] {
     const scalar_t h = static_cast<scalar_t>(step);
     SN_DISPATCH_ACT(act, [&] {
@@ -491,6 +514,18 @@ T3 leapfrog_forward(const at::Tensor& y_in, const at::Tensor& yprev_in, const at
     });
     return {out, out_prev, states};
   }
+  if (is_reduced(y.scalar_type()) && narrow(d)) {  // tile.h: reduced_native
+    const at::Tensor Kf = K.to(at::kFloat), bf = b.to(at::kFloat);
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "leapfrog_forward_reduced", [&] {
+      SN_DISPATCH_ACT(act, [&] {
+        forward_narrow<float, kAct, scalar_t>(
+            y.data_ptr<scalar_t>(), yprev.data_ptr<scalar_t>(), Kf.data_ptr<float>(),
+            bf.data_ptr<float>(), static_cast<float>(step), N, B, d, out.data_ptr<scalar_t>(),
+            out_prev.data_ptr<scalar_t>(), store ? states.data_ptr<scalar_t>() : nullptr);
+      });
+    });
+    return {out, out_prev, states};
+  }
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "leapfrog_forward", [&] {
     const scalar_t h = static_cast<scalar_t>(step);
     SN_DISPATCH_ACT(act, [&] {
@@ -539,11 +574,9 @@ T6 leapfrog_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad
 }  // namespace stablenets
 
 TORCH_LIBRARY_IMPL(stablenets, CPU, m) {
-  using stablenets::cpu_detail::wide_reduced_native;
-  SN_IMPL_NATIVE(m, "leapfrog_forward", &stablenets::cpu::leapfrog_forward,
-                 &wide_reduced_native);
-  SN_IMPL_NATIVE(m, "leapfrog_backward", &stablenets::cpu::leapfrog_backward,
-                 &wide_reduced_native);
+  using stablenets::cpu_detail::reduced_native;
+  SN_IMPL_NATIVE(m, "leapfrog_forward", &stablenets::cpu::leapfrog_forward, &reduced_native);
+  SN_IMPL_NATIVE(m, "leapfrog_backward", &stablenets::cpu::leapfrog_backward, &reduced_native);
   SN_IMPL_NATIVE(m, "leapfrog_backward_reversible",
-                 &stablenets::cpu::leapfrog_backward_reversible, &wide_reduced_native);
+                 &stablenets::cpu::leapfrog_backward_reversible, &reduced_native);
 }

@@ -191,10 +191,8 @@ void backward_wide_reduced(const at::Tensor& gout, const at::Tensor& states, con
 
 // Narrow stacks keep float32 tiles over bf16/fp16 memory; wide ones serve bfloat16
 // (their GEMMs in bf16), while wide float16 takes float32 copies (tile.h:
-// wide_reduced_native). A malformed first argument goes straight to the checks.
-bool resnet_reduced_native(const at::Tensor& first) {
-  return first.dim() != 2 || narrow(first.size(1)) || wide_reduced_native(first);
-}
+// reduced_native, wide_reduced_native).
+bool resnet_reduced_native(const at::Tensor& first) { return reduced_native(first); }
 
 at::Tensor antisymmetric_weight(const at::Tensor& K_in, double gamma) {
   const at::Tensor K = K_in.contiguous();

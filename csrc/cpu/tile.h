@@ -451,6 +451,14 @@ inline bool wide_reduced_native(const at::Tensor& first) {
   return first.scalar_type() == at::kBFloat16 && first.dim() == 2 && !narrow(first.size(1));
 }
 
+// Whether a stack's kernel serves a reduced-dtype call itself: narrow stacks
+// always (float32 tiles over bf16/fp16 memory: the tile kernels' storage type
+// S), wide ones in bfloat16 (above). A malformed first argument goes straight to
+// the kernel's checks.
+inline bool reduced_native(const at::Tensor& first) {
+  return first.dim() != 2 || narrow(first.size(1)) || wide_reduced_native(first);
+}
+
 // fn(std::bool_constant<a>{}, ...) for run-time flags a, b, c: one instantiation
 // per combination, so the flags are compile-time constants inside fn's loops.
 template <typename F>

@@ -22,9 +22,12 @@ T* slot_ptr(T* states, int64_t j, int64_t s, int64_t B, int64_t row0, int64_t d)
   return states + ((j * 4 + s) * B + row0) * d;
 }
 
-template <typename T, Act A>
-void forward_narrow(const T* y, const T* z, const T* K, const T* b, T h, int64_t N, int64_t B,
-                    int64_t d, T* out_y, T* out_z, T* states) {
+// S: the storage type of the inputs, outputs and states (T, or bfloat16/float16
+// with T = float: float32 tiles, so (Y, Z) stay float32 through the stack, as in
+// resnet.cpp's narrow kernels).
+template <typename T, Act A, typename S = T>
+void forward_narrow(const S* y, const S* z, const T* K, const T* b, T h, int64_t N, int64_t B,
+                    int64_t d, S* out_y, S* out_z, S* states) {
   for_tiles(B, N * d * d, [&](int64_t, int64_t row0, int64_t rows) {
     std::vector<T> buf(3 * d * kTile);
     T* Y = buf.data();
@@ -61,10 +64,12 @@ void forward_narrow(const T* y, const T* z, const T* K, const T* b, T h, int64_t
   });
 }
 
-template <typename T, Act A, bool Reversible>
-void backward_narrow(const T* gy_in, const T* gz_in, const T* states, const T* y_out,
-                     const T* z_out, const T* K, const T* b, T h, int64_t N, int64_t B,
-                     int64_t d, T* gy, T* gz, T* ry, T* rz, Partials<T>& part) {
+// Reversible: `states` is null and (y_out, z_out) seed the reconstruction, in T
+// tiles (a reduced-precision call rebuilds the states in float32).
+template <typename T, Act A, bool Reversible, typename S = T>
+void backward_narrow(const S* gy_in, const S* gz_in, const S* states, const S* y_out,
+                     const S* z_out, const T* K, const T* b, T h, int64_t N, int64_t B,
+                     int64_t d, S* gy, S* gz, S* ry, S* rz, Partials<T>& part) {
   for_tiles(B, N * d * d, [&](int64_t c, int64_t row0, int64_t rows) {
     std::vector<T> buf(7 * d * kTile);
     T* ly = buf.data();
@@ -387,6 +392,27 @@ T6 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& 
     });
     return {gy, gz, gw, gb, ry, rz};
   }
+  if (is_reduced(gyc.scalar_type()) && narrow(d)) {  // tile.h: reduced_native
+    const at::Tensor Kf = K.to(at::kFloat), bf = b.to(at::kFloat);
+    const at::Tensor yo = Reversible ? y_in.contiguous() : at::Tensor();
+    const at::Tensor zo = Reversible ? z_in.contiguous() : at::Tensor();
+    const int64_t chunks = num_chunks(B, N * d * d);
+    Partials<float> part(chunks, N, d, gyc.options().dtype(at::kFloat));
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(gyc.scalar_type(), "verlet_backward_reduced", [&] {
+      SN_DISPATCH_ACT(act, [&] {
+        backward_narrow<float, kAct, Reversible, scalar_t>(
+            gyc.data_ptr<scalar_t>(), gzc.data_ptr<scalar_t>(),
+            Reversible ? nullptr : states.data_ptr<scalar_t>(),
+            Reversible ? yo.data_ptr<scalar_t>() : nullptr,
+            Reversible ? zo.data_ptr<scalar_t>() : nullptr, Kf.data_ptr<float>(),
+            bf.data_ptr<float>(), static_cast<float>(step), N, B, d, gy.data_ptr<scalar_t>(),
+            gz.data_ptr<scalar_t>(), Reversible ? ry.data_ptr<scalar_t>() : nullptr,
+            Reversible ? rz.data_ptr<scalar_t>() : nullptr, part);
+      });
+    });
+    std::tie(gw, gb) = part.sum(chunks);
+    return {gy, gz, gw.to(gyc.scalar_type()), gb.to(gyc.scalar_type()), ry, rz};
+  }
   AT_DISPATCH_FLOATING_TYPES(gyc.scalar_type(), "verlet_backward", [&] {
     const scalar_t h = static_cast<scalar_t>(step);
     SN_DISPATCH_ACT(act, [&] {
@@ -448,6 +474,18 @@ T3 verlet_forward(const at::Tensor& y_in, const at::Tensor& z_in, const at::Tens
     });
     return {out_y, out_z, states};
   }
+  if (is_reduced(y.scalar_type()) && narrow(d)) {  // tile.h: reduced_native
+    const at::Tensor Kf = K.to(at::kFloat), bf = b.to(at::kFloat);
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "verlet_forward_reduced", [&] {
+      SN_DISPATCH_ACT(act, [&] {
+        forward_narrow<float, kAct, scalar_t>(
+            y.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), Kf.data_ptr<float>(),
+            bf.data_ptr<float>(), static_cast<float>(step), N, B, d, out_y.data_ptr<scalar_t>(),
+            out_z.data_ptr<scalar_t>(), store ? states.data_ptr<scalar_t>() : nullptr);
+      });
+    });
+    return {out_y, out_z, states};
+  }
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "verlet_forward", [&] {
     const scalar_t h = static_cast<scalar_t>(step);
     SN_DISPATCH_ACT(act, [&] {
@@ -495,9 +533,9 @@ T6 verlet_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad_z
 }  // namespace stablenets
 
 TORCH_LIBRARY_IMPL(stablenets, CPU, m) {
-  using stablenets::cpu_detail::wide_reduced_native;
-  SN_IMPL_NATIVE(m, "verlet_forward", &stablenets::cpu::verlet_forward, &wide_reduced_native);
-  SN_IMPL_NATIVE(m, "verlet_backward", &stablenets::cpu::verlet_backward, &wide_reduced_native);
+  using stablenets::cpu_detail::reduced_native;
+  SN_IMPL_NATIVE(m, "verlet_forward", &stablenets::cpu::verlet_forward, &reduced_native);
+  SN_IMPL_NATIVE(m, "verlet_backward", &stablenets::cpu::verlet_backward, &reduced_native);
   SN_IMPL_NATIVE(m, "verlet_backward_reversible", &stablenets::cpu::verlet_backward_reversible,
-                 &wide_reduced_native);
+                 &reduced_native);
 }

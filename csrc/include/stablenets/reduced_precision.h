@@ -15,8 +15,8 @@
 // register their kernels through it), and the one dtype dispatch of every op; a
 // kernel that serves a reduced dtype itself (SN_IMPL_NATIVE: the CPU's wide
 // stacks in bfloat16, whose GEMMs then run in bf16 with the carried state in
-// float32, and its narrow ResNet/antisymmetric tiles) is called directly where
-// its predicate says so.
+// float32, and the narrow tiles of all four dense stacks, float32 tiles over
+// bf16/fp16 memory) is called directly where its predicate says so.
 #pragma once
 
 #include <ATen/ATen.h>
