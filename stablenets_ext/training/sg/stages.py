@@ -429,7 +429,8 @@ class StageRunner:
         # Mixed precision (bf16 only, see ..amp.check_sg): the stage's forward and
         # its loss run under autocast; the states and gradients crossing a cut,
         # the SG module (its prediction and fit) and the optimisers stay float32.
-        self.amp = _amp.Amp(amp, next(net.parameters()).device)
+        first = next(net.parameters())
+        self.amp, self.dtype = _amp.Amp(amp, first.device), first.dtype
         self.index = net.index
         self.alpha, self.alpha_c = alpha, alpha_c
         self.opt, self.sched = backprop.make_optimizer(net, lr, weight_decay, lr_step, lr_gamma,
@@ -483,8 +484,8 @@ class StageRunner:
             self._graph = (inputs, loss, t, labels)
             self.busy += time.perf_counter() - start
             return None
-        # float32 across the cut (a no-op without autocast)
-        detached = tuple(o.detach().float() for o in out)
+        # the parameters' dtype (float32) across the cut: a no-op without autocast
+        detached = tuple(o.detach().to(self.dtype) for o in out)
         self.pending[t] = (detached, labels)
         self._graph = (inputs, out, t, labels)
         self.busy += time.perf_counter() - start
@@ -515,7 +516,7 @@ class StageRunner:
         result = None
         if not self.first:
             n = labels.shape[0]
-            result = tuple((i.grad.float() if i.grad is not None else torch.zeros_like(i)) * n
+            result = tuple((i.grad if i.grad is not None else torch.zeros_like(i)) * n
                            for i in inputs)
         self.busy += time.perf_counter() - start
         return result
