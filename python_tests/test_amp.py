@@ -501,8 +501,130 @@ def test_amp_refused_where_it_cannot_be_honoured(capsys):
     from stablenets_ext.training import TrainConfig
     from stablenets_ext.training.options import OptionError
 
-    assert cli.main(["train", "--dataset", "digits", "--trainer", "sg", "--amp", "bf16",
-                     "--epochs", "1", "--quiet"]) == 2
-    assert "--amp" in capsys.readouterr().err
+    for trainer in ("sg", "pvd"):  # bf16 only: no gradient scaler across stages/workers
+        assert cli.main(["train", "--dataset", "digits", "--trainer", trainer, "--amp", "fp16",
+                         "--epochs", "1", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--amp fp16" in err and "bf16" in err and len(err.splitlines()) == 1, err
     with pytest.raises(OptionError, match="amp: expected one of"):
         TrainConfig(amp="int8").check()
+
+
+# ------------------------------------------------- --amp with the SG and PVD trainers
+
+
+class _Probe:
+    """Records the dtypes of every Linear output (a global forward hook: it also
+    sees the stage copies and PVD's functional_call) and whether autocast was on."""
+
+    def __enter__(self):
+        self.dtypes = set()
+
+        def hook(module, args, out):
+            if isinstance(module, torch.nn.Linear):
+                self.dtypes.add(out.dtype)
+
+        self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _digits_model(data, seed=0):
+    from stablenets_ext.models import StableNet
+
+    torch.manual_seed(seed)
+    return StableNet("verlet", data.features, data.classes, 8, width=64, step=0.1)
+
+
+@pytest.mark.parametrize("sg_fit", ["solve", "adam"])
+def test_train_amp_sg_bf16(one_thread, sg_fit):
+    """SG under bf16: the stages' forwards run in bfloat16 (probe), the run
+    differs from float32, it learns digits, parameters stay float32."""
+    from stablenets_ext import data as D
+    from stablenets_ext.training.sg import train_sg
+    from stablenets_ext.training.sg import stages as S
+
+    data = D.load_dataset("digits")
+    kw = dict(epochs=1, batch_size=64, lr=0.01, stages=2, quiet=True, sg_fit=sg_fit)
+    crossing = set()
+    forward = S.StageRunner.forward
+
+    def spy(self, t, inputs, labels):
+        out = forward(self, t, inputs, labels)
+        crossing.update(o.dtype for o in out or ())
+        return out
+
+    S.StageRunner.forward = spy
+    try:
+        results = {}
+        for amp in (None, "bf16"):
+            model = _digits_model(data)
+            with _Probe() as probe:
+                r = train_sg(model, data, amp=amp, **kw)
+            results[amp] = r
+            # evaluation and the SG modules stay float32; the stages' forwards not
+            assert (torch.bfloat16 in probe.dtypes) == (amp == "bf16"), probe.dtypes
+            assert all(p.dtype == torch.float32 for p in model.parameters())
+    finally:
+        S.StageRunner.forward = forward
+    assert crossing == {torch.float32}  # the states crossing the cut
+    assert results["bf16"]["accuracy"] > 0.5, results["bf16"]["accuracy"]
+    assert results["bf16"]["loss"] != results[None]["loss"]
+    assert abs(results["bf16"]["accuracy"] - results[None]["accuracy"]) < 0.1
+
+
+def test_train_amp_sg_pipeline_bf16(one_thread):
+    """The stage processes (settings travel to each worker's StageRunner) learn
+    under bf16 too, with float32 parameters."""
+    from stablenets_ext import data as D
+    from stablenets_ext.training.sg import train_sg
+
+    data = D.load_dataset("digits")
+    model = _digits_model(data)
+    r = train_sg(model, data, epochs=1, batch_size=64, lr=0.01, workers=2, threads=1,
+                 quiet=True, amp="bf16")
+    assert r["accuracy"] > 0.5, r["accuracy"]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", ["sequential", "process"])
+def test_train_amp_pvd_bf16(one_thread, backend):
+    from stablenets_ext import data as D
+    from stablenets_ext.training import pvd
+
+    data = D.load_dataset("digits")
+    kw = dict(workers=2, backend=backend, iterations=2, inner_batches=15, lr=0.01, threads=1,
+              start_method="forkserver")
+    results = {}
+    for amp in ((None, "bf16") if backend == "sequential" else ("bf16",)):
+        model = _digits_model(data)
+        with _Probe() as probe:
+            results[amp] = pvd.train_pvd(model, data, amp=amp, **kw)
+        if backend == "sequential":  # the workers' steps in bf16, sync/evaluation in float32
+            want = {torch.bfloat16, torch.float32} if amp else {torch.float32}
+            assert probe.dtypes == want, probe.dtypes
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert results[amp]["accuracy"] > 0.5, results[amp]["accuracy"]
+    if backend == "sequential":
+        assert results["bf16"]["history"]["digest"] != results[None]["history"]["digest"]
+    with pytest.raises(ValueError, match="amp: fp16 .* use --amp bf16"):
+        pvd.train_pvd(_digits_model(data), data, amp="fp16", **kw)
+
+
+def test_train_amp_sg_pvd_cli(capsys):
+    """The CLI takes --amp bf16 for sg and pvd and reports float32 parameters."""
+    for trainer, extra in (("sg", []), ("pvd", ["--backend", "sequential"])):
+        line = _cli_json(capsys, ["train", "--dataset", "ellipse", "--layers", "4", "--epochs",
+                                  "1", "--quiet", "--json", "--threads", "1", "--trainer",
+                                  trainer, "--amp", "bf16", *extra])
+        assert line["epochs" if trainer == "sg" else "iterations"] == 1

@@ -39,6 +39,18 @@ def check_device(amp, device) -> None:
                           "use --amp bf16")
 
 
+def check_bf16_only(amp, trainer: str) -> None:
+    """Refuse fp16 for a trainer that runs bf16 but has no correct gradient
+    scaler: its gradients cross stages or processes (SG's per-stage backward
+    seeded by synthetic gradients, PVD's per-block subproblems and its
+    synchronisation), where one scaler's skipped steps and scale changes would
+    have to be agreed by every part. bf16 has float32's range and needs none."""
+    check_mode(amp)
+    if amp == "fp16":
+        raise OptionError(f"amp: fp16 needs a gradient scaler, which the {trainer} trainer "
+                          f"cannot apply across its stages/workers; use --amp bf16 (or backprop)")
+
+
 class Amp:
     """What one training process needs: the autocast region and, for fp16, the scaler."""
 

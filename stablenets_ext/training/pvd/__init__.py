@@ -23,8 +23,9 @@ ENGINES = {"process": "one worker process per block over shared memory",
            "sequential": "the blocks one after another in this process (the timing baseline)",
            "dist": "one torch.distributed rank per block"}
 # PVD runs Adam on each block with a fixed rate; it has no schedule or regulariser.
-UNSUPPORTED = frozenset({"weight_decay", "lr_step", "lr_gamma", "alpha", "alpha_c", "amp"})
+UNSUPPORTED = frozenset({"weight_decay", "lr_step", "lr_gamma", "alpha", "alpha_c"})
 COMPARISONS = ("sequential", "backprop")
+AMP_MODES = ("bf16",)  # fp16 would need one gradient scaler agreed across the workers
 
 __all__ = ["COMPARISONS", "ENGINES", "Options", "PVDConfig", "UNSUPPORTED", "WorkerError",
            "compare", "fit", "train_pvd"]
@@ -78,7 +79,7 @@ class Options(ParallelOptions):
             target_accuracy=config.target_accuracy, seed=config.seed,
             threads=self.pvd_threads or config.threads, device=config.device,
             start_method=self.pvd_start_method, heartbeat_timeout=self.heartbeat_timeout,
-            start_timeout=self.start_timeout)
+            start_timeout=self.start_timeout, amp=config.amp)
 
 
 def fit(model, data, config: TrainConfig, options: Options | None = None, callbacks=None) -> dict:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from .. import amp as _amp
 from .blocks import BlockPartition
 
 
@@ -51,9 +52,11 @@ class PVDConfig:
     target_accuracy: float | None = None
     seed: int = 0
     threads: int | None = None  # per worker; default max(1, cores // workers)
+    amp: str | None = None  # "bf16": the direction and subproblem steps under autocast
     fault: tuple | None = field(default=None, repr=False)  # tests: (kind, worker, iteration)
 
     def check(self):
+        _amp.check_bf16_only(self.amp, "pvd")
         if self.sync not in ("best", "hull"):
             raise ValueError(f"sync: expected 'best' or 'hull', got {self.sync!r}")
         if not isinstance(self.workers, int) or self.workers < 1:
@@ -244,6 +247,12 @@ class BlockSolver:
         self.mu = torch.zeros(self.partition.blocks, dtype=x.dtype, device=x.device, requires_grad=True)
         self.opt_y = Adam([self.y], lr=cfg.lr)
         self.opt_mu = Adam([self.mu], lr=cfg.mu_lr or cfg.lr)
+        # Mixed precision: the forwards of the direction and of the subproblem
+        # steps run under autocast; the flat point, y, mu and Adam's moments stay
+        # float32, and so do the candidate's synchronisation loss (below) and the
+        # coordinator's synchronisation and evaluation (their losses are compared
+        # and line-searched, where bfloat16's rounding would pick by noise).
+        self.amp = _amp.Amp(cfg.amp, x.device)
 
     # ------------------------------------------------------------ state
 
@@ -277,7 +286,8 @@ class BlockSolver:
         count = 0
         for idx in batches:
             idx = idx.to(self.train_x.device)
-            loss = self.net.loss(flat, self.train_x[idx], self.train_y[idx], reduction="sum")
+            with self.amp.autocast():
+                loss = self.net.loss(flat, self.train_x[idx], self.train_y[idx], reduction="sum")
             loss.backward()
             count += idx.numel()
         with torch.no_grad():
@@ -320,7 +330,8 @@ class BlockSolver:
             idx = perm[pos:pos + cfg.batch_size].to(self.train_x.device)
             pos += cfg.batch_size
             parts = [self.y if m == l else xs[m] + self.mu[m] * ds[m] for m in range(P)]
-            loss = self.net.loss(torch.cat(parts), self.train_x[idx], self.train_y[idx])
+            with self.amp.autocast():
+                loss = self.net.loss(torch.cat(parts), self.train_x[idx], self.train_y[idx])
             self.opt_y.zero_grad()
             opt_mu.zero_grad()
             loss.backward()

@@ -40,6 +40,7 @@ import time
 
 import torch
 
+from .. import amp as _amp
 from .. import loop, runtime
 from ..backprop import engine as backprop
 from .blocks import BlockPartition, digest, write_back
@@ -209,7 +210,7 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
               eval_train: int = 2048, verify: bool = True, start_method: str = "spawn",
               heartbeat_timeout: float | None = runtime.DEFAULT_TIMEOUT,
               start_timeout: float = 120.0, checkpoint=None, resume=None,
-              checkpoint_extra=None, fault=None) -> dict:
+              checkpoint_extra=None, fault=None, amp=None) -> dict:
     """Train ``model`` (a :class:`~stablenets_ext.models.StableNet`) in place with PVD.
 
     ``workers``: P, the number of blocks and processes (ranks for ``dist``).
@@ -236,8 +237,11 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
     may take to start. ``checkpoint``: a path written (atomically) after every
     iteration: the point, every worker's optimiser state and the history;
     ``resume``: a path to continue from, exactly (the same iterates as an
-    uninterrupted run); every backend. ``fault``: tests
-    only, ``(kind, worker, iteration)``.
+    uninterrupted run); every backend. ``amp``: ``"bf16"`` runs the workers'
+    direction and subproblem steps under bfloat16 autocast (the point, the
+    multipliers and Adam's state stay float32; the synchronisation and the
+    evaluation run in float32); ``"fp16"`` is refused (no gradient scaler
+    across the workers). ``fault``: tests only, ``(kind, worker, iteration)``.
 
     Raises :class:`WorkerError` when a worker fails or dies (naming it);
     workers are reaped and shared memory released before it propagates, as on
@@ -256,10 +260,11 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
         lr=lr, mu_lr=mu_lr, sync_batch=sync_batch, hull_steps=hull_steps,
         normalize_direction=normalize_direction, persistent_adam=persistent_adam,
         target_accuracy=target_accuracy, seed=seed, threads=threads,
-        fault=tuple(fault) if fault else None,
+        fault=tuple(fault) if fault else None, amp=amp,
     ).check()
     BlockPartition(model, workers)  # fail early on a model PVD cannot split
     device = _device_of(model, device)
+    _amp.check_device(amp, device)
     if backend == "dist":
         from .dist import train_dist
 
@@ -320,7 +325,7 @@ def compare(model, data, *, pvd: dict | None = None, sequential: bool = True,
             bp_model, data, epochs=backprop_epochs, batch_size=kwargs.get("batch_size", 64),
             lr=kwargs.get("lr", 1e-2), target_accuracy=kwargs.get("target_accuracy"),
             device=kwargs.get("device"), seed=kwargs.get("seed", 0), quiet=True,
-            **(backprop_kwargs or {}),
+            amp=kwargs.get("amp"), **(backprop_kwargs or {}),
         )
         wall = time.perf_counter() - t0
         h = bp["history"]

@@ -29,8 +29,9 @@ NAME = "sg"
 ENGINES = {"inprocess": "every stage in this process (the reference)",
            "process": "one process per stage, shared-memory buffers",
            "dist": "one torch.distributed rank per stage (torchrun)"}
-UNSUPPORTED: frozenset = frozenset({"amp"})  # mixed precision: backprop only so far
+UNSUPPORTED: frozenset = frozenset()  # --amp: bf16 (fp16 refused by train_sg)
 COMPARISONS = ("backprop",)
+AMP_MODES = ("bf16",)  # fp16 would need one gradient scaler agreed across the stages
 
 __all__ = ["COMPARISONS", "ENGINES", "InProcessEngine", "Options", "StageError", "UNSUPPORTED",
            "compare", "fit", "time_backprop", "train_sg"]
@@ -99,7 +100,7 @@ def fit(model, data, config: TrainConfig, options: Options | None = None, callba
         conditional=not options.sg_unconditional, coarse_epochs=options.coarse_epochs,
         threads=threads, checkpoint=config.checkpoint, resume=config.resume,
         timeout=options.sg_timeout, heartbeat_timeout=options.heartbeat_timeout,
-        start_timeout=options.start_timeout,
+        start_timeout=options.start_timeout, amp=config.amp,
         on_epoch=callbacks.get("on_epoch"), on_workers_started=callbacks.get("on_workers_started"),
         checkpoint_extra={"run": config.run} if config.run else None, **kw)
     if "rank" in result:  # a torchrun rank other than 0: rank 0 reports
@@ -123,7 +124,8 @@ def compare(start_model, data, config: TrainConfig, options: Options, result: di
         result.update(time_backprop(model, data, epochs=options.sg_baseline_epochs,
                                     batch_size=config.batch_size, lr=config.lr,
                                     device=config.device, seed=config.seed,
-                                    threads=result.get("cores") or torch.get_num_threads()))
+                                    threads=result.get("cores") or torch.get_num_threads(),
+                                    amp=config.amp))
         if result.get("backprop_seconds_per_epoch") and result.get("seconds_per_epoch"):
             result["speedup_vs_backprop"] = (result["backprop_seconds_per_epoch"]
                                              / result["seconds_per_epoch"])

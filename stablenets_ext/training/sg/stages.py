@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import models
+from .. import amp as _amp
 from .. import regularizers
 from ..backprop import engine as backprop
 
@@ -423,8 +424,13 @@ class StageRunner:
 
     def __init__(self, net: StageNet, sg: SyntheticGradient | None, *, lr, epochs, sg_lr=1e-3,
                  sg_fit="auto", weight_decay=0.0, lr_step=None, lr_gamma=0.5, alpha=0.0,
-                 alpha_c=0.0):
+                 alpha_c=0.0, amp=None):
         self.net, self.sg = net, sg
+        # Mixed precision (bf16 only, see ..amp.check_sg): the stage's forward and
+        # its loss run under autocast; the states and gradients crossing a cut,
+        # the SG module (its prediction and fit) and the optimisers stay float32.
+        first = next(net.parameters())
+        self.amp, self.dtype = _amp.Amp(amp, first.device), first.dtype
         self.index = net.index
         self.alpha, self.alpha_c = alpha, alpha_c
         self.opt, self.sched = backprop.make_optimizer(net, lr, weight_decay, lr_step, lr_gamma,
@@ -466,9 +472,10 @@ class StageRunner:
         start = time.perf_counter()
         if not self.first:
             inputs = tuple(i.detach().requires_grad_() for i in inputs)
-        out = self.net(inputs)
+        with self.amp.autocast():
+            out = self.net(inputs)
+            loss = F.cross_entropy(out, labels) if self.last else None
         if self.last:
-            loss = F.cross_entropy(out, labels)
             n = labels.shape[0]
             hits = (out.detach().argmax(1) == labels).sum().to(loss.dtype)
             stats = torch.stack([loss.detach() * n, hits])
@@ -477,7 +484,8 @@ class StageRunner:
             self._graph = (inputs, loss, t, labels)
             self.busy += time.perf_counter() - start
             return None
-        detached = tuple(o.detach() for o in out)
+        # the parameters' dtype (float32) across the cut: a no-op without autocast
+        detached = tuple(o.detach().to(self.dtype) for o in out)
         self.pending[t] = (detached, labels)
         self._graph = (inputs, out, t, labels)
         self.busy += time.perf_counter() - start
@@ -499,7 +507,7 @@ class StageRunner:
                 with torch.no_grad():
                     grads = self.sg(self.pending[t][0], labels)
             n = labels.shape[0]
-            tensors, seeds = list(out), [g / n for g in grads]
+            tensors, seeds = list(out), [(g / n).to(o.dtype) for g, o in zip(grads, out)]
             if isinstance(penalty, torch.Tensor):
                 tensors.append(penalty)
                 seeds.append(torch.ones_like(penalty))

@@ -35,6 +35,7 @@ import torch
 from ... import models
 from .. import checkpoint as ckpt
 from .. import loop, runtime
+from .. import amp as _amp
 from ..backprop import engine as backprop
 from ..outputs import write_json
 from ..runtime import StageError  # noqa: F401  (re-exported: the SG trainer's error)
@@ -178,7 +179,7 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
              checkpoint=None, resume=None, history_path=None, quiet=False, eval_batch_size=4096,
              history=None, on_epoch=None, on_workers_started=None, timeout=None,
              heartbeat_timeout=runtime.DEFAULT_TIMEOUT, checkpoint_extra=None,
-             start_timeout=120.0) -> dict:
+             start_timeout=120.0, amp=None) -> dict:
     """Train ``model`` (a :class:`~stablenets_ext.models.StableNet`, or its
     ``config()`` dict to build one) in place with synthetic gradients; returns
     :func:`..loop.summary` plus the SG figures.
@@ -201,8 +202,12 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
     ``timeout``: seconds without progress after which a pipeline is declared
     stuck (default 300); ``heartbeat_timeout``: seconds a live stage may go
     without a heartbeat before it is reported as hung (None: never);
-    ``start_timeout``: seconds the stage processes may take to start. Other
-    arguments as :func:`~.backprop.train`.
+    ``start_timeout``: seconds the stage processes may take to start.
+    ``amp``: ``"bf16"`` runs each stage's forward and loss under bfloat16
+    autocast; the states and gradients crossing a cut, the SG modules (their
+    predictions and fit) and the optimiser state stay float32. ``"fp16"`` is
+    refused (no gradient scaler across stages). Other arguments as
+    :func:`~.backprop.train`.
 
     The returned dict also holds ``model``, ``sg_modules`` (the trained SG
     modules) and ``coarse`` (the coarse phase's summary) for the caller; drop
@@ -247,8 +252,10 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
     if sg_fit == "solve" and sg_hidden:
         raise ValueError("sg_fit: 'solve' fits a linear SG module; sg_hidden > 0 makes an MLP "
                          "(use 'adam' or 'auto')")
+    _amp.check_bf16_only(amp, "sg")
+    _amp.check_device(amp, device)
     settings = dict(lr=lr, sg_lr=sg_lr, sg_fit=sg_fit, weight_decay=weight_decay, lr_step=lr_step,
-                    lr_gamma=lr_gamma, alpha=alpha, alpha_c=alpha_c)
+                    lr_gamma=lr_gamma, alpha=alpha, alpha_c=alpha_c, amp=amp)
     resume_state = ckpt.load(resume, map_location=device) if resume is not None else None
     if resume_state is not None and resume_state.get("trainer") != "sg":
         raise ValueError(f"resume: checkpoint {os.fspath(resume)!r} was not written by the "
@@ -347,16 +354,17 @@ def _jsonable(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in ("sg_modules", "coarse", "model")}
 
 
-def time_backprop(model, data, *, epochs, batch_size, lr, device, seed=0, threads=None) -> dict:
+def time_backprop(model, data, *, epochs, batch_size, lr, device, seed=0, threads=None,
+                  amp=None) -> dict:
     """Seconds per epoch of single-process backprop with ``threads`` torch threads,
     timed like the SG trainer: the median over ``epochs`` epochs (3 or more
-    keep a first, warm-up epoch out of the figure)."""
+    keep a first, warm-up epoch out of the figure); ``amp`` as the SG run's."""
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         res = backprop.train(model, data, epochs=epochs, batch_size=batch_size, lr=lr,
-                             device=device, seed=seed, quiet=True)
+                             device=device, seed=seed, quiet=True, amp=amp)
     finally:
         torch.set_num_threads(old)
     return {"backprop_seconds_per_epoch": median(res["history"]["seconds"]),
