@@ -31,12 +31,17 @@ build: $(SO_STAMP)
 demo: build
 	$(VENV)/bin/stablenets train
 
+# The C++ tests link the CPU kernel libraries just built in place (every ISA
+# variant this CPU runs) instead of compiling csrc/cpu a fourth time;
+# `bash csrc/tests/run_ctest.sh` alone still builds them from source with CMake.
+CTEST := PYTHON=$(PY) bash csrc/tests/run_ctest.sh --prebuilt stablenets_ext
+
 test: build
 	$(PY) -m pytest python_tests -q -p no:cacheprovider --timeout=600
-	PYTHON=$(PY) bash csrc/tests/run_ctest.sh
+	$(CTEST)
 
 ctest: build
-	PYTHON=$(PY) bash csrc/tests/run_ctest.sh
+	$(CTEST)
 
 # The API reference, docs/api.md, from docs/guide.md and the docstrings
 # (python_tests/test_docs.py fails when it is stale).
@@ -47,4 +52,4 @@ bench: build
 	$(PY) benchmarks/compare.py
 
 clean:
-	rm -rf build build-cmake *.egg-info stablenets_ext/_C*.so stablenets_ext/_cpu_*.so $(SO_STAMP)
+	rm -rf build build-cmake build-cmake-prebuilt *.egg-info stablenets_ext/_C*.so stablenets_ext/_cpu_*.so $(SO_STAMP)
