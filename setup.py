@@ -174,14 +174,16 @@ cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-m
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
 sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "autograd.cpp")]
 
-# Compile order. setuptools builds one extension after another, and ninja starts
-# a library's files in the order given: with MAX_JOBS=2 (the 2-core CI machine) a
-# slow file started last runs alone at the end of each library. So the slowest
-# files go first (CPU time measured 2026-12-05, nvcc 13.0 / g++ 12, 2 target
-# architectures): the CUDA files that include ATen (45-65 s each; nvcc parses
-# ATen once for the host and once per architecture), the tile kernels
-# leapfrog/conv/verlet/resnet (20-40 s each per ISA); the ATen-free
-# narrow_<dtype>_d<D>.cu (5-15 s) and the small CPU files last.
+# Compile order. setuptools builds one extension after another and sorts each
+# one's sources by path (for a reproducible link), and ninja 1.11 starts the
+# compiles in that order: with MAX_JOBS=2 (the 2-core CI machine) csrc/cuda/stacks.cu,
+# one of the slowest files, started last and ran alone at the end. BuildExt
+# below hands ninja the slowest files first and still links in sorted order.
+# CPU time measured 2026-12-05 (nvcc 13.0, g++ 12, two target architectures):
+# the CUDA files that include ATen 45-65 s each (nvcc parses ATen once for the
+# host and once per architecture), autograd.cpp about 28 s, the ATen-free
+# narrow_<dtype>_d<D>.cu 5-15 s; the tile kernels leapfrog/conv/verlet/resnet are
+# the slow CPU files of each ISA variant.
 SLOW_FIRST = ("stacks.cu", "conv.cu", "narrow.cu", "autograd.cpp", "ops.cpp",
               "leapfrog.cpp", "conv.cpp", "verlet.cpp", "resnet.cpp")
 
@@ -191,7 +193,24 @@ def slow_first(paths):
     return sorted(paths, key=lambda p: (rank.get(os.path.basename(p), len(rank)), p))
 
 
-cpu_sources = slow_first(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    def build_extension(self, ext):
+        # BuildExtension has replaced compiler.compile with its ninja writer by now.
+        compile_ = self.compiler.compile
+
+        def compile_slow_first(sources, *args, **kwargs):
+            order = slow_first(sources)
+            objects = dict(zip(order, compile_(order, *args, **kwargs)))
+            return [objects[src] for src in sources]  # the link order stays sorted
+
+        self.compiler.compile = compile_slow_first
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_
+
+
+cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 isas = cpu_isas()
 cpu_exts = [
     CppExtension(
@@ -206,7 +225,7 @@ cpu_exts = [
 
 use_cuda, why = want_cuda()
 if use_cuda:
-    cu = slow_first(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     if not cu:
         use_cuda, why = False, "no CUDA sources in csrc/cuda"
 if use_cuda:
@@ -220,7 +239,7 @@ if use_cuda:
     cuda_link = [cublas, "-Wl,-rpath," + os.path.dirname(cublas)] if cublas else []
     ext = CUDAExtension(
         "stablenets_ext._C",
-        slow_first(sources + cu),
+        sources + cu,
         include_dirs=include_dirs,
         library_dirs=pip_nvidia_dirs("lib"),
         extra_compile_args={
@@ -255,5 +274,5 @@ setup(
     name="stablenets-ext",
     packages=find_packages(include=["stablenets_ext", "stablenets_ext.*"]),
     ext_modules=[] if prebuilt else [ext] + cpu_exts,
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )
