@@ -25,7 +25,7 @@ while [[ $# -gt 0 ]]; do
       [[ $# -ge 2 ]] || { echo "run_ctest.sh: --prebuilt needs a folder" >&2; exit 2; }
       prebuilt="$(cd "$2" && pwd)" || { echo "run_ctest.sh: --prebuilt: no folder '$2'" >&2; exit 2; }
       shift ;;
-    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "run_ctest.sh: unknown argument '$1' (expected --sanitize or --prebuilt DIR)" >&2; exit 2 ;;
   esac
   shift
