@@ -16,8 +16,32 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEVICES = ["cpu", pytest.param("cuda", marks=[needs_cuda, pytest.mark.cuda])]
 
 
+# `make test` runs the suite on both cores with pytest-xdist (`-n 2 -m "not serial"`),
+# then the serial tests alone (`-m serial`). Serial: tests that start worker
+# processes or torch.distributed ranks (heartbeat limits of a few seconds, free
+# ports) or bound a wait by wall-clock time; beside another test on a 2-core
+# machine their limits would measure the neighbour. Whole modules, or single tests.
+SERIAL_MODULES = {"test_ddp.py", "test_hostile.py", "test_hostile_faults.py", "test_pvd.py",
+                  "test_resume.py", "test_runtime.py", "test_synthetic.py"}
+SERIAL_TESTS = {"test_stages.py::test_sg_pipeline_processes_on_a_multistage_model",
+                "test_stages.py::test_cli_ddp_two_ranks_on_a_multistage_model"}
+
+
 def pytest_report_header(config):
     return f"stablenets test seed: STABLENETS_TEST_SEED={SEED}"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "serial: starts processes or measures wall time; `make test` runs it alone")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        if name in SERIAL_MODULES or f"{name}::{item.originalname}" in SERIAL_TESTS:
+            item.add_marker(pytest.mark.serial)
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,10 @@
 // the current CUDA stream and is checked; no host synchronisation, no
 // allocation outside ATen's caching allocator, so the ops can be captured in
 // CUDA graphs. The kernels themselves are compiled in narrow_<dtype>_d<D>.cu,
-// one translation unit per (dtype, padded width), so the build runs them in
-// parallel; this file only dispatches (narrow_forward / narrow_backward).
+// one translation unit per (dtype, padded width) and without ATen, so the
+// build runs them in parallel; this file only plans and dispatches
+// (narrow_forward / narrow_backward, and the host-side forward_impl /
+// backward_impl they instantiate), reaching the kernels through kernel_table.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -62,12 +64,6 @@ void launch_reduce(const T* partial, int nblk, int N, int d, bool antisym, T* dW
           partial, nblk, N, d, antisym, dW, db);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-
-// Used by the kernel translation units.
-template void launch<float>(KernelFn<float>, int64_t, int, size_t, const Params<float>&);
-template void launch<double>(KernelFn<double>, int64_t, int, size_t, const Params<double>&);
-template void launch_reduce<float>(const float*, int, int, int, bool, float*, float*);
-template void launch_reduce<double>(const double*, int, int, int, bool, double*, double*);
 
 }  // namespace narrow
 }  // namespace cuda_detail

@@ -1,7 +1,6 @@
-// The narrow kernels for double, padded width 64 (see narrow_host.h: one
-// translation unit per dtype and width, compiled in parallel).
-#define SN_NARROW_KERNELS_ONLY
-#include "narrow_host.h"
+// The narrow kernels for double, padded width 64 (see narrow_table.cuh: one
+// translation unit per dtype and width, compiled in parallel, with no ATen header).
+#include "narrow_table.cuh"
 
 namespace stablenets {
 namespace cuda_detail {

@@ -3,13 +3,16 @@
 // hooks declared below are defined elsewhere (csrc/cuda/narrow.cu launches on
 // the current CUDA stream; the CPU emulator in csrc/cuda/testing runs threads).
 //
-// Build split: forward_impl / backward_impl for one (dtype, padded width) hold
-// that pair's 8 kernels. In the CUDA build every pair is explicitly
-// instantiated in its own translation unit (csrc/cuda/narrow_<dtype>_d<D>.cu,
-// SN_NARROW_INSTANTIATE, with SN_NARROW_KERNELS_ONLY so the dispatchers are
-// defined once, in narrow.cu), and ninja compiles them in parallel; every
-// other includer sees them as extern templates (SN_NARROW_EXTERN below). The
-// CPU emulator instantiates them implicitly in its one translation unit.
+// Build split: the kernels of one (dtype, padded width) are reached through
+// kernel_table<T, D>() (narrow_kernels.cuh). In the CUDA build each pair's
+// table is explicitly instantiated in its own translation unit
+// (csrc/cuda/narrow_<dtype>_d<D>.cu, SN_NARROW_INSTANTIATE in narrow_table.cuh),
+// which includes no ATen header: parsing ATen is most of an nvcc compile, and
+// nvcc parses a file once per target architecture plus once for the host. Every
+// other includer sees the tables as extern templates (SN_NARROW_EXTERN below);
+// forward_impl / backward_impl, host code, are instantiated where the
+// dispatchers are defined (narrow.cu). The CPU emulator instantiates
+// everything implicitly in its one translation unit.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,13 +24,13 @@
 
 #include "narrow.h"
 #include "narrow_kernels.cuh"
+#if defined(SN_CPU_EMULATION)
+#include "narrow_table.cuh"
+#endif
 
 namespace stablenets {
 namespace cuda_detail {
 namespace narrow {
-
-template <typename T>
-using KernelFn = void (*)(Params<T>);
 
 struct DeviceLimits {
   int smem_optin;          // bytes of shared memory a block may opt into
@@ -127,9 +130,10 @@ bool forward_impl(Arch arch, const at::Tensor& in0, const at::Tensor& in1, const
   }
   p.st_out = ptr_or_null<T>(states);
   p.ntiles = (B + C::R - 1) / C::R;
-  KernelFn<T> kernel = arch == Arch::ResNet     ? k_fwd_resnet<T, D>
-                       : arch == Arch::Leapfrog ? k_fwd_leapfrog<T, D>
-                                                : k_fwd_verlet<T, D>;
+  const KernelTable<T> k = kernel_table<T, D>();
+  KernelFn<T> kernel = arch == Arch::ResNet     ? k.fwd_resnet
+                       : arch == Arch::Leapfrog ? k.fwd_leapfrog
+                                                : k.fwd_verlet;
   const int tiles = arch == Arch::ResNet ? 1 : 2;
   const DeviceLimits lim = device_limits();
   size_t bytes;
@@ -163,16 +167,17 @@ bool backward_impl(Arch arch, bool rev, bool antisym, const at::Tensor& g0, cons
     p.st = states.data_ptr<T>();
   }
   p.ntiles = (B + C::R - 1) / C::R;
+  const KernelTable<T> k = kernel_table<T, D>();
   KernelFn<T> kernel;
   switch (arch) {
     case Arch::ResNet:
-      kernel = k_bwd_resnet<T, D>;
+      kernel = k.bwd_resnet;
       break;
     case Arch::Leapfrog:
-      kernel = rev ? k_bwd_leapfrog<T, D, true> : k_bwd_leapfrog<T, D, false>;
+      kernel = rev ? k.bwd_leapfrog_rev : k.bwd_leapfrog;
       break;
     default:
-      kernel = rev ? k_bwd_verlet<T, D, true> : k_bwd_verlet<T, D, false>;
+      kernel = rev ? k.bwd_verlet_rev : k.bwd_verlet;
       break;
   }
   const int tiles = arch == Arch::ResNet ? 2 : 5;
@@ -232,36 +237,19 @@ bool with_width(int64_t d, F&& fn) {
   return false;
 }
 
-#define SN_NARROW_FORWARD_IMPL(T, D)                                                        \
-  bool forward_impl<T, D>(Arch, const at::Tensor&, const at::Tensor&, const at::Tensor&,     \
-                          const at::Tensor&, double, Act, const at::Tensor&, const at::Tensor&, \
-                          const at::Tensor&)
-#define SN_NARROW_BACKWARD_IMPL(T, D)                                                         \
-  bool backward_impl<T, D>(Arch, bool, bool, const at::Tensor&, const at::Tensor&,            \
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&,           \
-                           const at::Tensor&, const at::Tensor&, double, Act, const at::Tensor&, \
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&,           \
-                           const at::Tensor&, const at::Tensor&)
+// Every (dtype, padded width) pair: one narrow_<dtype>_d<D>.cu each.
 #define SN_NARROW_FOR_EACH(X) \
   X(float, 4) X(float, 8) X(float, 16) X(float, 32) X(float, 64) \
   X(double, 4) X(double, 8) X(double, 16) X(double, 32) X(double, 64)
 
-// Explicit instantiation (in namespace stablenets::cuda_detail::narrow) of one pair.
-#define SN_NARROW_INSTANTIATE(T, D)       \
-  template SN_NARROW_FORWARD_IMPL(T, D);  \
-  template SN_NARROW_BACKWARD_IMPL(T, D);
-
 #if !defined(SN_CPU_EMULATION)
-#define SN_NARROW_EXTERN(T, D)                  \
-  extern template SN_NARROW_FORWARD_IMPL(T, D); \
-  extern template SN_NARROW_BACKWARD_IMPL(T, D);
+#define SN_NARROW_EXTERN(T, D) extern template KernelTable<T> kernel_table<T, D>();
 SN_NARROW_FOR_EACH(SN_NARROW_EXTERN)
 #undef SN_NARROW_EXTERN
 #endif
 
 }  // namespace narrow
 
-#if !defined(SN_NARROW_KERNELS_ONLY)
 bool narrow_forward(Arch arch, const at::Tensor& in0, const at::Tensor& in1, const at::Tensor& W,
                     const at::Tensor& b, double h, Act act, const at::Tensor& out0,
                     const at::Tensor& out1, const at::Tensor& states) {
@@ -291,8 +279,6 @@ bool narrow_backward(Arch arch, bool reversible, bool antisym, const at::Tensor&
   });
   return done;
 }
-
-#endif  // !SN_NARROW_KERNELS_ONLY
 
 }  // namespace cuda_detail
 }  // namespace stablenets

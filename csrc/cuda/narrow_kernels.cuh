@@ -827,6 +827,22 @@ __global__ void k_reduce_partials(const T* __restrict__ partial, int nblk, int N
   }
 }
 
+// Host-side handles of the kernels of one (dtype, padded width), which
+// narrow_host.h launches. The table's definition (narrow_table.cuh) names the
+// kernels and so instantiates them: in the CUDA build that happens only in
+// narrow_<dtype>_d<D>.cu, one translation unit per pair, compiled in parallel.
+template <typename T>
+using KernelFn = void (*)(Params<T>);
+
+template <typename T>
+struct KernelTable {
+  KernelFn<T> fwd_resnet, fwd_leapfrog, fwd_verlet;
+  KernelFn<T> bwd_resnet, bwd_leapfrog, bwd_leapfrog_rev, bwd_verlet, bwd_verlet_rev;
+};
+
+template <typename T, int D>
+KernelTable<T> kernel_table();
+
 }  // namespace narrow
 }  // namespace cuda_detail
 }  // namespace stablenets
