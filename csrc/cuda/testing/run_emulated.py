@@ -2,8 +2,8 @@
 
 A development check for machines without a GPU (see cpu_emulator.cpp): builds
 the emulator with torch.utils.cpp_extension (about a minute), registers it as
-the stablenets CPU backend in this process (the package's own _C is not
-loaded), and runs the CUDA tests with their device switched to the CPU. Tests
+the stablenets CPU backend in this process (and as stablenets_ext._C: the
+package's own is not loaded), and runs the CUDA tests with their device switched to the CPU. Tests
 that need a real GPU (CUDA graphs, CPU-vs-CUDA, mixed devices) are deselected.
 Slow: every emulated block runs one OS thread per CUDA thread.
 
@@ -20,9 +20,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
 
 CONFTEST = '''
-import os, sys, types, torch
-torch.ops.load_library(os.environ["SN_EMULATOR_LIB"])
-sys.modules["stablenets_ext._C"] = types.ModuleType("stablenets_ext._C")
+import importlib.machinery, importlib.util, os, sys, torch
+lib = os.environ["SN_EMULATOR_LIB"]
+torch.ops.load_library(lib)
+# The emulator library is also the stablenets_ext._C module (ops.cpp's PyInit__C,
+# the C++ autograd and autocast kernels), as the package's own _C would be.
+loader = importlib.machinery.ExtensionFileLoader("stablenets_ext._C", lib)
+module = importlib.util.module_from_spec(importlib.util.spec_from_loader("stablenets_ext._C", loader))
+sys.modules["stablenets_ext._C"] = module
 sys.path.insert(0, os.environ["SN_ROOT"])
 import stablenets_ext.ops as ops
 assert ops.has_kernel("cpu"), "emulator did not register"
@@ -34,7 +39,8 @@ def build(build_dir):
 
     load(
         name="sn_cuda_emulator",
-        sources=[os.path.join(ROOT, "csrc", "ops.cpp"), os.path.join(HERE, "cpu_emulator.cpp")],
+        sources=[os.path.join(ROOT, "csrc", name) for name in ("ops.cpp", "autograd.cpp", "autocast.cpp")]
+        + [os.path.join(HERE, "cpu_emulator.cpp")],
         extra_include_paths=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cuda")],
         extra_cflags=["-O1", "-pthread", "-Wno-unknown-pragmas"],
         extra_ldflags=["-pthread"],
