@@ -100,11 +100,13 @@ def test_float32_error_no_worse_than_pytorch(arch, reversible, d):
 @pytest.mark.parametrize("arch", ["leapfrog"])
 def test_deep_leapfrog_float32(arch):
     """At depth the narrow leapfrog used to lose 5x plain PyTorch's accuracy. The error
-    of a 2048-layer stack varies a lot from draw to draw: summed over 4 draws."""
+    of a 2048-layer stack varies a lot from draw to draw: summed over 8 draws, within 2x
+    (summed over 4 draws against 1.5x, about one fresh seed in 20 failed, on every ISA
+    variant; over 8 draws the generic build still reached 1.63x once in 25)."""
     gen = torch.default_generator
     d, n = 8, 2048
     errs = {"fused": 0.0, "reference": 0.0}
-    for _ in range(4):
+    for _ in range(8):
         m64 = sn.LeapfrogStack(d, n, step=0.05, impl="reference").double()
         with torch.no_grad():
             m64.weight.copy_(torch.randn(m64.weight.shape, generator=gen, dtype=torch.float64) / d**0.5)
@@ -115,4 +117,4 @@ def test_deep_leapfrog_float32(arch):
             m.load_state_dict({k: v.float() for k, v in m64.state_dict().items()})
             with torch.no_grad():
                 errs[impl] += _rel(m(y64.float()), exact)
-    assert errs["fused"] <= 1.5 * errs["reference"], errs
+    assert errs["fused"] <= 2.0 * errs["reference"], errs
