@@ -531,14 +531,6 @@ class _Probe:
         self.handle.remove()
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _digits_model(data, seed=0):
     from stablenets_ext.models import StableNet
 

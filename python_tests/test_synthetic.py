@@ -48,14 +48,6 @@ def digits():
     return load_dataset("digits")
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def make(data, arch="verlet", layers=8, width=None, step=0.1, seed=0, **kw):
     torch.manual_seed(seed)
     return models.StableNet(arch, data.features, data.classes, layers, width=width, step=step, **kw)
