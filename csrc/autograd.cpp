@@ -1,10 +1,14 @@
-// The autograd formulas of the dense stacks, in C++, for the Autograd key.
+// The autograd formulas of the dense and the convolutional stacks, in C++, for
+// the Autograd key.
 //
 // A training step through a small stack (B, d, N) = (1024, 4, 64) spends about
-// as long in its kernels as a Python autograd wrapper spends around them, so
-// the formulas live here: a module call goes from the dispatcher straight into
+// as long in its kernels as a Python autograd wrapper spends around them (and a
+// one-layer conv stage at 7x7 spends a tenth of its step there), so the
+// formulas live here: a module call goes from the dispatcher straight into
 // a torch::autograd::Function, whose backward calls the matching backward op
-// below autograd. Python is entered only where it is needed:
+// below autograd. The conv ops (conv_*) share the dense ops' schemas and
+// formulas; they differ only in reading incoming gradients in any layout (no
+// contiguous copy of a broadcast gradient). Python is entered only where it is needed:
 //
 // - a backward that must itself be differentiable (create_graph=True, or a
 //   transform over the backward: batched gradients, vectorized jacobians)
@@ -89,10 +93,11 @@ bool readable(const Tensor& t) {
   return true;
 }
 
-void refuse_transforms(const char* op, std::initializer_list<const Tensor*> tensors) {
+// arch: the stack ("resnet", ..., "conv_verlet"), whose forward op is refused.
+void refuse_transforms(const char* arch, std::initializer_list<const Tensor*> tensors) {
   bool refuse = transforms_active();
   for (const Tensor* t : tensors) refuse = refuse || has_tangent(*t);
-  TORCH_CHECK(!refuse, "stablenets::", op,
+  TORCH_CHECK(!refuse, "stablenets::", arch, "_forward",
               ": the fused ops support reverse-mode autograd only, not torch.func transforms "
               "(grad, jacrev, jacfwd, hessian, vmap, jvp) or forward-mode AD. Call the stack "
               "through stablenets_ext.functional or the modules, which run the reference "
@@ -258,8 +263,8 @@ void flush_checks() {
 // ------------------------------------------------------------------- ops
 
 template <typename Sig>
-c10::TypedOperatorHandle<Sig> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+c10::TypedOperatorHandle<Sig> op(const std::string& name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").typed<Sig>();
 }
 
 using T2 = std::tuple<Tensor, Tensor>;
@@ -278,62 +283,97 @@ using TwoBwd = T4(TR, TR, TR, TR, TR, double, Str);
 using TwoRev = T6(TR, TR, TR, TR, TR, TR, double, Str);
 
 // Looked up once: the schemas are registered by the time an autograd kernel runs.
+// prefix "" names the dense ops, "conv_" the convolutional ones.
 struct Ops {
-  c10::TypedOperatorHandle<ResnetFwd> resnet_fwd = op<ResnetFwd>("stablenets::resnet_forward");
-  c10::TypedOperatorHandle<ResnetBwd> resnet_bwd = op<ResnetBwd>("stablenets::resnet_backward");
-  c10::TypedOperatorHandle<AntiFwd> anti_fwd = op<AntiFwd>("stablenets::antisymmetric_forward");
-  c10::TypedOperatorHandle<AntiBwd> anti_bwd = op<AntiBwd>("stablenets::antisymmetric_backward");
-  c10::TypedOperatorHandle<TwoFwd> leap_fwd = op<TwoFwd>("stablenets::leapfrog_forward");
-  c10::TypedOperatorHandle<TwoBwd> leap_bwd = op<TwoBwd>("stablenets::leapfrog_backward");
-  c10::TypedOperatorHandle<TwoRev> leap_rev =
-      op<TwoRev>("stablenets::leapfrog_backward_reversible");
-  c10::TypedOperatorHandle<TwoFwd> verlet_fwd = op<TwoFwd>("stablenets::verlet_forward");
-  c10::TypedOperatorHandle<TwoBwd> verlet_bwd = op<TwoBwd>("stablenets::verlet_backward");
-  c10::TypedOperatorHandle<TwoRev> verlet_rev =
-      op<TwoRev>("stablenets::verlet_backward_reversible");
+  explicit Ops(const std::string& prefix)
+      : resnet_fwd(op<ResnetFwd>(name(prefix, "resnet_forward"))),
+        resnet_bwd(op<ResnetBwd>(name(prefix, "resnet_backward"))),
+        anti_fwd(op<AntiFwd>(name(prefix, "antisymmetric_forward"))),
+        anti_bwd(op<AntiBwd>(name(prefix, "antisymmetric_backward"))),
+        leap_fwd(op<TwoFwd>(name(prefix, "leapfrog_forward"))),
+        leap_bwd(op<TwoBwd>(name(prefix, "leapfrog_backward"))),
+        leap_rev(op<TwoRev>(name(prefix, "leapfrog_backward_reversible"))),
+        verlet_fwd(op<TwoFwd>(name(prefix, "verlet_forward"))),
+        verlet_bwd(op<TwoBwd>(name(prefix, "verlet_backward"))),
+        verlet_rev(op<TwoRev>(name(prefix, "verlet_backward_reversible"))) {}
+  static std::string name(const std::string& prefix, const char* op) {
+    return "stablenets::" + prefix + op;
+  }
+  c10::TypedOperatorHandle<ResnetFwd> resnet_fwd;
+  c10::TypedOperatorHandle<ResnetBwd> resnet_bwd;
+  c10::TypedOperatorHandle<AntiFwd> anti_fwd;
+  c10::TypedOperatorHandle<AntiBwd> anti_bwd;
+  c10::TypedOperatorHandle<TwoFwd> leap_fwd;
+  c10::TypedOperatorHandle<TwoBwd> leap_bwd;
+  c10::TypedOperatorHandle<TwoRev> leap_rev;
+  c10::TypedOperatorHandle<TwoFwd> verlet_fwd;
+  c10::TypedOperatorHandle<TwoBwd> verlet_bwd;
+  c10::TypedOperatorHandle<TwoRev> verlet_rev;
 };
 
-const Ops& ops() {
-  static const Ops o;
-  return o;
+const Ops& ops(bool conv) {
+  static const Ops dense(""), convs("conv_");
+  return conv ? convs : dense;
+}
+
+// Which stack a call is: bit 0 the second of the pair (antisymmetric after
+// resnet, verlet after leapfrog), bit 1 the conv ops. One integer in the saved
+// tuple instead of two flags.
+constexpr int64_t kSecond = 1, kConv = 2;
+
+const char* arch_name(int64_t kind, bool two) {
+  static const char* names[2][4] = {{"resnet", "antisymmetric", "conv_resnet", "conv_antisymmetric"},
+                                    {"leapfrog", "verlet", "conv_leapfrog", "conv_verlet"}};
+  return names[two][kind];
+}
+
+// The incoming gradient as the backward op takes it: the dense ops read
+// contiguous memory; the conv ops read any layout (a broadcast gradient from
+// .sum() is not materialised). An output nobody used gets zeros.
+Tensor incoming(const Tensor& g, const Tensor& like, bool conv) {
+  if (g.defined()) return conv ? g : g.contiguous();
+  if (conv) return at::zeros({}, like.options()).expand(like.sizes());
+  return at::zeros_like(like);
 }
 
 // ----------------------------------------- resnet / antisymmetric: one state
 
-// anti: the antisymmetric stack (with its gamma), else the ResNet stack.
-T2 one_forward_op(bool anti, TR y, TR w, TR b, double step, double gamma, Str act, bool store) {
+// kind & kSecond: the antisymmetric stack (with its gamma), else the ResNet stack.
+T2 one_forward_op(int64_t kind, TR y, TR w, TR b, double step, double gamma, Str act, bool store) {
   at::AutoDispatchBelowADInplaceOrView below;
-  if (!anti) return ops().resnet_fwd.call(y, w, b, step, act, store);
-  return ops().anti_fwd.call(y, w, b, step, gamma, act, store);
+  const Ops& o = ops(kind & kConv);
+  if (!(kind & kSecond)) return o.resnet_fwd.call(y, w, b, step, act, store);
+  return o.anti_fwd.call(y, w, b, step, gamma, act, store);
 }
 
 struct OneStateFn : public torch::autograd::Function<OneStateFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& y, const Tensor& w,
-                               const Tensor& b, bool anti, double step, double gamma,
+                               const Tensor& b, int64_t kind, double step, double gamma,
                                std::string act, bool store) {
-    auto [out, states] = one_forward_op(anti, y, w, b, step, gamma, act, store);
+    auto [out, states] = one_forward_op(kind, y, w, b, step, gamma, act, store);
     // The states are what the backward reads, not a result to differentiate.
     ctx->mark_non_differentiable({states});
     ctx->set_materialize_grads(false);
     // One entry (each saved_data key is a hash-map insert and lookup per call).
-    ctx->saved_data["p"] = c10::ivalue::Tuple::create(anti, step, gamma, std::move(act), store);
+    ctx->saved_data["p"] = c10::ivalue::Tuple::create(kind, step, gamma, std::move(act), store);
     ctx->save_for_backward({states, y, w, b});
     return {out, states};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto& p = ctx->saved_data["p"].toTupleRef().elements();
-    const bool anti = p[0].toBool();
+    const int64_t kind = p[0].toInt();
+    const bool anti = kind & kSecond, conv = kind & kConv;
     const double step = p[1].toDouble();
     const double gamma = p[2].toDouble();
     const std::string& act = p[3].toStringRef();
-    const char* arch = anti ? "antisymmetric" : "resnet";
+    const char* arch = arch_name(kind, false);
     auto saved = ctx->get_saved_variables();
     const Tensor &states = saved[0], &y = saved[1], &w = saved[2], &b = saved[3];
     TORCH_CHECK(p[4].toBool(), "stablenets::", arch,
                 "_forward ran with store=False, so it kept no states for the backward; call it "
                 "with store=True when gradients are needed");
-    Tensor g = grads[0].defined() ? grads[0] : at::zeros_like(y);
+    Tensor g = incoming(grads[0], y, conv);
     variable_list res(8);
     if (differentiable_backward_wanted({g})) {
       // Every input that requires grad, not only those this backward is asked for:
@@ -345,47 +385,51 @@ struct OneStateFn : public torch::autograd::Function<OneStateFn> {
       return res;
     }
     at::AutoDispatchBelowADInplaceOrView below;
-    T3 out = anti ? ops().anti_bwd.call(g.contiguous(), states, w, b, step, gamma, act)
-                  : ops().resnet_bwd.call(g.contiguous(), states, w, b, step, act);
+    const Ops& o = ops(conv);
+    T3 out = anti ? o.anti_bwd.call(g, states, w, b, step, gamma, act)
+                  : o.resnet_bwd.call(g, states, w, b, step, act);
     std::tie(res[0], res[1], res[2]) = std::move(out);
     return res;
   }
 };
 
-T2 one_autograd(bool anti, TR y, TR w, TR b, double step, double gamma, Str act, bool store) {
-  refuse_transforms(anti ? "antisymmetric_forward" : "resnet_forward", {&y, &w, &b});
+T2 one_autograd(int64_t kind, TR y, TR w, TR b, double step, double gamma, Str act, bool store) {
+  refuse_transforms(arch_name(kind, false), {&y, &w, &b});
   if (!any_requires_grad({&y, &w, &b})) {
-    return one_forward_op(anti, y, w, b, step, gamma, act, store);
+    return one_forward_op(kind, y, w, b, step, gamma, act, store);
   }
-  auto out = OneStateFn::apply(y, w, b, anti, step, gamma, std::string(act), store);
+  auto out = OneStateFn::apply(y, w, b, kind, step, gamma, std::string(act), store);
   return {out[0], out[1]};
 }
 
+template <int64_t Kind>
 T2 resnet_forward(TR y, TR w, TR b, double step, Str act, bool store) {
-  return one_autograd(false, y, w, b, step, 0.0, act, store);
+  return one_autograd(Kind, y, w, b, step, 0.0, act, store);
 }
 
+template <int64_t Kind>
 T2 antisymmetric_forward(TR y, TR w, TR b, double step, double gamma, Str act, bool store) {
-  return one_autograd(true, y, w, b, step, gamma, act, store);
+  return one_autograd(Kind | kSecond, y, w, b, step, gamma, act, store);
 }
 
 // ------------------------------------------------ leapfrog / verlet: a pair
 
-T3 two_forward_op(bool verlet, TR y, TR other, TR w, TR b, double step, Str act, bool store) {
+T3 two_forward_op(int64_t kind, TR y, TR other, TR w, TR b, double step, Str act, bool store) {
   at::AutoDispatchBelowADInplaceOrView below;
-  return (verlet ? ops().verlet_fwd : ops().leap_fwd).call(y, other, w, b, step, act, store);
+  const Ops& o = ops(kind & kConv);
+  return ((kind & kSecond) ? o.verlet_fwd : o.leap_fwd).call(y, other, w, b, step, act, store);
 }
 
 // Without stored states the backward runs the integrator in reverse from the
 // final pair and checks the pair it arrives at against the inputs.
 struct TwoStateFn : public torch::autograd::Function<TwoStateFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& y, const Tensor& other,
-                               const Tensor& w, const Tensor& b, bool verlet, double step,
+                               const Tensor& w, const Tensor& b, int64_t kind, double step,
                                std::string act, bool store) {
-    auto [ya, yb, states] = two_forward_op(verlet, y, other, w, b, step, act, store);
+    auto [ya, yb, states] = two_forward_op(kind, y, other, w, b, step, act, store);
     ctx->mark_non_differentiable({states});
     ctx->set_materialize_grads(false);
-    ctx->saved_data["p"] = c10::ivalue::Tuple::create(verlet, step, std::move(act), store);
+    ctx->saved_data["p"] = c10::ivalue::Tuple::create(kind, step, std::move(act), store);
     if (store) {
       ctx->save_for_backward({y, other, w, b, states});
     } else {
@@ -396,10 +440,11 @@ struct TwoStateFn : public torch::autograd::Function<TwoStateFn> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto& p = ctx->saved_data["p"].toTupleRef().elements();
-    const bool verlet = p[0].toBool();
+    const int64_t kind = p[0].toInt();
+    const bool verlet = kind & kSecond, conv = kind & kConv;
     const double step = p[1].toDouble();
     const std::string& act = p[2].toStringRef();
-    const char* arch = verlet ? "verlet" : "leapfrog";
+    const char* arch = arch_name(kind, true);
     auto saved = ctx->get_saved_variables();
     const Tensor &y0 = saved[0], &other0 = saved[1], &w = saved[2], &b = saved[3];
     variable_list res(8);
@@ -410,37 +455,40 @@ struct TwoStateFn : public torch::autograd::Function<TwoStateFn> {
       std::copy(r.begin(), r.end(), res.begin());
       return res;
     }
-    Tensor ga = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(y0);
-    Tensor gb = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(y0);
+    Tensor ga = incoming(grads[0], y0, conv);
+    Tensor gb = incoming(grads[1], y0, conv);
     at::AutoDispatchBelowADInplaceOrView below;
+    const Ops& o = ops(conv);
     if (p[3].toBool()) {
       std::tie(res[0], res[1], res[2], res[3]) =
-          (verlet ? ops().verlet_bwd : ops().leap_bwd).call(ga, gb, saved[4], w, b, step, act);
+          (verlet ? o.verlet_bwd : o.leap_bwd).call(ga, gb, saved[4], w, b, step, act);
       return res;
     }
     Tensor ra, rb;
     std::tie(res[0], res[1], res[2], res[3], ra, rb) =
-        (verlet ? ops().verlet_rev : ops().leap_rev).call(ga, gb, saved[4], saved[5], w, b, step, act);
+        (verlet ? o.verlet_rev : o.leap_rev).call(ga, gb, saved[4], saved[5], w, b, step, act);
     check_rebuilt(arch, ra, rb, y0, other0);
     return res;
   }
 };
 
-T3 two_autograd(bool verlet, TR y, TR other, TR w, TR b, double step, Str act, bool store) {
-  refuse_transforms(verlet ? "verlet_forward" : "leapfrog_forward", {&y, &other, &w, &b});
+T3 two_autograd(int64_t kind, TR y, TR other, TR w, TR b, double step, Str act, bool store) {
+  refuse_transforms(arch_name(kind, true), {&y, &other, &w, &b});
   if (!any_requires_grad({&y, &other, &w, &b})) {
-    return two_forward_op(verlet, y, other, w, b, step, act, store);
+    return two_forward_op(kind, y, other, w, b, step, act, store);
   }
-  auto out = TwoStateFn::apply(y, other, w, b, verlet, step, std::string(act), store);
+  auto out = TwoStateFn::apply(y, other, w, b, kind, step, std::string(act), store);
   return {out[0], out[1], out[2]};
 }
 
+template <int64_t Kind>
 T3 leapfrog_forward(TR y, TR y_prev, TR w, TR b, double step, Str act, bool store) {
-  return two_autograd(false, y, y_prev, w, b, step, act, store);
+  return two_autograd(Kind, y, y_prev, w, b, step, act, store);
 }
 
+template <int64_t Kind>
 T3 verlet_forward(TR y, TR z, TR w, TR b, double step, Str act, bool store) {
-  return two_autograd(true, y, z, w, b, step, act, store);
+  return two_autograd(Kind | kSecond, y, z, w, b, step, act, store);
 }
 
 // --------------------------------------------------- the backward ops: none
@@ -507,13 +555,20 @@ PyMethodDef stablenets_module_methods[] = {
 
 TORCH_LIBRARY_IMPL(stablenets, Autograd, m) {
   namespace A = stablenets::autograd;
-  m.impl("resnet_forward", &A::resnet_forward);
-  m.impl("antisymmetric_forward", &A::antisymmetric_forward);
-  m.impl("leapfrog_forward", &A::leapfrog_forward);
-  m.impl("verlet_forward", &A::verlet_forward);
-  for (const char* name : {"resnet_backward", "antisymmetric_backward", "leapfrog_backward",
-                           "leapfrog_backward_reversible", "verlet_backward",
-                           "verlet_backward_reversible"}) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&A::not_differentiable>());
+  m.impl("resnet_forward", &A::resnet_forward<0>);
+  m.impl("antisymmetric_forward", &A::antisymmetric_forward<0>);
+  m.impl("leapfrog_forward", &A::leapfrog_forward<0>);
+  m.impl("verlet_forward", &A::verlet_forward<0>);
+  m.impl("conv_resnet_forward", &A::resnet_forward<A::kConv>);
+  m.impl("conv_antisymmetric_forward", &A::antisymmetric_forward<A::kConv>);
+  m.impl("conv_leapfrog_forward", &A::leapfrog_forward<A::kConv>);
+  m.impl("conv_verlet_forward", &A::verlet_forward<A::kConv>);
+  for (const char* prefix : {"", "conv_"}) {
+    for (const char* name : {"resnet_backward", "antisymmetric_backward", "leapfrog_backward",
+                             "leapfrog_backward_reversible", "verlet_backward",
+                             "verlet_backward_reversible"}) {
+      const std::string op = std::string(prefix) + name;  // copied by the registration
+      m.impl(op.c_str(), torch::CppFunction::makeFromBoxedFunction<&A::not_differentiable>());
+    }
   }
 }

@@ -19,11 +19,12 @@ higher derivatives are exact rather than silently zero. Forward-mode AD and
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch.autograd import forward_ad as _fwad
 
-from . import reference
+from . import conv_reference, reference
 
 from . import _cpu_isa
 from . import autocast as _autocast
@@ -359,7 +360,16 @@ if _C is not None:
     # autograd.functional.jacobian(vectorize=True)) calls back _reference_vjp.
 
     def _reference_fn(arch, step, gamma, act):
-        """The op's forward as a function of its tensor inputs, in plain PyTorch."""
+        """The op's forward as a function of its tensor inputs, in plain PyTorch
+        (``arch`` ``"conv_..."``: the conv stack's)."""
+        if arch.startswith("conv_"):
+            _warn_conv_double_backward()
+            ref = conv_reference.REFERENCE[arch[5:]]
+            if arch == "conv_resnet":
+                return lambda y, w, b: (ref(y, w, b, step, act),)
+            if arch == "conv_antisymmetric":
+                return lambda y, w, b: (ref(y, w, b, step, act, gamma),)
+            return lambda y, s, w, b: ref(y, w, b, step, act, s, return_state=True)
         if arch == "resnet":
             return lambda y, w, b: (reference.resnet(y, w, b, step, act),)
         if arch == "antisymmetric":
@@ -367,6 +377,19 @@ if _C is not None:
         if arch == "leapfrog":
             return lambda y, yp, w, b: reference.leapfrog(y, w, b, step, act, yp, return_state=True)
         return lambda y, z, w, b: reference.verlet(y, w, b, step, act, z, return_state=True)
+
+    _warned_conv_double_backward: list[bool] = []
+
+    def _warn_conv_double_backward():
+        if not _warned_conv_double_backward:
+            _warned_conv_double_backward.append(True)
+            warnings.warn(
+                "stablenets_ext conv stacks: double backward (create_graph=True) has no fused "
+                "kernel; recomputing the stack with the differentiable per-layer reference "
+                "(slower, same results)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _reference_vjp(arch, inputs, grads, step, gamma, act, needs):
         """The backward as a differentiable function of the inputs and of ``grads`` (None:

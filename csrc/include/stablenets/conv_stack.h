@@ -353,10 +353,13 @@ struct ConvStack {
     if (!L::channels_last()) return K.contiguous();
     return K.permute({0, 1, 3, 4, 2}).contiguous().permute({0, 1, 4, 2, 3});
   }
-  static Kernels kernels(const Tensor& K) {
+  // adjoint = false: K^T Y is never taken (the ResNet forward), so Kt is not built.
+  static Kernels kernels(const Tensor& K, bool adjoint = true) {
     Kernels k;
     k.K = conv_layout(K);
-    if constexpr (AdjointAsForward<L>::value) k.Kt = conv_layout(K.transpose(1, 2).flip({3, 4}));
+    if constexpr (AdjointAsForward<L>::value) {
+      if (adjoint) k.Kt = conv_layout(K.transpose(1, 2).flip({3, 4}));
+    }
     return k;
   }
   // K_j Y and K_j^T Y.
@@ -383,7 +386,7 @@ struct ConvStack {
     const int64_t N = Kw.size(0);
     Tensor states = empty_states(y, store ? N : 0, 2);
     if (y.numel() == 0) return {y.clone(at::MemoryFormat::Contiguous), states};
-    const Kernels k = kernels(Kw);
+    const Kernels k = kernels(Kw, /*adjoint=*/false);
     Tensor Y;  // the state, when not stored
     if (store)
       slot(states, 0, 0).copy_(y);
