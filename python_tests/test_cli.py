@@ -256,6 +256,37 @@ def test_plot_folder_that_cannot_be_created_names_the_flag(capsys):
     assert "--plot" in err and "/proc/stablenets-no/x" in err
 
 
+def test_plot_over_a_file_the_package_did_not_write_is_refused_before_training(tmp_path, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from stablenets_ext.training import plots
+
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    theirs = folder / "swiss-resnet-curves.png"
+    fig = plt.figure()
+    fig.savefig(theirs)  # a real PNG, but matplotlib's own, not one of ours
+    plt.close(fig)
+    before = theirs.read_bytes()
+    args = ["train", "--dataset", "swiss", "--arch", "resnet", "--plot", str(folder), *SMALL]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--plot" in err and str(theirs) in err and "overwritten" in err
+    assert theirs.read_bytes() == before
+    # the plots a run wrote are its own: a second run replaces them
+    theirs.unlink()
+    assert cli.main(args) == 0
+    ours = sorted(folder.iterdir())
+    assert [p.name for p in ours] == ["swiss-resnet-curves.png", "swiss-resnet-trajectories.png"]
+    assert all(plots.is_plot(p) for p in ours)
+    assert cli.main(args) == 0
+    (tmp_path / "text.png").write_text("Software stablenets-ext")
+    assert not plots.is_plot(tmp_path / "text.png")
+
+
 def test_plot_probe_leaves_nothing_behind(tmp_path):
     from stablenets_ext.training.outputs import check_folder
 

@@ -42,21 +42,36 @@ def _model_config(model) -> dict:
     return config() if callable(config) else {}
 
 
+def plot_paths(folder, dataset, arch) -> dict:
+    """The files ``--plot folder`` may write: {"curves": path, "trajectories": path}."""
+    return {kind: os.path.join(folder, f"{dataset}-{arch}-{kind}.png")
+            for kind in ("curves", "trajectories")}
+
+
+def check_plots(folder, dataset, arch) -> None:
+    """Before training: refuse a run whose plots would overwrite files in ``folder``
+    that this package did not write."""
+    from ..training import plots
+    from ..training.outputs import check_ours
+
+    for path in plot_paths(folder, dataset, arch).values():
+        check_ours(path, "--plot", plots.is_plot, "a plot written by stablenets")
+
+
 def write_plots(folder, result, model, data, cfg):
     from ..training import plots
     from ..training.outputs import OutputPathError
 
-    stem = f"{data.name}-{cfg['arch']}"
+    paths = plot_paths(folder, data.name, cfg["arch"])
     try:
         os.makedirs(folder, exist_ok=True)
         if "history" in result and result["history"].get("loss"):
             test = result.get("test_accuracy")
-            plots.plot_history(result, os.path.join(folder, f"{stem}-curves.png"),
+            plots.plot_history(result, paths["curves"],
                                title=f"{cfg['arch']} on {data.name}",
                                test_accuracy=test if isinstance(test, float) else None)
         if data.features == 2 and hasattr(model, "trajectory"):
-            plots.plot_trajectories(model, data.val_x, data.val_y,
-                                    os.path.join(folder, f"{stem}-trajectories.png"))
+            plots.plot_trajectories(model, data.val_x, data.val_y, paths["trajectories"])
     except OSError as exc:
         raise OutputPathError(f"--plot: cannot write plots to {folder!r}: "
                               f"{exc.strerror or exc}") from None

@@ -232,6 +232,8 @@ def cmd_train(args, argv, parser) -> int:
     check_applicable(args, given, trainer)
     cfg = settings(args, adopted)
     check_model_flags(args, given, cfg["arch"], cfg)
+    if args.plot is not None:
+        report.check_plots(args.plot, args.dataset, cfg["arch"])
     device = resolve_device(args.device)
 
     rank = int(os.environ.get("RANK", 0)) if ranked else 0

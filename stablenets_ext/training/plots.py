@@ -4,8 +4,13 @@ data, the features' trajectories through the layers."""
 from __future__ import annotations
 
 import os
+import struct
 
 import torch
+
+# The PNG "Software" text of every plot this package writes: how a later run knows a
+# file in its --plot folder is one of ours (and may be replaced) and not the user's.
+SIGNATURE = "stablenets-ext"
 
 
 def _pyplot():
@@ -121,6 +126,27 @@ def plot_trajectories(model, x, y, path, snapshots=5) -> str:
 def _save(fig, plt, path) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={"Software": f"{SIGNATURE} (matplotlib)"})
     plt.close(fig)
     return os.fspath(path)
+
+
+def is_plot(path) -> bool:
+    """Whether ``path`` is a PNG this package wrote: a ``Software`` text chunk (before
+    the image data) that names :data:`SIGNATURE`."""
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return False
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            length, kind = struct.unpack(">I4s", head)
+            if kind in (b"IDAT", b"IEND") or length > 1 << 20:
+                return False
+            data = f.read(length)
+            f.seek(4, os.SEEK_CUR)  # the chunk's CRC
+            if kind == b"tEXt":
+                key, _, text = data.partition(b"\0")
+                if key == b"Software":
+                    return text.startswith(SIGNATURE.encode())
