@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from stablenets_ext import models
-from stablenets_ext.data import load_dataset
+from stablenets_ext.data import Dataset, load_dataset
 from stablenets_ext.training import backprop
 from stablenets_ext.training.sg.trainer import InProcessEngine, StageError, make_runners, train_sg
 from stablenets_ext.training.sg.stages import (
@@ -175,7 +175,6 @@ def test_multilevel(swiss, one_thread):
 
 
 def test_conv_arch_gets_a_convolutional_sg(digits, one_thread):
-    from stablenets_ext.data import Dataset
 
     images = Dataset("digits-images", digits.train_x.view(-1, 1, 8, 8), digits.train_y,
                      digits.val_x.view(-1, 1, 8, 8), digits.val_y, (1, 8, 8), 10)
@@ -381,6 +380,22 @@ def test_stage_exception_is_reported(swiss):
     with pytest.raises(StageError, match=r"stage 0 .*FloatingPointError: boom in the lift"):
         train_sg(model, swiss, epochs=5, workers=2, threads=1, quiet=True, batch_size=64, lr=0.01)
     assert _stage_children(os.getpid()) == []
+
+
+def test_dist_stage_exception_is_reported_as_its_one_line(swiss):
+    # labels out of range: a rank fails inside its training loop
+    bad = Dataset(swiss.name, swiss.train_x, swiss.train_y * 7, swiss.val_x, swiss.val_y,
+                  swiss.features, swiss.classes)
+    model = make(swiss, layers=4, width=4)
+    with pytest.raises(StageError) as info:
+        train_sg(model, bad, epochs=2, workers=2, threads=1, quiet=True, batch_size=64, lr=0.01,
+                 backend="dist")
+    # the rank's own line (stage 0's label-conditioned synthetic gradient fails first),
+    # not a summary of torchrun's log
+    message = str(info.value)
+    assert message == ("synthetic-gradient stage 0: Class values must be smaller than "
+                       "num_classes."), message
+    assert info.value.worker == 0
 
 
 def test_ctrl_c_stops_the_pipeline(tmp_path):

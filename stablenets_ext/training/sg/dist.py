@@ -453,7 +453,10 @@ def main(argv=None) -> int:
     if under_torchrun():
         torchrun.rank_setup()
     if known.spec:
-        _main_spec(known.spec, known.result)
+        # a failure is one line in the run folder, which the launcher raises as this
+        # stage's StageError (as the DDP ranks do), not a traceback in torchrun's log
+        with torchrun.reporting_errors():
+            _main_spec(known.spec, known.result)
         return 0
     # The command-line entry point moved beside the CLI (trainers never import it).
     print("stablenets_ext.training.sg.dist: this module runs the ranks that "
