@@ -5,7 +5,7 @@
 // as long in its kernels as a Python autograd wrapper spends around them (and a
 // one-layer conv stage at 7x7 spends a tenth of its step there), so the
 // formulas live here: a module call goes from the dispatcher straight into
-// a torch::autograd::Function, whose backward calls the matching backward op
+// an autograd Node, whose backward calls the matching backward op
 // below autograd. The conv ops (conv_*) share the dense ops' schemas and
 // formulas; they differ only in reading incoming gradients in any layout (no
 // contiguous copy of a broadcast gradient). Python is entered only where it is needed:
@@ -26,6 +26,9 @@
 // or during CUDA graph capture.
 #include <Python.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
@@ -44,6 +47,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #ifdef STABLENETS_WITH_CUDA
@@ -56,7 +60,6 @@ namespace stablenets {
 namespace autograd {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // ------------------------------------------------------------------ modes
@@ -346,48 +349,65 @@ T2 one_forward_op(int64_t kind, TR y, TR w, TR b, double step, double gamma, Str
   return o.anti_fwd.call(y, w, b, step, gamma, act, store);
 }
 
-struct OneStateFn : public torch::autograd::Function<OneStateFn> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& y, const Tensor& w,
-                               const Tensor& b, int64_t kind, double step, double gamma,
-                               std::string act, bool store) {
-    auto [out, states] = one_forward_op(kind, y, w, b, step, gamma, act, store);
-    // The states are what the backward reads, not a result to differentiate.
-    ctx->mark_non_differentiable({states});
-    ctx->set_materialize_grads(false);
-    // One entry (each saved_data key is a hash-map insert and lookup per call).
-    ctx->saved_data["p"] = c10::ivalue::Tuple::create(kind, step, gamma, std::move(act), store);
-    ctx->save_for_backward({states, y, w, b});
-    return {out, states};
+// The backward nodes are plain autograd Nodes, as PyTorch's own generated
+// formulas are, rather than torch::autograd::Function: no saved_data map, no
+// per-call wrapping of the outputs (a few microseconds of every step of a small
+// stack).
+using torch::autograd::SavedVariable;
+
+// Node ownership changed across torch releases (std::shared_ptr with a custom
+// deleter up to ~2.11, c10::intrusive_ptr in 2.14): make the node the way this
+// torch's Node wants, chosen at compile time.
+template <class N, bool Intrusive = std::is_base_of_v<c10::intrusive_ptr_target, torch::autograd::Node>>
+struct NodeMaker;
+template <class N>
+struct NodeMaker<N, true> {
+  static auto make() { return c10::make_intrusive<N>(); }
+};
+template <class N>
+struct NodeMaker<N, false> {
+  static auto make() { return std::shared_ptr<N>(new N()); }
+};
+
+struct OneStateBackward final : public torch::autograd::Node {
+  SavedVariable states_, y_, w_, b_;
+  int64_t kind_ = 0;
+  double step_ = 0, gamma_ = 0;
+  std::string act_;
+  bool store_ = true;
+
+  std::string name() const override {
+    return std::string("stablenets::") + arch_name(kind_, false) + "_forward StateBackward";
+  }
+  void release_variables() override {
+    states_.reset_data();
+    y_.reset_data();
+    w_.reset_data();
+    b_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto& p = ctx->saved_data["p"].toTupleRef().elements();
-    const int64_t kind = p[0].toInt();
-    const bool anti = kind & kSecond, conv = kind & kConv;
-    const double step = p[1].toDouble();
-    const double gamma = p[2].toDouble();
-    const std::string& act = p[3].toStringRef();
-    const char* arch = arch_name(kind, false);
-    auto saved = ctx->get_saved_variables();
-    const Tensor &states = saved[0], &y = saved[1], &w = saved[2], &b = saved[3];
-    TORCH_CHECK(p[4].toBool(), "stablenets::", arch,
+  variable_list apply(variable_list&& grads) override {
+    const bool anti = kind_ & kSecond, conv = kind_ & kConv;
+    const char* arch = arch_name(kind_, false);
+    TORCH_CHECK(store_, "stablenets::", arch,
                 "_forward ran with store=False, so it kept no states for the backward; call it "
                 "with store=True when gradients are needed");
+    const Tensor states = states_.unpack(), y = y_.unpack(), w = w_.unpack(), b = b_.unpack();
     Tensor g = incoming(grads[0], y, conv);
-    variable_list res(8);
+    variable_list res(3);
     if (differentiable_backward_wanted({g})) {
       // Every input that requires grad, not only those this backward is asked for:
       // the gradients are functions of all of them (a gradient penalty on y alone
       // still differentiates through the weights).
       std::vector<bool> needs{y.requires_grad(), w.requires_grad(), b.requires_grad()};
-      auto r = reference_vjp(arch, {y, w, b}, {g}, step, gamma, act, needs);
+      auto r = reference_vjp(arch, {y, w, b}, {g}, step_, gamma_, act_, needs);
       std::copy(r.begin(), r.end(), res.begin());
       return res;
     }
     at::AutoDispatchBelowADInplaceOrView below;
     const Ops& o = ops(conv);
-    T3 out = anti ? o.anti_bwd.call(g, states, w, b, step, gamma, act)
-                  : o.resnet_bwd.call(g, states, w, b, step, act);
+    T3 out = anti ? o.anti_bwd.call(g, states, w, b, step_, gamma_, act_)
+                  : o.resnet_bwd.call(g, states, w, b, step_, act_);
     std::tie(res[0], res[1], res[2]) = std::move(out);
     return res;
   }
@@ -395,11 +415,23 @@ struct OneStateFn : public torch::autograd::Function<OneStateFn> {
 
 T2 one_autograd(int64_t kind, TR y, TR w, TR b, double step, double gamma, Str act, bool store) {
   refuse_transforms(arch_name(kind, false), {&y, &w, &b});
-  if (!any_requires_grad({&y, &w, &b})) {
-    return one_forward_op(kind, y, w, b, step, gamma, act, store);
-  }
-  auto out = OneStateFn::apply(y, w, b, kind, step, gamma, std::string(act), store);
-  return {out[0], out[1]};
+  auto [out, states] = one_forward_op(kind, y, w, b, step, gamma, act, store);
+  if (!any_requires_grad({&y, &w, &b})) return {out, states};
+  auto node = NodeMaker<OneStateBackward>::make();
+  node->set_next_edges(torch::autograd::collect_next_edges(y, w, b));
+  // The states are what the backward reads, not a result to differentiate: they
+  // get no history (so no gradient of their size is ever made).
+  node->states_ = SavedVariable(states, false);
+  node->y_ = SavedVariable(y, false);
+  node->w_ = SavedVariable(w, false);
+  node->b_ = SavedVariable(b, false);
+  node->kind_ = kind;
+  node->step_ = step;
+  node->gamma_ = gamma;
+  node->act_ = std::string(act);
+  node->store_ = store;
+  torch::autograd::set_history(out, node);
+  return {out, states};
 }
 
 template <int64_t Kind>
@@ -422,36 +454,30 @@ T3 two_forward_op(int64_t kind, TR y, TR other, TR w, TR b, double step, Str act
 
 // Without stored states the backward runs the integrator in reverse from the
 // final pair and checks the pair it arrives at against the inputs.
-struct TwoStateFn : public torch::autograd::Function<TwoStateFn> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& y, const Tensor& other,
-                               const Tensor& w, const Tensor& b, int64_t kind, double step,
-                               std::string act, bool store) {
-    auto [ya, yb, states] = two_forward_op(kind, y, other, w, b, step, act, store);
-    ctx->mark_non_differentiable({states});
-    ctx->set_materialize_grads(false);
-    ctx->saved_data["p"] = c10::ivalue::Tuple::create(kind, step, std::move(act), store);
-    if (store) {
-      ctx->save_for_backward({y, other, w, b, states});
-    } else {
-      ctx->save_for_backward({y, other, w, b, ya, yb});
-    }
-    return {ya, yb, states};
+struct TwoStateBackward final : public torch::autograd::Node {
+  SavedVariable y_, other_, w_, b_, states_, ya_, yb_;  // states (stored) or the final pair
+  int64_t kind_ = 0;
+  double step_ = 0;
+  std::string act_;
+  bool store_ = true;
+
+  std::string name() const override {
+    return std::string("stablenets::") + arch_name(kind_, true) + "_forward StateBackward";
+  }
+  void release_variables() override {
+    for (SavedVariable* v : {&y_, &other_, &w_, &b_, &states_, &ya_, &yb_}) v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto& p = ctx->saved_data["p"].toTupleRef().elements();
-    const int64_t kind = p[0].toInt();
-    const bool verlet = kind & kSecond, conv = kind & kConv;
-    const double step = p[1].toDouble();
-    const std::string& act = p[2].toStringRef();
-    const char* arch = arch_name(kind, true);
-    auto saved = ctx->get_saved_variables();
-    const Tensor &y0 = saved[0], &other0 = saved[1], &w = saved[2], &b = saved[3];
-    variable_list res(8);
+  variable_list apply(variable_list&& grads) override {
+    const bool verlet = kind_ & kSecond, conv = kind_ & kConv;
+    const char* arch = arch_name(kind_, true);
+    const Tensor y0 = y_.unpack(), other0 = other_.unpack(), w = w_.unpack(), b = b_.unpack();
+    variable_list res(4);
     if (differentiable_backward_wanted({grads[0], grads[1]})) {
-      std::vector<bool> needs;  // as for OneStateFn
-      for (size_t i = 0; i < 4; ++i) needs.push_back(saved[i].requires_grad());
-      auto r = reference_vjp(arch, {y0, other0, w, b}, {grads[0], grads[1]}, step, 0.0, act, needs);
+      std::vector<bool> needs;  // as for OneStateBackward
+      for (const Tensor* t : {&y0, &other0, &w, &b}) needs.push_back(t->requires_grad());
+      auto r = reference_vjp(arch, {y0, other0, w, b}, {grads[0], grads[1]}, step_, 0.0, act_,
+                             needs);
       std::copy(r.begin(), r.end(), res.begin());
       return res;
     }
@@ -459,14 +485,17 @@ struct TwoStateFn : public torch::autograd::Function<TwoStateFn> {
     Tensor gb = incoming(grads[1], y0, conv);
     at::AutoDispatchBelowADInplaceOrView below;
     const Ops& o = ops(conv);
-    if (p[3].toBool()) {
+    if (store_) {
       std::tie(res[0], res[1], res[2], res[3]) =
-          (verlet ? o.verlet_bwd : o.leap_bwd).call(ga, gb, saved[4], w, b, step, act);
+          (verlet ? o.verlet_bwd : o.leap_bwd).call(ga, gb, states_.unpack(), w, b, step_, act_);
       return res;
     }
+    // the final pair is this node's own output: unpacked against this node
+    const auto self = getptr();
     Tensor ra, rb;
     std::tie(res[0], res[1], res[2], res[3], ra, rb) =
-        (verlet ? o.verlet_rev : o.leap_rev).call(ga, gb, saved[4], saved[5], w, b, step, act);
+        (verlet ? o.verlet_rev : o.leap_rev)
+            .call(ga, gb, ya_.unpack(self), yb_.unpack(self), w, b, step_, act_);
     check_rebuilt(arch, ra, rb, y0, other0);
     return res;
   }
@@ -474,11 +503,27 @@ struct TwoStateFn : public torch::autograd::Function<TwoStateFn> {
 
 T3 two_autograd(int64_t kind, TR y, TR other, TR w, TR b, double step, Str act, bool store) {
   refuse_transforms(arch_name(kind, true), {&y, &other, &w, &b});
-  if (!any_requires_grad({&y, &other, &w, &b})) {
-    return two_forward_op(kind, y, other, w, b, step, act, store);
+  auto [ya, yb, states] = two_forward_op(kind, y, other, w, b, step, act, store);
+  if (!any_requires_grad({&y, &other, &w, &b})) return {ya, yb, states};
+  auto node = NodeMaker<TwoStateBackward>::make();
+  node->set_next_edges(torch::autograd::collect_next_edges(y, other, w, b));
+  node->y_ = SavedVariable(y, false);
+  node->other_ = SavedVariable(other, false);
+  node->w_ = SavedVariable(w, false);
+  node->b_ = SavedVariable(b, false);
+  node->kind_ = kind;
+  node->step_ = step;
+  node->act_ = std::string(act);
+  node->store_ = store;
+  torch::autograd::set_history(ya, node);
+  torch::autograd::set_history(yb, node);
+  if (store) {
+    node->states_ = SavedVariable(states, false);  // no history, as for OneStateBackward
+  } else {
+    node->ya_ = SavedVariable(ya, true);
+    node->yb_ = SavedVariable(yb, true);
   }
-  auto out = TwoStateFn::apply(y, other, w, b, kind, step, std::string(act), store);
-  return {out[0], out[1], out[2]};
+  return {ya, yb, states};
 }
 
 template <int64_t Kind>

@@ -458,7 +458,7 @@ def test_module_call_goes_straight_to_the_cpp_formula(arch, reversible):
     fused, ref = module_pair(arch, reversible, d=5, N=6)
     x = torch.randn(9, 5, dtype=torch.float64)
     out = fused(x)
-    assert "StateFn" in out.grad_fn.name()
+    assert "StateBackward" in out.grad_fn.name()
     cot = torch.randn_like(out)
     got = torch.autograd.grad(out, (fused.weight, fused.bias), cot, retain_graph=True)
     again = torch.autograd.grad(out, (fused.weight, fused.bias), cot)
