@@ -66,8 +66,9 @@ class Dataset:
     tensors. The trainers read ``train_x``/``train_y`` (shuffled batches),
     ``val_x``/``val_y`` (evaluated after every epoch), ``classes`` and the
     shape of one example; ``test_x``/``test_y`` are only evaluated by the
-    command line, once, at the end. No argument is checked here; the trainers
-    refuse an empty training or validation split.
+    command line, once, at the end. No argument is checked here
+    (:func:`~stablenets_ext.training.train` refuses an empty training or
+    validation split).
 
     Args:
         name (str): a label for messages and caches (``"mnist"``, ``"toy"``...).

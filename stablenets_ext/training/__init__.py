@@ -34,8 +34,9 @@ def load_trainer(name: str):
     ``model`` on ``data`` (a :class:`~stablenets_ext.data.Dataset`) and returns
     the summary dict of :func:`train` plus ``model`` (the trained model; a new,
     deeper one after multilevel backprop). ``callbacks`` maps ``"on_epoch"``
-    (backprop, SG: called with each epoch's record) or ``"on_iteration"`` (PVD)
-    to a function. The module also lists ``ENGINES`` (how it can run),
+    (backprop, SG: called with each epoch's record), ``"on_iteration"`` (PVD:
+    after each synchronisation) or ``"on_workers_started"`` (SG: with the worker
+    pids) to a function. The module also lists ``ENGINES`` (how it can run),
     ``UNSUPPORTED`` (the :class:`TrainConfig` fields it refuses) and
     ``COMPARISONS``.
 
