@@ -59,7 +59,42 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset:
-    """Train and validation tensors plus what a model needs to know about them."""
+    """Train and validation tensors plus what a model needs to know about them:
+    what every trainer takes as ``data``.
+
+    :func:`load_dataset` returns one; build one yourself to train on your own
+    tensors. The trainers read ``train_x``/``train_y`` (shuffled batches),
+    ``val_x``/``val_y`` (evaluated after every epoch), ``classes`` and the
+    shape of one example; ``test_x``/``test_y`` are only evaluated by the
+    command line, once, at the end. No argument is checked here
+    (:func:`~stablenets_ext.training.train` refuses an empty training or
+    validation split).
+
+    Args:
+        name (str): a label for messages and caches (``"mnist"``, ``"toy"``...).
+        train_x (Tensor): training examples, ``(N, features)`` rows or
+            ``(N, C, H, W)`` images, float32.
+        train_y (Tensor): their labels, ``(N,)`` int64 in ``0 .. classes - 1``.
+        val_x (Tensor): validation examples, shaped like ``train_x``.
+        val_y (Tensor): their labels, ``(M,)`` int64.
+        features (int or tuple): the size of one example: an int for rows,
+            ``(C, H, W)`` for images (then :attr:`is_image` is true).
+        classes (int): the number of classes.
+        meta (dict): free-form facts about the data (default empty):
+            ``image_shape`` marks flat rows that are pictures (see
+            :meth:`as_images`); the image sets record their ``mean``, ``std``
+            and ``val_fraction``.
+        test_x (Tensor or None): held-out test examples, or None (default).
+        test_y (Tensor or None): their labels, or None (default).
+
+    Example:
+        >>> import torch
+        >>> from stablenets_ext.data import Dataset
+        >>> x = torch.randn(64, 2)
+        >>> y = (x[:, 0] > 0).long()
+        >>> Dataset("toy", x[:48], y[:48], x[48:], y[48:], features=2, classes=2)
+        Dataset('toy', train=(48, 2), val=(16, 2), features=2, classes=2)
+    """
 
     name: str
     train_x: torch.Tensor
@@ -78,7 +113,11 @@ class Dataset:
 
     def as_images(self) -> "Dataset":
         """Flat rows that are pictures (``meta["image_shape"]``, e.g. digits' 1x8x8)
-        reshaped into ``(C, H, W)`` images, for the convolutional architectures."""
+        reshaped into ``(C, H, W)`` images, for the convolutional architectures.
+
+        Returns a new :class:`Dataset` sharing the tensors' storage (this one if it
+        already holds images); raises ValueError when the rows are not pictures
+        (no ``meta["image_shape"]``)."""
         if self.is_image:
             return self
         shape = self.meta.get("image_shape")
@@ -92,6 +131,7 @@ class Dataset:
                        self.test_y)
 
     def to(self, device) -> "Dataset":
+        """A new :class:`Dataset` with every tensor moved to ``device``."""
         move = (lambda t: None if t is None else t.to(device))
         return Dataset(self.name, self.train_x.to(device), self.train_y.to(device),
                        self.val_x.to(device), self.val_y.to(device), self.features,
@@ -457,16 +497,55 @@ def load_hdf5(path, with_key=False):
 
 
 def load_dataset(name, *, root=None, seed=0, download=None, cache=None) -> Dataset:
-    """Load a dataset by name.
+    """Load one of the package's datasets by name.
 
-    ``root``: folder of the image files (default ``$STABLENETS_DATA`` or
-    ``~/.cache/stablenets/data``). ``seed``: draw of the random synthetic sets
-    (ellipse). ``download``: True, False or None (download when online, image
-    sets only). ``cache``: an HDF5 path, True (``<root>/<name>[-seed].h5``), or
-    None/False for none: an existing cache is read when it was written with
-    the same parameters (:func:`data_key`; another dataset's or another seed's
-    is refused, naming what differs), an unreadable one is rebuilt with a
-    warning, a missing one is written."""
+    Args:
+        name (str): ``"ellipse"``, ``"swiss"``, ``"digits"`` (generated or
+            bundled: no files needed; ``digits`` needs scikit-learn), ``"mnist"``,
+            ``"cifar10"`` or ``"cifar100"`` (read from files, see ``root``).
+        root (str or None): folder of the image files, and of the default cache
+            (default ``$STABLENETS_DATA``, else ``~/.cache/stablenets/data``).
+            MNIST is looked for as its four IDX files (optionally ``.gz``) in
+            ``MNIST/raw/``, ``mnist/``, ``MNIST/`` or ``root`` itself; CIFAR as
+            the ``cifar-10-batches-py/`` or ``cifar-100-python/`` folder of
+            python pickles.
+        seed (int): the random draw of ``"ellipse"`` (default 0); the other
+            sets are fixed and ignore it.
+        download (bool or None): image sets whose files are missing:
+            True downloads them through torchvision, False never downloads,
+            None (default) downloads only when the machine is online. Ignored
+            by the other sets.
+        cache (str, bool or None): an HDF5 file to read the dataset from and
+            write it to (needs h5py): a path, True for
+            ``<root>/<name>.h5`` (``<root>/ellipse-seed<seed>.h5``), or
+            None/False (default) for no cache. An existing cache is read when it
+            was written with the same parameters; a missing one is written
+            (atomically); an unreadable HDF5 (or empty) file is rebuilt with a
+            warning.
+
+    Returns:
+        Dataset: float32 examples and int64 labels, split into training and
+        validation (the image sets also carry ``test_x``/``test_y``: the test
+        files; validation is a fixed 1/12 of the training files).
+
+    Raises:
+        ValueError: an unknown ``name``; a cache holding another dataset or
+            data made with other parameters (the message names them).
+        FileNotFoundError: image files missing and not downloaded (the
+            message says where they were looked for and why no download).
+        DataError: a data file that is not what it should be (truncated, bad
+            gzip, wrong shape, labels out of range, a foreign pickle); a
+            ``cache`` path that is a folder, or an existing file that is not an
+            HDF5 cache (it is never overwritten). DataError is a ValueError.
+
+    Example:
+        >>> from stablenets_ext.data import load_dataset
+        >>> data = load_dataset("swiss")
+        >>> data
+        Dataset('swiss', train=(514, 2), val=(512, 2), features=2, classes=2)
+        >>> data.train_y.unique().tolist()
+        [0, 1]
+    """
     if name not in DATASETS:
         raise ValueError(f"dataset: expected one of {list(DATASETS)}, got {name!r}")
     key = data_key(name, seed)

@@ -110,8 +110,35 @@ del _name, _arch
 
 
 def preset(dataset: str, arch: str | None = None) -> dict:
-    """The settings for ``dataset`` (and ``arch``, default the dataset's own),
-    including the model options of :data:`MODEL_OPTIONS` that apply."""
+    """The tuned settings for ``dataset``: the command line's defaults.
+
+    Args:
+        dataset (str): ``"swiss"``, ``"ellipse"``, ``"digits"``, ``"mnist"``,
+            ``"cifar10"`` or ``"cifar100"``.
+        arch (str or None): the architecture (``"verlet"``, ``"conv-verlet"``...)
+            whose settings to return; None (default): the dataset's own
+            (``verlet`` for the 2-D and digits sets, ``conv-verlet`` for the
+            image sets). It is not checked: an architecture without settings of
+            its own gets the dataset's.
+
+    Returns:
+        dict: a new dict of the model's shape (``arch``, ``layers``, ``width``,
+        ``step``, ``activation``, plus ``lift``, ``pool``, ``downsample`` and
+        ``widen`` for the image sets) and the training settings (``epochs``,
+        ``batch_size``, ``lr``, ``lr_step``, ``lr_gamma``, ``weight_decay``,
+        ``alpha``, ``alpha_c``: the :class:`TrainConfig` fields of those names).
+
+    Raises:
+        ValueError: an unknown ``dataset``.
+
+    Example:
+        >>> from stablenets_ext.training import preset
+        >>> p = preset("swiss")
+        >>> p["arch"], p["layers"], p["step"], p["epochs"]
+        ('verlet', 64, 0.1, 60)
+        >>> preset("swiss", "resnet")["step"]
+        0.025
+    """
     if dataset not in PRESETS:
         raise ValueError(f"dataset: expected one of {list(PRESETS)}, got {dataset!r}")
     out = dict(PRESETS[dataset])

@@ -20,7 +20,38 @@ from ..outputs import write_json
 
 @torch.no_grad()
 def evaluate(model, x, y, batch_size=4096, device=None):
-    """Mean cross-entropy and accuracy (a fraction) of ``model`` on ``(x, y)``."""
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``.
+
+    Runs without gradients and in eval mode (the model's train/eval mode is
+    restored afterwards), ``batch_size`` examples at a time, each batch moved to
+    ``device``.
+
+    Args:
+        model (nn.Module): a classifier returning ``(B, classes)`` logits.
+        x (Tensor): the examples, on any device.
+        y (Tensor): their int64 labels, ``(N,)``.
+        batch_size (int): examples per forward (default 4096).
+        device (torch.device, str or None): where to compute; None (default):
+            the device of the model's first parameter (CPU if it has none).
+
+    Returns:
+        tuple[float, float]: ``(loss, accuracy)``: the mean cross-entropy and
+        the fraction of examples whose largest logit is the label (both 0.0
+        for no examples).
+
+    Example:
+        >>> import torch
+        >>> import stablenets_ext as sn
+        >>> from stablenets_ext.data import Dataset
+        >>> x = torch.randn(64, 2)
+        >>> y = (x[:, 0] > 0).long()
+        >>> data = Dataset("toy", x[:48], y[:48], x[48:], y[48:], features=2, classes=2)
+        >>> from stablenets_ext.training import evaluate
+        >>> net = sn.StableNet("verlet", 2, classes=2, layers=4, width=4)
+        >>> loss, accuracy = evaluate(net, data.val_x, data.val_y)
+        >>> 0 <= accuracy <= 1
+        True
+    """
     device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
@@ -55,27 +86,106 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
           checkpoint=None, resume=None, history_path=None, quiet=False, eval_batch_size=4096,
           history=None, checkpoint_extra=None, desc=None, on_epoch=None, shard=None,
           amp=None) -> dict:
-    """Train ``model`` in place on ``data`` for ``epochs`` epochs (total, counting
-    epochs already done in a resumed checkpoint).
+    """Train ``model`` in place with Adam and backpropagation, evaluating it on
+    the validation split after every epoch.
 
-    ``alpha``/``alpha_c``: smoothness and classifier regularisers. ``lr_step``
-    and ``lr_gamma``: StepLR, stepped once per epoch. ``target_accuracy``: stop
-    once the validation accuracy (a fraction) reaches it. ``checkpoint``: a
-    path written atomically after every epoch; ``resume``: a path to continue
-    from (model, optimiser, scheduler, RNG state, epoch, history). ``history``:
-    records to append to (multilevel training passes the previous levels').
+    Each epoch shuffles the training examples (a permutation drawn from
+    ``seed`` and the epoch alone), takes one Adam step per batch on the mean
+    cross-entropy plus the ``alpha``/``alpha_c`` penalties, steps the schedule,
+    then evaluates. The fused Adam is used when every parameter is a float on
+    the CPU or a GPU.
 
-    ``shard``: data-parallel training (:mod:`.ddp`): a :class:`.ddp.Shard`
-    whose ``forward`` (the DistributedDataParallel wrapper) computes this
-    rank's slice of every batch; the loss is scaled so that the all-reduced
-    gradient is the whole batch's mean, and only rank 0 writes checkpoints.
+    Args:
+        model (StableNet): the classifier to train (moved to ``device``; its
+            ``arch`` and ``layers`` name the progress bar and the history).
+        data (Dataset): training and validation tensors
+            (:class:`~stablenets_ext.data.Dataset`); neither split may be empty.
+        epochs (int): the total number of epochs, > 0, counting those a
+            resumed checkpoint already ran.
+        batch_size (int): training mini-batch size, > 0 (the last batch of an
+            epoch may be smaller).
+        lr (float): Adam's learning rate, > 0.
+        weight_decay (float): Adam's weight decay, >= 0 (default 0).
+        lr_step (int or None): multiply the rate by ``lr_gamma`` every
+            ``lr_step`` epochs (StepLR, stepped once per epoch), > 0; None
+            (default): a constant rate.
+        lr_gamma (float): the decay factor of ``lr_step`` (default 0.5).
+        alpha (float): smoothness-in-time penalty on the stack parameters,
+            ``alpha / (2 h) * sum_j ||K_{j+1} - K_j||^2 + ||b_{j+1} - b_j||^2``
+            (default 0: off).
+        alpha_c (float): ``alpha_c / 2 * ||W||_F^2`` on the classifier weights
+            (default 0: off).
+        target_accuracy (float or None): stop after the first epoch whose
+            validation accuracy reaches this fraction in (0, 1]; None (default):
+            run every epoch.
+        device (torch.device, str or None): where to train; None (default): the
+            model's device. The data is copied there once.
+        seed (int): seed of the batch order (default 0); the model's
+            initialisation is whatever it holds.
+        checkpoint (str or None): a file written atomically after every epoch
+            (model, optimiser, schedule, RNG state, epoch, history). It replaces
+            whatever is at that path: unlike ``stablenets train --save``, this
+            function does not check that an existing file is a checkpoint.
+            None (default): none.
+        resume (str or None): a checkpoint of this trainer to continue from,
+            exactly (the same batches and updates as an uninterrupted run);
+            ``epochs`` still counts the epochs it ran. None (default): start
+            afresh.
+        history_path (str or None): write the returned summary there as JSON
+            at the end (atomically, replacing the file); None (default): none.
+        quiet (bool): no progress bar (there is one only when stderr is a
+            terminal; default False).
+        eval_batch_size (int): validation examples per forward, > 0 (default
+            4096).
+        history (dict or None): per-epoch lists to append to (multilevel
+            training passes the previous levels'); None (default): new ones.
+        checkpoint_extra (dict or None): more entries written into every
+            checkpoint (the command line records its run settings there).
+        desc (str or None): the progress bar's label (default: the model's
+            ``arch`` and layers).
+        on_epoch (callable or None): called after every epoch with that
+            epoch's record (a dict: ``epoch``, ``loss``, ``train_accuracy``,
+            ``val_loss``, ``val_accuracy``, ``seconds``, ``eval_seconds``,
+            ``lr``, ``layers``).
+        shard (object or None): data-parallel training only: the
+            ``stablenets_ext.training.backprop.ddp.Shard`` of this rank, set by
+            the DDP engine (loss scaled so the all-reduced gradient is the whole
+            batch's mean; only rank 0 writes checkpoints and the history file).
+            Leave it None.
+        amp (str or None): mixed precision: ``"bf16"`` (bfloat16 autocast),
+            ``"fp16"`` (float16 with a gradient scaler) or None (default:
+            float32). Parameters and optimiser state stay float32; evaluation
+            runs in float32.
 
-    ``amp``: mixed precision, ``"bf16"`` or ``"fp16"`` (with a gradient scaler), see
-    :mod:`..amp`; evaluation stays in float32.
+    Returns:
+        dict: ``accuracy`` (the last validation accuracy), ``best_accuracy``,
+        ``loss`` (the last epoch's mean training loss), ``val_loss``,
+        ``seconds`` (training time, evaluation excluded), ``seconds_per_epoch``,
+        ``epochs`` (run, resumed ones included), ``stopped_early`` (whether
+        ``target_accuracy`` stopped it) and ``history`` (the per-epoch lists of
+        the ``on_epoch`` records' keys).
 
-    Returns :func:`summary`: ``accuracy``, ``loss``, ``seconds``, ``epochs``,
-    ``stopped_early`` and ``history`` (per-epoch lists: ``loss``,
-    ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``seconds``, ``lr``...).
+    Raises:
+        ValueError: ``epochs``, ``batch_size``, ``lr`` or ``lr_step`` not
+            positive, a negative ``weight_decay``, ``target_accuracy`` outside
+            (0, 1], an empty training or validation split, an unknown ``amp``
+            mode or one the device cannot run, or a ``resume`` file that is not a checkpoint of
+            this trainer or does not fit the model (the message names the
+            argument).
+        FileNotFoundError: a ``resume`` path that does not exist.
+
+    Example:
+        >>> import torch
+        >>> import stablenets_ext as sn
+        >>> from stablenets_ext.data import Dataset
+        >>> x = torch.randn(64, 2)
+        >>> y = (x[:, 0] > 0).long()
+        >>> data = Dataset("toy", x[:48], y[:48], x[48:], y[48:], features=2, classes=2)
+        >>> from stablenets_ext.training import train
+        >>> net = sn.StableNet("verlet", 2, classes=2, layers=4, width=4)
+        >>> result = train(net, data, epochs=2, batch_size=16, lr=0.05)
+        >>> result["epochs"], len(result["history"]["val_accuracy"])
+        (2, 2)
     """
     check_positive(epochs, "epochs")
     check_positive(batch_size, "batch_size")

@@ -27,14 +27,73 @@ def _per_level(value, levels, name):
 def train_multilevel(model, data, *, levels, epochs, resume=None, checkpoint=None,
                      history_path=None, device=None, quiet=False, lr=None, steps=None,
                      checkpoint_extra=None, **train_kwargs):
-    """Train ``model`` over ``levels`` levels; ``epochs`` and ``lr`` are per level
-    (a value, or one per level); ``steps``: the step h of each level (default:
-    the model's, halved at every doubling, which keeps ``N h`` fixed). Other
-    keyword arguments go to :func:`backprop.train`.
+    """Multilevel training: train ``model``, double its layers at half the step
+    (:func:`~stablenets_ext.double_layers`), train again, ``levels`` times in
+    all.
 
-    Returns ``(model, result)``: the final (deepest) model and the summary of
-    the whole run, whose ``history`` spans all levels (``layers`` tells them
-    apart) and whose ``levels`` lists a summary per level."""
+    Each level runs :func:`train` with a fresh optimiser and schedule; it stops
+    early, at any level, once ``target_accuracy`` (a keyword for :func:`train`)
+    is reached. ``model`` is trained in place at the first level (unless
+    resuming); the deeper models are new ones.
+
+    Args:
+        model (StableNet): the coarsest model (every stage's layers are
+            doubled at each level).
+        data (Dataset): training and validation tensors
+            (:class:`~stablenets_ext.data.Dataset`).
+        levels (int): the number of levels, > 0 (1: plain :func:`train`).
+        epochs (int or sequence): epochs per level: one value for every level,
+            or one per level.
+        resume (str or None): a checkpoint of a multilevel run to continue
+            from: it records its level, and the model of that level is rebuilt
+            from it (``model`` then only gives the device). None (default):
+            start afresh.
+        checkpoint (str or None): a file written atomically after every epoch,
+            recording the level (it replaces whatever is at that path, as in
+            :func:`train`). None (default): none.
+        history_path (str or None): write the returned summary there as JSON
+            at the end; None (default): none.
+        device (torch.device, str or None): where to train; None (default): the
+            model's device.
+        quiet (bool): no progress bar (default False).
+        lr (float or sequence): Adam's learning rate: one value for every level,
+            or one per level. Required.
+        steps (float, sequence or None): the step h of each level: one value
+            for every level, or one per level; None (default): the model's,
+            halved at every doubling (``layers * step`` stays fixed).
+        checkpoint_extra (dict or None): more entries written into every
+            checkpoint.
+        train_kwargs: the other keyword arguments of :func:`train`
+            (``batch_size`` is required; ``weight_decay``, ``lr_step``,
+            ``lr_gamma``, ``alpha``, ``alpha_c``, ``target_accuracy``, ``seed``,
+            ``on_epoch``, ``amp``...), the same at every level.
+
+    Returns:
+        tuple: ``(model, result)``: the final (deepest) model, and the summary
+        of the whole run as :func:`train` returns it, whose ``history`` spans
+        every level (its ``layers`` list tells them apart), plus ``levels``: one
+        dict per level run (``level``, ``layers``, ``step``, ``lr``,
+        ``epochs``, ``accuracy``, ``loss``).
+
+    Raises:
+        ValueError: ``levels`` not a positive int, ``lr`` missing, a
+            per-level ``epochs``, ``lr`` or ``steps`` of the wrong length, or
+            any error of :func:`train`.
+
+    Example:
+        >>> import torch
+        >>> import stablenets_ext as sn
+        >>> from stablenets_ext.data import Dataset
+        >>> x = torch.randn(64, 2)
+        >>> y = (x[:, 0] > 0).long()
+        >>> data = Dataset("toy", x[:48], y[:48], x[48:], y[48:], features=2, classes=2)
+        >>> from stablenets_ext.training import train_multilevel
+        >>> net = sn.StableNet("verlet", 2, classes=2, layers=2, width=4, step=0.2)
+        >>> deep, result = train_multilevel(net, data, levels=2, epochs=1, lr=0.05,
+        ...                                 batch_size=16)
+        >>> deep.layers, deep.step, [level["layers"] for level in result["levels"]]
+        (4, 0.1, [2, 4])
+    """
     if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
         raise ValueError(f"levels: expected a positive int, got {levels!r}")
     epochs = _per_level(epochs, levels, "epochs")

@@ -211,41 +211,149 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
               heartbeat_timeout: float | None = runtime.DEFAULT_TIMEOUT,
               start_timeout: float = 120.0, checkpoint=None, resume=None,
               checkpoint_extra=None, fault=None, amp=None) -> dict:
-    """Train ``model`` (a :class:`~stablenets_ext.models.StableNet`) in place with PVD.
+    """Train ``model`` in place with Parallel Variable Distribution (Ferris &
+    Mangasarian 1994): the layers split into ``workers`` blocks of contiguous
+    layers (an input lift with the first, the classifier with the last), one
+    per worker.
 
-    ``workers``: P, the number of blocks and processes (ranks for ``dist``).
-    ``backend``: ``"process"``, ``"sequential"`` or ``"dist"``. ``sync``:
-    ``"best"`` or ``"hull"``. ``iterations``: the PVD iteration limit;
-    ``target_accuracy``: stop once the validation accuracy reaches it.
-    ``inner_epochs``/``inner_batches``: each worker's budget per iteration;
-    ``lr``/``mu_lr``: Adam's rates for the block and for the multipliers.
-    ``direction_batches``: mini-batches the direction is computed on.
-    ``sync_batch``: validation examples the synchronisation is judged on;
-    ``hull_steps``: L-BFGS iterations of the affine-hull step. ``threads``:
-    torch threads per worker (default: cores // workers). ``callback(info)``:
-    called by the coordinator after every synchronisation (``info`` has the
-    iteration, accuracy, and the worker pids). ``phase_timeout``: seconds a
-    phase may take before the workers are declared hung (None: no limit; dead
-    workers are detected at once regardless). ``init_method``/``dist_timeout``:
-    for ``dist`` (see :mod:`.dist`). ``verify``: after every
-    synchronisation each worker fingerprints the point it now holds (history
-    ``worker_digests``). ``start_method``: ``"spawn"`` (default) or
-    ``"forkserver"`` (torch imported once, later workers forked from it: much
-    cheaper when one process trains repeatedly). ``heartbeat_timeout``: seconds
-    a live worker may go without a heartbeat before it is reported as hung
-    (SIGSTOP, deadlock; None: never); ``start_timeout``: seconds the workers
-    may take to start. ``checkpoint``: a path written (atomically) after every
-    iteration: the point, every worker's optimiser state and the history;
-    ``resume``: a path to continue from, exactly (the same iterates as an
-    uninterrupted run); every backend. ``amp``: ``"bf16"`` runs the workers'
-    direction and subproblem steps under bfloat16 autocast (the point, the
-    multipliers and Adam's state stay float32; the synchronisation and the
-    evaluation run in float32); ``"fp16"`` is refused (no gradient scaler
-    across the workers). ``fault``: tests only, ``(kind, worker, iteration)``.
+    Each iteration computes a direction ``d = -grad f(x)`` on
+    ``direction_batches`` mini-batches; then each worker optimises its block
+    with Adam, together with one multiplier per other block that moves that
+    block along ``d`` (the forget-me-not terms), for ``inner_epochs`` epochs
+    (or ``inner_batches`` mini-batches); a synchronisation then picks the next
+    point, judged on ``sync_batch`` validation examples. It stops at
+    ``target_accuracy`` or after ``iterations``.
 
-    Raises :class:`WorkerError` when a worker fails or dies (naming it);
-    workers are reaped and shared memory released before it propagates, as on
-    Ctrl-C (KeyboardInterrupt)."""
+    Args:
+        model (StableNet): the classifier to train in place (a StableNet-like
+            module with ``lift``, ``stack`` and ``classifier``); its stack
+            needs at least ``workers`` layers.
+        data (Dataset): training and validation tensors
+            (:class:`~stablenets_ext.data.Dataset`).
+        workers (int): P, the number of blocks and of worker processes (ranks
+            for ``dist``), > 0 (default 2).
+        backend (str): ``"process"`` (default: P worker processes over shared
+            memory), ``"sequential"`` (the same P subproblems one after another
+            in this process: the timing baseline, the same iterates when each
+            worker has one thread) or ``"dist"`` (one torch.distributed rank
+            per block: under torchrun, in an initialised process group, or P
+            local ranks spawned here).
+        sync (str): the synchronisation: ``"best"`` of the P points or
+            ``"hull"`` (default: the best point of the affine hull of the
+            current point and the P points, by L-BFGS).
+        iterations (int): the PVD iteration limit, > 0 (default 20).
+        inner_epochs (float): epochs of training data each worker's Adam runs
+            through per iteration, > 0 (default 3).
+        inner_batches (int or None): mini-batches per worker per iteration, >
+            0, instead of ``inner_epochs``; None (default): from
+            ``inner_epochs``.
+        direction_batches (int): mini-batches the direction is computed on, > 0
+            (default 8; at most one pass over the training set).
+        batch_size (int): mini-batch size, > 0 (default 64).
+        lr (float): Adam's rate for the blocks, finite and > 0 (default 1e-2).
+        mu_lr (float or None): Adam's rate for the multipliers, finite and > 0;
+            None (default): ``lr``.
+        sync_batch (int): validation examples the synchronisation is judged
+            on, > 0 (default 1024).
+        hull_steps (int): L-BFGS iterations of the affine-hull step, >= 0
+            (default 10).
+        normalize_direction (bool): scale each block of ``d`` to unit RMS, so a
+            multiplier moves its block about as far as an Adam step moves a
+            weight (default True).
+        persistent_adam (bool): keep each worker's Adam state for its block
+            from one iteration to the next (default True); False resets it
+            every iteration (the multipliers' Adam is always reset).
+        target_accuracy (float or None): stop once the validation accuracy
+            reaches this fraction in (0, 1]; None (default): run every
+            iteration.
+        seed (int): seed of the batches drawn for the direction, the
+            subproblems and the synchronisation (default 0).
+        threads (int or None): torch threads per worker; None (default): the
+            machine's cores // ``workers`` (at least 1).
+        device (torch.device, str or None): where to train; None (default): the
+            model's device.
+        callback (callable or None): called by the coordinator after every
+            synchronisation with a dict (the iteration, accuracy and the worker
+            pids).
+        phase_timeout (float or None): seconds a parallel phase may take before
+            the workers are declared hung; None (default): no limit (a worker
+            that dies is detected at once regardless). ``process`` backend.
+        init_method (str or None): ``dist`` only: the rendezvous of locally
+            spawned ranks; None (default): ``tcp://127.0.0.1:<free port>``
+            (``env://`` under torchrun).
+        dist_timeout (float): ``dist`` only: the collectives' timeout in
+            seconds (default 300).
+        eval_train (int): training examples (a fixed random subset) the
+            training loss and accuracy are measured on after every iteration
+            (default 2048; at most the training set).
+        verify (bool): after every synchronisation each worker fingerprints the
+            point it holds (history ``worker_digests``, result
+            ``digests_identical``; default True).
+        start_method (str): how worker processes start: ``"spawn"`` (default)
+            or ``"forkserver"`` (torch imported once, later workers forked from
+            it: much cheaper when one process trains repeatedly).
+        heartbeat_timeout (float or None): seconds a live worker may go without
+            a heartbeat before it is reported as hung, finite and > 0 (default
+            30; None: never).
+        start_timeout (float): seconds the workers may take to start, finite and
+            > 0 (default 120).
+        checkpoint (str or None): a file written atomically after every
+            iteration (the point, every worker's optimiser state and the
+            history; it replaces whatever is at that path); None (default):
+            none.
+        resume (str or None): a checkpoint to continue from, exactly (the same
+            iterates as an uninterrupted run), with any backend; None (default):
+            start afresh.
+        checkpoint_extra (dict or None): more entries written into every
+            checkpoint.
+        fault (tuple or None): tests only: ``(kind, worker, iteration)``
+            injects a failure. Leave it None.
+        amp (str or None): ``"bf16"`` runs the workers' direction and
+            subproblem steps under bfloat16 autocast (the point, the
+            multipliers and Adam's state stay float32; the synchronisation and
+            the evaluation run in float32); ``"fp16"`` is refused (no gradient
+            scaler across the workers); None (default): float32.
+
+    Returns:
+        dict: the summary of :func:`~stablenets_ext.training.train`
+        (``accuracy``, ``best_accuracy``, ``loss``, ``val_loss``, ``seconds``,
+        ``epochs``, ``stopped_early``, ``history``: one row per iteration) plus
+        the PVD figures: ``iterations``, ``workers``, ``blocks`` (per block:
+        its layers and parameter count), ``backend``,
+        ``sync``, ``initial_accuracy``, ``phase_seconds_total`` and
+        ``phase_seconds_mean`` (the parallel phases), ``startup_seconds``,
+        ``wall_seconds``, ``reached_target``, ``iterations_to_target``,
+        ``seconds_to_target``, ``digests_identical``, ``config``...
+
+    Raises:
+        ValueError: a bad value (an unknown ``backend``, ``sync`` or
+            ``start_method``; a non-positive count, rate or timeout; a
+            ``target_accuracy`` outside (0, 1]; more ``workers`` than layers;
+            an ``amp`` mode the trainer or device cannot run), naming the
+            argument.
+        TypeError: a ``model`` PVD cannot split (no ``lift``, ``stack`` and
+            ``classifier``).
+        WorkerError: a worker (process or rank) raised, died or stopped
+            answering (naming it); the workers are reaped and the shared
+            memory released before it propagates, as on Ctrl-C
+            (KeyboardInterrupt). A RuntimeError, importable from
+            ``stablenets_ext.training.pvd``.
+
+    Example:
+        >>> import torch
+        >>> import stablenets_ext as sn
+        >>> from stablenets_ext.data import Dataset
+        >>> x = torch.randn(64, 2)
+        >>> y = (x[:, 0] > 0).long()
+        >>> data = Dataset("toy", x[:48], y[:48], x[48:], y[48:], features=2, classes=2)
+        >>> from stablenets_ext.training.pvd import train_pvd
+        >>> net = sn.StableNet("verlet", 2, classes=2, layers=4, width=4)
+        >>> result = train_pvd(net, data, workers=2, backend="sequential", iterations=2,
+        ...                    inner_batches=2, direction_batches=2, batch_size=16,
+        ...                    sync_batch=16)
+        >>> result["iterations"], [block["layers"] for block in result["blocks"]]
+        (2, [[0, 2], [2, 4]])
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     mp_context(start_method)  # checks the name

@@ -180,38 +180,139 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
              history=None, on_epoch=None, on_workers_started=None, timeout=None,
              heartbeat_timeout=runtime.DEFAULT_TIMEOUT, checkpoint_extra=None,
              start_timeout=120.0, amp=None) -> dict:
-    """Train ``model`` (a :class:`~stablenets_ext.models.StableNet`, or its
-    ``config()`` dict to build one) in place with synthetic gradients; returns
-    :func:`..loop.summary` plus the SG figures.
+    """Train ``model`` in place with synthetic gradients (DNI): the network cut
+    into ``stages`` sub-networks joined by synthetic-gradient (SG) modules, each
+    stage updating as soon as it has produced its output, from its SG module's
+    prediction of the gradient (Jaderberg et al. 2016).
 
-    ``stages``: sub-networks ``M`` (default ``workers`` or 2), cut at ``bounds``
-    (default: near-equal layer counts). ``workers``: None for the in-process
-    trainer, else ``M`` for one process (``backend="process"``) or torchrun
-    rank (``backend="dist"``) per stage. ``inflight``: batches a stage may run
-    ahead of the true gradient its SG module learns from (default 1
-    in-process, 3 in a pipeline). ``sg_hidden``: 0 for a linear SG module,
-    else the hidden width of an MLP; ``sg_fit``: how the modules learn,
-    ``"solve"`` (least squares over the recent batches, :class:`.stages.RidgeFit`;
-    linear modules on flat states only), ``"adam"`` (Adam at ``sg_lr`` on the
-    targets in units of their running RMS) or ``"auto"`` (solve where it can,
-    else adam; the default); ``conditional``:
-    feed it the one-hot label (cDNI). ``coarse_epochs``: multilevel training
-    (see module doc); ``epochs`` then counts the fine epochs. ``threads``:
-    torch threads per worker (default: this process's threads / workers).
-    ``on_workers_started(pids)``: called once the worker processes run.
-    ``timeout``: seconds without progress after which a pipeline is declared
-    stuck (default 300); ``heartbeat_timeout``: seconds a live stage may go
-    without a heartbeat before it is reported as hung (None: never);
-    ``start_timeout``: seconds the stage processes may take to start.
-    ``amp``: ``"bf16"`` runs each stage's forward and loss under bfloat16
-    autocast; the states and gradients crossing a cut, the SG modules (their
-    predictions and fit) and the optimiser state stay float32. ``"fp16"`` is
-    refused (no gradient scaler across stages). Other arguments as
-    :func:`~.backprop.train`.
+    Three ways to run the same schedule: in this process (``workers=None``, the
+    exact reference), one process per stage (``backend="process"``), or one
+    torch.distributed rank per stage (``backend="dist"``). Each stage has its
+    own Adam, schedule and penalties, as in :func:`~stablenets_ext.training.train`.
 
-    The returned dict also holds ``model``, ``sg_modules`` (the trained SG
-    modules) and ``coarse`` (the coarse phase's summary) for the caller; drop
-    them before serialising.
+    Args:
+        model (StableNet or dict): the classifier to train in place, or its
+            ``config()`` dict to build one.
+        data (Dataset): training and validation tensors
+            (:class:`~stablenets_ext.data.Dataset`).
+        epochs (int): training epochs, > 0 (with ``coarse_epochs``, the epochs
+            of the full network, after the coarse ones).
+        batch_size (int): mini-batch size, > 0.
+        lr (float): the stages' Adam learning rate, > 0.
+        stages (int or None): the number of sub-networks M; None (default):
+            ``workers``, else the number of ``bounds`` intervals, else 2.
+        workers (int or None): None or 0 (default): every stage in this process;
+            else one worker per stage, so it must equal ``stages``.
+        backend (str): with ``workers``: ``"process"`` (default: shared-memory
+            pipeline) or ``"dist"`` (torch.distributed ranks, launched here or
+            run under torchrun).
+        inflight (int or None): batches a stage may run ahead of the true
+            gradient its SG module learns from, >= 1; None (default): 1 in this
+            process, 3 with workers.
+        bounds (sequence or None): the cut points as layer indices, increasing
+            from 0 to ``model.layers`` (``[0, 4, 8]``: two stages of 4
+            layers); None (default): near-equal stages (a multi-stage model
+            with as many stages is cut at its own stage boundaries).
+        sg_hidden (int): 0 (default) for a linear SG module, else the hidden
+            width of an MLP one.
+        sg_lr (float): the SG modules' Adam rate with ``sg_fit="adam"``, > 0
+            (default 1e-3).
+        sg_fit (str): how the SG modules learn: ``"solve"`` (least squares over
+            the recent batches; linear modules on flat states only),
+            ``"adam"`` (Adam at ``sg_lr``) or ``"auto"`` (default: solve where
+            it can, else adam).
+        conditional (bool): feed the one-hot label to the SG modules (cDNI;
+            default True).
+        coarse_epochs (int): multilevel, >= 0 (default 0: off): first train a
+            network of half the layers (every stage's layer count must be
+            even) and twice the step for this many epochs with true gradients,
+            in this process, while the SG modules learn; then double it and
+            train with synthetic gradients.
+        weight_decay (float): Adam's weight decay (default 0).
+        lr_step (int or None): StepLR period in epochs; None (default): a
+            constant rate.
+        lr_gamma (float): the StepLR factor (default 0.5).
+        alpha (float): smoothness-in-time penalty weight (default 0).
+        alpha_c (float): classifier weight penalty (default 0).
+        target_accuracy (float or None): stop once the validation accuracy
+            reaches this fraction in (0, 1]; None (default): every epoch.
+        device (torch.device, str or None): where to train; None (default): the
+            model's device.
+        seed (int): seed of the batch order (default 0).
+        threads (int or None): torch threads per worker, > 0; None (default):
+            this process's threads divided by ``workers``. Ignored in process.
+        checkpoint (str or None): a file written atomically after every epoch
+            (it replaces whatever is at that path); None (default): none.
+        resume (str or None): a checkpoint of this trainer to continue from;
+            None (default): start afresh.
+        history_path (str or None): write the summary there as JSON at the
+            end; None (default): none.
+        quiet (bool): no progress bar (default False).
+        eval_batch_size (int): validation examples per forward (default 4096).
+        history (dict or None): per-epoch lists to append to; None (default):
+            new ones.
+        on_epoch (callable or None): called with every epoch's record (a
+            dict, as the history's rows).
+        on_workers_started (callable or None): called once with the list of
+            worker process ids when the pipeline's processes run
+            (``backend="process"``).
+        timeout (float or None): finite and > 0: with ``backend="process"``,
+            seconds without any progress before the pipeline is declared stuck
+            (None, the default: 300); with ``"dist"``, the ranks' collective
+            timeout (None: 600).
+        heartbeat_timeout (float or None): seconds a live worker may go without
+            a heartbeat before it is reported as hung (default 30; None:
+            never).
+        checkpoint_extra (dict or None): more entries written into every
+            checkpoint.
+        start_timeout (float): seconds the worker processes may take to start
+            (default 120).
+        amp (str or None): ``"bf16"`` runs each stage's forward and loss under
+            bfloat16 autocast (the states and gradients crossing a cut, the SG
+            modules and the optimiser state stay float32); ``"fp16"`` is
+            refused (no gradient scaler across stages); None (default): float32.
+
+    Returns:
+        dict: the summary of :func:`~stablenets_ext.training.train`
+        (``accuracy``, ``best_accuracy``, ``loss``, ``val_loss``, ``epochs``,
+        ``stopped_early``, ``history``...; ``seconds_per_epoch`` is the median
+        epoch) plus the SG figures: ``stages``, ``bounds``, ``mode``,
+        ``inflight``, ``workers``, ``threads``, ``cores``,
+        ``theoretical_seconds_per_epoch`` (the busiest stage's compute time:
+        the ideal parallel time), ``sequential_seconds_per_epoch``,
+        ``theoretical_speedup``, ``sg_loss`` and ``sg_rel_error`` (per SG
+        module, last epoch), and, for the caller, ``model``, ``sg_modules``
+        (the trained SG modules) and ``coarse`` (the coarse phase's summary or
+        None): drop those three before serialising. Under torchrun, a rank
+        other than 0 returns a dict with its ``rank`` and none of the figures
+        (rank 0 reports).
+
+    Raises:
+        ValueError: a bad value (non-positive ``epochs``, ``batch_size``,
+            ``lr``, ``sg_lr``, ``threads`` or ``timeout``; ``workers`` not
+            equal to ``stages``; ``bounds`` not increasing from 0 to the layers
+            or disagreeing with ``stages``; an unknown ``backend`` or
+            ``sg_fit``; ``sg_fit="solve"`` with ``sg_hidden > 0``; odd layer
+            counts or cut points with ``coarse_epochs``; an ``amp`` mode the
+            trainer or device cannot run; a ``resume`` file not written by this
+            trainer), naming the argument.
+        FileNotFoundError: a ``resume`` path that does not exist.
+        StageError: a stage (process or rank) raised, died or stopped
+            answering; the message names it (a RuntimeError, importable from
+            ``stablenets_ext.training.sg``).
+
+    Example:
+        >>> import torch
+        >>> import stablenets_ext as sn
+        >>> from stablenets_ext.data import Dataset
+        >>> x = torch.randn(64, 2)
+        >>> y = (x[:, 0] > 0).long()
+        >>> data = Dataset("toy", x[:48], y[:48], x[48:], y[48:], features=2, classes=2)
+        >>> from stablenets_ext.training.sg import train_sg
+        >>> net = sn.StableNet("verlet", 2, classes=2, layers=4, width=4)
+        >>> result = train_sg(net, data, epochs=2, batch_size=16, lr=0.05, stages=2)
+        >>> result["stages"], result["bounds"], result["epochs"]
+        (2, [0, 2, 4], 2)
     """
     if isinstance(model, dict):
         model = models.StableNet.from_config(model)
