@@ -186,3 +186,60 @@ def test_presets_are_complete():
         assert M.StableNet(cfg["arch"], (1, 8, 8) if M.is_conv(cfg["arch"]) else 2, 2, 1)
     for (name, arch), cfg in ARCH_PRESETS.items():
         assert name in PRESETS and arch in M.ARCHS and set(cfg) <= keys
+
+
+# ------------------------------------------- the Python trainers' outputs and arguments
+
+
+def _foreign(path, text="a user's notes\n"):
+    path.write_text(text)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("trainer", ["train", "train_multilevel", "train_sg", "train_pvd"])
+def test_python_trainers_refuse_to_overwrite_a_file_they_did_not_write(trainer, swiss, tmp_path):
+    from stablenets_ext.training.pvd import train_pvd
+    from stablenets_ext.training.sg import train_sg
+
+    data = tiny(swiss)
+    net = M.StableNet("verlet", 2, classes=2, layers=4, width=4)
+    run = {
+        "train": lambda **kw: backprop.train(net, data, epochs=1, batch_size=16, lr=0.05, **kw),
+        "train_multilevel": lambda **kw: multilevel.train_multilevel(
+            net, data, levels=1, epochs=1, lr=0.05, batch_size=16, **kw),
+        "train_sg": lambda **kw: train_sg(net, data, epochs=1, batch_size=16, lr=0.05, stages=2,
+                                          **kw),
+        "train_pvd": lambda **kw: train_pvd(net, data, workers=2, backend="sequential",
+                                            iterations=1, inner_batches=1, direction_batches=1,
+                                            batch_size=16, sync_batch=16, **kw),
+    }[trainer]
+    theirs = tmp_path / "results.pt"
+    before = _foreign(theirs)
+    with pytest.raises(ValueError, match=r"checkpoint: .*results\.pt.* is not a stablenets checkpoint"):
+        run(checkpoint=str(theirs))
+    assert theirs.read_bytes() == before
+    if trainer != "train_pvd":  # PVD writes no history file of its own
+        notes = tmp_path / "notes.json"
+        before = _foreign(notes, '{"mine": 1}')
+        with pytest.raises(ValueError, match=r"history_path: .*notes\.json.* is not a stablenets history"):
+            run(history_path=str(notes))
+        assert notes.read_bytes() == before
+    # what the trainer wrote itself, it may write again
+    ours = tmp_path / "ours.pt"
+    run(checkpoint=str(ours))
+    assert checkpoint.is_checkpoint(ours)
+    run(checkpoint=str(ours))
+
+
+@pytest.mark.parametrize("name,value", [("eval_batch_size", 0), ("lr_gamma", 0.0), ("alpha", -1.0),
+                                        ("alpha_c", float("nan")), ("weight_decay", -0.1)])
+def test_train_names_the_bad_argument(name, value, swiss):
+    net = M.StableNet("verlet", 2, classes=2, layers=2, width=4)
+    with pytest.raises(ValueError, match=f"^{name}: expected"):
+        backprop.train(net, tiny(swiss), epochs=1, batch_size=16, lr=0.05, **{name: value})
+
+
+def test_preset_refuses_an_unknown_arch():
+    with pytest.raises(ValueError, match="arch: expected one of"):
+        preset("mnist", "conv-nope")
+    assert preset("mnist", "verlet")["arch"] == "verlet"

@@ -77,6 +77,20 @@ def check_ours(path, option: str, ours, what: str) -> None:
                               f"overwritten: give another path or remove it first")
 
 
+def check_trainer_outputs(checkpoint=None, history_path=None) -> None:
+    """The Python trainers' outputs (``train``, ``train_multilevel``, ``train_sg``,
+    ``train_pvd``), before any training: a ``checkpoint`` or ``history_path`` that
+    would overwrite an existing file this package did not write is refused
+    (:class:`OutputPathError`, a ValueError naming the argument), as the command
+    line refuses ``--save`` and ``--history``."""
+    from .checkpoint import is_checkpoint
+
+    if checkpoint is not None:
+        check_ours(checkpoint, "checkpoint", is_checkpoint, "a stablenets checkpoint")
+    if history_path is not None:
+        check_ours(history_path, "history_path", is_history, "a stablenets history (JSON)")
+
+
 def is_history(path) -> bool:
     """A JSON history written by ``stablenets train --history``."""
     with open(path) as f:

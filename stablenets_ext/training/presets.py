@@ -118,18 +118,19 @@ def preset(dataset: str, arch: str | None = None) -> dict:
         arch (str or None): the architecture (``"verlet"``, ``"conv-verlet"``...)
             whose settings to return; None (default): the dataset's own
             (``verlet`` for the 2-D and digits sets, ``conv-verlet`` for the
-            image sets). It is not checked: an architecture without settings of
-            its own gets the dataset's.
+            image sets); one of ``stablenets_ext.models.ARCHS``. An
+            architecture without settings of its own gets the dataset's.
 
     Returns:
         dict: a new dict of the model's shape (``arch``, ``layers``, ``width``,
         ``step``, ``activation``, plus ``lift``, ``pool``, ``downsample`` and
-        ``widen`` for the image sets) and the training settings (``epochs``,
+        ``widen`` for the image sets, whichever the arch; the command line drops
+        those a dense arch cannot take) and the training settings (``epochs``,
         ``batch_size``, ``lr``, ``lr_step``, ``lr_gamma``, ``weight_decay``,
         ``alpha``, ``alpha_c``: the :class:`TrainConfig` fields of those names).
 
     Raises:
-        ValueError: an unknown ``dataset``.
+        ValueError: an unknown ``dataset`` or ``arch``.
 
     Example:
         >>> from stablenets_ext.training import preset
@@ -142,6 +143,11 @@ def preset(dataset: str, arch: str | None = None) -> dict:
     if dataset not in PRESETS:
         raise ValueError(f"dataset: expected one of {list(PRESETS)}, got {dataset!r}")
     out = dict(PRESETS[dataset])
+    if arch is not None:
+        from ..models import ARCHS
+
+        if arch not in ARCHS:
+            raise ValueError(f"arch: expected one of {list(ARCHS)}, got {arch!r}")
     arch = arch or out["arch"]
     out["arch"] = arch
     out.update(ARCH_PRESETS.get((dataset, arch), {}))

@@ -4,6 +4,7 @@ bit-for-bit."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -16,7 +17,7 @@ from .. import regularizers
 from .. import loop
 from ..loop import (HISTORY_KEYS, check_positive, model_device, new_history,  # noqa: F401
                     progress_enabled, summary, sync)
-from ..outputs import write_json
+from ..outputs import check_trainer_outputs, write_json
 
 @torch.no_grad()
 def evaluate(model, x, y, batch_size=4096, device=None):
@@ -123,16 +124,17 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
         seed (int): seed of the batch order (default 0); the model's
             initialisation is whatever it holds.
         checkpoint (str or None): a file written atomically after every epoch
-            (model, optimiser, schedule, RNG state, epoch, history). It replaces
-            whatever is at that path: unlike ``stablenets train --save``, this
-            function does not check that an existing file is a checkpoint.
+            (model, optimiser, schedule, RNG state, epoch, history). An existing
+            file there must be a stablenets checkpoint (it is replaced); any other
+            file is refused before training, as ``stablenets train --save`` does.
             None (default): none.
         resume (str or None): a checkpoint of this trainer to continue from,
             exactly (the same batches and updates as an uninterrupted run);
             ``epochs`` still counts the epochs it ran. None (default): start
             afresh.
         history_path (str or None): write the returned summary there as JSON
-            at the end (atomically, replacing the file); None (default): none.
+            at the end (atomically, replacing a history this package wrote; any
+            other existing file is refused before training); None (default): none.
         quiet (bool): no progress bar (there is one only when stderr is a
             terminal; default False).
         eval_batch_size (int): validation examples per forward, > 0 (default
@@ -166,9 +168,11 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
         the ``on_epoch`` records' keys).
 
     Raises:
-        ValueError: ``epochs``, ``batch_size``, ``lr`` or ``lr_step`` not
-            positive, a negative ``weight_decay``, ``target_accuracy`` outside
-            (0, 1], an empty training or validation split, an unknown ``amp``
+        ValueError: ``epochs``, ``batch_size``, ``eval_batch_size``, ``lr``,
+            ``lr_step`` or ``lr_gamma`` not positive, a negative or non-finite
+            ``weight_decay``, ``alpha`` or ``alpha_c``, ``target_accuracy`` outside
+            (0, 1], an empty training or validation split, a ``checkpoint`` or
+            ``history_path`` over a file this package did not write, an unknown ``amp``
             mode or one the device cannot run, or a ``resume`` file that is not a checkpoint of
             this trainer or does not fit the model (the message names the
             argument).
@@ -193,11 +197,16 @@ def train(model, data: Dataset, *, epochs, batch_size, lr, weight_decay=0.0, lr_
         if getattr(data, f"{part}_x").shape[0] == 0:
             raise ValueError(f"data: dataset {data.name!r} has no "
                              f"{'training' if part == 'train' else 'validation'} examples")
+    check_positive(eval_batch_size, "eval_batch_size")
     check_positive(lr, "lr", float)
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay: expected a number >= 0, got {weight_decay!r}")
+    check_positive(lr_gamma, "lr_gamma", float)
+    for name, value in (("weight_decay", weight_decay), ("alpha", alpha), ("alpha_c", alpha_c)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
     if lr_step is not None:
         check_positive(lr_step, "lr_step")
+    check_trainer_outputs(checkpoint, history_path)
     if target_accuracy is not None and not 0 < target_accuracy <= 1:
         raise ValueError(f"target_accuracy: expected a fraction in (0, 1], got {target_accuracy!r}")
     device = torch.device(device) if device is not None else model_device(model)

@@ -11,7 +11,7 @@ import torch
 
 from ...models import StableNet, double_layers
 from .. import loop
-from ..outputs import write_json
+from ..outputs import check_trainer_outputs, write_json
 from . import engine as backprop
 from .. import checkpoint as ckpt
 
@@ -49,10 +49,11 @@ def train_multilevel(model, data, *, levels, epochs, resume=None, checkpoint=Non
             from it (``model`` then only gives the device). None (default):
             start afresh.
         checkpoint (str or None): a file written atomically after every epoch,
-            recording the level (it replaces whatever is at that path, as in
-            :func:`train`). None (default): none.
+            recording the level (an existing file there must be a stablenets
+            checkpoint, as in :func:`train`). None (default): none.
         history_path (str or None): write the returned summary there as JSON
-            at the end; None (default): none.
+            at the end (an existing file there must be a stablenets history);
+            None (default): none.
         device (torch.device, str or None): where to train; None (default): the
             model's device.
         quiet (bool): no progress bar (default False).
@@ -77,8 +78,9 @@ def train_multilevel(model, data, *, levels, epochs, resume=None, checkpoint=Non
 
     Raises:
         ValueError: ``levels`` not a positive int, ``lr`` missing, a
-            per-level ``epochs``, ``lr`` or ``steps`` of the wrong length, or
-            any error of :func:`train`.
+            per-level ``epochs``, ``lr`` or ``steps`` of the wrong length, a
+            ``checkpoint`` or ``history_path`` over a file this package did not
+            write, or any error of :func:`train`.
 
     Example:
         >>> import torch
@@ -96,6 +98,7 @@ def train_multilevel(model, data, *, levels, epochs, resume=None, checkpoint=Non
     """
     if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
         raise ValueError(f"levels: expected a positive int, got {levels!r}")
+    check_trainer_outputs(checkpoint, history_path)
     epochs = _per_level(epochs, levels, "epochs")
     if lr is None:
         raise ValueError("lr: required")

@@ -42,6 +42,7 @@ import torch
 
 from .. import amp as _amp
 from .. import loop, runtime
+from ..outputs import check_trainer_outputs
 from ..backprop import engine as backprop
 from .blocks import BlockPartition, digest, write_back
 from .history import load_resume, new_history, result_dict
@@ -299,8 +300,8 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
             > 0 (default 120).
         checkpoint (str or None): a file written atomically after every
             iteration (the point, every worker's optimiser state and the
-            history; it replaces whatever is at that path); None (default):
-            none.
+            history; an existing file there must be a stablenets checkpoint,
+            else it is refused before training); None (default): none.
         resume (str or None): a checkpoint to continue from, exactly (the same
             iterates as an uninterrupted run), with any backend; None (default):
             start afresh.
@@ -329,8 +330,8 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
         ValueError: a bad value (an unknown ``backend``, ``sync`` or
             ``start_method``; a non-positive count, rate or timeout; a
             ``target_accuracy`` outside (0, 1]; more ``workers`` than layers;
-            an ``amp`` mode the trainer or device cannot run), naming the
-            argument.
+            an ``amp`` mode the trainer or device cannot run; a ``checkpoint``
+            over a file this package did not write), naming the argument.
         TypeError: a ``model`` PVD cannot split (no ``lift``, ``stack`` and
             ``classifier``).
         WorkerError: a worker (process or rank) raised, died or stopped
@@ -362,6 +363,7 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
     runtime.check_timeout(start_timeout, "start_timeout")
     if target_accuracy is not None and not 0 < target_accuracy <= 1:
         raise ValueError(f"target_accuracy: expected a fraction in (0, 1], got {target_accuracy!r}")
+    check_trainer_outputs(checkpoint)
     cfg = PVDConfig(
         workers=workers, sync=sync, iterations=iterations, inner_epochs=inner_epochs,
         inner_batches=inner_batches, direction_batches=direction_batches, batch_size=batch_size,

@@ -37,7 +37,7 @@ from .. import checkpoint as ckpt
 from .. import loop, runtime
 from .. import amp as _amp
 from ..backprop import engine as backprop
-from ..outputs import write_json
+from ..outputs import check_trainer_outputs, write_json
 from ..runtime import StageError  # noqa: F401  (re-exported: the SG trainer's error)
 from .epochs import epoch_loop, median, new_history
 from .stages import (
@@ -242,11 +242,13 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
         threads (int or None): torch threads per worker, > 0; None (default):
             this process's threads divided by ``workers``. Ignored in process.
         checkpoint (str or None): a file written atomically after every epoch
-            (it replaces whatever is at that path); None (default): none.
+            (an existing file there must be a stablenets checkpoint, else it is
+            refused before training); None (default): none.
         resume (str or None): a checkpoint of this trainer to continue from;
             None (default): start afresh.
         history_path (str or None): write the summary there as JSON at the
-            end; None (default): none.
+            end (an existing file there must be a stablenets history); None
+            (default): none.
         quiet (bool): no progress bar (default False).
         eval_batch_size (int): validation examples per forward (default 4096).
         history (dict or None): per-epoch lists to append to; None (default):
@@ -295,7 +297,8 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
             ``sg_fit``; ``sg_fit="solve"`` with ``sg_hidden > 0``; odd layer
             counts or cut points with ``coarse_epochs``; an ``amp`` mode the
             trainer or device cannot run; a ``resume`` file not written by this
-            trainer), naming the argument.
+            trainer; a ``checkpoint`` or ``history_path`` over a file this
+            package did not write), naming the argument.
         FileNotFoundError: a ``resume`` path that does not exist.
         StageError: a stage (process or rank) raised, died or stopped
             answering; the message names it (a RuntimeError, importable from
@@ -320,6 +323,7 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
     loop.check_positive(batch_size, "batch_size")
     loop.check_positive(lr, "lr", float)
     loop.check_positive(sg_lr, "sg_lr", float)
+    check_trainer_outputs(checkpoint, history_path)
     if not isinstance(coarse_epochs, int) or coarse_epochs < 0:
         raise ValueError(f"coarse_epochs: expected an int >= 0, got {coarse_epochs!r}")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
