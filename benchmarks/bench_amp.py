@@ -1,6 +1,7 @@
 """Mixed precision on the CPU: the stacks in bfloat16 against our own float32 fused op.
 
-    python benchmarks/bench_amp.py [--archs resnet,verlet] [--reps 11] [--rounds 5]
+    python benchmarks/bench_amp.py [--archs resnet,verlet] [--shapes wide,narrow,conv]
+                                   [--reps 11] [--rounds 5]
 
 Issue 20's speed targets, forward+backward (module call, loss, backward; the whole
 training step of the stack), medians from one run:
@@ -29,7 +30,8 @@ DENSE = {"resnet": sn.ResNetStack, "antisymmetric": sn.AntisymmetricStack,
          "leapfrog": sn.LeapfrogStack, "verlet": sn.VerletStack}
 CONV = {"resnet": conv.ConvResNetStack, "antisymmetric": conv.ConvAntisymmetricStack,
         "leapfrog": conv.ConvLeapfrogStack, "verlet": conv.ConvVerletStack}
-SHAPES = [("dense", (256, 784, 16)), ("dense", (1024, 4, 64)), ("conv", (64, 16, 28, 28, 32))]
+SHAPES = {"wide": ("dense", (256, 784, 16)), "narrow": ("dense", (1024, 4, 64)),
+          "conv": ("conv", (64, 16, 28, 28, 32))}
 
 
 def step_fn(module, x, autocast_dtype=None):
@@ -73,14 +75,20 @@ def cases(kind, shape, arch):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", default="resnet,verlet")
+    p.add_argument("--shapes", default=",".join(SHAPES),
+                   help=f"comma-separated, from {', '.join(f'{k} {v[0]}{v[1]}' for k, v in SHAPES.items())}")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
+    shapes = [x.strip() for x in args.shapes.split(",") if x.strip()]
+    bad = [x for x in shapes if x not in SHAPES]
+    if bad or not shapes:
+        p.error(f"--shapes: expected a comma-separated list of {list(SHAPES)}, got {args.shapes!r}")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU kernels: {ops.CPU_ISA}")
     print(f"{'shape':>22} {'arch':>13} {'f32 ms':>9} {'ac ms':>9} {'cast ms':>9} "
           f"{'f32/ac':>7} {'f32/cast':>8}")
-    for kind, shape in SHAPES:
+    for kind, shape in (SHAPES[x] for x in shapes):
         for arch in args.archs.split(","):
             t = round_medians(cases(kind, shape, arch), torch.device("cpu"), args.reps, args.rounds)
             f, a, c = t["f32"], t["bf16 autocast"], t["bf16 cast"]

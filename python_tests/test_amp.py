@@ -323,10 +323,15 @@ def test_bf16_wide_reversible_backward_op(arch):
 def test_conv_bf16_error_within_2x_pytorch_autocast(arch, reversible):
     """The conv stacks on the CPU run bfloat16 natively (oneDNN convolutions in bf16,
     elementwise passes in float32, states and the carried state in bf16 between layers,
-    as PyTorch's autocast keeps them; reversible mode in float32). Their error is then
-    PyTorch's own up to where the roundings land: measured 0.64-1.80x of it over 12 draws
-    (4 archs x 3; the 1.8x once, leapfrog's input gradient), so 2x is allowed here, not
-    the dense stacks' "at most"."""
+    as PyTorch's autocast keeps them; reversible mode in float32). Their output makes
+    PyTorch's roundings, layer for layer: measured at most 1.04x its error over 30 draws
+    per case (2026-12-05), so 1.25x is allowed. The gradients are PyTorch's up to where
+    the roundings land, and the op returns bf16 weight and bias gradients (one rounding
+    more than autocast's float32 parameter gradients: leapfrog's two weight terms, Verlet's
+    two halves' weights): measured up to 1.55x (leapfrog's input gradient), 1.50x
+    (leapfrog's weight gradient) and 1.77x (leapfrog's bias gradient; Verlet's up to
+    1.67x, 1.77x before its two halves' bias gradients were summed in float32 and rounded
+    once) over those draws, so 2x is allowed there, not the dense stacks' "at most"."""
     # the per-layer reference stores every state (only the fused op runs reversibly)
     m64 = _stack(CONV, arch, False, 4, 6, impl="reference").double()
     y_in = torch.randn(8, 4, 7, 7).bfloat16()
@@ -338,9 +343,10 @@ def test_conv_bf16_error_within_2x_pytorch_autocast(arch, reversible):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = _outputs_and_grads(m, y_in)
         errs[impl] = [_rel(a, e) for a, e in zip(got, exact)]
-    for name, fused, plain in zip(("output", "grad y", "grad weight", "grad bias"),
-                                  errs["fused"], errs["reference"]):
-        assert fused <= 2 * plain, f"{name}: fused {fused:.2e} > 2 x PyTorch autocast {plain:.2e}"
+    for name, fused, plain, slack in zip(("output", "grad y", "grad weight", "grad bias"),
+                                         errs["fused"], errs["reference"], (1.25, 2, 2, 2)):
+        assert fused <= slack * plain, \
+            f"{name}: fused {fused:.2e} > {slack} x PyTorch autocast {plain:.2e}"
 
 
 @pytest.mark.parametrize("activation", ["tanh", "silu"])  # act(P) stored; P stored (silu)

@@ -75,31 +75,58 @@ void backward_narrow(const S* ga_in, const S* gc_in, const S* states, const S* y
     }
     for (int64_t j = N - 1; j >= 0; --j) {
       const T* Kj = K + j * d * d;
-      const T *Ys = Y, *Ps = P, *As = Act_;  // Y_j, P_j (kStoresPre), act(P_j)
+      // Y_j, P_j (kStoresPre), act(P_j): tiles of T, or a full tile's stored
+      // states read in place (kStatesInPlace)
+      auto layer = [&](const auto* Ys, const auto* Ps, const auto* As) {
+        tile_gemm<T, false>(Kj, d, nullptr, a, G, mh2, false);  // G = -h^2 lam K^T
+#pragma omp simd
+        for (int64_t e = 0; e < d * kTile; ++e) {
+          if constexpr (kStoresPre<A>) {
+            G[e] *= stored_grad<A, T>(widen<T>(Ps[e]));
+          } else {
+            G[e] *= stored_grad<A, T>(widen<T>(As[e]));
+          }
+          cc[e] += T(2) * a[e];
+        }
+        T* dw = part.dw(c, j, d);
+        tile_outer(As, a, d, rows, mh2, dw);
+        tile_outer(G, Ys, d, rows, T(1), dw);
+        tile_rowsum(G, d, rows, part.db(c, j, d));
+      };
       if (Reversible) {
         tile_gemm<T, false>(Kj, d, b + j * d, Y, P, T(1), false);
 #pragma omp simd
         for (int64_t e = 0; e < d * kTile; ++e) Act_[e] = act_f<A, T>(P[e]);
+        layer(static_cast<const T*>(Y), static_cast<const T*>(P), static_cast<const T*>(Act_));
       } else {
-        Ys = state_tile(states + ((j * 2 + 0) * B + row0) * d, rows, d, Y);
-        if constexpr (kStoresPre<A>) {
-          Ps = state_tile(states + ((j * 2 + 1) * B + row0) * d, rows, d, P);
+        const S* ys = states + ((j * 2 + 0) * B + row0) * d;
+        const S* ps = states + ((j * 2 + 1) * B + row0) * d;  // P_j or act(P_j)
+        bool done = false;
+        if constexpr (kStatesInPlace<S, T>) {
+          if (rows == kTile) {
+            if constexpr (kStoresPre<A>) {
 #pragma omp simd
-          for (int64_t e = 0; e < d * kTile; ++e) Act_[e] = act_f<A, T>(Ps[e]);
-        } else {
-          As = state_tile(states + ((j * 2 + 1) * B + row0) * d, rows, d, Act_);
+              for (int64_t e = 0; e < d * kTile; ++e) Act_[e] = act_f<A, T>(widen<T>(ps[e]));
+              layer(ys, ps, static_cast<const T*>(Act_));
+            } else {
+              layer(ys, ps, ps);
+            }
+            done = true;
+          }
+        }
+        if (!done) {
+          const T* Ys = state_tile(ys, rows, d, Y);
+          if constexpr (kStoresPre<A>) {
+            const T* Ps = state_tile(ps, rows, d, P);
+#pragma omp simd
+            for (int64_t e = 0; e < d * kTile; ++e) Act_[e] = act_f<A, T>(Ps[e]);
+            layer(Ys, Ps, static_cast<const T*>(Act_));
+          } else {
+            const T* As = state_tile(ps, rows, d, Act_);
+            layer(Ys, As, As);
+          }
         }
       }
-      tile_gemm<T, false>(Kj, d, nullptr, a, G, mh2, false);  // G = -h^2 lam K^T
-#pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) {
-        G[e] *= kStoresPre<A> ? stored_grad<A, T>(Ps[e]) : stored_grad<A, T>(As[e]);
-        cc[e] += T(2) * a[e];
-      }
-      T* dw = part.dw(c, j, d);
-      tile_outer(As, a, d, rows, mh2, dw);
-      tile_outer(G, Ys, d, rows, T(1), dw);
-      tile_rowsum(G, d, rows, part.db(c, j, d));
       tile_gemm<T, true>(Kj, d, nullptr, G, cc, T(1), true);  // cc = c + 2 lam + G K
 #pragma omp simd
       for (int64_t e = 0; e < d * kTile; ++e) a[e] = -a[e];
@@ -443,7 +470,7 @@ T6 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& 
     return {gy, gyp, gw, gb, ry, ryp};
   }
   if (is_reduced(ga.scalar_type()) && narrow(d)) {  // tile.h: reduced_native
-    const at::Tensor Kf = K.to(at::kFloat), bf = b.to(at::kFloat);
+    const std::vector<float> Kf = small_float(K), bf = small_float(b);
     const int64_t chunks = num_chunks(B, N * d * d);
     Partials<float> part(chunks, N, d, ga.options().dtype(at::kFloat));
     AT_DISPATCH_REDUCED_FLOATING_TYPES(ga.scalar_type(), "leapfrog_backward_reduced", [&] {
@@ -452,14 +479,14 @@ T6 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& 
             ga.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
             Reversible ? nullptr : states.data_ptr<scalar_t>(),
             Reversible ? yhi.data_ptr<scalar_t>() : nullptr,
-            Reversible ? ylo.data_ptr<scalar_t>() : nullptr, Kf.data_ptr<float>(),
-            bf.data_ptr<float>(), static_cast<float>(step), N, B, d, gy.data_ptr<scalar_t>(),
+            Reversible ? ylo.data_ptr<scalar_t>() : nullptr, Kf.data(),
+            bf.data(), static_cast<float>(step), N, B, d, gy.data_ptr<scalar_t>(),
             gyp.data_ptr<scalar_t>(), Reversible ? ry.data_ptr<scalar_t>() : nullptr,
             Reversible ? ryp.data_ptr<scalar_t>() : nullptr, part);
       });
     });
-    std::tie(gw, gb) = part.sum(chunks);
-    return {gy, gyp, gw.to(ga.scalar_type()), gb.to(ga.scalar_type()), ry, ryp};
+    std::tie(gw, gb) = part.sum(chunks, ga.scalar_type());
+    return {gy, gyp, gw, gb, ry, ryp};
   }
   AT_DISPATCH_FLOATING_TYPES(ga.scalar_type(), "leapfrog_backward", [&] {
     const scalar_t h = static_cast<scalar_t>(step);
@@ -515,12 +542,12 @@ T3 leapfrog_forward(const at::Tensor& y_in, const at::Tensor& yprev_in, const at
     return {out, out_prev, states};
   }
   if (is_reduced(y.scalar_type()) && narrow(d)) {  // tile.h: reduced_native
-    const at::Tensor Kf = K.to(at::kFloat), bf = b.to(at::kFloat);
+    const std::vector<float> Kf = small_float(K), bf = small_float(b);
     AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "leapfrog_forward_reduced", [&] {
       SN_DISPATCH_ACT(act, [&] {
         forward_narrow<float, kAct, scalar_t>(
-            y.data_ptr<scalar_t>(), yprev.data_ptr<scalar_t>(), Kf.data_ptr<float>(),
-            bf.data_ptr<float>(), static_cast<float>(step), N, B, d, out.data_ptr<scalar_t>(),
+            y.data_ptr<scalar_t>(), yprev.data_ptr<scalar_t>(), Kf.data(),
+            bf.data(), static_cast<float>(step), N, B, d, out.data_ptr<scalar_t>(),
             out_prev.data_ptr<scalar_t>(), store ? states.data_ptr<scalar_t>() : nullptr);
       });
     });

@@ -48,13 +48,24 @@ void backward_narrow(const S* gout, const S* states, const T* K, T h, int64_t N,
     T* G = Y + d * kTile;
     load_tile(gout + row0 * d, rows, d, L);
     for (int64_t j = N - 1; j >= 0; --j) {
-      const T* Ys = state_tile(states + ((j * 2 + 0) * B + row0) * d, rows, d, Y);
-      const T* As = state_tile(states + ((j * 2 + 1) * B + row0) * d, rows, d, G);
+      const S* ys = states + ((j * 2 + 0) * B + row0) * d;
+      const S* as = states + ((j * 2 + 1) * B + row0) * d;
+      auto layer = [&](const auto* Ys, const auto* As) {
 #pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * L[e] * stored_grad<A, T>(As[e]);
-      tile_outer(G, Ys, d, rows, T(1), part.dw(c, j, d));
-      tile_rowsum(G, d, rows, part.db(c, j, d));
-      tile_gemm<T, true>(K + j * d * d, d, nullptr, G, L, T(1), true);  // L += G K_j
+        for (int64_t e = 0; e < d * kTile; ++e)
+          G[e] = h * L[e] * stored_grad<A, T>(widen<T>(As[e]));
+        tile_outer(G, Ys, d, rows, T(1), part.dw(c, j, d));
+        tile_rowsum(G, d, rows, part.db(c, j, d));
+        tile_gemm<T, true>(K + j * d * d, d, nullptr, G, L, T(1), true);  // L += G K_j
+      };
+      // a full tile's states read in place (kStatesInPlace), else tiles of T
+      if constexpr (kStatesInPlace<S, T>) {
+        if (rows == kTile) {
+          layer(ys, as);
+          continue;
+        }
+      }
+      layer(state_tile(ys, rows, d, Y), state_tile(as, rows, d, G));
     }
     store_tile(L, rows, d, gy + row0 * d);
   });
@@ -206,9 +217,12 @@ at::Tensor antisymmetric_weight(const at::Tensor& K_in, double gamma) {
 
 // Narrow stacks in bfloat16/float16: the float32 tile kernels reading and writing
 // reduced-precision memory; weights (N d^2, small) converted to float32 up front.
-static at::Tensor narrow_weight_f32(const at::Tensor& K_in, const double* gamma) {
-  const at::Tensor K = K_in.to(at::kFloat).contiguous();
-  return gamma ? antisymmetric_weight(K, *gamma) : K;
+static std::vector<float> narrow_weight_f32(const at::Tensor& K_in, const double* gamma) {
+  std::vector<float> K = small_float(K_in);
+  if (!gamma) return K;
+  std::vector<float> W(K.size());
+  antisymmetrize<float>(K.data(), K_in.size(0), K_in.size(1), static_cast<float>(*gamma), W.data());
+  return W;
 }
 
 T2 resnet_forward_impl(const at::Tensor& y_in, const at::Tensor& K_in, const at::Tensor& b_in,
@@ -218,13 +232,13 @@ T2 resnet_forward_impl(const at::Tensor& y_in, const at::Tensor& K_in, const at:
   at::Tensor out = at::empty({B, d}, y.options());
   at::Tensor states = empty_states(y, store ? N : 0, 2);
   if (is_reduced(y.scalar_type())) {
-    const at::Tensor Kf = narrow(d) ? narrow_weight_f32(K_in, gamma) : at::Tensor();
-    const at::Tensor bf = narrow(d) ? b.to(at::kFloat) : at::Tensor();
+    const std::vector<float> Kf = narrow(d) ? narrow_weight_f32(K_in, gamma) : std::vector<float>();
+    const std::vector<float> bf = narrow(d) ? small_float(b) : std::vector<float>();
     AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "resnet_forward_reduced", [&] {
       SN_DISPATCH_ACT(act, [&] {
         if (narrow(d)) {
           forward_narrow<float, kAct, scalar_t>(
-              y.data_ptr<scalar_t>(), Kf.data_ptr<float>(), bf.data_ptr<float>(),
+              y.data_ptr<scalar_t>(), Kf.data(), bf.data(),
               static_cast<float>(step), N, B, d, out.data_ptr<scalar_t>(),
               store ? states.data_ptr<scalar_t>() : nullptr);
         } else {
@@ -261,18 +275,22 @@ T3 resnet_backward_impl(const at::Tensor& gout_in, const at::Tensor& states_in,
   at::Tensor gw, gb;
   if (is_reduced(gout.scalar_type())) {
     if (narrow(d)) {
-      const at::Tensor Kf = narrow_weight_f32(K_in, gamma);
+      const std::vector<float> Kf = narrow_weight_f32(K_in, gamma);
       const int64_t chunks = num_chunks(B, N * d * d);
       Partials<float> part(chunks, N, d, gout.options().dtype(at::kFloat));
       AT_DISPATCH_REDUCED_FLOATING_TYPES(gout.scalar_type(), "resnet_backward_reduced", [&] {
         SN_DISPATCH_ACT(act, [&] {
           backward_narrow<float, kAct, scalar_t>(
-              gout.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(), Kf.data_ptr<float>(),
+              gout.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(), Kf.data(),
               static_cast<float>(step), N, B, d, gy.data_ptr<scalar_t>(), part);
         });
       });
+      if (!gamma) {
+        std::tie(gw, gb) = part.sum(chunks, gout.scalar_type());
+        return {gy, gw, gb};
+      }
       std::tie(gw, gb) = part.sum(chunks);
-      if (gamma) gw = antisymmetric_weight(gw, 0.0);
+      gw = antisymmetric_weight(gw, 0.0);
       return {gy, gw.to(gout.scalar_type()), gb.to(gout.scalar_type())};
     }
     gw = empty_cached({N, d, d}, gout.options());

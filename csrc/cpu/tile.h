@@ -11,7 +11,12 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <cstdint>
 #include <type_traits>
@@ -43,6 +48,60 @@ inline T round_to(F x) {
     return static_cast<T>(x);
   }
 }
+
+// float -> bfloat16 over a run with AVX-512 BF16 (vcvtneps2bf16: 16 values per
+// instruction, round to nearest even like round_to), for CPUs that have it. The
+// instruction treats denormal inputs as zero and keeps a NaN's sign and payload,
+// where round_to (c10's conversion) rounds denormals and writes 0x7fc0 for every
+// NaN: a vector holding either (fpclass) takes round_to lane by lane, so the
+// result is round_to's, bit for bit (csrc/tests: check_bf16_conversion).
+// Compiled through a target attribute in every build, so the ctest can check it
+// whatever its flags; the avx512 kernels call it (convert_run) only where
+// cpu_has_avx512bf16() says so at run time, so the avx512 build still runs on
+// AVX-512 CPUs without BF16.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define STABLENETS_HAVE_AVX512BF16_RUN 1
+inline bool cpu_has_avx512bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+__attribute__((target("avx512bf16,avx512f,avx512vl,avx512bw,avx512dq"))) inline void
+round_run_avx512bf16(const float* src, c10::BFloat16* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512 v = _mm512_loadu_ps(src + k);
+    // 0x01 quiet NaN, 0x80 signalling NaN, 0x20 denormal
+    if (_mm512_fpclass_ps_mask(v, 0xA1)) {
+      for (int64_t l = k; l < k + 16; ++l) dst[l] = round_to<c10::BFloat16>(src[l]);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
+                          (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+  for (; k < n; ++k) dst[k] = round_to<c10::BFloat16>(src[k]);
+}
+#endif
+
+// A stored value read as the tile type T: bfloat16 widened on its bits (vector
+// code inside the loops that read stored states in place), else static_cast.
+template <typename T, typename S>
+inline T widen(S x) {
+  if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<T, float>) {
+    return std::bit_cast<float>(static_cast<uint32_t>(x.x) << 16);
+  } else {
+    return static_cast<T>(x);
+  }
+}
+
+// Whether a narrow backward reads a full tile's stored states in place, as S,
+// converting them where they are used: the tile type itself, and bfloat16 (over
+// float tiles, converting a layer's states into tile buffers first was an extra
+// store and load of every value and cost the (1024, 4, 64) bf16 backward a
+// fifth of its time). float16 states are converted into buffers (state_tile).
+template <typename S, typename T>
+constexpr bool kStatesInPlace =
+    std::is_same_v<S, T> || (std::is_same_v<S, c10::BFloat16> && std::is_same_v<T, float>);
 
 inline int64_t num_tiles(int64_t batch) { return (batch + kTile - 1) / kTile; }
 
@@ -102,6 +161,11 @@ inline void convert_run(const T* src, S* dst, int64_t n) {
     uint32_t* out = reinterpret_cast<uint32_t*>(dst);
     for (int64_t k = 0; k < n; ++k) out[k] = static_cast<uint32_t>(in[k]) << 16;
   } else {
+#if defined(__AVX512F__) && defined(STABLENETS_HAVE_AVX512BF16_RUN)
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<S, c10::BFloat16>) {
+      if (cpu_has_avx512bf16()) return round_run_avx512bf16(src, dst, n);
+    }
+#endif
     for (int64_t k = 0; k < n; ++k) dst[k] = round_to<S>(src[k]);
   }
 }
@@ -114,6 +178,8 @@ template <typename T, typename S>
 inline void save_state(const T* tile, int64_t rows, int64_t d, S* dst) {
   if constexpr (std::is_same_v<S, T>) {
     for (int64_t i = 0; i < d; ++i) std::copy(tile + i * kTile, tile + i * kTile + rows, dst + i * rows);
+  } else if (rows == kTile) {  // the same layout: one run
+    convert_run(tile, dst, d * kTile);
   } else {
     for (int64_t i = 0; i < d; ++i) convert_run(tile + i * kTile, dst + i * rows, rows);
   }
@@ -263,7 +329,7 @@ constexpr int kOuterIB = 1, kOuterKB = 2;
 
 // dW[i][k][:] += alpha * lanes of sum_{t<rows} a[i][t] * b[k][t]   (a, b feature-major tiles)
 template <typename T>
-inline void tile_outer(const T* a, const T* b, int64_t d, int64_t rows, T alpha, T* dW) {
+inline void tile_outer_t(const T* a, const T* b, int64_t d, int64_t rows, T alpha, T* dW) {
   int64_t i0 = 0;
   if (rows == kTile) {
     for (; i0 + kOuterIB <= d; i0 += kOuterIB) {
@@ -279,6 +345,25 @@ inline void tile_outer(const T* a, const T* b, int64_t d, int64_t rows, T alpha,
   for (int64_t i = i0; i < d; ++i)
     for (int64_t k = 0; k < d; ++k)
       lane_dot(a + i * kTile, b + k * kTile, rows, alpha, dW + (i * d + k) * kLanes);
+}
+
+// The same where a or b may be a full tile of stored states read in place
+// (kStatesInPlace): widened into a tile first (outer_block over values widened
+// as they are loaded kept its sums in memory, not registers, and ran 2x slower).
+template <typename T, typename TA, typename TB>
+inline void tile_outer(const TA* a, const TB* b, int64_t d, int64_t rows, T alpha, T* dW) {
+  if constexpr (std::is_same_v<TA, T> && std::is_same_v<TB, T>) {
+    tile_outer_t(a, b, d, rows, alpha, dW);
+  } else {
+    alignas(64) T buf[kNarrowMax * kTile];
+    if constexpr (!std::is_same_v<TA, T>) {
+      convert_run(a, buf, d * kTile);
+      tile_outer(static_cast<const T*>(buf), b, d, rows, alpha, dW);
+    } else {
+      convert_run(b, buf, d * kTile);
+      tile_outer(a, static_cast<const T*>(buf), d, rows, alpha, dW);
+    }
+  }
 }
 
 // db[i][:] += lanes of sum_{t<rows} g[i][t]
@@ -301,6 +386,20 @@ inline void tile_rowsum(const T* g, int64_t d, int64_t rows, T* db) {
   }
 }
 
+// A narrow stack's weights or biases (at most N x 32 x 32 values) as float32, by a
+// plain loop into a vector: an ATen cast is a dispatched call with an allocation,
+// a few microseconds each, and a (1024, 4, 64) bfloat16 training step made five
+// of them (forward and backward) on top of autocast's own casts.
+inline std::vector<float> small_float(const at::Tensor& t_in) {
+  const at::Tensor t = t_in.contiguous();
+  std::vector<float> out(t.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "small_float", [&] {
+    const scalar_t* p = t.data_ptr<scalar_t>();
+    for (size_t k = 0; k < out.size(); ++k) out[k] = static_cast<float>(p[k]);
+  });
+  return out;
+}
+
 // Per-chunk partial gradients of weight and bias, kLanes running sums per
 // entry, summed at the end.
 template <typename T>
@@ -317,24 +416,30 @@ struct Partials {
   }
   // One pass over the running sums (a strided ATen reduction over the chunk and
   // lane dimensions cost a (1024, 4, 64) backward a quarter of its time).
-  std::tuple<at::Tensor, at::Tensor> sum(int64_t chunks) {
+  // In dtype out (default T): a reduced-precision call's gradients rounded once,
+  // here, rather than through a float32 tensor and an ATen cast.
+  std::tuple<at::Tensor, at::Tensor> sum(int64_t chunks) { return sum(chunks, w.scalar_type()); }
+  std::tuple<at::Tensor, at::Tensor> sum(int64_t chunks, at::ScalarType out) {
     const int64_t n = w.size(1), d = w.size(2);
-    return {reduce(w, chunks, {n, d, d}), reduce(b, chunks, {n, d})};
+    return {reduce(w, chunks, {n, d, d}, out), reduce(b, chunks, {n, d}, out)};
   }
 
  private:
-  static at::Tensor reduce(const at::Tensor& part, int64_t chunks, at::IntArrayRef shape) {
-    at::Tensor out = empty_cached(shape, part.options());
+  static at::Tensor reduce(const at::Tensor& part, int64_t chunks, at::IntArrayRef shape,
+                           at::ScalarType out_type) {
+    at::Tensor out = empty_cached(shape, part.options().dtype(out_type));
     const int64_t entries = out.numel(), stride = entries * kLanes;
     const T* src = part.data_ptr<T>();
-    T* dst = out.data_ptr<T>();
-    at::parallel_for(0, entries, 4096, [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) {
-        T s = T(0);
-        for (int64_t c = 0; c < chunks; ++c)
-          for (int64_t l = 0; l < kLanes; ++l) s += src[c * stride + e * kLanes + l];
-        dst[e] = s;
-      }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_type, "partials_sum", [&] {
+      scalar_t* dst = out.data_ptr<scalar_t>();
+      at::parallel_for(0, entries, 4096, [&](int64_t e0, int64_t e1) {
+        for (int64_t e = e0; e < e1; ++e) {
+          T s = T(0);
+          for (int64_t c = 0; c < chunks; ++c)
+            for (int64_t l = 0; l < kLanes; ++l) s += src[c * stride + e * kLanes + l];
+          dst[e] = round_to<scalar_t>(s);
+        }
+      });
     });
     return out;
   }

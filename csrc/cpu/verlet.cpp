@@ -102,25 +102,43 @@ void backward_narrow(const S* gy_in, const S* gz_in, const S* states, const S* y
           for (int64_t e = 0; e < d * kTile; ++e) P1[e] = act_f<A, T>(P1[e]);
         }
       }
-      const T *Ys = Y, *P1s = P1, *Zs = Z, *P2s = P2;  // the states, read in place when stored
-      if (!Reversible) {
-        Ys = state_tile(slot_ptr(states, j, 0, B, row0, d), rows, d, Y);
-        P1s = state_tile(slot_ptr(states, j, 1, B, row0, d), rows, d, P1);
-        Zs = state_tile(slot_ptr(states, j, 2, B, row0, d), rows, d, Z);
-        P2s = state_tile(slot_ptr(states, j, 3, B, row0, d), rows, d, P2);
-      }
       T* dw = part.dw(c, j, d);
       T* db = part.db(c, j, d);
+      auto layer = [&](const auto* Ys, const auto* P1s, const auto* Zs, const auto* P2s) {
 #pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) G[e] = h * ly[e] * stored_grad<A, T>(P2s[e]);
-      tile_gemm<T, true>(Kj, d, nullptr, G, lz, T(1), true);  // lz += G2 K
-      tile_outer(G, Zs, d, rows, T(1), dw);
-      tile_rowsum(G, d, rows, db);
+        for (int64_t e = 0; e < d * kTile; ++e)
+          G[e] = h * ly[e] * stored_grad<A, T>(widen<T>(P2s[e]));
+        tile_gemm<T, true>(Kj, d, nullptr, G, lz, T(1), true);  // lz += G2 K
+        tile_outer(G, Zs, d, rows, T(1), dw);
+        tile_rowsum(G, d, rows, db);
 #pragma omp simd
-      for (int64_t e = 0; e < d * kTile; ++e) G[e] = -h * lz[e] * stored_grad<A, T>(P1s[e]);
-      tile_gemm<T, false>(Kj, d, nullptr, G, ly, T(1), true);  // ly += G1 K^T
-      tile_outer(Ys, G, d, rows, T(1), dw);
-      tile_rowsum(G, d, rows, db);
+        for (int64_t e = 0; e < d * kTile; ++e)
+          G[e] = -h * lz[e] * stored_grad<A, T>(widen<T>(P1s[e]));
+        tile_gemm<T, false>(Kj, d, nullptr, G, ly, T(1), true);  // ly += G1 K^T
+        tile_outer(Ys, G, d, rows, T(1), dw);
+        tile_rowsum(G, d, rows, db);
+      };
+      // The states: the rebuilt tiles, or stored ones, a full tile's read in place
+      // (kStatesInPlace), else converted into tiles of T.
+      if (Reversible) {
+        layer(static_cast<const T*>(Y), static_cast<const T*>(P1), static_cast<const T*>(Z),
+              static_cast<const T*>(P2));
+      } else {
+        const S* s0 = slot_ptr(states, j, 0, B, row0, d);
+        const S* s1 = slot_ptr(states, j, 1, B, row0, d);
+        const S* s2 = slot_ptr(states, j, 2, B, row0, d);
+        const S* s3 = slot_ptr(states, j, 3, B, row0, d);
+        bool done = false;
+        if constexpr (kStatesInPlace<S, T>) {
+          if (rows == kTile) {
+            layer(s0, s1, s2, s3);
+            done = true;
+          }
+        }
+        if (!done)
+          layer(state_tile(s0, rows, d, Y), state_tile(s1, rows, d, P1), state_tile(s2, rows, d, Z),
+                state_tile(s3, rows, d, P2));
+      }
       if (Reversible) {
 #pragma omp simd
         for (int64_t e = 0; e < d * kTile; ++e) Z[e] += h * stored_act<A, T>(P1[e]);
@@ -393,7 +411,7 @@ T6 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& 
     return {gy, gz, gw, gb, ry, rz};
   }
   if (is_reduced(gyc.scalar_type()) && narrow(d)) {  // tile.h: reduced_native
-    const at::Tensor Kf = K.to(at::kFloat), bf = b.to(at::kFloat);
+    const std::vector<float> Kf = small_float(K), bf = small_float(b);
     const at::Tensor yo = Reversible ? y_in.contiguous() : at::Tensor();
     const at::Tensor zo = Reversible ? z_in.contiguous() : at::Tensor();
     const int64_t chunks = num_chunks(B, N * d * d);
@@ -404,14 +422,14 @@ T6 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& 
             gyc.data_ptr<scalar_t>(), gzc.data_ptr<scalar_t>(),
             Reversible ? nullptr : states.data_ptr<scalar_t>(),
             Reversible ? yo.data_ptr<scalar_t>() : nullptr,
-            Reversible ? zo.data_ptr<scalar_t>() : nullptr, Kf.data_ptr<float>(),
-            bf.data_ptr<float>(), static_cast<float>(step), N, B, d, gy.data_ptr<scalar_t>(),
+            Reversible ? zo.data_ptr<scalar_t>() : nullptr, Kf.data(),
+            bf.data(), static_cast<float>(step), N, B, d, gy.data_ptr<scalar_t>(),
             gz.data_ptr<scalar_t>(), Reversible ? ry.data_ptr<scalar_t>() : nullptr,
             Reversible ? rz.data_ptr<scalar_t>() : nullptr, part);
       });
     });
-    std::tie(gw, gb) = part.sum(chunks);
-    return {gy, gz, gw.to(gyc.scalar_type()), gb.to(gyc.scalar_type()), ry, rz};
+    std::tie(gw, gb) = part.sum(chunks, gyc.scalar_type());
+    return {gy, gz, gw, gb, ry, rz};
   }
   AT_DISPATCH_FLOATING_TYPES(gyc.scalar_type(), "verlet_backward", [&] {
     const scalar_t h = static_cast<scalar_t>(step);
@@ -475,12 +493,12 @@ T3 verlet_forward(const at::Tensor& y_in, const at::Tensor& z_in, const at::Tens
     return {out_y, out_z, states};
   }
   if (is_reduced(y.scalar_type()) && narrow(d)) {  // tile.h: reduced_native
-    const at::Tensor Kf = K.to(at::kFloat), bf = b.to(at::kFloat);
+    const std::vector<float> Kf = small_float(K), bf = small_float(b);
     AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "verlet_forward_reduced", [&] {
       SN_DISPATCH_ACT(act, [&] {
         forward_narrow<float, kAct, scalar_t>(
-            y.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), Kf.data_ptr<float>(),
-            bf.data_ptr<float>(), static_cast<float>(step), N, B, d, out_y.data_ptr<scalar_t>(),
+            y.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), Kf.data(),
+            bf.data(), static_cast<float>(step), N, B, d, out_y.data_ptr<scalar_t>(),
             out_z.data_ptr<scalar_t>(), store ? states.data_ptr<scalar_t>() : nullptr);
       });
     });

@@ -722,6 +722,26 @@ void check_bf16_conversion() {
   std::snprintf(buf, sizeof buf, "%zu values: %lld float->bf16 and %lld bf16->float differ",
                 f.size(), static_cast<long long>(down_bad), static_cast<long long>(up_bad));
   report(down_bad == 0 && up_bad == 0, "bfloat16 state conversion == static_cast", buf);
+#ifdef STABLENETS_HAVE_AVX512BF16_RUN
+  // The AVX-512 BF16 run the avx512 kernels take where the CPU has it (this
+  // program is compiled without ISA flags, so convert_run above is the generic one).
+  if (stablenets::cpu_detail::cpu_has_avx512bf16()) {
+    std::vector<c10::BFloat16> fast(f.size());
+    // from every offset, so that the values fall in the vectors' lanes and the tails alike
+    int64_t bad = 0;
+    for (int64_t off = 0; off < 17; ++off) {
+      stablenets::cpu_detail::round_run_avx512bf16(f.data() + off, fast.data() + off,
+                                                   static_cast<int64_t>(f.size()) - off);
+      for (size_t k = off; k < f.size(); ++k)
+        if (fast[k].x != static_cast<c10::BFloat16>(f[k]).x) ++bad;
+    }
+    std::snprintf(buf, sizeof buf, "%zu values x 17 offsets: %lld differ", f.size(),
+                  static_cast<long long>(bad));
+    report(bad == 0, "bfloat16 conversion, AVX-512 BF16 run == static_cast", buf);
+  } else {
+    std::printf("  (skipped: the AVX-512 BF16 conversion; this CPU has no avx512_bf16)\n");
+  }
+#endif
 }
 #endif
 

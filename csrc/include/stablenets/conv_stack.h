@@ -707,13 +707,21 @@ struct ConvStack {
       if (gi.defined() && !own_y.defined()) own_y = scratch(gy);
       E::grad_act(act, gy, gi, P2j, h, G, own_y);  // gy += (previous layer's K^T G1); G2
       if (gi.defined()) gy = own_y;
-      auto [gz2, gw2, gb2] = grads(G, Zj, k, j, true, {true, true, true});
+      // bfloat16/float16: the two halves' bias gradients summed in float32 and rounded
+      // once (each rounded, then their sum, was up to 1.8x the error of PyTorch's
+      // autocast, which adds the two rounded halves in the float32 parameter's gradient)
+      const bool sum32 = c10::isReducedFloatingType(G.scalar_type());
+      auto [gz2, gw2, gb2] = grads(G, Zj, k, j, true, {true, true, !sum32});
+      if (sum32) gb2 = at::sum(G, {0, 2, 3}, false, at::kFloat);
       E::grad_act(act, gz, gz2, P1j, -h, G, own_z);  // gz += K G2; G1
       gz = own_z;
-      auto [gy1, gw1, gb1] = grads(G, Yj, k, j, false, {true, true, true});
+      auto [gy1, gw1, gb1] = grads(G, Yj, k, j, false, {true, true, !sum32});
       Tensor gWj = gW[j], gbj = gb[j];
       at::add_out(gWj, gw1, gw2);
-      at::add_out(gbj, gb1, gb2);
+      if (sum32)
+        gbj.copy_(gb2.add_(at::sum(G, {0, 2, 3}, false, at::kFloat)));
+      else
+        at::add_out(gbj, gb1, gb2);
       gi = gy1;
       if (rev) std::swap(Z, Zn);
     }
