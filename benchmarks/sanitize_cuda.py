@@ -6,9 +6,10 @@
         python benchmarks/sanitize_cuda.py --narrow-only
 
 Covers both regimes (narrow: one launch per stack, several padded widths and a
-partial last row tile; wide: per-layer cuBLAS + fused elementwise), both
-dtypes, stored and reversible backwards, and (without --narrow-only) a deep
-narrow stack whose backward runs in several layer chunks. Without the caching allocator every
+partial last row tile; wide: per-layer cuBLAS + fused elementwise), float32,
+bfloat16 and float16 (the narrow kernels over 16-bit memory) and float64, stored
+and reversible backwards, and (without --narrow-only) deep narrow stacks whose
+backward runs in several layer chunks. Without the caching allocator every
 tensor is its own cudaMalloc, so memcheck sees out-of-bounds accesses exactly.
 Also compares against the float64 reference (run on the CPU), so a silent wrong
 answer fails too.
@@ -49,14 +50,17 @@ def one(arch, B, d, N, dtype, reversible, act, h=0.2):
     b = torch.randn(N, d, generator=g, dtype=torch.float64) * 0.2
     results = []
     # fused on the GPU; the float64 reference on the CPU (keeps the sanitized
-    # run down to the fused kernels)
+    # run down to the fused kernels), both on the same (dtype-valued) inputs
+    y, o, W, b = (None if t is None else t.to(dtype).double() for t in (y, o, W, b))
     for impl, device, dt in (("fused", "cuda", dtype), ("reference", "cpu", torch.float64)):
         xs = [None if t is None else t.to(device, dt).requires_grad_(True) for t in (y, o, W, b)]
-        outs = run(arch, *xs, impl, reversible, act, h)
+        # the reference stores every state: it refuses reversible=True
+        outs = run(arch, *xs, impl, reversible and impl == "fused", act, h)
         loss = sum((out * out).sum() for out in outs)
         grads = torch.autograd.grad(loss, [t for t in xs if t is not None])
         results.append([t.detach().double().cpu() for t in (*outs, *grads)])
-    tol = 1e-3 if dtype == torch.float32 else 1e-9
+    # reduced dtypes: inputs rounded to the dtype, float32 inside, results rounded
+    tol = {torch.float32: 1e-3, torch.float64: 1e-9}.get(dtype, 8 * torch.finfo(dtype).eps)
     for a, r in zip(*results):
         err = (a - r).abs().max().item() / (1.0 + r.abs().max().item())
         if not err <= tol:
@@ -82,12 +86,13 @@ def main(argv=None):
         return 2
     # (B, d, N): narrow widths 4/8/16/32/64 padded and exact, a partial tile;
     # wide just past the switch. Every width and architecture in float32
-    # first, then float64, so a time limit cuts the repeats, not the coverage.
+    # first, then bfloat16/float16 (their own kernels: 16-bit loads and stores),
+    # then float64, so a time limit cuts the repeats, not the coverage.
     shapes = [(37, 3, 3), (70, 16, 2), (33, 29, 3), (20, 64, 2), (50, 7, 2)]
     if not args.narrow_only:
         shapes += [(9, 70, 2)]
     runs = []
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for B, d, N in shapes:
             for arch in ARCHS:
                 for rev in ((False, True) if arch in PAIR else (False,)):
@@ -98,6 +103,10 @@ def main(argv=None):
         # in layer chunks (narrow_host.h: budget 16 MB, here 3 blocks).
         for arch, rev in (("resnet", False), ("leapfrog", True), ("verlet", False)):
             runs.insert(len(runs) // 2, ((arch, 40, 64, 400, torch.float32, rev, "tanh"),
+                                         {"h": 0.05}))
+        # and in bfloat16: the adjoints cross the chunks in float32 scratch
+        for arch, rev in (("leapfrog", False), ("verlet", False)):
+            runs.insert(len(runs) // 2, ((arch, 40, 64, 400, torch.bfloat16, rev, "tanh"),
                                          {"h": 0.05}))
     t0 = time.perf_counter()
     done = 0

@@ -307,6 +307,214 @@ def test_reduced_precision_is_float32_rounded(arch, d, dtype):
             assert (a.float() - b).norm() <= 8 * eps * b.norm(), (arch, d, reversible)
 
 
+# ------------------------------------------- native reduced precision (narrow)
+# bfloat16/float16 narrow stacks (d <= 64) run the narrow kernels over 16-bit memory
+# (csrc/cuda/narrow_kernels.cuh: storage type S over float compute); wide ones run
+# the float32 kernels on float32 copies (reduced_precision.h, InFloat32).
+
+REDUCED = [torch.bfloat16, torch.float16]
+# (B, d, N): padded widths 4, 16 and 64; partial row tiles
+REDUCED_SHAPES = [(33, 4, 6), (70, 13, 4), (40, 64, 3)]
+
+
+def emulator():
+    """The CPU emulator's debug ops (csrc/cuda/testing/cpu_emulator.cpp), or None on a GPU."""
+    ns = torch.ops.sn_emu
+    return ns if hasattr(ns, "counters") else None
+
+
+def reduced_op_runs(arch, inputs, h=0.1, act="tanh"):
+    """[(op name, its result, the float32-copy path's result)] for every op of `arch`
+    (forward with stored states; backward ops fed those states / outputs). The
+    float32-copy result runs the op on float32 copies of the same arguments and
+    rounds what it returns, as InFloat32 does."""
+    o = torch.ops.stablenets
+    y, other, W, b = inputs
+    dtype = y.dtype
+    g = torch.Generator().manual_seed(5)
+    g0, g1 = (torch.randn(tuple(y.shape), generator=g).to(DEVICE, dtype) for _ in range(2))
+    extra = (GAMMA,) if arch == "antisymmetric" else ()
+
+    def both(name, *args):
+        op = getattr(o, name)
+        got = op(*args)
+        up = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+        return name, got, tuple(t.to(dtype) for t in op(*up))
+
+    if arch in PAIR:
+        f = both(f"{arch}_forward", y, other, W, b, h, act, True)
+        return [f, both(f"{arch}_backward", g0, g1, f[1][2], W, b, h, act),
+                both(f"{arch}_backward_reversible", g0, g1, f[1][0], f[1][1], W, b, h, act)]
+    f = both(f"{arch}_forward", y, W, b, h, *extra, act, True)
+    return [f, both(f"{arch}_backward", g0, f[1][1], W, b, h, *extra, act)]
+
+
+def assert_float32_rounded(runs, dtype, what):
+    """The native results equal the float32-copy path's: bitwise on the emulator
+    (the same float arithmetic, both rounded to nearest even once); on a GPU within
+    one unit of the dtype (nvcc may contract the two kernels' products differently)."""
+    eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny  # tiny: subnormal unit / eps
+    for name, got, ref in runs:
+        assert len(got) == len(ref)
+        for i, (a, e) in enumerate(zip(got, ref)):
+            assert a.dtype == dtype and a.shape == e.shape, (what, name, i)
+            if DEVICE.type == "cpu":
+                assert torch.equal(a, e), f"{what} {name} output {i}"
+            else:
+                diff = (a.float() - e.float()).abs()
+                unit = eps * e.float().abs().clamp_min(tiny)
+                assert (diff <= unit).all(), f"{what} {name} output {i}"
+
+
+@pytest.mark.parametrize("shape", REDUCED_SHAPES, ids=lambda s: "B%d-d%d-N%d" % s)
+@pytest.mark.parametrize("dtype", REDUCED, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_narrow_reduced_ops_are_the_float32_path_rounded_once(arch, dtype, shape):
+    """Every op (forward, stored and reversible backward) in bfloat16/float16 returns
+    what the float32 kernels return on float32 copies of its (reduced) arguments,
+    rounded once: states, outputs, gradients and rebuilt inputs in the dtype, every
+    product, the carried state, the adjoint and the weight-gradient sums in float32."""
+    seed = fresh_seed()
+    inputs = [t.to(dtype) if t is not None else None for t in make_inputs(arch, *shape, seed)]
+    emu = emulator()
+    before = emu.counters() if emu else None
+    runs = reduced_op_runs(arch, inputs)
+    assert_float32_rounded(runs, dtype, f"{arch} {shape} seed {seed}")
+    if emu:  # one reduced-storage narrow launch per native op (one chunk each here)
+        after = emu.counters()
+        assert after[2] - before[2] == len(runs), (before, after)
+
+
+def _copies_of_batch_tensors(fn, B):
+    """The aten::_to_copy calls fn makes on tensors with a dimension of size B (the
+    batch: inputs, outputs, states, gradients), found with the profiler: the
+    float32-copy path converts each of them, the native path only weights and biases."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        fn()
+    return [(e.name, e.input_shapes) for e in prof.events()
+            if e.name == "aten::_to_copy" and e.input_shapes
+            and B in (e.input_shapes[0] or [])]
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_narrow_reduced_runs_native_wide_on_float32_copies(arch, dtype):
+    """Narrow bfloat16/float16 ops copy no batch-sized tensor to float32 (the weights
+    only): they are served by the reduced-storage kernels, not by the float32-copy
+    path. The same check on a wide stack (the float32-copy path) finds the copies, so
+    the check can fail."""
+    B = 37  # no other dimension here has this size
+    for d, native in ((13, True), (70, False)):
+        inputs = [t.to(dtype) if t is not None else None
+                  for t in make_inputs(arch, B, d, 2, fresh_seed())]
+        copies = _copies_of_batch_tensors(lambda: reduced_op_runs_native_only(arch, inputs), B)
+        if native:
+            assert copies == [], f"{arch} d={d}: float32 copies {copies}"
+        else:
+            assert copies, f"{arch} d={d}: expected the float32-copy path"
+
+
+def reduced_op_runs_native_only(arch, inputs, h=0.1, act="tanh"):
+    """Every op of `arch` in the inputs' dtype (as reduced_op_runs, without the float32 runs)."""
+    o = torch.ops.stablenets
+    y, other, W, b = inputs
+    g0 = torch.ones_like(y)
+    extra = (GAMMA,) if arch == "antisymmetric" else ()
+    if arch in PAIR:
+        f = getattr(o, f"{arch}_forward")(y, other, W, b, h, act, True)
+        getattr(o, f"{arch}_backward")(g0, g0, f[2], W, b, h, act)
+        getattr(o, f"{arch}_backward_reversible")(g0, g0, f[0], f[1], W, b, h, act)
+    else:
+        f = getattr(o, f"{arch}_forward")(y, W, b, h, *extra, act, True)
+        getattr(o, f"{arch}_backward")(g0, f[1], W, b, h, *extra, act)
+
+
+@pytest.mark.parametrize("shape", [(70, 13, 4), (40, 64, 3)], ids=lambda s: "B%d-d%d-N%d" % s)
+@pytest.mark.parametrize("dtype", REDUCED, ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "arch,reversible",
+    [("resnet", False), ("antisymmetric", False), ("leapfrog", False), ("leapfrog", True),
+     ("verlet", False), ("verlet", True)],
+)
+def test_narrow_reduced_matches_reference(arch, reversible, dtype, shape):
+    """Forward and backward through autograd (inputs and parameters in the dtype, as
+    a module cast with .to(dtype) holds them) against the float64 reference on the
+    same (dtype-valued) inputs. Outputs: within one rounding to the dtype (float32
+    arithmetic inside; measured at most 0.45 eps * scale). Gradients, read from
+    states stored in the dtype and returned in it: at most PyTorch's own error running
+    the reference stack in the dtype or one unit eps * scale, whichever is larger, and
+    never two (measured at most 0.45 eps * scale, PyTorch's 0.3-1.8)."""
+    seed = fresh_seed()
+    B, d, N = shape
+    inputs = [t.to(dtype) if t is not None else None for t in make_inputs(arch, B, d, N, seed)]
+    in64 = [t.double() if t is not None else None for t in inputs]
+    g = torch.Generator().manual_seed(seed + 1)
+    cot = [torch.randn(B, d, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    out, grads = outputs_and_grads(arch, inputs, 0.2, "tanh", "fused", cot, reversible)
+    ref_out, ref_grads = outputs_and_grads(arch, in64, 0.2, "tanh", "reference",
+                                           [c.double() for c in cot])
+    _, plain_grads = outputs_and_grads(arch, inputs, 0.2, "tanh", "reference", cot)
+    eps = torch.finfo(dtype).eps
+    tag = f"{arch} {shape} {dtype} {'reversible' if reversible else 'stored'} seed {seed}"
+    for i, (o, r) in enumerate(zip(out, ref_out)):
+        assert o.dtype == dtype
+        err = max_abs(o.double() - r)
+        assert err <= eps * (1 + max_abs(r)), f"{tag} output {i}: {err:.3e}"
+    for i, (gr, r, plain) in enumerate(zip(grads, ref_grads, plain_grads)):
+        assert gr.dtype == dtype
+        err, scale = max_abs(gr.double() - r), 1 + max_abs(r)
+        plain_err = max_abs(plain.double() - r)
+        assert err <= min(max(plain_err, eps * scale), 2 * eps * scale), (
+            f"{tag} grad {i}: {err:.3e} (PyTorch in {dtype}: {plain_err:.3e})")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_narrow_reduced_backward_in_chunks(arch):
+    """A bfloat16 backward whose layers are walked in several launches (narrow_host.h,
+    backward_plan): the adjoints and rebuilt states cross the chunks in float32, so
+    the result is still the float32-copy path's, rounded once. The emulator forces
+    chunks with a small partial budget; a GPU needs a deep stack."""
+    emu = emulator()
+    shape = (70, 13, 12) if emu else (1024, 64, 320)
+    seed = fresh_seed()
+    inputs = [t.to(torch.bfloat16) if t is not None else None
+              for t in make_inputs(arch, *shape, seed)]
+    if emu:
+        emu.set_partial_budget(2 * 13 * 14 * 4 * 2)  # two blocks of two layers
+    try:
+        before = emu.counters() if emu else None
+        runs = reduced_op_runs(arch, inputs, h=0.05)
+        if emu:
+            # forward: 1 launch; each backward: 12 layers / 2 per chunk = 6 launches
+            expect = 1 + 6 * (len(runs) - 1)
+            assert emu.counters()[2] - before[2] == expect
+    finally:
+        if emu:
+            emu.set_partial_budget(64 << 20)
+    assert_float32_rounded(runs, torch.bfloat16, f"{arch} {shape} seed {seed}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_narrow_reduced_falls_back_where_the_kernels_cannot_run(arch):
+    """On a device whose shared memory cannot hold the narrow kernels' tiles (emulated:
+    a tiny opt-in limit), a bfloat16 op takes the float32-copy path (there the wide
+    path): the same results as float32 copies rounded, never a wrong one."""
+    emu = emulator()
+    if emu is None:
+        pytest.skip("needs the CPU emulator's device limits")
+    inputs = [t.to(torch.bfloat16) if t is not None else None
+              for t in make_inputs(arch, 20, 13, 3, fresh_seed())]
+    emu.set_limits(1024, 132)
+    try:
+        before = emu.counters()
+        runs = reduced_op_runs(arch, inputs)
+        assert emu.counters()[1] == before[1]  # no narrow launch at all
+    finally:
+        emu.set_limits(227 * 1024, 132)
+    assert_float32_rounded(runs, torch.bfloat16, arch)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_empty_batch(arch):
     y, other, W, b = make_inputs(arch, 0, 6, 2, 0)

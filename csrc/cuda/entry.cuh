@@ -1,6 +1,13 @@
 // Argument checks and regime choice for every op; the definitions of
 // stablenets::cuda::* (kernels.h). Narrow stacks go to narrow_host.h, wide ones
 // to wide.cuh.
+//
+// bfloat16/float16: the backends register these ops with SN_IMPL_NATIVE and
+// narrow_reduced_native (reduced_precision.h), so a narrow reduced call comes
+// here in its own dtype and runs the narrow kernels over 16-bit memory, its
+// weights converted to float32 up front (compute_weights); a wide one runs on
+// float32 copies (InFloat32). A narrow call this device cannot run (shared
+// memory) takes that float32-copy path too (reduced_fallback).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,6 +25,7 @@
 #include "stablenets/activation.h"
 #include "stablenets/checks.h"
 #include "stablenets/kernels.h"
+#include "stablenets/reduced_precision.h"
 #include "wide.cuh"
 
 namespace stablenets {
@@ -26,6 +34,19 @@ namespace {
 
 using at::Tensor;
 
+// Weights and biases as the kernels take them: float32 for a bfloat16/float16
+// stack (they are small; the narrow kernels compute in float), else as given.
+Tensor compute_weights(const Tensor& t) {
+  return is_reduced(t.scalar_type()) ? t.to(at::kFloat).contiguous() : t.contiguous();
+}
+
+// The float32-copy path of a reduced-precision call the narrow kernels could
+// not take: fn on float32 copies of args, its tensors rounded to the dtype.
+template <typename F, typename... A>
+auto reduced_fallback(at::ScalarType dtype, const F& fn, const A&... args) {
+  return rp_detail::down(fn(rp_detail::up(args)...), dtype);
+}
+
 Tensor antisymmetric_weight(const Tensor& K, double gamma) {
   Tensor eye = at::eye(K.size(1), K.options());
   return (K - K.transpose(1, 2) - eye * gamma).mul_(0.5).contiguous();
@@ -33,7 +54,7 @@ Tensor antisymmetric_weight(const Tensor& K, double gamma) {
 
 T2 resnet_forward_impl(const Tensor& y_in, const Tensor& K_in, const Tensor& b_in, double h,
                        Act act, bool store) {
-  const Tensor y = y_in.contiguous(), K = K_in.contiguous(), b = b_in.contiguous();
+  const Tensor y = y_in.contiguous(), K = compute_weights(K_in), b = compute_weights(b_in);
   const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
   Tensor out = at::empty({B, d}, y.options());
   Tensor states = at::empty({store ? N : 0, 2, B, d}, y.options());
@@ -41,14 +62,18 @@ T2 resnet_forward_impl(const Tensor& y_in, const Tensor& K_in, const Tensor& b_i
   if (d <= kNarrowMax &&
       narrow_forward(Arch::ResNet, y, Tensor(), K, b, h, act, out, Tensor(), states))
     return {out, states};
+  if (is_reduced(y.scalar_type()))
+    return reduced_fallback(
+        y.scalar_type(),
+        [&](const Tensor& yf) { return resnet_forward_impl(yf, K, b, h, act, store); }, y);
   wide::resnet_forward(y, K, b, h, act, out, states);
   return {out, states};
 }
 
 T3 resnet_backward_impl(const Tensor& g_in, const Tensor& states_in, const Tensor& K_in,
                         const Tensor& b_in, double h, Act act, bool antisym) {
-  const Tensor g = g_in.contiguous(), states = states_in.contiguous(), K = K_in.contiguous(),
-               b = b_in.contiguous();
+  const Tensor g = g_in.contiguous(), states = states_in.contiguous(), K = compute_weights(K_in),
+               b = compute_weights(b_in);
   const int64_t N = K.size(0), B = g.size(0), d = g.size(1);
   if (g.numel() == 0)
     return {at::zeros_like(g), at::zeros({N, d, d}, g.options()), at::zeros({N, d}, g.options())};
@@ -59,6 +84,13 @@ T3 resnet_backward_impl(const Tensor& g_in, const Tensor& states_in, const Tenso
                         h, act, gy, Tensor(), dW, db))
       return {gy, dW, db};
   }
+  if (is_reduced(g.scalar_type()))
+    return reduced_fallback(
+        g.scalar_type(),
+        [&](const Tensor& gf, const Tensor& sf) {
+          return resnet_backward_impl(gf, sf, K, b, h, act, antisym);
+        },
+        g, states);
   return wide::resnet_backward(g, states, K, h, act, antisym);
 }
 
@@ -106,7 +138,8 @@ T2 antisymmetric_forward(const Tensor& y, const Tensor& weight, const Tensor& bi
   const Act act = parse_activation(activation);
   SN_DEVICE_GUARD(y);
   return cuda_detail::resnet_forward_impl(
-      y, cuda_detail::antisymmetric_weight(weight.contiguous(), gamma), bias, step, act, store);
+      y, cuda_detail::antisymmetric_weight(cuda_detail::compute_weights(weight), gamma), bias,
+      step, act, store);
 }
 
 T3 antisymmetric_backward(const Tensor& grad_out, const Tensor& states, const Tensor& weight,
@@ -119,9 +152,8 @@ T3 antisymmetric_backward(const Tensor& grad_out, const Tensor& states, const Te
   const Act act = parse_activation(activation);
   SN_DEVICE_GUARD(grad_out);
   // A = (K - K^T - gamma I) / 2  =>  dL/dK = (dL/dA - dL/dA^T) / 2
-  return cuda_detail::resnet_backward_impl(
-      grad_out, states, cuda_detail::antisymmetric_weight(weight.contiguous(), gamma), bias, step,
-      act, true);
+  const Tensor A = cuda_detail::antisymmetric_weight(cuda_detail::compute_weights(weight), gamma);
+  return cuda_detail::resnet_backward_impl(grad_out, states, A, bias, step, act, true);
 }
 
 T3 leapfrog_forward(const Tensor& y_in, const Tensor& yprev_in, const Tensor& weight,
@@ -131,8 +163,8 @@ T3 leapfrog_forward(const Tensor& y_in, const Tensor& yprev_in, const Tensor& we
   check_step(step);
   const Act act = parse_activation(activation);
   SN_DEVICE_GUARD(y_in);
-  const Tensor y = y_in.contiguous(), yprev = yprev_in.contiguous(), K = weight.contiguous(),
-               b = bias.contiguous();
+  const Tensor y = y_in.contiguous(), yprev = yprev_in.contiguous(),
+               K = cuda_detail::compute_weights(weight), b = cuda_detail::compute_weights(bias);
   const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
   Tensor states = at::empty({store ? N : 0, 2, B, d}, y.options());
   if (y.numel() == 0) return {y.clone(), yprev.clone(), states};
@@ -141,6 +173,9 @@ T3 leapfrog_forward(const Tensor& y_in, const Tensor& yprev_in, const Tensor& we
     if (cuda_detail::narrow_forward(Arch::Leapfrog, y, yprev, K, b, step, act, out0, out1, states))
       return {out0, out1, states};
   }
+  if (is_reduced(y.scalar_type()))
+    return cuda_detail::reduced_fallback(y.scalar_type(), &leapfrog_forward, y, yprev, K, b, step,
+                                         activation, store);
   auto outs = cuda_detail::wide::leapfrog_forward(y, yprev, K, b, step, act, states);
   return {outs.first, outs.second, states};
 }
@@ -155,7 +190,8 @@ T4 leapfrog_backward(const Tensor& grad_y, const Tensor& grad_y_prev, const Tens
   const Act act = parse_activation(activation);
   SN_DEVICE_GUARD(grad_y);
   const Tensor ga = grad_y.contiguous(), gc = grad_y_prev.contiguous(),
-               states = states_in.contiguous(), K = weight.contiguous(), b = bias.contiguous();
+               states = states_in.contiguous(), K = cuda_detail::compute_weights(weight),
+               b = cuda_detail::compute_weights(bias);
   const int64_t N = K.size(0), B = ga.size(0), d = ga.size(1);
   if (ga.numel() == 0) return cuda_detail::zero_grads4(ga, N);
   if (d <= kNarrowMax) {
@@ -165,6 +201,9 @@ T4 leapfrog_backward(const Tensor& grad_y, const Tensor& grad_y_prev, const Tens
                                      Tensor(), K, b, step, act, g0, g1, dW, db))
       return {g0, g1, dW, db};
   }
+  if (is_reduced(ga.scalar_type()))
+    return cuda_detail::reduced_fallback(ga.scalar_type(), &leapfrog_backward, ga, gc, states, K,
+                                         b, step, activation);
   return cuda_detail::wide::leapfrog_backward(ga, gc, states, K, step, act);
 }
 
@@ -179,7 +218,8 @@ T6 leapfrog_backward_reversible(const Tensor& grad_y, const Tensor& grad_y_prev,
   const Act act = parse_activation(activation);
   SN_DEVICE_GUARD(grad_y);
   const Tensor ga = grad_y.contiguous(), gc = grad_y_prev.contiguous(), y = y_in.contiguous(),
-               yprev = yprev_in.contiguous(), K = weight.contiguous(), b = bias.contiguous();
+               yprev = yprev_in.contiguous(), K = cuda_detail::compute_weights(weight),
+               b = cuda_detail::compute_weights(bias);
   const int64_t N = K.size(0), B = ga.size(0), d = ga.size(1);
   if (ga.numel() == 0) {
     auto [g0, g1, dW, db] = cuda_detail::zero_grads4(ga, N);
@@ -193,6 +233,9 @@ T6 leapfrog_backward_reversible(const Tensor& grad_y, const Tensor& grad_y_prev,
                                      step, act, g0, g1, dW, db, r0, r1))
       return {g0, g1, dW, db, r0, r1};
   }
+  if (is_reduced(ga.scalar_type()))
+    return cuda_detail::reduced_fallback(ga.scalar_type(), &leapfrog_backward_reversible, ga, gc,
+                                         y, yprev, K, b, step, activation);
   return cuda_detail::wide::leapfrog_backward_reversible(ga, gc, y, yprev, K, b, step, act);
 }
 
@@ -203,8 +246,8 @@ T3 verlet_forward(const Tensor& y_in, const Tensor& z_in, const Tensor& weight, 
   check_step(step);
   const Act act = parse_activation(activation);
   SN_DEVICE_GUARD(y_in);
-  const Tensor y = y_in.contiguous(), z = z_in.contiguous(), K = weight.contiguous(),
-               b = bias.contiguous();
+  const Tensor y = y_in.contiguous(), z = z_in.contiguous(),
+               K = cuda_detail::compute_weights(weight), b = cuda_detail::compute_weights(bias);
   const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
   Tensor states = at::empty({store ? N : 0, 4, B, d}, y.options());
   if (y.numel() == 0) return {y.clone(), z.clone(), states};
@@ -212,6 +255,9 @@ T3 verlet_forward(const Tensor& y_in, const Tensor& z_in, const Tensor& weight, 
   if (d <= kNarrowMax &&
       cuda_detail::narrow_forward(Arch::Verlet, y, z, K, b, step, act, out0, out1, states))
     return {out0, out1, states};
+  if (is_reduced(y.scalar_type()))
+    return cuda_detail::reduced_fallback(y.scalar_type(), &verlet_forward, y, z, K, b, step,
+                                         activation, store);
   cuda_detail::wide::verlet_forward(y, z, K, b, step, act, out0, out1, states);
   return {out0, out1, states};
 }
@@ -226,7 +272,7 @@ T4 verlet_backward(const Tensor& grad_y, const Tensor& grad_z, const Tensor& sta
   const Act act = parse_activation(activation);
   SN_DEVICE_GUARD(grad_y);
   const Tensor gy = grad_y.contiguous(), gz = grad_z.contiguous(), states = states_in.contiguous(),
-               K = weight.contiguous(), b = bias.contiguous();
+               K = cuda_detail::compute_weights(weight), b = cuda_detail::compute_weights(bias);
   const int64_t N = K.size(0), B = gy.size(0), d = gy.size(1);
   if (gy.numel() == 0) return cuda_detail::zero_grads4(gy, N);
   if (d <= kNarrowMax) {
@@ -236,6 +282,9 @@ T4 verlet_backward(const Tensor& grad_y, const Tensor& grad_z, const Tensor& sta
                                      K, b, step, act, g0, g1, dW, db))
       return {g0, g1, dW, db};
   }
+  if (is_reduced(gy.scalar_type()))
+    return cuda_detail::reduced_fallback(gy.scalar_type(), &verlet_backward, gy, gz, states, K, b,
+                                         step, activation);
   return cuda_detail::wide::verlet_backward(gy, gz, states, K, step, act);
 }
 
@@ -250,7 +299,8 @@ T6 verlet_backward_reversible(const Tensor& grad_y, const Tensor& grad_z, const 
   const Act act = parse_activation(activation);
   SN_DEVICE_GUARD(grad_y);
   const Tensor gy = grad_y.contiguous(), gz = grad_z.contiguous(), y = y_in.contiguous(),
-               z = z_in.contiguous(), K = weight.contiguous(), b = bias.contiguous();
+               z = z_in.contiguous(), K = cuda_detail::compute_weights(weight),
+               b = cuda_detail::compute_weights(bias);
   const int64_t N = K.size(0), B = gy.size(0), d = gy.size(1);
   if (gy.numel() == 0) {
     auto [g0, g1, dW, db] = cuda_detail::zero_grads4(gy, N);
@@ -264,7 +314,18 @@ T6 verlet_backward_reversible(const Tensor& grad_y, const Tensor& grad_z, const 
                                      act, g0, g1, dW, db, r0, r1))
       return {g0, g1, dW, db, r0, r1};
   }
+  if (is_reduced(gy.scalar_type()))
+    return cuda_detail::reduced_fallback(gy.scalar_type(), &verlet_backward_reversible, gy, gz, y,
+                                         z, K, b, step, activation);
   return cuda_detail::wide::verlet_backward_reversible(gy, gz, y, z, K, b, step, act);
+}
+
+// Whether the ops above serve a bfloat16/float16 call themselves (the narrow
+// kernels over 16-bit memory) given its first tensor argument: narrow stacks
+// (d <= kNarrowMax); wide ones run on float32 copies (reduced_precision.h). A
+// malformed first argument goes straight to the op's checks.
+inline bool narrow_reduced_native(const Tensor& first) {
+  return first.dim() != 2 || first.size(1) <= kNarrowMax;
 }
 
 }  // namespace cuda

@@ -23,8 +23,8 @@ namespace narrow {
 namespace {
 
 // Lets `kernel` use the device's full opt-in shared memory (once per kernel and device).
-template <typename T>
-void allow_large_smem(KernelFn<T> kernel, size_t bytes) {
+template <typename T, typename S>
+void allow_large_smem(KernelFn<T, S> kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return;
   static std::mutex mu;
   static std::set<std::pair<const void*, int>> done;
@@ -46,20 +46,21 @@ DeviceLimits device_limits() {
           kPartialBudget};
 }
 
-template <typename T>
-void launch(KernelFn<T> kernel, int64_t grid, int threads, size_t smem, const Params<T>& p) {
-  allow_large_smem<T>(kernel, smem);
+template <typename T, typename S>
+void launch(KernelFn<T, S> kernel, int64_t grid, int threads, size_t smem,
+            const Params<T, S>& p) {
+  allow_large_smem<T, S>(kernel, smem);
   kernel<<<static_cast<unsigned>(grid), threads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
-void launch_reduce(const T* partial, int nblk, int N, int d, bool antisym, T* dW, T* db) {
+template <typename T, typename S>
+void launch_reduce(const T* partial, int nblk, int N, int d, bool antisym, S* dW, S* db) {
   const int64_t E = static_cast<int64_t>(N) * d * (d + 1);
   const int threads = 256;
   const int64_t blocks = std::max<int64_t>(
       1, std::min<int64_t>((E + threads - 1) / threads, int64_t{device_limits().sms} * 8));
-  k_reduce_partials<T>
+  k_reduce_partials<T, S>
       <<<static_cast<unsigned>(blocks), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
           partial, nblk, N, d, antisym, dW, db);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

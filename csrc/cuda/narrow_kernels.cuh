@@ -19,19 +19,86 @@
 // chunks, then a warp shuffle), accumulated per block into a partial buffer
 // (gridDim.x, N, d, d+1) in a fixed order, and summed over blocks by a second
 // small kernel: deterministic for both dtypes, no atomics.
+//
+// Compute type T (float, double) and storage type S: what the kernels read
+// and write in global memory (inputs, outputs, stored states, gradients).
+// S = T, or S = bfloat16/float16 with T = float: reduced-precision storage,
+// converted to float on load and rounded (to nearest even) on store, while
+// every product, the carried state, the adjoint and the weight-gradient
+// partials stay in float, and the weights arrive in float (converted once by
+// the host). Between the chunks of a deep backward the adjoints and rebuilt
+// states travel in float scratch (Params::xf*, outf*, carry_*), never in S.
 #pragma once
 
 #if defined(__CUDACC__)
 #include <cuda_pipeline.h>
 #endif
+#if defined(SN_CPU_EMULATION)
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
 
 #include <cstdint>
+#include <type_traits>
 
 #include "stablenets/activation.h"
 
 namespace stablenets {
 namespace cuda_detail {
 namespace narrow {
+
+// The reduced storage types the kernels see: the CUDA types on the device,
+// c10's (same layout: 16 bits) in the CPU emulator.
+#if defined(SN_CPU_EMULATION)
+using bf16_t = c10::BFloat16;
+using fp16_t = c10::Half;
+#else
+using bf16_t = __nv_bfloat16;
+using fp16_t = __half;
+#endif
+
+// Global memory of type M <-> compute type T. The generic case converts with
+// a cast (M = T, and the emulator's c10 types, which round to nearest even);
+// the CUDA 16-bit types through their intrinsics (torch builds with the
+// implicit conversions of cuda_bf16.h / cuda_fp16.h switched off).
+template <typename M>
+struct Mem {
+  template <typename T>
+  static __device__ __forceinline__ T get(M x) {
+    return static_cast<T>(x);
+  }
+  template <typename T>
+  static __device__ __forceinline__ M put(T x) {
+    return static_cast<M>(x);
+  }
+};
+#if !defined(SN_CPU_EMULATION)
+template <>
+struct Mem<__nv_bfloat16> {
+  template <typename T>
+  static __device__ __forceinline__ T get(__nv_bfloat16 x) {
+    return static_cast<T>(__bfloat162float(x));
+  }
+  template <typename T>
+  static __device__ __forceinline__ __nv_bfloat16 put(T x) {
+    return __float2bfloat16_rn(static_cast<float>(x));
+  }
+};
+template <>
+struct Mem<__half> {
+  template <typename T>
+  static __device__ __forceinline__ T get(__half x) {
+    return static_cast<T>(__half2float(x));
+  }
+  template <typename T>
+  static __device__ __forceinline__ __half put(T x) {
+    return __float2half_rn(static_cast<float>(x));
+  }
+};
+#endif
 
 // Compile-time tiling for padded width D.
 template <int D>
@@ -61,22 +128,31 @@ struct Cfg {
 template <typename T, int D>
 using Regs = T[Cfg<D>::RPT][Cfg<D>::OPT];
 
-template <typename T>
+// S: the storage type (see the top of this file); W, bias, partial, h and the
+// chunk scratch are in the compute type T.
+template <typename T, typename S = T>
 struct Params {
-  const T* x0;  // forward: carried inputs; backward: incoming gradients
-  const T* x1;
-  const T* s0;  // reversible backward: the forward's outputs
-  const T* s1;
-  const T* st;  // stored backward: states (N, S, B, d)
-  T* st_out;    // forward: states to fill, or null; reversible backward: (2, B, d) for the
-                // rebuilt carried states after the last layer (chunked backward), or null
+  const S* x0;  // forward: carried inputs; backward: incoming gradients
+  const S* x1;
+  const T* xf0;  // chunked backward, below the top chunk: the adjoints the chunk above
+  const T* xf1;  // left (2 x (B, d)), read instead of x0/x1
+  const S* s0;   // reversible backward: the forward's outputs
+  const S* s1;
+  const T* carry_in;  // reversible, chunked, below the top chunk: (2, B, d) rebuilt carried
+                      // states of the chunk above, read instead of s0/s1
+  const S* st;  // stored backward: states (N, S, B, d)
+  S* st_out;    // forward: states to fill, or null
+  T* carry_out;  // reversible chunked backward: (2, B, d) for the rebuilt carried states
+                 // after the chunk's last layer, or null
   const T* W;
   const T* bias;
-  T* out0;
-  T* out1;
+  S* out0;
+  S* out1;
+  T* outf0;  // chunked backward, above the bottom chunk: the adjoints for the chunk
+  T* outf1;  // below, written instead of out0/out1
   T* partial;  // backward: (gridDim.x, N, d, d + 1), column d holds the bias part
-  T* rebuilt0;  // reversible backward: the rebuilt forward inputs (Y_0, Y_{-1} / Z_{-1/2})
-  T* rebuilt1;
+  S* rebuilt0;  // reversible backward: the rebuilt forward inputs (Y_0, Y_{-1} / Z_{-1/2})
+  S* rebuilt1;
   int64_t B;
   int64_t ntiles;
   int d;
@@ -118,18 +194,44 @@ struct Frag {
   __device__ __forceinline__ int r(int k) const { return tr + k * C::RG; }
   __device__ __forceinline__ int f(int m) const { return tc + m * C::TPR; }
   __device__ __forceinline__ int64_t g(int k, int m) const { return (row0 + r(k)) * d + f(m); }
-  __device__ __forceinline__ void load(const T* src, Regs<T, D>& x) const {
-#pragma unroll
-    for (int k = 0; k < C::RPT; ++k)
-#pragma unroll
-      for (int m = 0; m < C::OPT; ++m) x[k][m] = ok[k][m] ? src[g(k, m)] : T(0);
-  }
-  __device__ __forceinline__ void store(T* dst, const Regs<T, D>& x) const {
+  // From / to global memory of type M (the storage type, or T for scratch).
+  template <typename M>
+  __device__ __forceinline__ void load(const M* src, Regs<T, D>& x) const {
 #pragma unroll
     for (int k = 0; k < C::RPT; ++k)
 #pragma unroll
       for (int m = 0; m < C::OPT; ++m)
-        if (ok[k][m]) dst[g(k, m)] = x[k][m];
+        x[k][m] = ok[k][m] ? Mem<M>::template get<T>(src[g(k, m)]) : T(0);
+  }
+  template <typename M>
+  __device__ __forceinline__ void store(M* dst, const Regs<T, D>& x) const {
+#pragma unroll
+    for (int k = 0; k < C::RPT; ++k)
+#pragma unroll
+      for (int m = 0; m < C::OPT; ++m)
+        if (ok[k][m]) dst[g(k, m)] = Mem<M>::template put<T>(x[k][m]);
+  }
+  // The scratch `f` (type T) when given, else the storage `s`: one pointer
+  // select when they have the same type, so those kernels load and store once.
+  template <typename M>
+  __device__ __forceinline__ void load(const T* f, const M* s, Regs<T, D>& x) const {
+    if constexpr (std::is_same_v<M, T>) {
+      load(f ? f : s, x);
+    } else if (f) {
+      load(f, x);
+    } else {
+      load(s, x);
+    }
+  }
+  template <typename M>
+  __device__ __forceinline__ void store(T* f, M* s, const Regs<T, D>& x) const {
+    if constexpr (std::is_same_v<M, T>) {
+      store(f ? f : s, x);
+    } else if (f) {
+      store(f, x);
+    } else {
+      store(s, x);
+    }
   }
   static __device__ __forceinline__ void copy(Regs<T, D>& dst, const Regs<T, D>& src) {
 #pragma unroll
@@ -358,8 +460,8 @@ struct WPipe {
 
 // ------------------------------------------------------------------ forward
 
-template <typename T, int D>
-__global__ void __launch_bounds__(Cfg<D>::NT) k_fwd_resnet(const Params<T> p) {
+template <typename T, typename S, int D>
+__global__ void __launch_bounds__(Cfg<D>::NT) k_fwd_resnet(const Params<T, S> p) {
   using C = Cfg<D>;
   SN_SMEM_BASE;
   const WPipe<T, D> pipe{sm, p.W, p.bias, p.d, p.N, p.nst, false};
@@ -394,8 +496,8 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_fwd_resnet(const Params<T> p) {
   fr.store(p.out0, y);
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(Cfg<D>::NT) k_fwd_leapfrog(const Params<T> p) {
+template <typename T, typename S, int D>
+__global__ void __launch_bounds__(Cfg<D>::NT) k_fwd_leapfrog(const Params<T, S> p) {
   using C = Cfg<D>;
   SN_SMEM_BASE;
   const WPipe<T, D> pipe{sm, p.W, p.bias, p.d, p.N, p.nst, false};
@@ -443,8 +545,8 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_fwd_leapfrog(const Params<T> p) 
   fr.store(p.out1, yp);
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(Cfg<D>::NT) k_fwd_verlet(const Params<T> p) {
+template <typename T, typename S, int D>
+__global__ void __launch_bounds__(Cfg<D>::NT) k_fwd_verlet(const Params<T, S> p) {
   using C = Cfg<D>;
   SN_SMEM_BASE;
   const WPipe<T, D> pipe{sm, p.W, p.bias, p.d, p.N, p.nst, false};
@@ -495,13 +597,13 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_fwd_verlet(const Params<T> p) {
 
 // ----------------------------------------------------------------- backward
 
-template <typename T>
-__device__ __forceinline__ T* layer_partial(const Params<T>& p, int j) {
+template <typename T, typename S>
+__device__ __forceinline__ T* layer_partial(const Params<T, S>& p, int j) {
   return p.partial + (static_cast<int64_t>(blockIdx.x) * p.N + j) * p.d * (p.d + 1);
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_resnet(const Params<T> p) {
+template <typename T, typename S, int D>
+__global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_resnet(const Params<T, S> p) {
   using C = Cfg<D>;
   SN_SMEM_BASE;
   const WPipe<T, D> pipe{sm, p.W, p.bias, p.d, p.N, p.nst, true};
@@ -516,7 +618,7 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_resnet(const Params<T> p) {
     Frag<T, D> fr;
     fr.init(tile, p.B, p.d);
     Regs<T, D> g, y, pv, acc, y_next, pv_next;
-    fr.load(p.x0, g);
+    fr.load(p.xf0, p.x0, g);
     // Stored states are fetched one layer ahead, so their latency hides behind a layer.
     fr.load(state_slot(p.st, p.N - 1, 0, 2, p.B, p.d), y_next);
     fr.load(state_slot(p.st, p.N - 1, 1, 2, p.B, p.d), pv_next);
@@ -546,13 +648,13 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_resnet(const Params<T> p) {
       dk.add_sum(Gs);
       dk.flush(layer_partial(p, j), p.d, first);
     }
-    fr.store(p.out0, g);
+    fr.store(p.outf0, p.out0, g);
   }
 }
 
 // (a, c) = (dL/dY_{j+1}, dL/dY_j); see csrc/cpu/leapfrog.cpp for the algebra.
-template <typename T, int D, bool REV>
-__global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_leapfrog(const Params<T> p) {
+template <typename T, typename S, int D, bool REV>
+__global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_leapfrog(const Params<T, S> p) {
   using C = Cfg<D>;
   SN_SMEM_BASE;
   const WPipe<T, D> pipe{sm, p.W, p.bias, p.d, p.N, p.nst, true};
@@ -571,11 +673,11 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_leapfrog(const Params<T> p) 
     Frag<T, D> fr;
     fr.init(tile, p.B, p.d);
     Regs<T, D> a, c, yc, ym, pv, acc, yr, ym_next, pv_next;
-    fr.load(p.x0, a);
-    fr.load(p.x1, c);
+    fr.load(p.xf0, p.x0, a);
+    fr.load(p.xf1, p.x1, c);
     if (REV) {
-      fr.load(p.s0, yc);  // Y_{j+1}
-      fr.load(p.s1, ym);  // Y_j
+      fr.load(p.carry_in, p.s0, yc);  // Y_{j+1}
+      fr.load(p.carry_in ? p.carry_in + p.B * p.d : nullptr, p.s1, ym);  // Y_j
       fr.put(Y0s, ym);
     } else {  // stored states, fetched one layer ahead
       fr.load(state_slot(p.st, p.N - 1, 0, 2, p.B, p.d), ym_next);
@@ -656,12 +758,12 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_leapfrog(const Params<T> p) 
           }
       }
     }
-    if (REV && p.st_out) {  // (Y_j, Y_{j-1}) of the last layer done, for the next chunk
-      fr.store(p.st_out, yc);
-      fr.store(p.st_out + p.B * p.d, ym);
+    if (REV && p.carry_out) {  // (Y_j, Y_{j-1}) of the last layer done, for the next chunk
+      fr.store(p.carry_out, yc);
+      fr.store(p.carry_out + p.B * p.d, ym);
     }
-    fr.store(p.out0, a);
-    fr.store(p.out1, c);
+    fr.store(p.outf0, p.out0, a);
+    fr.store(p.outf1, p.out1, c);
     if (REV) {  // (Y_0, Y_{-1}): the caller compares them with the forward's inputs
       fr.store(p.rebuilt0, yc);
       fr.store(p.rebuilt1, ym);
@@ -670,8 +772,8 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_leapfrog(const Params<T> p) 
 }
 
 // (ly, lz) = (dL/dY_{j+1}, dL/dZ_{j+1/2}); see csrc/cpu/verlet.cpp.
-template <typename T, int D, bool REV>
-__global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
+template <typename T, typename S, int D, bool REV>
+__global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T, S> p) {
   using C = Cfg<D>;
   SN_SMEM_BASE;
   const WPipe<T, D> pipe{sm, p.W, p.bias, p.d, p.N, p.nst, true};
@@ -690,11 +792,11 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
     fr.init(tile, p.B, p.d);
     Regs<T, D> ly, lz, y, z, yj, p1, p2, acc;
     Regs<T, D> yj_next, p1_next, z_next, p2_next;
-    fr.load(p.x0, ly);
-    fr.load(p.x1, lz);
+    fr.load(p.xf0, p.x0, ly);
+    fr.load(p.xf1, p.x1, lz);
     if (REV) {
-      fr.load(p.s0, y);  // Y_{j+1}
-      fr.load(p.s1, z);  // Z_{j+1/2}
+      fr.load(p.carry_in, p.s0, y);                                     // Y_{j+1}
+      fr.load(p.carry_in ? p.carry_in + p.B * p.d : nullptr, p.s1, z);  // Z_{j+1/2}
       fr.put(Z0s, z);
     } else {  // stored states, fetched one layer ahead
       fr.load(state_slot(p.st, p.N - 1, 0, 4, p.B, p.d), yj_next);
@@ -788,12 +890,12 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
         fr.put(Znext, z);
       }
     }
-    if (REV && p.st_out) {  // (Y_j, Z_{j-1/2}) of the last layer done, for the next chunk
-      fr.store(p.st_out, y);
-      fr.store(p.st_out + p.B * p.d, z);
+    if (REV && p.carry_out) {  // (Y_j, Z_{j-1/2}) of the last layer done, for the next chunk
+      fr.store(p.carry_out, y);
+      fr.store(p.carry_out + p.B * p.d, z);
     }
-    fr.store(p.out0, ly);
-    fr.store(p.out1, lz);
+    fr.store(p.outf0, p.out0, ly);
+    fr.store(p.outf1, p.out1, lz);
     if (REV) {  // (Y_0, Z_{-1/2}): the caller compares them with the forward's inputs
       fr.store(p.rebuilt0, y);
       fr.store(p.rebuilt1, z);
@@ -801,10 +903,11 @@ __global__ void __launch_bounds__(Cfg<D>::NT) k_bwd_verlet(const Params<T> p) {
   }
 }
 
-// dW, db from the per-block partials (nblk, N, d, d+1), summed in block order.
-template <typename T>
+// dW, db from the per-block partials (nblk, N, d, d+1), summed in block order
+// in T and rounded once to the storage type S.
+template <typename T, typename S>
 __global__ void k_reduce_partials(const T* __restrict__ partial, int nblk, int N, int d,
-                                  bool antisym, T* __restrict__ dW, T* __restrict__ db) {
+                                  bool antisym, S* __restrict__ dW, S* __restrict__ db) {
   const int64_t per = static_cast<int64_t>(d) * (d + 1);
   const int64_t E = per * N;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < E;
@@ -815,14 +918,14 @@ __global__ void k_reduce_partials(const T* __restrict__ partial, int nblk, int N
     T s = T(0);
     for (int k = 0; k < nblk; ++k) s += partial[k * E + e];
     if (i == d) {
-      db[j * d + o] = s;
+      db[j * d + o] = Mem<S>::template put<T>(s);
     } else if (!antisym) {
-      dW[(j * d + o) * d + i] = s;
+      dW[(j * d + o) * d + i] = Mem<S>::template put<T>(s);
     } else {  // A = (K - K^T - gamma I)/2  =>  dK = (dA - dA^T)/2
       const int64_t et = j * per + static_cast<int64_t>(i) * (d + 1) + o;
       T t = T(0);
       for (int k = 0; k < nblk; ++k) t += partial[k * E + et];
-      dW[(j * d + o) * d + i] = T(0.5) * (s - t);
+      dW[(j * d + o) * d + i] = Mem<S>::template put<T>(T(0.5) * (s - t));
     }
   }
 }
@@ -831,17 +934,17 @@ __global__ void k_reduce_partials(const T* __restrict__ partial, int nblk, int N
 // narrow_host.h launches. The table's definition (narrow_table.cuh) names the
 // kernels and so instantiates them: in the CUDA build that happens only in
 // narrow_<dtype>_d<D>.cu, one translation unit per pair, compiled in parallel.
-template <typename T>
-using KernelFn = void (*)(Params<T>);
+template <typename T, typename S = T>
+using KernelFn = void (*)(Params<T, S>);
 
-template <typename T>
+template <typename T, typename S = T>
 struct KernelTable {
-  KernelFn<T> fwd_resnet, fwd_leapfrog, fwd_verlet;
-  KernelFn<T> bwd_resnet, bwd_leapfrog, bwd_leapfrog_rev, bwd_verlet, bwd_verlet_rev;
+  KernelFn<T, S> fwd_resnet, fwd_leapfrog, fwd_verlet;
+  KernelFn<T, S> bwd_resnet, bwd_leapfrog, bwd_leapfrog_rev, bwd_verlet, bwd_verlet_rev;
 };
 
-template <typename T, int D>
-KernelTable<T> kernel_table();
+template <typename T, typename S, int D>
+KernelTable<T, S> kernel_table();
 
 }  // namespace narrow
 }  // namespace cuda_detail

@@ -14,11 +14,12 @@ backward modes:
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import math
 import os
 import sys
 import tempfile
-import types
 
 import torch
 
@@ -34,10 +35,15 @@ def load_emulator():
     from run_emulated import build
 
     work = tempfile.mkdtemp(prefix="sn_chunks_")
-    os.makedirs(os.path.join(work, "build"))
+    build_dir = os.environ.get("SN_EMULATOR_BUILD") or os.path.join(work, "build")
+    os.makedirs(build_dir, exist_ok=True)
     os.environ["STABLENETS_CPU_ISA"] = "none"  # the emulator is the CPU backend here
-    torch.ops.load_library(build(os.path.join(work, "build")))
-    sys.modules["stablenets_ext._C"] = types.ModuleType("stablenets_ext._C")
+    lib = build(build_dir)
+    torch.ops.load_library(lib)
+    # The emulator library is also the stablenets_ext._C module (as in run_emulated.py).
+    loader = importlib.machinery.ExtensionFileLoader("stablenets_ext._C", lib)
+    spec = importlib.util.spec_from_loader("stablenets_ext._C", loader)
+    sys.modules["stablenets_ext._C"] = importlib.util.module_from_spec(spec)
     sys.path.insert(0, ROOT)
     from stablenets_ext import ops
 
@@ -55,6 +61,7 @@ def grads(arch, B, d, N, dtype, rev, seed, impl="fused"):
     cot = [torch.randn(B, d, generator=g, dtype=torch.float64) for _ in range(2)]
     xs = [t.to(dtype).requires_grad_(True) for t in (y, o, W, b)]
     y, o, W, b = xs
+    rev = rev and impl == "fused"  # the reference stores every state: it refuses reversible
     if arch == "resnet":
         outs = (F.resnet(y, W, b, 0.2, "tanh", impl=impl),)
     elif arch == "antisymmetric":

@@ -84,7 +84,7 @@ thread_local unsigned char* emu_smem = nullptr;
 static int g_optin = 227 * 1024;
 static int g_sms = 132;
 static int64_t g_budget = stablenets::cuda_detail::narrow::kPartialBudget;
-static int64_t g_launches = 0, g_narrow = 0;
+static int64_t g_launches = 0, g_narrow = 0, g_narrow_reduced = 0;
 
 namespace stablenets {
 namespace cuda_detail {
@@ -121,10 +121,12 @@ namespace narrow {
 
 DeviceLimits device_limits() { return {g_optin, g_sms, g_budget}; }
 
-template <typename T>
-void launch(KernelFn<T> kernel, int64_t grid, int threads, size_t smem, const Params<T>& p) {
+template <typename T, typename S>
+void launch(KernelFn<T, S> kernel, int64_t grid, int threads, size_t smem,
+            const Params<T, S>& p) {
   ++g_launches;
   ++g_narrow;
+  if (!std::is_same_v<T, S>) ++g_narrow_reduced;  // bf16/fp16 storage over float kernels
   if (smem > static_cast<size_t>(g_optin)) std::abort();
   gridDim = {static_cast<unsigned>(grid), 1, 1};
   blockDim = {static_cast<unsigned>(threads), 1, 1};
@@ -155,14 +157,14 @@ void launch(KernelFn<T> kernel, int64_t grid, int threads, size_t smem, const Pa
   std::free(shared);
 }
 
-template <typename T>
-void launch_reduce(const T* partial, int nblk, int N, int d, bool antisym, T* dW, T* db) {
+template <typename T, typename S>
+void launch_reduce(const T* partial, int nblk, int N, int d, bool antisym, S* dW, S* db) {
   ++g_launches;
   gridDim = {1, 1, 1};
   blockDim = {1, 1, 1};
   threadIdx = {0, 0, 0};
   blockIdx = {0, 0, 0};
-  k_reduce_partials<T>(partial, nblk, N, d, antisym, dW, db);
+  k_reduce_partials<T, S>(partial, nblk, N, d, antisym, dW, db);
 }
 
 }  // namespace narrow
@@ -172,16 +174,20 @@ void launch_reduce(const T* partial, int nblk, int N, int d, bool antisym, T* dW
 #include "entry.cuh"
 
 TORCH_LIBRARY_IMPL(stablenets, CPU, m) {
-  SN_IMPL(m, "resnet_forward", &stablenets::cuda::resnet_forward);
-  SN_IMPL(m, "resnet_backward", &stablenets::cuda::resnet_backward);
-  SN_IMPL(m, "antisymmetric_forward", &stablenets::cuda::antisymmetric_forward);
-  SN_IMPL(m, "antisymmetric_backward", &stablenets::cuda::antisymmetric_backward);
-  SN_IMPL(m, "leapfrog_forward", &stablenets::cuda::leapfrog_forward);
-  SN_IMPL(m, "leapfrog_backward", &stablenets::cuda::leapfrog_backward);
-  SN_IMPL(m, "leapfrog_backward_reversible", &stablenets::cuda::leapfrog_backward_reversible);
-  SN_IMPL(m, "verlet_forward", &stablenets::cuda::verlet_forward);
-  SN_IMPL(m, "verlet_backward", &stablenets::cuda::verlet_backward);
-  SN_IMPL(m, "verlet_backward_reversible", &stablenets::cuda::verlet_backward_reversible);
+  // bfloat16/float16: narrow stacks natively, wide ones on float32 copies (entry.cuh).
+  constexpr auto native = &stablenets::cuda::narrow_reduced_native;
+  SN_IMPL_NATIVE(m, "resnet_forward", &stablenets::cuda::resnet_forward, native);
+  SN_IMPL_NATIVE(m, "resnet_backward", &stablenets::cuda::resnet_backward, native);
+  SN_IMPL_NATIVE(m, "antisymmetric_forward", &stablenets::cuda::antisymmetric_forward, native);
+  SN_IMPL_NATIVE(m, "antisymmetric_backward", &stablenets::cuda::antisymmetric_backward, native);
+  SN_IMPL_NATIVE(m, "leapfrog_forward", &stablenets::cuda::leapfrog_forward, native);
+  SN_IMPL_NATIVE(m, "leapfrog_backward", &stablenets::cuda::leapfrog_backward, native);
+  SN_IMPL_NATIVE(m, "leapfrog_backward_reversible", &stablenets::cuda::leapfrog_backward_reversible,
+                 native);
+  SN_IMPL_NATIVE(m, "verlet_forward", &stablenets::cuda::verlet_forward, native);
+  SN_IMPL_NATIVE(m, "verlet_backward", &stablenets::cuda::verlet_backward, native);
+  SN_IMPL_NATIVE(m, "verlet_backward_reversible", &stablenets::cuda::verlet_backward_reversible,
+                 native);
 }
 
 TORCH_LIBRARY(sn_emu, m) {
@@ -190,5 +196,8 @@ TORCH_LIBRARY(sn_emu, m) {
     g_sms = static_cast<int>(sms);
   });
   m.def("set_partial_budget(int bytes) -> ()", [](int64_t bytes) { g_budget = bytes; });
-  m.def("counters() -> int[]", []() { return std::vector<int64_t>{g_launches, g_narrow}; });
+  // [launches, narrow kernel launches, those of them over bf16/fp16 storage]
+  m.def("counters() -> int[]", []() {
+    return std::vector<int64_t>{g_launches, g_narrow, g_narrow_reduced};
+  });
 }

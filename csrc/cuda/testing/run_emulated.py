@@ -8,6 +8,8 @@ that need a real GPU (CUDA graphs, CPU-vs-CUDA, mixed devices) are deselected.
 Slow: every emulated block runs one OS thread per CUDA thread.
 
     python csrc/cuda/testing/run_emulated.py [-k EXPR] [other pytest args]
+
+Set SN_EMULATOR_BUILD=<folder> to keep the build between runs.
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ def main(argv):
     import pytest
 
     work = tempfile.mkdtemp(prefix="sn_emulated_")
-    os.makedirs(os.path.join(work, "build"))
-    lib = build(os.path.join(work, "build"))
+    # SN_EMULATOR_BUILD: a build folder to keep between runs (ninja rebuilds what changed).
+    build_dir = os.environ.get("SN_EMULATOR_BUILD") or os.path.join(work, "build")
+    os.makedirs(build_dir, exist_ok=True)
+    lib = build(build_dir)
     src = open(os.path.join(ROOT, "python_tests", "test_cuda.py")).read()
     for old, new in [
         ("not torch.cuda.is_available()", "False"),
