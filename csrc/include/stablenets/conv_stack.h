@@ -327,6 +327,10 @@ struct ConvStack {
     o.copy_(t);
     return o;
   }
+  // The rebuilt pair of an empty batch: undefined in stored mode (no seeds given).
+  static Tensor clone_if_defined(const Tensor& t) {
+    return t.defined() ? t.clone(at::MemoryFormat::Contiguous) : Tensor();
+  }
   // a + b (tensors of ours) as an NCHW output, in one pass.
   static Tensor nchw_sum(const Tensor& a, const Tensor& b) {
     Tensor o = L::empty(a.sizes(), a.options());
@@ -536,8 +540,8 @@ struct ConvStack {
     if (ga_in.numel() == 0)
       return {at::zeros_like(ga_in, at::MemoryFormat::Contiguous),
               at::zeros_like(ga_in, at::MemoryFormat::Contiguous), at::zeros_like(Kw),
-              at::zeros({N, Kw.size(1)}, Kw.options()), y_hi.clone(at::MemoryFormat::Contiguous),
-              y_lo.clone(at::MemoryFormat::Contiguous)};
+              at::zeros({N, Kw.size(1)}, Kw.options()), clone_if_defined(y_hi),
+              clone_if_defined(y_lo)};
     const Kernels k = kernels(Kw);
     Tensor gW = at::empty(Kw.sizes(), Kw.options()), gb = at::empty({N, Kw.size(1)}, Kw.options());
     const Tensor ga = internal(ga_in), gc = internal(gc_in);
@@ -677,8 +681,8 @@ struct ConvStack {
     if (gy_in.numel() == 0)
       return {at::zeros_like(gy_in, at::MemoryFormat::Contiguous),
               at::zeros_like(gy_in, at::MemoryFormat::Contiguous), at::zeros_like(Kw),
-              at::zeros({N, Kw.size(1)}, Kw.options()), y_end.clone(at::MemoryFormat::Contiguous),
-              z_end.clone(at::MemoryFormat::Contiguous)};
+              at::zeros({N, Kw.size(1)}, Kw.options()), clone_if_defined(y_end),
+              clone_if_defined(z_end)};
     const Kernels k = kernels(Kw);
     Tensor gW = at::empty(Kw.sizes(), Kw.options()), gb = at::empty({N, Kw.size(1)}, Kw.options());
     // gy, gz: the incoming gradients (read only) until a layer adds to them,
