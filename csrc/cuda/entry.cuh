@@ -330,3 +330,22 @@ inline bool narrow_reduced_native(const Tensor& first) {
 
 }  // namespace cuda
 }  // namespace stablenets
+
+// Every dense op's registration for one dispatch key: the CUDA build (stacks.cu,
+// CUDA) and its CPU emulator (testing/cpu_emulator.cpp, CPU) register the same
+// list. bfloat16/float16: narrow stacks natively, wide ones on float32 copies.
+#define SN_REGISTER_DENSE_OPS(m)                                                                  \
+  do {                                                                                            \
+    namespace SC = ::stablenets::cuda;                                                            \
+    constexpr auto native = &SC::narrow_reduced_native;                                           \
+    SN_IMPL_NATIVE(m, "resnet_forward", &SC::resnet_forward, native);                             \
+    SN_IMPL_NATIVE(m, "resnet_backward", &SC::resnet_backward, native);                           \
+    SN_IMPL_NATIVE(m, "antisymmetric_forward", &SC::antisymmetric_forward, native);               \
+    SN_IMPL_NATIVE(m, "antisymmetric_backward", &SC::antisymmetric_backward, native);             \
+    SN_IMPL_NATIVE(m, "leapfrog_forward", &SC::leapfrog_forward, native);                         \
+    SN_IMPL_NATIVE(m, "leapfrog_backward", &SC::leapfrog_backward, native);                       \
+    SN_IMPL_NATIVE(m, "leapfrog_backward_reversible", &SC::leapfrog_backward_reversible, native); \
+    SN_IMPL_NATIVE(m, "verlet_forward", &SC::verlet_forward, native);                             \
+    SN_IMPL_NATIVE(m, "verlet_backward", &SC::verlet_backward, native);                           \
+    SN_IMPL_NATIVE(m, "verlet_backward_reversible", &SC::verlet_backward_reversible, native);     \
+  } while (0)
