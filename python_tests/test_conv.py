@@ -17,7 +17,9 @@ TWO_STATE = {"leapfrog": "y_prev", "verlet": "z"}
 # Every named activation of the reference is fused on every path.
 ACTS = sorted(reference.ACTIVATIONS)
 # (kernel size, channels, height, width): k 1/3/5, odd and even sizes, channels 1..32.
-SHAPES = [(1, 1, 5, 4), (3, 2, 7, 7), (3, 5, 6, 8), (5, 8, 5, 6), (3, 32, 4, 5), (5, 3, 9, 7)]
+SHAPES = [(1, 1, 5, 4), (3, 2, 7, 7), (3, 5, 6, 8), (5, 8, 5, 6), (3, 32, 4, 5), (5, 3, 9, 7),
+          # whole and partial 16 x 16 tiles of the NCHW <-> channels-last transposes (conv.cpp)
+          (3, 16, 4, 4), (1, 33, 5, 7)]
 OPS = torch.ops.stablenets
 
 

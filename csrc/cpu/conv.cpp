@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -29,8 +30,120 @@
 #include "block_cache.h"
 #include "stablenets/conv_stack.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace stablenets {
 namespace cpu_detail {
+
+// ------------------------------------------------ NCHW <-> channels-last
+
+// One (R x Cc) -> (Cc x R) tile of at most 16 x 16: dst[c ld_d + r] = s (a + b)[r ld_s + c]
+// (b may be null). Math in float32 for the 16-bit types (one rounding).
+template <typename T>
+void transpose_tile(const T* a, const T* b, int64_t ld_s, T* dst, int64_t ld_d, int64_t nr,
+                    int64_t nc, float s) {
+  using M = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const M ms = static_cast<M>(s);
+  for (int64_t c = 0; c < nc; ++c)
+    for (int64_t r = 0; r < nr; ++r) {
+      M v = static_cast<M>(a[r * ld_s + c]);
+      if (b != nullptr) v += static_cast<M>(b[r * ld_s + c]);
+      dst[c * ld_d + r] = static_cast<T>(ms * v);
+    }
+}
+
+#if defined(__AVX512F__)
+// GCC 12's avx512fintrin.h trips its own -Wuninitialized (_mm512_undefined_* in the
+// unpack/shuffle intrinsics, GCC bug 105593).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+// The same for float32 in AVX-512 registers: 16 rows loaded (masked where the tile is
+// partial), transposed in four rounds of shuffles, 16 columns stored.
+template <bool Full>
+inline void transpose_tile16(const float* a, const float* b, int64_t ld_s, float* dst,
+                             int64_t ld_d, int nr, int nc, float s) {
+  __m512 r[16], t[16];
+  const __mmask16 cm = static_cast<__mmask16>((1u << nc) - 1);
+  const __mmask16 rm = static_cast<__mmask16>((1u << nr) - 1);
+  for (int i = 0; i < 16; ++i) {
+    if (Full) {
+      r[i] = _mm512_loadu_ps(a + i * ld_s);
+      if (b != nullptr) r[i] = _mm512_add_ps(r[i], _mm512_loadu_ps(b + i * ld_s));
+    } else if (i < nr) {
+      r[i] = _mm512_maskz_loadu_ps(cm, a + i * ld_s);
+      if (b != nullptr) r[i] = _mm512_add_ps(r[i], _mm512_maskz_loadu_ps(cm, b + i * ld_s));
+    } else {
+      r[i] = _mm512_setzero_ps();
+    }
+    if (s != 1.0f) r[i] = _mm512_mul_ps(r[i], _mm512_set1_ps(s));
+  }
+  for (int i = 0; i < 16; i += 2) {  // 2x2 blocks of elements
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 4x4
+    const __m512d t0 = _mm512_castps_pd(t[i]), t1 = _mm512_castps_pd(t[i + 1]),
+                  t2 = _mm512_castps_pd(t[i + 2]), t3 = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  for (int i = 0; i < 4; ++i) {  // 8x8: 128-bit lanes
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {  // 16x16
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+  if (Full) {
+    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ld_d, r[i]);
+  } else {
+    for (int i = 0; i < nc; ++i) _mm512_mask_storeu_ps(dst + i * ld_d, rm, r[i]);
+  }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif
+
+// dst[n] = s (a + b)[n]^T for each of B (R x Cc) matrices, in 16 x 16 tiles.
+template <typename T>
+void transpose_batched(const T* a, const T* b, T* dst, int64_t B, int64_t R, int64_t Cc, float s) {
+  constexpr int64_t kTile = 16;
+  const int64_t row_tiles = (R + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (kTile * Cc));
+  at::parallel_for(0, B * row_tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / row_tiles, r0 = (t % row_tiles) * kTile;
+      const int64_t nr = std::min(kTile, R - r0), off = n * R * Cc;
+      for (int64_t c0 = 0; c0 < Cc; c0 += kTile) {
+        const int64_t nc = std::min(kTile, Cc - c0);
+        const T* as = a + off + r0 * Cc + c0;
+        const T* bs = b != nullptr ? b + off + r0 * Cc + c0 : nullptr;
+        T* d = dst + off + c0 * R + r0;
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<T, float>) {
+          if (nr == kTile && nc == kTile)
+            transpose_tile16<true>(as, bs, Cc, d, R, 16, 16, s);
+          else
+            transpose_tile16<false>(as, bs, Cc, d, R, static_cast<int>(nr), static_cast<int>(nc), s);
+          continue;
+        }
+#endif
+        transpose_tile(as, bs, Cc, d, R, nr, nc, s);
+      }
+    }
+  });
+}
 
 struct ConvLauncher {
   static constexpr bool kHoistAct = true;
@@ -74,6 +187,37 @@ struct ConvLauncher {
   // too, so the cache takes blocks from 64 kB here).
   static at::Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) {
     return empty_cached(shape, options, size_t{64} << 10);
+  }
+
+  // ConvStack's layout conversion (conv_stack.h, HasRelayout): dst = s (a [+ b]) where
+  // one of dst, a is NCHW and the other channels-last (b laid out as a); false where
+  // the call is not of that kind (then ATen's copy_/add_out/neg_out run).
+  static bool relayout(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& b,
+                       double s) {
+    if (dst.dim() != 4 || !dst.is_cpu() || !a.is_cpu() || dst.sizes() != a.sizes() ||
+        dst.scalar_type() != a.scalar_type() || dst.numel() == 0)
+      return false;
+    if (b.defined() && (b.sizes() != a.sizes() || b.strides() != a.strides() ||
+                        b.scalar_type() != a.scalar_type() || !b.is_cpu()))
+      return false;
+    const auto cl = at::MemoryFormat::ChannelsLast;
+    const int64_t B = a.size(0), C = a.size(1), HW = a.size(2) * a.size(3);
+    if (C == 1 || HW == 1) return false;  // both layouts are one: a plain pass
+    int64_t R, Cc;
+    if (a.is_contiguous() && dst.is_contiguous(cl)) {
+      R = C, Cc = HW;  // each image (C, HW) -> (HW, C)
+    } else if (a.is_contiguous(cl) && dst.is_contiguous()) {
+      R = HW, Cc = C;
+    } else {
+      return false;
+    }
+    bool done = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "conv_relayout", [&] {
+      transpose_batched<scalar_t>(a.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                                  dst.data_ptr<scalar_t>(), B, R, Cc, static_cast<float>(s));
+      done = true;
+    });
+    return done;
   }
 
   template <class Op, typename T>

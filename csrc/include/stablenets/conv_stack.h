@@ -33,7 +33,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <array>
 #include <type_traits>
 #include <utility>
@@ -284,6 +286,21 @@ template <class L>
 struct AdjointAsForward<L, std::void_t<decltype(L::kAdjointAsForward)>>
     : std::bool_constant<L::kAdjointAsForward> {};
 
+// Launcher::relayout (optional): bool relayout(dst, a, b, s) writes dst = s (a [+ b])
+// (b may be undefined) where dst and a have the same shape and one is NCHW, the other
+// channels-last (b laid out as a), and returns false where it does not serve the call
+// (then ATen's copy_/add_out/neg_out do). The CPU's is a blocked transpose (AVX-512
+// 16x16 tiles for float32): ATen's copy_ between the two layouts took about 3x as long
+// as the transpose itself at the mnist preset's stage shapes, four of them per
+// forward+backward.
+template <class L, class = void>
+struct HasRelayout : std::false_type {};
+template <class L>
+struct HasRelayout<L, std::void_t<decltype(L::relayout(std::declval<const at::Tensor&>(),
+                                                      std::declval<const at::Tensor&>(),
+                                                      std::declval<const at::Tensor&>(), 1.0))>>
+    : std::true_type {};
+
 template <class L>
 struct ConvStack {
   using E = Ew<L>;
@@ -303,17 +320,29 @@ struct ConvStack {
     return L::empty({t.size(0), t.size(2), t.size(3), t.size(1)}, t.options())
         .permute({0, 3, 1, 2});
   }
+  // dst = s (a [+ b]) through the launcher's layout conversion where it serves the call.
+  static bool relayout(const Tensor& dst, const Tensor& a, const Tensor& b, double s) {
+    if constexpr (HasRelayout<L>::value) {
+      return L::relayout(dst, a, b, s);
+    } else {
+      return false;
+    }
+  }
+  // dst = src (any two layouts).
+  static void assign(const Tensor& dst, const Tensor& src) {
+    if (!relayout(dst, src, Tensor(), 1.0)) dst.copy_(src);
+  }
   // t in the internal layout: t itself where it has it (then read-only), else a copy.
   static Tensor internal(const Tensor& t) {
     if (t.is_contiguous(fmt())) return t;
     Tensor o = scratch(t);
-    o.copy_(t);
+    assign(o, t);
     return o;
   }
   // A copy of t of our own in the internal layout (written by the caller).
   static Tensor own_copy(const Tensor& t) {
     Tensor o = scratch(t);
-    o.copy_(t);
+    assign(o, t);
     return o;
   }
   // t (a tensor of ours) as an NCHW output: t itself where it is NCHW already.
@@ -324,7 +353,7 @@ struct ConvStack {
   // A new NCHW tensor holding t (for outputs that must not alias a view of ours).
   static Tensor nchw_copy(const Tensor& t) {
     Tensor o = L::empty(t.sizes(), t.options());
-    o.copy_(t);
+    assign(o, t);
     return o;
   }
   // The rebuilt pair of an empty batch: undefined in stored mode (no seeds given).
@@ -334,7 +363,7 @@ struct ConvStack {
   // a + b (tensors of ours) as an NCHW output, in one pass.
   static Tensor nchw_sum(const Tensor& a, const Tensor& b) {
     Tensor o = L::empty(a.sizes(), a.options());
-    at::add_out(o, a, b);
+    if (!relayout(o, a, b, 1.0)) at::add_out(o, a, b);
     return o;
   }
   static Tensor slot(const Tensor& states, int64_t j, int64_t s) {
@@ -359,11 +388,48 @@ struct ConvStack {
   }
   // adjoint = false: K^T Y is never taken (the ResNet forward), so Kt is not built.
   static Kernels kernels(const Tensor& K, bool adjoint = true) {
+    if (L::channels_last() && K.is_cpu())
+      return kernels_on_host(K, adjoint && AdjointAsForward<L>::value);
     Kernels k;
     k.K = conv_layout(K);
     if constexpr (AdjointAsForward<L>::value) {
       if (adjoint) k.Kt = conv_layout(K.transpose(1, 2).flip({3, 4}));
     }
+    return k;
+  }
+  // kernels() on the CPU, channels-last: both layouts written in one loop over K
+  // (through ATen: a permute-copy, a flip and a second permute-copy, each a
+  // TensorIterator pass with its own setup, about 25 us a call at the mnist stages).
+  static Kernels kernels_on_host(const Tensor& Kin, bool adjoint) {
+    const Tensor K = Kin.contiguous();
+    const int64_t N = K.size(0), C = K.size(1), ks = K.size(3);
+    // (N, C_out, k, k, C_in) in memory, viewed (N, C_out, C_in, k, k): channels-last
+    Tensor Kc = at::empty({N, C, ks, ks, C}, K.options()), Ktc;
+    if (adjoint) Ktc = at::empty({N, C, ks, ks, C}, K.options());
+    SN_DISPATCH_CONV_TYPES(K.scalar_type(), "conv_kernels", [&] {
+      const scalar_t* src = K.data_ptr<scalar_t>();
+      scalar_t* dk = Kc.data_ptr<scalar_t>();
+      scalar_t* dt = adjoint ? Ktc.data_ptr<scalar_t>() : nullptr;
+      const int64_t tap = ks * ks, per_layer = C * C * tap;
+      at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / (C * tap)), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {  // r = (layer n, output channel o)
+          const int64_t n = r / C, o = r % C;
+          const scalar_t* Kn = src + n * per_layer;
+          scalar_t* out = dk + r * C * tap;
+          for (int64_t t = 0; t < tap; ++t)  // K[n, o, i, t] -> Kc[n, o, t, i]
+            for (int64_t i = 0; i < C; ++i) out[t * C + i] = Kn[(o * C + i) * tap + t];
+          if (dt == nullptr) continue;
+          // the adjoint kernel: Kt[n, o, i, t] = K[n, i, o, k*k - 1 - t] (channels swapped,
+          // taps flipped)
+          scalar_t* outt = dt + r * C * tap;
+          for (int64_t t = 0; t < tap; ++t)
+            for (int64_t i = 0; i < C; ++i) outt[t * C + i] = Kn[(i * C + o) * tap + (tap - 1 - t)];
+        }
+      });
+    });
+    Kernels k;
+    k.K = Kc.permute({0, 1, 4, 2, 3});
+    if (adjoint) k.Kt = Ktc.permute({0, 1, 4, 2, 3});
     return k;
   }
   // K_j Y and K_j^T Y.
@@ -393,7 +459,7 @@ struct ConvStack {
     const Kernels k = kernels(Kw, /*adjoint=*/false);
     Tensor Y;  // the state, when not stored
     if (store)
-      slot(states, 0, 0).copy_(y);
+      assign(slot(states, 0, 0), y);
     else
       Y = own_copy(y);
     Tensor out;
@@ -511,7 +577,7 @@ struct ConvStack {
       }
       return {nchw(Y), nchw(Yp), states};
     }
-    slot(states, 0, 0).copy_(y);
+    assign(slot(states, 0, 0), y);
     const Tensor yprev = same ? slot(states, 0, 0) : internal(yprev_in);
     Tensor out;
     for (int64_t j = 0; j < N; ++j) {
@@ -599,7 +665,7 @@ struct ConvStack {
     }
     // cs = -1 after any layer: dL/dY_{-1} = -c, written NCHW in one pass
     Tensor gprev = L::empty(c.sizes(), c.options());
-    at::neg_out(gprev, c);
+    if (!relayout(gprev, c, Tensor(), -1.0)) at::neg_out(gprev, c);
     if (rev) return {nchw(a), gprev, gW, gb, nchw(Yn), nchw(Y)};  // (Y_0, Y_{-1})
     return {nchw(a), gprev, gW, gb, Tensor(), Tensor()};
   }
@@ -657,7 +723,7 @@ struct ConvStack {
       return {nchw(Y), nchw(Z), states};
     }
     const Tensor z = internal(z_in);
-    slot(states, 0, 0).copy_(y);
+    assign(slot(states, 0, 0), y);
     Tensor out;
     for (int64_t j = 0; j < N; ++j) {
       const Tensor Yj = slot(states, j, 0), Zj = slot(states, j, 2);
