@@ -16,6 +16,12 @@
 //   gradients are wanted), whose final pair is what the backward rebuilds every
 //   state from: run in float32, only the returned tensors cast down.
 //
+// The conv ops on the CPU take float32 parameters with bfloat16/float16 activations
+// (conv_stack.h casts the kernels while laying them out, and returns float32
+// parameter gradients, each rounded once): there `weight` and `bias` are never
+// cast, and a backward op promotes only its other tensors among themselves. Every
+// other op (the dense ones; the conv ones on CUDA) casts its parameters as above.
+//
 // float64 tensors are left alone, as autocast leaves them (a float64 stack
 // under autocast then refuses the cast parameters by name, as F.linear would).
 //
@@ -64,6 +70,15 @@ at::Tensor cast(const at::Tensor& t, at::ScalarType to, c10::DeviceType dev) {
   return at::autocast::cached_cast(to, t, dev);
 }
 
+// conv ops on the CPU: their float32 weight and bias pass uncast (see the top).
+bool float32_params(std::string_view name, c10::DeviceType dev) {
+  return dev == c10::DeviceType::CPU && name.find("::conv_") != std::string_view::npos;
+}
+bool is_param(const c10::FunctionSchema& schema, size_t i) {
+  const std::string& n = schema.arguments()[i].name();
+  return n == "weight" || n == "bias";
+}
+
 // leapfrog/verlet forwards (dense or conv): the ones with a reversible mode.
 bool pair_forward(std::string_view name) {
   return ends_with(name, "leapfrog_forward") || ends_with(name, "verlet_forward");
@@ -78,6 +93,7 @@ void kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stac
 
   at::ScalarType target = at::ScalarType::Undefined;
   at::ScalarType outputs_to = at::ScalarType::Undefined;
+  const bool keep_params = float32_params(name, Dev);
   if (ends_with(name, "_forward")) {
     target = at::autocast::get_autocast_dtype(Dev);
     // The last argument of every forward is `store`.
@@ -94,13 +110,17 @@ void kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stac
   } else {
     for (auto it = args_begin; it != stack->end(); ++it) {
       if (!it->isTensor() || !eligible(it->toTensor())) continue;
+      if (keep_params && is_param(schema, static_cast<size_t>(it - args_begin))) continue;
       const at::ScalarType t = it->toTensor().scalar_type();
       if (target == at::ScalarType::Undefined || bits(t) > bits(target)) target = t;
     }
   }
+  // a reversible forward (target float32) casts its parameters like the rest
+  const bool skip_params = keep_params && target != at::kFloat;
   if (target != at::ScalarType::Undefined) {
     for (auto it = args_begin; it != stack->end(); ++it) {
       if (!it->isTensor()) continue;
+      if (skip_params && is_param(schema, static_cast<size_t>(it - args_begin))) continue;
       const at::Tensor& t = it->toTensor();
       if (eligible(t) && t.scalar_type() != target) *it = cast(t, target, Dev);
     }

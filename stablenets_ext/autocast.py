@@ -11,7 +11,12 @@ tensor arguments are cast:
 - backward ops: to the widest dtype among them ("promote" policy; nothing is
   cast when they agree, as they do when autograd calls them), so a
   ``loss.backward()`` run inside the autocast region differentiates in the
-  precision the forward ran in.
+  precision the forward ran in;
+- the conv ops on the CPU leave ``weight`` and ``bias`` in float32 (forward and
+  backward: a backward promotes its other tensors among themselves). The op casts
+  the kernels while laying them out for oneDNN and returns float32 parameter
+  gradients, each rounded once, where autocast's cast parameters would get a
+  bfloat16 gradient per use, summed in bfloat16.
 
 float64 tensors are left alone, as autocast leaves them (a float64 stack under
 autocast then refuses the cast parameters by name, as ``F.linear`` would).
@@ -59,9 +64,17 @@ def _cast_one(a, dtype):
     return a.to(dtype)
 
 
-def _cast(args, dtype):
-    return tuple(_cast_one(a, dtype) if _autocast_eligible(a) and a.dtype != dtype else a
-                 for a in args)
+def _cast(args, dtype, keep=frozenset()):
+    return tuple(_cast_one(a, dtype) if i not in keep and _autocast_eligible(a) and a.dtype != dtype
+                 else a for i, a in enumerate(args))
+
+
+def _param_positions(name, op, device_type):
+    """Positions of ``weight`` and ``bias`` where the op takes them in float32 under
+    autocast, uncast: the conv ops on the CPU (csrc/autocast.cpp); else none."""
+    if device_type != "cpu" or not name.startswith("conv_"):
+        return frozenset()
+    return frozenset(i for i, a in enumerate(op._schema.arguments) if a.name in ("weight", "bias"))
 
 
 def _register_cpu_cast(lib) -> None:
@@ -88,16 +101,19 @@ def _reversible_with_grad(name, args) -> bool:
             and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
 
 
-def _widest(args):
-    dtypes = [a.dtype for a in args if _autocast_eligible(a)]
+def _widest(args, keep=frozenset()):
+    dtypes = [a.dtype for i, a in enumerate(args) if i not in keep and _autocast_eligible(a)]
     return max(dtypes, key=lambda t: torch.finfo(t).bits) if dtypes else None
 
 
 def _make_kernel(name, op, device_type):
+    params = _param_positions(name, op, device_type)
     if not name.endswith("_forward"):
         def backward_kernel(*args):
+            dtype = _widest(args, params)
+            keep = params if dtype != torch.float32 else frozenset()
             with torch.autocast(device_type, enabled=False):
-                return op(*_cast(args, _widest(args)))
+                return op(*_cast(args, dtype, keep))
 
         return backward_kernel
 
@@ -108,7 +124,7 @@ def _make_kernel(name, op, device_type):
                 out = op(*_cast(args, torch.float32))
             return tuple(o.to(dtype) if _autocast_eligible(o) else o for o in out)
         with torch.autocast(device_type, enabled=False):
-            return op(*_cast(args, dtype))
+            return op(*_cast(args, dtype, params))
 
     return kernel
 

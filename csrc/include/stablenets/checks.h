@@ -43,19 +43,32 @@ inline void check_float_tensor(const at::Tensor& t, const char* name) {
 
 // Weight and bias against y, once their own shapes are checked: weight.size(1)
 // is y's `unit` count (features, or channels of a convolutional stack), bias is
-// (layers, unit), and both share y's dtype and device.
+// (layers, unit), and both share y's dtype and device. float32_params: the op also
+// takes float32 weight and bias with a bfloat16/float16 y on the CPU (the conv
+// stacks, which torch.autocast on the CPU hands their float32 parameters uncast;
+// they return float32 parameter gradients).
 inline void check_params_like_y(const at::Tensor& y, const at::Tensor& weight,
-                                const at::Tensor& bias, const char* unit) {
+                                const at::Tensor& bias, const char* unit,
+                                bool float32_params = false) {
   TORCH_CHECK_VALUE(weight.size(1) == y.size(1), "weight: expected ", unit, " = ", y.size(1),
                     " (from y of shape ", y.sizes(), "), got shape ", weight.sizes());
   TORCH_CHECK_VALUE(bias.dim() == 2 && bias.size(0) == weight.size(0) &&
                         bias.size(1) == weight.size(1),
                     "bias: expected shape (", weight.size(0), ", ", weight.size(1),
                     ") = (layers, ", unit, "), got ", bias.sizes());
-  TORCH_CHECK_VALUE(weight.scalar_type() == y.scalar_type() &&
-                        bias.scalar_type() == y.scalar_type(),
-                    "weight, bias: expected the dtype of y (", y.scalar_type(), "), got ",
-                    weight.scalar_type(), " and ", bias.scalar_type());
+  const bool reduced_y = y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf;
+  if (float32_params && reduced_y && y.is_cpu()) {
+    const at::ScalarType t = weight.scalar_type();
+    TORCH_CHECK_VALUE((t == y.scalar_type() || t == at::kFloat) && bias.scalar_type() == t,
+                      "weight, bias: expected the dtype of y (", y.scalar_type(),
+                      ") or both float32, got ", weight.scalar_type(), " and ",
+                      bias.scalar_type());
+  } else {
+    TORCH_CHECK_VALUE(weight.scalar_type() == y.scalar_type() &&
+                          bias.scalar_type() == y.scalar_type(),
+                      "weight, bias: expected the dtype of y (", y.scalar_type(), "), got ",
+                      weight.scalar_type(), " and ", bias.scalar_type());
+  }
   TORCH_CHECK_VALUE(weight.device() == y.device() && bias.device() == y.device(),
                     "weight, bias: expected the device of y (", y.device(), "), got ",
                     weight.device(), " and ", bias.device());

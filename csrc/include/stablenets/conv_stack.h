@@ -69,7 +69,7 @@ inline void check_conv_stack(const Tensor& y, const Tensor& weight, const Tensor
                     "weight: expected an odd kernel size k (\"same\" padding k // 2 keeps the "
                     "image size), got k = ",
                     weight.size(3));
-  check_params_like_y(y, weight, bias, "channels");
+  check_params_like_y(y, weight, bias, "channels", /*float32_params=*/true);
 }
 
 inline void check_conv_states(const Tensor& states, int64_t slots, const Tensor& grad,
@@ -301,6 +301,14 @@ struct HasRelayout<L, std::void_t<decltype(L::relayout(std::declval<const at::Te
                                                       std::declval<const at::Tensor&>(), 1.0))>>
     : std::true_type {};
 
+// Launcher::channel_sum32 (optional): at::Tensor channel_sum32(G), the float32
+// per-channel sum of a bfloat16/float16 G, or undefined where it does not serve G.
+template <class L, class = void>
+struct HasChannelSum : std::false_type {};
+template <class L>
+struct HasChannelSum<L, std::void_t<decltype(L::channel_sum32(std::declval<const at::Tensor&>()))>>
+    : std::true_type {};
+
 template <class L>
 struct ConvStack {
   using E = Ew<L>;
@@ -382,14 +390,46 @@ struct ConvStack {
   struct Kernels {
     Tensor K, Kt;
   };
+  // Parameters (float32 where a bfloat16/float16 stack runs under torch.autocast on the
+  // CPU, checks.h) in the dtype of `like`, the one every elementwise pass and
+  // convolution runs in; their gradients are returned in their own dtype.
+  static Tensor in_dtype_of(const Tensor& p, const Tensor& like) {
+    return p.scalar_type() == like.scalar_type() ? p : p.to(like.scalar_type());
+  }
+  // Whether layer gradients of the convolutions' dtype (bfloat16/float16) accumulate
+  // into float32 parameter gradients: then each is widened before any sum, and the
+  // bias gradient is summed from G in float32, so the parameters' gradients round once
+  // (as autocast's float32 parameters' do), not once per term.
+  static bool widen_grads(const Tensor& G, const Tensor& gW) {
+    return G.scalar_type() != gW.scalar_type();
+  }
+  // gW_j = a + s b (s = 1: the sum of two terms), in gW's dtype.
+  static void combine(Tensor gWj, const Tensor& a, const Tensor& b, double s) {
+    if (a.scalar_type() == gWj.scalar_type()) {
+      at::add_out(gWj, a, b, s);
+    } else {
+      gWj.copy_(a);
+      gWj.add_(b, s);  // a float32 self: computed in float32
+    }
+  }
+  static Tensor bias_grad32(const Tensor& G) {
+    if constexpr (HasChannelSum<L>::value) {
+      Tensor s = L::channel_sum32(G);
+      if (s.defined()) return s;
+    }
+    return at::sum(G, {0, 2, 3}, false, at::kFloat);
+  }
   static Tensor conv_layout(const Tensor& K) {  // (N, C, C, k, k)
     if (!L::channels_last()) return K.contiguous();
     return K.permute({0, 1, 3, 4, 2}).contiguous().permute({0, 1, 4, 2, 3});
   }
   // adjoint = false: K^T Y is never taken (the ResNet forward), so Kt is not built.
-  static Kernels kernels(const Tensor& K, bool adjoint = true) {
-    if (L::channels_last() && K.is_cpu())
-      return kernels_on_host(K, adjoint && AdjointAsForward<L>::value);
+  // The kernels come in the dtype the convolutions run in, y's (`like`): float32
+  // parameters of a bfloat16/float16 stack are cast here.
+  static Kernels kernels(const Tensor& Kw, const Tensor& like, bool adjoint = true) {
+    if (L::channels_last() && Kw.is_cpu())
+      return kernels_on_host(Kw, like.scalar_type(), adjoint && AdjointAsForward<L>::value);
+    const Tensor K = in_dtype_of(Kw, like);
     Kernels k;
     k.K = conv_layout(K);
     if constexpr (AdjointAsForward<L>::value) {
@@ -397,40 +437,52 @@ struct ConvStack {
     }
     return k;
   }
-  // kernels() on the CPU, channels-last: both layouts written in one loop over K
-  // (through ATen: a permute-copy, a flip and a second permute-copy, each a
-  // TensorIterator pass with its own setup, about 25 us a call at the mnist stages).
-  static Kernels kernels_on_host(const Tensor& Kin, bool adjoint) {
+  // kernels() on the CPU, channels-last: both layouts written in one loop over K, cast
+  // to `dtype` on the way (through ATen: a cast, a permute-copy, a flip and a second
+  // permute-copy, each a TensorIterator pass with its own setup, about 25 us a call
+  // at the mnist stages).
+  static Kernels kernels_on_host(const Tensor& Kin, at::ScalarType dtype, bool adjoint) {
     const Tensor K = Kin.contiguous();
     const int64_t N = K.size(0), C = K.size(1), ks = K.size(3);
     // (N, C_out, k, k, C_in) in memory, viewed (N, C_out, C_in, k, k): channels-last
-    Tensor Kc = at::empty({N, C, ks, ks, C}, K.options()), Ktc;
-    if (adjoint) Ktc = at::empty({N, C, ks, ks, C}, K.options());
-    SN_DISPATCH_CONV_TYPES(K.scalar_type(), "conv_kernels", [&] {
-      const scalar_t* src = K.data_ptr<scalar_t>();
-      scalar_t* dk = Kc.data_ptr<scalar_t>();
-      scalar_t* dt = adjoint ? Ktc.data_ptr<scalar_t>() : nullptr;
-      const int64_t tap = ks * ks, per_layer = C * C * tap;
-      at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / (C * tap)), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {  // r = (layer n, output channel o)
-          const int64_t n = r / C, o = r % C;
-          const scalar_t* Kn = src + n * per_layer;
-          scalar_t* out = dk + r * C * tap;
-          for (int64_t t = 0; t < tap; ++t)  // K[n, o, i, t] -> Kc[n, o, t, i]
-            for (int64_t i = 0; i < C; ++i) out[t * C + i] = Kn[(o * C + i) * tap + t];
-          if (dt == nullptr) continue;
-          // the adjoint kernel: Kt[n, o, i, t] = K[n, i, o, k*k - 1 - t] (channels swapped,
-          // taps flipped)
-          scalar_t* outt = dt + r * C * tap;
-          for (int64_t t = 0; t < tap; ++t)
-            for (int64_t i = 0; i < C; ++i) outt[t * C + i] = Kn[(i * C + o) * tap + (tap - 1 - t)];
-        }
-      });
+    const auto options = K.options().dtype(dtype);
+    Tensor Kc = at::empty({N, C, ks, ks, C}, options), Ktc;
+    if (adjoint) Ktc = at::empty({N, C, ks, ks, C}, options);
+    SN_DISPATCH_CONV_TYPES(dtype, "conv_kernels", [&] {
+      using D = scalar_t;
+      if (K.scalar_type() == dtype) {
+        fill_kernels<D, D>(K.data_ptr<D>(), Kc.data_ptr<D>(), adjoint ? Ktc.data_ptr<D>() : nullptr,
+                           N, C, ks * ks);
+      } else {  // float32 parameters of a bfloat16/float16 stack (checks.h)
+        TORCH_INTERNAL_ASSERT(K.scalar_type() == at::kFloat);
+        fill_kernels<float, D>(K.data_ptr<float>(), Kc.data_ptr<D>(),
+                               adjoint ? Ktc.data_ptr<D>() : nullptr, N, C, ks * ks);
+      }
     });
     Kernels k;
     k.K = Kc.permute({0, 1, 4, 2, 3});
     if (adjoint) k.Kt = Ktc.permute({0, 1, 4, 2, 3});
     return k;
+  }
+  template <typename S, typename D>
+  static void fill_kernels(const S* src, D* dk, D* dt, int64_t N, int64_t C, int64_t tap) {
+    const int64_t per_layer = C * C * tap;
+    at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / (C * tap)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {  // r = (layer n, output channel o)
+        const int64_t n = r / C, o = r % C;
+        const S* Kn = src + n * per_layer;
+        D* out = dk + r * C * tap;
+        for (int64_t t = 0; t < tap; ++t)  // K[n, o, i, t] -> Kc[n, o, t, i]
+          for (int64_t i = 0; i < C; ++i) out[t * C + i] = static_cast<D>(Kn[(o * C + i) * tap + t]);
+        if (dt == nullptr) continue;
+        // the adjoint kernel: Kt[n, o, i, t] = K[n, i, o, k*k - 1 - t] (channels swapped,
+        // taps flipped)
+        D* outt = dt + r * C * tap;
+        for (int64_t t = 0; t < tap; ++t)
+          for (int64_t i = 0; i < C; ++i)
+            outt[t * C + i] = static_cast<D>(Kn[(i * C + o) * tap + (tap - 1 - t)]);
+      }
+    });
   }
   // K_j Y and K_j^T Y.
   static Tensor fwd(const Tensor& y, const Kernels& k, int64_t j) {
@@ -456,7 +508,7 @@ struct ConvStack {
     const int64_t N = Kw.size(0);
     Tensor states = empty_states(y, store ? N : 0, 2);
     if (y.numel() == 0) return {y.clone(at::MemoryFormat::Contiguous), states};
-    const Kernels k = kernels(Kw, /*adjoint=*/false);
+    const Kernels k = kernels(Kw, y, /*adjoint=*/false);
     Tensor Y;  // the state, when not stored
     if (store)
       assign(slot(states, 0, 0), y);
@@ -481,20 +533,21 @@ struct ConvStack {
     if (g_in.numel() == 0)
       return {at::zeros_like(g_in, at::MemoryFormat::Contiguous), at::zeros_like(Kw),
               at::zeros({N, Kw.size(1)}, Kw.options())};
-    const Kernels k = kernels(Kw);
+    const Kernels k = kernels(Kw, g_in);
     Tensor gW = at::empty(Kw.sizes(), Kw.options()), gb = at::empty({N, Kw.size(1)}, Kw.options());
     // lam = dL/dY_{j+1}: the incoming gradient (read only) until a layer adds
     // its input gradient, then a buffer of ours.
     const Tensor g = internal(g_in);
     Tensor lam = g, G = scratch(g), gi, own;
+    const bool wide = widen_grads(G, gW);
     for (int64_t j = N - 1; j >= 0; --j) {
       if (gi.defined() && !own.defined()) own = scratch(g);
       E::grad_act(act, lam, gi, slot(states, j, 1), h, G, own);
       if (gi.defined()) lam = own;
       Tensor gw, gbj;
-      std::tie(gi, gw, gbj) = grads(G, slot(states, j, 0), k, j, false, {true, true, true});
+      std::tie(gi, gw, gbj) = grads(G, slot(states, j, 0), k, j, false, {true, true, !wide});
       gW[j].copy_(gw);
-      gb[j].copy_(gbj);
+      gb[j].copy_(wide ? bias_grad32(G) : gbj);
     }
     return {nchw_sum(lam, gi), gW, gb};
   }
@@ -504,7 +557,7 @@ struct ConvStack {
     check_conv_stack(y, weight, bias);
     check_step(step);
     const Act act = parse_activation(activation);
-    return resnet_forward_impl(y, weight, bias.contiguous(), step, act, store);
+    return resnet_forward_impl(y, weight, in_dtype_of(bias, y).contiguous(), step, act, store);
   }
 
   static T3 resnet_backward(const Tensor& grad_out, const Tensor& states, const Tensor& weight,
@@ -524,7 +577,7 @@ struct ConvStack {
     check_gamma(gamma);
     const Act act = parse_activation(activation);
     return resnet_forward_impl(y, antisymmetric_kernel(weight.contiguous(), gamma),
-                               bias.contiguous(), step, act, store);
+                               in_dtype_of(bias, y).contiguous(), step, act, store);
   }
 
   static T3 antisymmetric_backward(const Tensor& grad_out, const Tensor& states,
@@ -550,14 +603,14 @@ struct ConvStack {
     check_like(yprev_in, "y_prev", y);
     check_step(step);
     const Act act = parse_activation(activation);
-    const Tensor b = bias.contiguous();
+    const Tensor b = in_dtype_of(bias, y).contiguous();
     const int64_t N = weight.size(0);
     const double h2 = step * step;
     Tensor states = empty_states(y, store ? N : 0, 2);
     if (y.numel() == 0)
       return {y.clone(at::MemoryFormat::Contiguous), yprev_in.clone(at::MemoryFormat::Contiguous),
               states};
-    const Kernels k = kernels(weight);
+    const Kernels k = kernels(weight, y);
     // y_prev is often y itself (zero velocity): then one conversion serves both
     const bool same = yprev_in.is_same(y);
     if (!store) {
@@ -608,9 +661,10 @@ struct ConvStack {
               at::zeros_like(ga_in, at::MemoryFormat::Contiguous), at::zeros_like(Kw),
               at::zeros({N, Kw.size(1)}, Kw.options()), clone_if_defined(y_hi),
               clone_if_defined(y_lo)};
-    const Kernels k = kernels(Kw);
+    const Kernels k = kernels(Kw, ga_in);
     Tensor gW = at::empty(Kw.sizes(), Kw.options()), gb = at::empty({N, Kw.size(1)}, Kw.options());
     const Tensor ga = internal(ga_in), gc = internal(gc_in);
+    const bool wide = widen_grads(ga, gW);
     // (a, cs * c) = (dL/dY_{j+1}, dL/dY_j so far). The incoming gradients are
     // read, never written; two buffers of our own (`own`) take the new a's in
     // turn, and the new c is the old a with its sign flipped (a flag, not a pass).
@@ -636,10 +690,9 @@ struct ConvStack {
       // Y_{j+1} = ... - h^2 K^T A:  dL/dA = -h^2 K lam, dL/dK (this term) = -h^2 (.)
       auto [gA, gwq, unused] = grads(a, A, k, j, true, {true, true, false});
       E::scale_mul(gA, D, -h2);  // gA is now G = dL/dP
-      auto [gY, gwp, gbj] = grads(gA, Yj, k, j, false, {true, true, true});
-      Tensor gWj = gW[j];
-      at::add_out(gWj, gwp, gwq, -h2);
-      gb[j].copy_(gbj);
+      auto [gY, gwp, gbj] = grads(gA, Yj, k, j, false, {true, true, !wide});
+      combine(gW[j], gwp, gwq, -h2);
+      gb[j].copy_(wide ? bias_grad32(gA) : gbj);
       // new a = cs c + 2 a + gY, into c where c is ours, else into a buffer of ours
       Tensor out;
       if (c.is_same(own[0]) || c.is_same(own[1])) {
@@ -679,7 +732,7 @@ struct ConvStack {
     check_step(step);
     const Act act = parse_activation(activation);
     auto r = leapfrog_backward_impl(grad_y, grad_y_prev, states.contiguous(), Tensor(), Tensor(),
-                                    weight, bias.contiguous(), step, act);
+                                    weight, in_dtype_of(bias, grad_y).contiguous(), step, act);
     return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
   }
 
@@ -694,7 +747,7 @@ struct ConvStack {
     check_step(step);
     const Act act = parse_activation(activation);
     return leapfrog_backward_impl(grad_y, grad_y_prev, Tensor(), y, y_prev, weight,
-                                  bias.contiguous(), step, act);
+                                  in_dtype_of(bias, grad_y).contiguous(), step, act);
   }
 
   // ------------------------------------------------------------ verlet
@@ -706,14 +759,14 @@ struct ConvStack {
     check_like(z_in, "z", y);
     check_step(step);
     const Act act = parse_activation(activation);
-    const Tensor b = bias.contiguous();
+    const Tensor b = in_dtype_of(bias, y).contiguous();
     const int64_t N = weight.size(0);
     const double h = step;
     Tensor states = empty_states(y, store ? N : 0, 4);
     if (y.numel() == 0)
       return {y.clone(at::MemoryFormat::Contiguous), z_in.clone(at::MemoryFormat::Contiguous),
               states};
-    const Kernels k = kernels(weight);
+    const Kernels k = kernels(weight, y);
     if (!store) {
       Tensor Y = own_copy(y), Z = own_copy(z_in);
       for (int64_t j = 0; j < N; ++j) {
@@ -749,7 +802,7 @@ struct ConvStack {
               at::zeros_like(gy_in, at::MemoryFormat::Contiguous), at::zeros_like(Kw),
               at::zeros({N, Kw.size(1)}, Kw.options()), clone_if_defined(y_end),
               clone_if_defined(z_end)};
-    const Kernels k = kernels(Kw);
+    const Kernels k = kernels(Kw, gy_in);
     Tensor gW = at::empty(Kw.sizes(), Kw.options()), gb = at::empty({N, Kw.size(1)}, Kw.options());
     // gy, gz: the incoming gradients (read only) until a layer adds to them,
     // then buffers of ours (own_y, own_z).
@@ -782,14 +835,14 @@ struct ConvStack {
       // autocast, which adds the two rounded halves in the float32 parameter's gradient)
       const bool sum32 = c10::isReducedFloatingType(G.scalar_type());
       auto [gz2, gw2, gb2] = grads(G, Zj, k, j, true, {true, true, !sum32});
-      if (sum32) gb2 = at::sum(G, {0, 2, 3}, false, at::kFloat);
+      if (sum32) gb2 = bias_grad32(G);
       E::grad_act(act, gz, gz2, P1j, -h, G, own_z);  // gz += K G2; G1
       gz = own_z;
       auto [gy1, gw1, gb1] = grads(G, Yj, k, j, false, {true, true, !sum32});
-      Tensor gWj = gW[j], gbj = gb[j];
-      at::add_out(gWj, gw1, gw2);
+      Tensor gbj = gb[j];
+      combine(gW[j], gw1, gw2, 1.0);
       if (sum32)
-        gbj.copy_(gb2.add_(at::sum(G, {0, 2, 3}, false, at::kFloat)));
+        gbj.copy_(gb2.add_(bias_grad32(G)));
       else
         at::add_out(gbj, gb1, gb2);
       gi = gy1;
@@ -809,7 +862,7 @@ struct ConvStack {
     check_step(step);
     const Act act = parse_activation(activation);
     auto r = verlet_backward_impl(grad_y, grad_z, states.contiguous(), Tensor(), Tensor(), weight,
-                                  bias.contiguous(), step, act);
+                                  in_dtype_of(bias, grad_y).contiguous(), step, act);
     return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
   }
 
@@ -823,8 +876,8 @@ struct ConvStack {
     check_like(z, "z", grad_y);
     check_step(step);
     const Act act = parse_activation(activation);
-    return verlet_backward_impl(grad_y, grad_z, Tensor(), y, z, weight, bias.contiguous(), step,
-                                act);
+    return verlet_backward_impl(grad_y, grad_z, Tensor(), y, z, weight,
+                                in_dtype_of(bias, grad_y).contiguous(), step, act);
   }
 };
 
