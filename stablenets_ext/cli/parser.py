@@ -119,8 +119,7 @@ def build_train_parser(sub, suppress_defaults=False):
     r.add_argument("--seed", type=T.seed, default=0, help=f"0 to {T.SEED_MAX} (default 0)")
     r.add_argument("--amp", choices=("bf16", "fp16"),
                    help="mixed precision: forward under torch.autocast in bfloat16, or float16 "
-                        "with a gradient scaler (bf16: every trainer; fp16: backprop only; "
-                        "default: float32)")
+                        "with a gradient scaler (every trainer; default: float32)")
     r.add_argument("--threads", type=T.positive_int,
                    help="torch threads (per worker for sg and pvd; default: torch's)")
     r.add_argument("--data-root", help="folder of the mnist/cifar files ($STABLENETS_DATA)")

@@ -54,9 +54,6 @@ def check_applicable(args, given: set, trainer) -> None:
         if dest == "amp" and dest in trainer.UNSUPPORTED:
             raise CliError(f"--amp: --trainer {name} does not run mixed precision (backprop "
                            f"does); leave it out")
-        if dest == "amp" and args.amp not in getattr(trainer, "AMP_MODES", (args.amp,)):
-            raise CliError(f"--amp {args.amp}: --trainer {name} has no gradient scaler across "
-                           f"its stages/workers; use --amp bf16")
         if dest in trainer.UNSUPPORTED:
             raise CliError(f"{_flag(dest)}: --trainer {name} cannot honour it (no schedule or "
                            f"regulariser there); leave it out")

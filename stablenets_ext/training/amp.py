@@ -39,26 +39,65 @@ def check_device(amp, device) -> None:
                           "use --amp bf16")
 
 
-def check_bf16_only(amp, trainer: str) -> None:
-    """Refuse fp16 for a trainer that runs bf16 but has no correct gradient
-    scaler: its gradients cross stages or processes (SG's per-stage backward
-    seeded by synthetic gradients, PVD's per-block subproblems and its
-    synchronisation), where one scaler's skipped steps and scale changes would
-    have to be agreed by every part. bf16 has float32's range and needs none."""
-    check_mode(amp)
-    if amp == "fp16":
-        raise OptionError(f"amp: fp16 needs a gradient scaler, which the {trainer} trainer "
-                          f"cannot apply across its stages/workers; use --amp bf16 (or backprop)")
+class LossScale:
+    """Dynamic loss scaling for float16 where ``torch.amp.GradScaler`` cannot drive the
+    step: SG's stages (each seeds its backward with a gradient, not a loss, and hands
+    the unscaled gradient of its input upstream) and PVD's workers (their own Adam,
+    and gradient sums written to shared memory). The same rule as GradScaler's: start
+    at 2**16; a step whose gradients hold an inf or NaN is skipped and the scale
+    halved; after ``growth_interval`` finite steps in a row it doubles. Each stage or
+    worker keeps its own: their backwards are separate graphs, and what crosses
+    between them is unscaled."""
+
+    def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5,
+                 growth_interval=2000):
+        self.scale = float(init_scale)
+        self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
+        self.growth_interval = growth_interval
+        self.good_steps = 0
+        self.skipped = 0
+
+    @staticmethod
+    def all_finite(tensors) -> bool:
+        """Whether every tensor is free of inf and NaN (one host sync for all)."""
+        tensors = [t for t in tensors if t is not None]
+        if not tensors:
+            return True
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+    def update(self, finite: bool) -> None:
+        if not finite:
+            self.scale *= self.backoff_factor
+            self.good_steps = 0
+            self.skipped += 1
+            return
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale *= self.growth_factor
+            self.good_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps, "skipped": self.skipped}
+
+    def load_state_dict(self, state) -> None:
+        if state:
+            self.scale = float(state["scale"])
+            self.good_steps = int(state["good_steps"])
+            self.skipped = int(state.get("skipped", 0))
 
 
 class Amp:
-    """What one training process needs: the autocast region and, for fp16, the scaler."""
+    """What one training process needs: the autocast region and, for fp16, the scaler
+    (``torch.amp.GradScaler`` for a torch optimiser's step; ``manual_scale=True``: a
+    :class:`LossScale` the trainer applies itself, as ``loss_scale``)."""
 
-    def __init__(self, amp, device):
+    def __init__(self, amp, device, *, manual_scale=False):
         check_device(amp, device)
         self.mode = amp
         self.device_type = torch.device(device if device is not None else "cpu").type
-        self.scaler = (torch.amp.GradScaler(self.device_type) if amp == "fp16" else None)
+        fp16 = amp == "fp16"
+        self.scaler = torch.amp.GradScaler(self.device_type) if fp16 and not manual_scale else None
+        self.loss_scale = LossScale() if fp16 and manual_scale else None
 
     def autocast(self):
         if self.mode is None:

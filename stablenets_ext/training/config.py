@@ -27,7 +27,7 @@ class TrainConfig:
     calls first) refuses bad values, and a trainer that cannot honour a setting
     refuses it (:meth:`refuse`) instead of ignoring it: PVD refuses
     ``weight_decay``, ``lr_step``, ``lr_gamma``, ``alpha`` and ``alpha_c`` away
-    from their defaults, SG and PVD refuse ``amp="fp16"``.
+    from their defaults.
 
     Args:
         epochs (int): training epochs, > 0 (default 20). With multilevel
@@ -65,7 +65,8 @@ class TrainConfig:
             into every checkpoint (the command line records its options there
             to check a resume against them); default None.
         amp (str or None): mixed precision: ``"bf16"`` (bfloat16 autocast),
-            ``"fp16"`` (float16 with a gradient scaler; backprop only) or None
+            ``"fp16"`` (float16 with a gradient scaler; SG and PVD: a loss scale per
+            stage or worker, :class:`~stablenets_ext.training.amp.LossScale`) or None
             (default: float32). A device that cannot run it is refused.
 
     Example:

@@ -25,7 +25,6 @@ ENGINES = {"process": "one worker process per block over shared memory",
 # PVD runs Adam on each block with a fixed rate; it has no schedule or regulariser.
 UNSUPPORTED = frozenset({"weight_decay", "lr_step", "lr_gamma", "alpha", "alpha_c"})
 COMPARISONS = ("sequential", "backprop")
-AMP_MODES = ("bf16",)  # fp16 would need one gradient scaler agreed across the workers
 
 __all__ = ["COMPARISONS", "ENGINES", "Options", "PVDConfig", "UNSUPPORTED", "WorkerError",
            "compare", "fit", "train_pvd"]

@@ -52,11 +52,11 @@ class PVDConfig:
     target_accuracy: float | None = None
     seed: int = 0
     threads: int | None = None  # per worker; default max(1, cores // workers)
-    amp: str | None = None  # "bf16": the direction and subproblem steps under autocast
+    amp: str | None = None  # "bf16"/"fp16": the direction and subproblem steps under autocast
     fault: tuple | None = field(default=None, repr=False)  # tests: (kind, worker, iteration)
 
     def check(self):
-        _amp.check_bf16_only(self.amp, "pvd")
+        _amp.check_mode(self.amp)
         if self.sync not in ("best", "hull"):
             raise ValueError(f"sync: expected 'best' or 'hull', got {self.sync!r}")
         if not isinstance(self.workers, int) or self.workers < 1:
@@ -252,7 +252,10 @@ class BlockSolver:
         # float32, and so do the candidate's synchronisation loss (below) and the
         # coordinator's synchronisation and evaluation (their losses are compared
         # and line-searched, where bfloat16's rounding would pick by noise).
-        self.amp = _amp.Amp(cfg.amp, x.device)
+        # fp16: the worker's own loss scale (..amp.LossScale); a subproblem step
+        # whose gradients overflow is skipped, and the direction's gradient sum is
+        # recomputed at a lower scale until it is finite (it is written unscaled).
+        self.amp = _amp.Amp(cfg.amp, x.device, manual_scale=True)
 
     # ------------------------------------------------------------ state
 
@@ -260,9 +263,10 @@ class BlockSolver:
         """What a resumed run needs from this worker: its block's Adam moments
         (``y`` and ``mu`` restart from ``x`` and 0 at every iteration anyway).
         Numpy arrays, so that it travels through a pipe by value."""
-        opt = self.opt_y
+        opt, ls = self.opt_y, self.amp.loss_scale
         return {"t": opt.t, "m": [m.detach().cpu().numpy().copy() for m in opt.m],
-                "v": [v.detach().cpu().numpy().copy() for v in opt.v]}
+                "v": [v.detach().cpu().numpy().copy() for v in opt.v],
+                **({"loss_scale": ls.state_dict()} if ls is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         opt = self.opt_y
@@ -271,6 +275,8 @@ class BlockSolver:
             raise ValueError(f"worker {self.index}: the checkpoint's optimiser state does not "
                              "fit this block")
         opt.t = int(state["t"])
+        if self.amp.loss_scale is not None:
+            self.amp.loss_scale.load_state_dict(state.get("loss_scale"))
         with torch.no_grad():
             for dst, src in zip(opt.m + opt.v, list(state["m"]) + list(state["v"])):
                 dst.copy_(torch.as_tensor(src))
@@ -282,19 +288,33 @@ class BlockSolver:
         batches, written to ``shared.grads[index]``; returns the example count."""
         P = self.partition.blocks
         batches = direction_batches(self.cfg, self.train_x.shape[0], iteration)[self.index::P]
-        flat = self.shared.x.detach().clone().requires_grad_(True)
-        count = 0
-        for idx in batches:
-            idx = idx.to(self.train_x.device)
-            with self.amp.autocast():
-                loss = self.net.loss(flat, self.train_x[idx], self.train_y[idx], reduction="sum")
-            loss.backward()
-            count += idx.numel()
+        ls = self.amp.loss_scale
+        while True:
+            flat = self.shared.x.detach().clone().requires_grad_(True)
+            scale = ls.scale if ls is not None else 1.0
+            count = 0
+            for idx in batches:
+                idx = idx.to(self.train_x.device)
+                with self.amp.autocast():
+                    loss = self.net.loss(flat, self.train_x[idx], self.train_y[idx],
+                                         reduction="sum")
+                (loss * scale if ls is not None else loss).backward()
+                count += idx.numel()
+            if ls is None or ls.all_finite([flat.grad]):
+                break
+            ls.update(False)  # fp16 overflow: again at half the scale
+            if ls.scale < 1.0:
+                raise FloatingPointError(
+                    f"worker {self.index}: amp fp16: the direction's gradient is not finite "
+                    f"even unscaled (iteration {iteration}); the run diverged or float16's "
+                    "range is too narrow for it: use --amp bf16")
         with torch.no_grad():
             if flat.grad is None:
                 self.shared.grads[self.index].zero_()
             else:
                 self.shared.grads[self.index].copy_(flat.grad)
+                if ls is not None:
+                    self.shared.grads[self.index].div_(scale)
         if flat.device.type == "cuda":  # the coordinator reads it once we reply
             torch.cuda.synchronize(flat.device)
         return count
@@ -334,12 +354,22 @@ class BlockSolver:
                 loss = self.net.loss(torch.cat(parts), self.train_x[idx], self.train_y[idx])
             self.opt_y.zero_grad()
             opt_mu.zero_grad()
-            loss.backward()
+            ls = self.amp.loss_scale
+            (loss * ls.scale if ls is not None else loss).backward()
             if self.mu.grad is not None:  # None with one block: no other block to move
                 self.mu.grad[l] = 0  # mu_l does not exist: block l moves freely
-            self.opt_y.step()
-            opt_mu.step()
             loss_sum += loss.detach()
+            finite = True
+            if ls is not None:  # fp16: unscale, or skip a step that overflowed
+                grads = [t.grad for t in (self.y, self.mu) if t.grad is not None]
+                scale = ls.scale
+                finite = ls.all_finite(grads)
+                ls.update(finite)
+                if finite:
+                    torch._foreach_div_(grads, scale)
+            if finite:
+                self.opt_y.step()
+                opt_mu.step()
             if heartbeat is not None and time.monotonic() - last_beat > 0.5:
                 heartbeat()
                 last_beat = time.monotonic()

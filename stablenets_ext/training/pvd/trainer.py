@@ -312,8 +312,11 @@ def train_pvd(model, data, workers: int = 2, *, backend: str = "process", sync: 
         amp (str or None): ``"bf16"`` runs the workers' direction and
             subproblem steps under bfloat16 autocast (the point, the
             multipliers and Adam's state stay float32; the synchronisation and
-            the evaluation run in float32); ``"fp16"`` is refused (no gradient
-            scaler across the workers); None (default): float32.
+            the evaluation run in float32); ``"fp16"`` in float16, each worker
+            with its own dynamic loss scale
+            (:class:`~stablenets_ext.training.amp.LossScale`: a subproblem step
+            whose gradients overflow is skipped, the direction's gradient sum is
+            recomputed at a lower scale); None (default): float32.
 
     Returns:
         dict: the summary of :func:`~stablenets_ext.training.train`

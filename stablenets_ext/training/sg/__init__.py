@@ -29,9 +29,8 @@ NAME = "sg"
 ENGINES = {"inprocess": "every stage in this process (the reference)",
            "process": "one process per stage, shared-memory buffers",
            "dist": "one torch.distributed rank per stage (torchrun)"}
-UNSUPPORTED: frozenset = frozenset()  # --amp: bf16 (fp16 refused by train_sg)
+UNSUPPORTED: frozenset = frozenset()  # --amp: bf16 and fp16 (a loss scale per stage)
 COMPARISONS = ("backprop",)
-AMP_MODES = ("bf16",)  # fp16 would need one gradient scaler agreed across the stages
 
 __all__ = ["COMPARISONS", "ENGINES", "InProcessEngine", "Options", "StageError", "UNSUPPORTED",
            "compare", "fit", "time_backprop", "train_sg"]

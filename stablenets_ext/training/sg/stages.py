@@ -426,11 +426,15 @@ class StageRunner:
                  sg_fit="auto", weight_decay=0.0, lr_step=None, lr_gamma=0.5, alpha=0.0,
                  alpha_c=0.0, amp=None):
         self.net, self.sg = net, sg
-        # Mixed precision (bf16 only, see ..amp.check_sg): the stage's forward and
-        # its loss run under autocast; the states and gradients crossing a cut,
-        # the SG module (its prediction and fit) and the optimisers stay float32.
+        # Mixed precision: the stage's forward and its loss run under autocast; the
+        # states and gradients crossing a cut, the SG module (its prediction and
+        # fit) and the optimisers stay float32. fp16: the stage's own loss scale
+        # (..amp.LossScale) seeds its backward scaled; the step is skipped on an
+        # inf/NaN gradient, and the input gradient it hands upstream is unscaled
+        # (a non-finite one is not learnt from, see learn).
         first = next(net.parameters())
-        self.amp, self.dtype = _amp.Amp(amp, first.device), first.dtype
+        self.amp = _amp.Amp(amp, first.device, manual_scale=True)
+        self.dtype = first.dtype
         self.index = net.index
         self.alpha, self.alpha_c = alpha, alpha_c
         self.opt, self.sched = backprop.make_optimizer(net, lr, weight_decay, lr_step, lr_gamma,
@@ -463,6 +467,7 @@ class StageRunner:
         self.loss_sum, self.correct, self.count = 0.0, 0, 0
         self._loss_acc = None
         self.sg_sq, self.sg_norm, self.sg_numel, self.sg_batches = None, None, 0, 0
+        self.sg_skipped = 0
 
     # ------------------------------------------------------------ schedule
 
@@ -500,23 +505,35 @@ class StageRunner:
         self._graph = None
         self.opt.zero_grad(set_to_none=True)
         penalty = self.net.penalty(self.alpha, self.alpha_c)
+        ls = self.amp.loss_scale
+        scale = ls.scale if ls is not None else 1.0
         if self.last:
-            (out + penalty).backward()
+            total = out + penalty
+            (total * scale if ls is not None else total).backward()
         else:
             if grads is None:
                 with torch.no_grad():
                     grads = self.sg(self.pending[t][0], labels)
             n = labels.shape[0]
-            tensors, seeds = list(out), [(g / n).to(o.dtype) for g, o in zip(grads, out)]
+            # scaled before the cast: a float16 seed of g / n alone would underflow
+            tensors, seeds = list(out), [(g * (scale / n)).to(o.dtype) for g, o in zip(grads, out)]
             if isinstance(penalty, torch.Tensor):
                 tensors.append(penalty)
-                seeds.append(torch.ones_like(penalty))
+                seeds.append(torch.full_like(penalty, scale))
             torch.autograd.backward(tensors, seeds)
-        self.opt.step()
+        if ls is None:
+            self.opt.step()
+        else:
+            params = [p.grad for p in self.net.parameters() if p.grad is not None]
+            finite = ls.all_finite(params + [i.grad for i in inputs if not self.first])
+            if finite:
+                torch._foreach_div_(params, scale)
+                self.opt.step()
+            ls.update(finite)
         result = None
         if not self.first:
             n = labels.shape[0]
-            result = tuple((i.grad if i.grad is not None else torch.zeros_like(i)) * n
+            result = tuple((i.grad if i.grad is not None else torch.zeros_like(i)) * (n / scale)
                            for i in inputs)
         self.busy += time.perf_counter() - start
         return result
@@ -530,6 +547,11 @@ class StageRunner:
         with torch.no_grad():
             norm = sum(g.pow(2).sum() for g in target)
             rms = (norm / numel).sqrt()
+        if self.amp.loss_scale is not None and not torch.isfinite(norm).item():
+            # fp16: the next stage's backward overflowed (and skipped its step)
+            self.sg_skipped += 1
+            self.busy += time.perf_counter() - start
+            return
         if self.sg_solver is not None:
             sq = self.sg_solver.step(state, labels, target, rms)
         else:
@@ -586,12 +608,16 @@ class StageRunner:
             "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
             "sg_opt": None if self.sg_opt is None else self.sg_opt.state_dict(),
             "sg_solver": None if self.sg_solver is None else self.sg_solver.state_dict(),
+            **({"loss_scale": self.amp.loss_scale.state_dict()}
+               if self.amp.loss_scale is not None else {}),
         }
 
     def load_state_dict(self, state: dict):
         self.net.load_state_dict(state["net"])
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
+        if self.amp.loss_scale is not None:
+            self.amp.loss_scale.load_state_dict(state.get("loss_scale"))
         if self.sg is not None:
             self.sg.load_state_dict(state["sg"])
             saved = state.get("sg_solver") is not None

@@ -271,8 +271,12 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
             (default 120).
         amp (str or None): ``"bf16"`` runs each stage's forward and loss under
             bfloat16 autocast (the states and gradients crossing a cut, the SG
-            modules and the optimiser state stay float32); ``"fp16"`` is
-            refused (no gradient scaler across stages); None (default): float32.
+            modules and the optimiser state stay float32); ``"fp16"`` in float16,
+            each stage with its own dynamic loss scale
+            (:class:`~stablenets_ext.training.amp.LossScale`: a step whose
+            gradients overflow is skipped, and the input gradient it hands
+            upstream is unscaled and, when not finite, not learnt from); None
+            (default): float32.
 
     Returns:
         dict: the summary of :func:`~stablenets_ext.training.train`
@@ -357,7 +361,6 @@ def train_sg(model: models.StableNet, data, *, epochs, batch_size, lr, stages=No
     if sg_fit == "solve" and sg_hidden:
         raise ValueError("sg_fit: 'solve' fits a linear SG module; sg_hidden > 0 makes an MLP "
                          "(use 'adam' or 'auto')")
-    _amp.check_bf16_only(amp, "sg")
     _amp.check_device(amp, device)
     settings = dict(lr=lr, sg_lr=sg_lr, sg_fit=sg_fit, weight_decay=weight_decay, lr_step=lr_step,
                     lr_gamma=lr_gamma, alpha=alpha, alpha_c=alpha_c, amp=amp)
