@@ -650,16 +650,10 @@ def test_train_amp_sg(one_thread, amp, sg_fit):
     assert abs(results[amp]["accuracy"] - results[None]["accuracy"]) < 0.1
 
 
-# a stage or worker whose every step overflowed in the first epoch has not stepped
-# its optimiser when its schedule steps: torch warns
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
-def test_train_amp_sg_fp16_skips_overflowing_steps(one_thread, monkeypatch):
-    """fp16 SG from an absurd loss scale (2**60): the first steps overflow float16 and are
-    skipped, the scale halves until the gradients are finite, the input gradients an
-    overflowing stage hands upstream are not learnt from, and the run still learns."""
-    from stablenets_ext import data as D
+def _huge_loss_scales(monkeypatch):
+    """Every LossScale made from now on starts at 2**60 (float16 overflows at once);
+    returns the list they are appended to."""
     from stablenets_ext.training import amp as A
-    from stablenets_ext.training.sg import train_sg
 
     init = A.LossScale.__init__
     seen = []
@@ -669,6 +663,20 @@ def test_train_amp_sg_fp16_skips_overflowing_steps(one_thread, monkeypatch):
         seen.append(self)
 
     monkeypatch.setattr(A.LossScale, "__init__", huge)
+    return seen
+
+
+# a stage whose every step overflowed in the first epoch has not stepped its optimiser
+# when its schedule steps: torch warns
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+def test_train_amp_sg_fp16_skips_overflowing_steps(one_thread, monkeypatch):
+    """fp16 SG from an absurd loss scale (2**60): the first steps overflow float16 and are
+    skipped, the scale halves until the gradients are finite, the input gradients an
+    overflowing stage hands upstream are not learnt from, and the run still learns."""
+    from stablenets_ext import data as D
+    from stablenets_ext.training.sg import train_sg
+
+    seen = _huge_loss_scales(monkeypatch)
     data = D.load_dataset("digits")
     r = train_sg(_digits_model(data), data, epochs=2, batch_size=64, lr=0.01, stages=2,
                  quiet=True, amp="fp16")
@@ -719,23 +727,13 @@ def test_train_amp_pvd(one_thread, amp, backend):
 
 
 # a stage or worker whose every step overflowed in the first epoch has not stepped
-# its optimiser when its schedule steps: torch warns
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_train_amp_pvd_fp16_skips_overflowing_steps(one_thread, monkeypatch):
     """fp16 PVD from an absurd loss scale: the direction's gradient sum is recomputed at
     lower scales until finite, overflowing subproblem steps are skipped, and it learns."""
     from stablenets_ext import data as D
-    from stablenets_ext.training import amp as A
     from stablenets_ext.training import pvd
 
-    init = A.LossScale.__init__
-    seen = []
-
-    def huge(self, init_scale=2.0 ** 60, **kw):
-        init(self, init_scale=init_scale, **kw)
-        seen.append(self)
-
-    monkeypatch.setattr(A.LossScale, "__init__", huge)
+    seen = _huge_loss_scales(monkeypatch)
     data = D.load_dataset("digits")
     r = pvd.train_pvd(_digits_model(data), data, workers=2, backend="sequential", iterations=2,
                       inner_batches=15, lr=0.01, threads=1, amp="fp16")
