@@ -390,12 +390,14 @@ def test_dist_stage_exception_is_reported_as_its_one_line(swiss):
     with pytest.raises(StageError) as info:
         train_sg(model, bad, epochs=2, workers=2, threads=1, quiet=True, batch_size=64, lr=0.01,
                  backend="dist")
-    # the rank's own line (stage 0's label-conditioned synthetic gradient fails first),
-    # not a summary of torchrun's log
+    # the failing rank's own line, not a summary of torchrun's log. Both ranks fail on the
+    # first batch (stage 0's label-conditioned synthetic gradient, stage 1's loss), so either
+    # may be the first reported: a race, whichever it is.
     message = str(info.value)
-    assert message == ("synthetic-gradient stage 0: Class values must be smaller than "
-                       "num_classes."), message
-    assert info.value.worker == 0
+    own_lines = {0: "synthetic-gradient stage 0: Class values must be smaller than num_classes.",
+                 1: "synthetic-gradient stage 1: IndexError: Target 7 is out of bounds."}
+    assert info.value.worker in own_lines, info.value.worker
+    assert message == own_lines[info.value.worker], message
 
 
 def test_ctrl_c_stops_the_pipeline(tmp_path):
