@@ -377,12 +377,14 @@ def test_conv_bf16_error_within_2x_pytorch_autocast(arch, reversible):
     as PyTorch's autocast keeps them; reversible mode in float32). Under autocast they
     take the float32 parameters uncast and return float32 parameter gradients, each
     layer's terms summed in float32 (autocast's cast parameters get a bf16 gradient per
-    use, summed in bf16). Measured over 30 draws per case (2026-12-05, third session):
-    the median ratio to PyTorch autocast's error is at most 1.01x for every output and
-    gradient; the worst draws 1.03x (output), 1.39x (leapfrog's input gradient), 1.40x
-    (leapfrog's weight gradient) and 1.34x (the bias gradients, at the floor the bf16
-    cotangent sets for both; 1.77x before the float32 parameter gradients). So 1.25x is
-    allowed for the output and 2x for the gradients, not the dense stacks' "at most"."""
+    use, summed in bf16); leapfrog carries its adjoints in float32. Measured over 30
+    draws per case (benchmarks/amp_error.py, 2026-12-05, third session): the median ratio
+    to PyTorch autocast's error is at most 1.01x for every output and gradient; the
+    worst draws 1.03x (output), 1.02x (input gradient; leapfrog's was 1.39x with a bf16
+    carry), 1.27x (leapfrog's weight gradient) and up to 1.62x (the bias gradients, at
+    the floor the bf16 cotangent and the bf16 convolution outputs set for both; 1.77x
+    before the float32 parameter gradients). So 1.25x is allowed for the output and the
+    input gradient and 2x for the parameter gradients, not the dense stacks' "at most"."""
     # the per-layer reference stores every state (only the fused op runs reversibly)
     m64 = _stack(CONV, arch, False, 4, 6, impl="reference").double()
     y_in = torch.randn(8, 4, 7, 7).bfloat16()
@@ -395,7 +397,7 @@ def test_conv_bf16_error_within_2x_pytorch_autocast(arch, reversible):
             got = _outputs_and_grads(m, y_in)
         errs[impl] = [_rel(a, e) for a, e in zip(got, exact)]
     for name, fused, plain, slack in zip(("output", "grad y", "grad weight", "grad bias"),
-                                         errs["fused"], errs["reference"], (1.25, 2, 2, 2)):
+                                         errs["fused"], errs["reference"], (1.25, 1.25, 2, 2)):
         assert fused <= slack * plain, \
             f"{name}: fused {fused:.2e} > {slack} x PyTorch autocast {plain:.2e}"
 

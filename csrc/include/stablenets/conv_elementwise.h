@@ -158,5 +158,23 @@ struct LeapfrogAdjoint {
   }
 };
 
+// The same for a bfloat16/float16 backward that carries its adjoints in float32:
+// out32 = cs c + 2 lam + gy from float32 c and lam (out32 may alias c), and out16 the
+// copy in the storage type the next convolution reads.
+template <typename T>
+struct LeapfrogAdjointWide {
+  float* out32;
+  T* out16;
+  const float* c;
+  const float* lam;
+  const T* gy;
+  float cs;
+  SN_HOST_DEVICE void operator()(int64_t e, T) const {
+    const float v = cs * c[e] + 2.0f * lam[e] + static_cast<float>(gy[e]);
+    out32[e] = v;
+    out16[e] = static_cast<T>(v);
+  }
+};
+
 }  // namespace conv_ew
 }  // namespace stablenets

@@ -260,6 +260,17 @@ struct Ew {
     });
   }
 
+  // out32 = cs c + 2 lam + gy (float32 c, lam), out16 = out32 in gy's dtype (bf16/fp16)
+  static void leapfrog_adjoint_wide(const Tensor& out32, const Tensor& out16, const Tensor& c,
+                                    double cs, const Tensor& lam, const Tensor& gy) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(gy.scalar_type(), "conv_leapfrog_adjoint_wide", [&] {
+      using T = scalar_t;
+      conv_ew::LeapfrogAdjointWide<T> op{ptr<float>(out32), ptr<T>(out16), ptr<float>(c),
+                                         ptr<float>(lam), ptr<T>(gy), static_cast<float>(cs)};
+      L::launch(op, out16, static_cast<const T*>(nullptr));
+    });
+  }
+
   // out = cs c + 2 lam + gy
   static void leapfrog_adjoint(const Tensor& out, const Tensor& c, double cs, const Tensor& lam,
                                const Tensor& gy) {
@@ -323,10 +334,17 @@ struct ConvStack {
   // An uninitialised tensor of t's shape in the internal layout, from the
   // launcher's allocator (on the CPU the block cache, so that a training step
   // does not page-fault its temporaries in again on every call).
-  static Tensor scratch(const Tensor& t) {
-    if (!L::channels_last()) return L::empty(t.sizes(), t.options());
-    return L::empty({t.size(0), t.size(2), t.size(3), t.size(1)}, t.options())
-        .permute({0, 3, 1, 2});
+  static Tensor scratch(const Tensor& t) { return scratch(t, t.scalar_type()); }
+  static Tensor scratch(const Tensor& t, at::ScalarType dtype) {
+    const auto options = t.options().dtype(dtype);
+    if (!L::channels_last()) return L::empty(t.sizes(), options);
+    return L::empty({t.size(0), t.size(2), t.size(3), t.size(1)}, options).permute({0, 3, 1, 2});
+  }
+  // A float32 copy of t (a tensor in the internal layout), in that layout.
+  static Tensor widened(const Tensor& t) {
+    Tensor o = scratch(t, at::kFloat);
+    o.copy_(t);
+    return o;
   }
   // dst = s (a [+ b]) through the launcher's layout conversion where it serves the call.
   static bool relayout(const Tensor& dst, const Tensor& a, const Tensor& b, double s) {
@@ -672,6 +690,13 @@ struct ConvStack {
     double cs = 1.0;
     Tensor own[2];
     int next = 0;
+    // bfloat16/float16: the adjoints (a, c) are carried in float32 from layer to layer
+    // (a32, c32; a16 is a's copy the convolutions read), as the dense stacks carry
+    // their states: a bf16 carry rounded the second-order recurrence at every layer,
+    // up to 1.4x PyTorch autocast's input-gradient error (benchmarks/amp_error.py).
+    const bool carry32 = c10::isReducedFloatingType(ga.scalar_type());
+    Tensor a32, c32;
+    if (carry32) a32 = widened(ga), c32 = widened(gc);
     Tensor A = scratch(ga), D = scratch(ga);
     Tensor Y, Yn;
     if (rev) {
@@ -693,6 +718,18 @@ struct ConvStack {
       auto [gY, gwp, gbj] = grads(gA, Yj, k, j, false, {true, true, !wide});
       combine(gW[j], gwp, gwq, -h2);
       gb[j].copy_(wide ? bias_grad32(gA) : gbj);
+      if (carry32) {  // new a = cs c + 2 a + gY in float32, and its copy for the convolutions
+        Tensor o32 = c32.is_same(a32) ? scratch(ga, at::kFloat) : c32, o16 = scratch(ga);
+        E::leapfrog_adjoint_wide(o32, o16, c32, cs, a32, gY);
+        c32 = a32, c = a;
+        a32 = o32, a = o16;
+        cs = -1.0;
+        if (rev) {
+          E::leapfrog_step(Y, Yn, adj(A, k, j), h2, Yn);  // Y_{j-1}
+          std::swap(Y, Yn);
+        }
+        continue;
+      }
       // new a = cs c + 2 a + gY, into c where c is ours, else into a buffer of ours
       Tensor out;
       if (c.is_same(own[0]) || c.is_same(own[1])) {
