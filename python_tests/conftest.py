@@ -1,5 +1,7 @@
 import os
 import random
+import signal
+import warnings
 import zlib
 
 import pytest
@@ -56,3 +58,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def sigint_default():
+    """Ctrl-C tests: SIGINT raises KeyboardInterrupt in this process and is not blocked in
+    its main thread, so that the signal reaches the code under test (and a child started
+    from here, which inherits the mask; an ignored disposition would be inherited too). A
+    state left otherwise by something earlier in the session is warned about, then put
+    right for the test and restored after it. (CI once saw both Ctrl-C tests fail in one
+    serial run as if SIGINT were ignored; never reproduced alone.)"""
+    handler = signal.getsignal(signal.SIGINT)
+    blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    if handler is not signal.default_int_handler or blocked:
+        warnings.warn(f"SIGINT was not Python's default at the start of a Ctrl-C test "
+                      f"(handler {handler!r}, blocked in the main thread: {blocked}); reset")
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler if handler is not None else signal.SIG_DFL)
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])

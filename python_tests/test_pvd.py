@@ -269,7 +269,7 @@ def test_failing_worker_is_reported_and_reaped(ellipse):
     assert shm_entries() <= shm
 
 
-def test_ctrl_c_stops_cleanly(ellipse):
+def test_ctrl_c_stops_cleanly(ellipse, sigint_default):
     """Ctrl-C reaches the whole process group: the workers ignore it and the
     coordinator raises KeyboardInterrupt after reaping them."""
     model, _ = preset_model(ellipse)
