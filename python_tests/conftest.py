@@ -64,15 +64,16 @@ def one_thread():
 def sigint_default():
     """Ctrl-C tests: SIGINT raises KeyboardInterrupt in this process and is not blocked in
     its main thread, so that the signal reaches the code under test (and a child started
-    from here, which inherits the mask; an ignored disposition would be inherited too). A
-    state left otherwise by something earlier in the session is warned about, then put
-    right for the test and restored after it. (CI once saw both Ctrl-C tests fail in one
-    serial run as if SIGINT were ignored; never reproduced alone.)"""
+    from here, which inherits the mask and an ignored disposition). A test run started
+    with SIGINT ignored (a job a shell without job control starts in the background, as
+    `(make test &)` does) would fail them otherwise: that state is warned about, put right
+    for the test and restored after it."""
     handler = signal.getsignal(signal.SIGINT)
     blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
     if handler is not signal.default_int_handler or blocked:
         warnings.warn(f"SIGINT was not Python's default at the start of a Ctrl-C test "
-                      f"(handler {handler!r}, blocked in the main thread: {blocked}); reset")
+                      f"(handler {handler!r}, blocked in the main thread: {blocked}; a run "
+                      "started in the background without job control ignores it); reset")
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
     try:
