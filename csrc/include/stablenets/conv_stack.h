@@ -718,36 +718,33 @@ struct ConvStack {
       auto [gY, gwp, gbj] = grads(gA, Yj, k, j, false, {true, true, !wide});
       combine(gW[j], gwp, gwq, -h2);
       gb[j].copy_(wide ? bias_grad32(gA) : gbj);
-      if (carry32) {  // new a = cs c + 2 a + gY in float32, and its copy for the convolutions
-        Tensor o32 = c32.is_same(a32) ? scratch(ga, at::kFloat) : c32, o16 = scratch(ga);
-        E::leapfrog_adjoint_wide(o32, o16, c32, cs, a32, gY);
-        c32 = a32, c = a;
-        a32 = o32, a = o16;
-        cs = -1.0;
-        if (rev) {
-          E::leapfrog_step(Y, Yn, adj(A, k, j), h2, Yn);  // Y_{j-1}
-          std::swap(Y, Yn);
-        }
-        continue;
-      }
-      // new a = cs c + 2 a + gY, into c where c is ours, else into a buffer of ours
-      Tensor out;
-      if (c.is_same(own[0]) || c.is_same(own[1])) {
-        out = c;
+      if (carry32) {
+        // new a = cs c + 2 a + gY in float32 over c32 (always ours, never a32), and its
+        // copy for the convolutions
+        Tensor o16 = scratch(ga);
+        E::leapfrog_adjoint_wide(c32, o16, c32, cs, a32, gY);
+        std::swap(c32, a32);
+        c = a, a = o16;
       } else {
-        if (!own[next].defined()) own[next] = scratch(ga);
-        out = own[next];
-        next ^= 1;
-        if (out.is_same(a)) {  // a is ours and about to become c: use the other buffer
+        // new a = cs c + 2 a + gY, into c where c is ours, else into a buffer of ours
+        Tensor out;
+        if (c.is_same(own[0]) || c.is_same(own[1])) {
+          out = c;
+        } else {
           if (!own[next].defined()) own[next] = scratch(ga);
           out = own[next];
           next ^= 1;
+          if (out.is_same(a)) {  // a is ours and about to become c: use the other buffer
+            if (!own[next].defined()) own[next] = scratch(ga);
+            out = own[next];
+            next ^= 1;
+          }
         }
+        E::leapfrog_adjoint(out, c, cs, a, gY);
+        c = a;
+        a = out;
       }
-      E::leapfrog_adjoint(out, c, cs, a, gY);
-      c = a;
       cs = -1.0;
-      a = out;
       if (rev) {
         E::leapfrog_step(Y, Yn, adj(A, k, j), h2, Yn);  // Y_{j-1}
         std::swap(Y, Yn);
