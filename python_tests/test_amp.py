@@ -94,12 +94,13 @@ def test_raw_op_under_autocast_returns_autocast_dtype():
     assert all(t.dtype == torch.float32 for t in g32)
 
 
-def _op_args(name, dtype=torch.float32, store=True):
-    """Arguments for stablenets::<name>: float32 parameters, ``dtype`` data."""
+def _op_args(name, dtype=torch.float32, store=True, features=8):
+    """Arguments for stablenets::<name>: float32 parameters, ``dtype`` data (``features``
+    of a dense op's)."""
     conv_op = name.startswith("conv_")
     arch = name.removeprefix("conv_").split("_")[0]
     g = torch.Generator().manual_seed(1)
-    shape = (2, 3, 5, 5) if conv_op else (5, 8)
+    shape = (2, 3, 5, 5) if conv_op else (5, features)
     c = shape[1]
     w = torch.randn((3, c, c, 3, 3) if conv_op else (3, c, c), generator=g) * 0.2
     b = torch.randn(3, c, generator=g) * 0.1
@@ -121,8 +122,9 @@ def _op_args(name, dtype=torch.float32, store=True):
     return (gy, out[1], w, b, 0.1, *extra, "tanh")
 
 
+@pytest.mark.parametrize("features", [8, 40])  # dense: narrow (parameters uncast) and wide
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_eager_autocast_kernels_are_cpp_and_match_the_python_policy(monkeypatch, dtype):
+def test_eager_autocast_kernels_are_cpp_and_match_the_python_policy(monkeypatch, dtype, features):
     """Eager calls under autocast run the C++ kernels (csrc/autocast.cpp: no Python per
     call); the Python kernels torch.compile/export trace with (stablenets_ext.autocast)
     give the same dtypes and values, for every op."""
@@ -136,7 +138,7 @@ def test_eager_autocast_kernels_are_cpp_and_match_the_python_policy(monkeypatch,
 
     for name in autocast.op_names():
         op = getattr(torch.ops.stablenets, name).default
-        args = _op_args(name, dtype)
+        args = _op_args(name, dtype, features=features)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             with monkeypatch.context() as mp:
                 mp.setattr(autocast, "_cast", refuse)
@@ -163,24 +165,24 @@ def test_eager_autocast_reversible_forward_runs_in_float32():
     assert torch.equal(ya, fa.bfloat16()) and torch.equal(yb, fb.bfloat16())
 
 
-def test_autocast_caches_the_cast_of_a_parameter():
-    """Within one autocast region a leaf parameter is cast once (at::autocast::cached_cast),
-    as for ATen's own ops: a second call casts only its input."""
+def test_dense_autocast_leaves_parameters_uncast():
+    """Under CPU autocast a dense stack's weight and bias reach the op in float32: no cast
+    of the parameters nor of their gradients (profiler), float32 gradients; two calls in
+    one region give the same output."""
     m = sn.ResNetStack(8, 3)
-    x = torch.randn(4, 8)
-
-    def casts(calls):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                outs = [m(x) for _ in range(calls)]
-        return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy"), outs
-
-    one, _ = casts(1)
-    two, (a, b) = casts(2)
-    # The second call casts x again but not weight and bias (whatever the kernel casts
-    # inside, which both calls do alike).
-    assert two == 2 * one - 2, (one, two)
-    assert torch.equal(a, b)
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = m(x), m(x)
+        (a.float().sum() + b.float().sum()).backward()
+    param_shapes = [list(m.weight.shape), list(m.bias.shape)]
+    casts = [e for e in prof.events() if e.name == "aten::_to_copy"]
+    assert casts and all(list(e.input_shapes[0]) == list(x.shape) for e in casts), \
+        [e.input_shapes[0] for e in casts]
+    assert not [e for e in casts if list(e.input_shapes[0]) in param_shapes]
+    assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    assert m.weight.grad.dtype == m.bias.grad.dtype == x.grad.dtype == torch.float32
 
 
 def test_float64_untouched_by_autocast():
@@ -214,10 +216,44 @@ def test_conv_module_cast(arch, reversible):
 def test_mixed_dtypes_refused_by_name():
     m = sn.ResNetStack(8, 2)
     with pytest.raises(ValueError, match="weight: expected the dtype of y"):
-        m(torch.randn(3, 8, dtype=torch.bfloat16))
+        m(torch.randn(3, 8, dtype=torch.bfloat16))  # the module outside autocast
     y, w, b = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(2, 8, 8), torch.randn(2, 8)
+    op = torch.ops.stablenets.resnet_forward
+    op(y, w, b, 0.1, "tanh", False)  # float32 parameters of a bf16 stack: taken (the op's contract)
+    for bad in [(w, b.bfloat16()), (w.double(), b.double()), (w.half(), b.half())]:
+        with pytest.raises(ValueError, match="weight, bias: expected the dtype of y .* or both float32"):
+            op(y, *bad, 0.1, "tanh", False)
     with pytest.raises(ValueError, match="weight, bias: expected the dtype of y"):
-        torch.ops.stablenets.resnet_forward(y, w, b, 0.1, "tanh", False)
+        op(y.float(), w.bfloat16(), b.bfloat16(), 0.1, "tanh", False)  # float32 data, bf16 params
+
+
+DENSE_OPS = [f"{a}_{k}" for a in DENSE for k in ("forward", "backward")] + [
+    "leapfrog_backward_reversible", "verlet_backward_reversible"]
+
+
+@pytest.mark.parametrize("features", [8, 40])  # narrow tiles; wide GEMMs (bf16) or float32 (fp16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", DENSE_OPS)
+def test_dense_ops_take_float32_parameters_of_a_reduced_stack(name, dtype, features):
+    """On the CPU the dense ops take float32 weight and bias with bfloat16/float16 data
+    (autocast hands them over uncast): y-like outputs in the data's dtype, float32 parameter
+    gradients, no less accurate against float64 than the op on parameters cast to the
+    data's dtype (what autocast passed before)."""
+    op = getattr(torch.ops.stablenets, name)
+    args = _op_args(name, dtype, features=features)  # reduced data and states, float32 params
+    got = op(*args)
+    exact = op(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+    cast = op(*(a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args))
+    is_param_grad = [False] * len(got)
+    if "_backward" in name:
+        first = 1 if name.split("_")[0] in ("resnet", "antisymmetric") else 2
+        is_param_grad[first] = is_param_grad[first + 1] = True
+    for g, c, e, param in zip(got, cast, exact, is_param_grad):
+        assert g.dtype == (torch.float32 if param else dtype), name
+        if e.numel() == 0:
+            continue
+        assert _rel(g, e) < (0.03 if dtype == torch.bfloat16 else 0.004)
+        assert _rel(g, e) <= 1.05 * _rel(c, e) + 1e-3
 
 
 @pytest.mark.parametrize("arch", list(CONV))
@@ -477,23 +513,27 @@ def test_compile_under_autocast():
     torch.testing.assert_close(got, f(x))
 
 
-def test_autocast_casts_large_parameters_through_the_cache():
-    """Under CPU autocast, parameters of 1 MB and more are cast by stablenets::cpu_cast (into
-    the kernels' block cache, the gradient cast back the same way): the same outputs and
-    float32 gradients as casting them with .to()."""
+def test_autocast_casts_large_tensors_through_the_cache():
+    """Under CPU autocast, tensors of 1 MB and more that are cast (a wide stack's parameters,
+    and here the input) go through stablenets::cpu_cast (into the kernels' block cache, the
+    gradient cast back the same way): the same outputs and float32 gradients as casting
+    them with .to()."""
     m = sn.VerletStack(512, 3)  # bf16 weight: 1.5 MB
-    x = torch.randn(16, 512)
+    x = torch.randn(1024, 512, requires_grad=True)  # bf16: 1 MB
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x)
-    assert any("cpu_cast" in type(f).__name__ for f, _ in out.grad_fn.next_functions if f)
+    fns = [type(f).__name__ for f, _ in out.grad_fn.next_functions if f]
+    assert sum("cpu_cast" in f for f in fns) == 2, fns  # x and weight (the 3 kB bias: .to())
     out.float().square().sum().backward()
+    xb = x.detach().bfloat16().requires_grad_()
     w = m.weight.detach().bfloat16().requires_grad_()
     b = m.bias.detach().bfloat16().requires_grad_()
-    y, z, _ = torch.ops.stablenets.verlet_forward(x.bfloat16(), torch.zeros(16, 512).bfloat16(),
-                                                  w, b, m.step, "tanh", True)
+    y, z, _ = torch.ops.stablenets.verlet_forward(xb, torch.zeros(1024, 512).bfloat16(), w, b,
+                                                  m.step, "tanh", True)
     torch.testing.assert_close(out, y, rtol=0, atol=0)
     y.float().square().sum().backward()
-    assert m.weight.grad.dtype == torch.float32
+    assert x.grad.dtype == m.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, xb.grad.float(), rtol=0, atol=0)
     torch.testing.assert_close(m.weight.grad, w.grad.float(), rtol=0, atol=0)
 
 

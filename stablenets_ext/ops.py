@@ -174,8 +174,12 @@ def _check_stack(y, weight, bias):
     require(bias.dim() == 2, bias_msg)
     require(bias.shape[0] == weight.shape[0], bias_msg)
     require(bias.shape[1] == weight.shape[1], bias_msg)
+    # float32 parameters of a bfloat16/float16 stack on the CPU (autocast's, kept uncast:
+    # stablenets_ext/autocast.py) are taken too, as by csrc/include/stablenets/checks.h
+    f32_params = (y.dtype in (torch.bfloat16, torch.float16) and y.device.type == "cpu"
+                  and weight.dtype == bias.dtype == torch.float32)
     require(
-        weight.dtype == y.dtype and bias.dtype == y.dtype,
+        (weight.dtype == y.dtype and bias.dtype == y.dtype) or f32_params,
         lambda: f"weight, bias: expected the dtype of y ({y.dtype}), got {weight.dtype} and {bias.dtype}",
     )
     require(

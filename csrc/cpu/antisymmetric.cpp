@@ -12,7 +12,7 @@ namespace cpu {
 
 T2 antisymmetric_forward(const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias,
                          double step, double gamma, c10::string_view activation, bool store) {
-  check_stack(y, weight, bias);
+  check_stack(y, weight, bias, /*float32_params=*/true);
   check_step(step);
   check_gamma(gamma);
   return cpu_detail::resnet_forward_impl(y, weight, bias, step, parse_activation(activation),
@@ -22,7 +22,7 @@ T2 antisymmetric_forward(const at::Tensor& y, const at::Tensor& weight, const at
 T3 antisymmetric_backward(const at::Tensor& grad_out, const at::Tensor& states,
                           const at::Tensor& weight, const at::Tensor& bias, double step,
                           double gamma, c10::string_view activation) {
-  check_stack(grad_out, weight, bias);
+  check_stack(grad_out, weight, bias, /*float32_params=*/true);
   check_states(states, 2, grad_out, weight);
   check_step(step);
   check_gamma(gamma);

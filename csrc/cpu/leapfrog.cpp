@@ -447,8 +447,19 @@ template <bool Reversible>
 T6 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& states_in,
             const at::Tensor& yhi_in, const at::Tensor& ylo_in, const at::Tensor& K_in,
             const at::Tensor& b_in, double step, Act act) {
-  const at::Tensor ga = ga_in.contiguous(), gc = gc_in.contiguous(), K = K_in.contiguous(),
-                   b = b_in.contiguous();
+  if (in_float32_below(ga_in, K_in)) {  // tile.h: float32 parameters
+    const auto r = backward<Reversible>(up32(ga_in), up32(gc_in), up32(states_in), up32(yhi_in),
+                                        up32(ylo_in), K_in, b_in, step, act);
+    const at::ScalarType t = ga_in.scalar_type();
+    return {down_to(std::get<0>(r), t), down_to(std::get<1>(r), t), std::get<2>(r),
+            std::get<3>(r), down_to(std::get<4>(r), t), down_to(std::get<5>(r), t)};
+  }
+  // bfloat16 copies of float32 parameters for the wide bfloat16 GEMMs (tile.h)
+  const bool wide16 = wide_reduced_native(ga_in);
+  const at::Tensor ga = ga_in.contiguous(), gc = gc_in.contiguous(),
+                   K = wide16 ? params_as(K_in, at::kBFloat16) : K_in.contiguous(),
+                   b = wide16 ? params_as(b_in, at::kBFloat16) : b_in.contiguous();
+  const at::ScalarType param_type = K_in.scalar_type();  // of the parameters' gradients
   const at::Tensor states = Reversible ? at::Tensor() : states_in.contiguous();
   const at::Tensor yhi = Reversible ? yhi_in.contiguous() : at::Tensor();
   const at::Tensor ylo = Reversible ? ylo_in.contiguous() : at::Tensor();
@@ -459,7 +470,7 @@ T6 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& 
     ry = at::empty({B, d}, ga.options());
     ryp = at::empty({B, d}, ga.options());
   }
-  if (wide_reduced_native(ga)) {
+  if (wide16) {
     gw = empty_cached({N, d, d}, ga.options());
     gb = at::empty({N, d}, ga.options());
     SN_DISPATCH_ACT(act, [&] {
@@ -467,7 +478,7 @@ T6 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& 
                                                             static_cast<float>(step), gy, gyp,
                                                             gw, gb, ry, ryp);
     });
-    return {gy, gyp, gw, gb, ry, ryp};
+    return {gy, gyp, gw.to(param_type), gb.to(param_type), ry, ryp};
   }
   if (is_reduced(ga.scalar_type()) && narrow(d)) {  // tile.h: reduced_native
     const std::vector<float> Kf = small_float(K), bf = small_float(b);
@@ -485,7 +496,7 @@ T6 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& 
             Reversible ? ryp.data_ptr<scalar_t>() : nullptr, part);
       });
     });
-    std::tie(gw, gb) = part.sum(chunks, ga.scalar_type());
+    std::tie(gw, gb) = part.sum(chunks, param_type);
     return {gy, gyp, gw, gb, ry, ryp};
   }
   AT_DISPATCH_FLOATING_TYPES(ga.scalar_type(), "leapfrog_backward", [&] {
@@ -525,16 +536,24 @@ T3 leapfrog_forward(const at::Tensor& y_in, const at::Tensor& yprev_in, const at
                     const at::Tensor& bias, double step, c10::string_view activation,
                     bool store) {
   using namespace cpu_detail;
-  check_stack(y_in, weight, bias);
+  check_stack(y_in, weight, bias, /*float32_params=*/true);
   check_like(yprev_in, "y_prev", y_in);
   check_step(step);
+  if (in_float32_below(y_in, weight)) {  // tile.h: float32 parameters
+    const auto [o, op, s] =
+        leapfrog_forward(up32(y_in), up32(yprev_in), weight, bias, step, activation, store);
+    const at::ScalarType t = y_in.scalar_type();
+    return {down_to(o, t), down_to(op, t), down_to(s, t)};
+  }
   const Act act = parse_activation(activation);
-  const at::Tensor y = y_in.contiguous(), yprev = yprev_in.contiguous(), K = weight.contiguous(),
-                   b = bias.contiguous();
+  const bool wide16 = wide_reduced_native(y_in);  // bfloat16 GEMMs: bfloat16 parameters
+  const at::Tensor y = y_in.contiguous(), yprev = yprev_in.contiguous(),
+                   K = wide16 ? params_as(weight, at::kBFloat16) : weight.contiguous(),
+                   b = wide16 ? params_as(bias, at::kBFloat16) : bias.contiguous();
   const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
   at::Tensor out = at::empty({B, d}, y.options()), out_prev = at::empty({B, d}, y.options());
   at::Tensor states = empty_states(y, store ? N : 0, 2);
-  if (wide_reduced_native(y)) {
+  if (wide16) {
     SN_DISPATCH_ACT(act, [&] {
       forward_wide_reduced<at::BFloat16, kAct>(y, yprev, K, b, static_cast<float>(step), out,
                                                out_prev, states, store);
@@ -575,7 +594,7 @@ T3 leapfrog_forward(const at::Tensor& y_in, const at::Tensor& yprev_in, const at
 T4 leapfrog_backward(const at::Tensor& grad_y, const at::Tensor& grad_y_prev,
                      const at::Tensor& states, const at::Tensor& weight, const at::Tensor& bias,
                      double step, c10::string_view activation) {
-  check_stack(grad_y, weight, bias);
+  check_stack(grad_y, weight, bias, /*float32_params=*/true);
   check_like(grad_y_prev, "grad_y_prev", grad_y);
   check_states(states, 2, grad_y, weight);
   check_step(step);
@@ -588,7 +607,7 @@ T6 leapfrog_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad
                                 const at::Tensor& y, const at::Tensor& y_prev,
                                 const at::Tensor& weight, const at::Tensor& bias, double step,
                                 c10::string_view activation) {
-  check_stack(grad_y, weight, bias);
+  check_stack(grad_y, weight, bias, /*float32_params=*/true);
   check_like(grad_y_prev, "grad_y_prev", grad_y);
   check_like(y, "y", grad_y);
   check_like(y_prev, "y_prev", grad_y);

@@ -227,6 +227,10 @@ static std::vector<float> narrow_weight_f32(const at::Tensor& K_in, const double
 
 T2 resnet_forward_impl(const at::Tensor& y_in, const at::Tensor& K_in, const at::Tensor& b_in,
                        double step, Act act, bool store, const double* gamma) {
+  if (in_float32_below(y_in, K_in)) {  // tile.h: float32 parameters
+    auto [out, states] = resnet_forward_impl(up32(y_in), K_in, b_in, step, act, store, gamma);
+    return {down_to(out, y_in.scalar_type()), down_to(states, y_in.scalar_type())};
+  }
   const at::Tensor y = y_in.contiguous(), b = b_in.contiguous();
   const int64_t N = K_in.size(0), B = y.size(0), d = y.size(1);
   at::Tensor out = at::empty({B, d}, y.options());
@@ -242,8 +246,9 @@ T2 resnet_forward_impl(const at::Tensor& y_in, const at::Tensor& K_in, const at:
               static_cast<float>(step), N, B, d, out.data_ptr<scalar_t>(),
               store ? states.data_ptr<scalar_t>() : nullptr);
         } else {
-          forward_wide_reduced<scalar_t, kAct>(y, K_in.contiguous(), b, static_cast<float>(step),
-                                               out, states, store, gamma);
+          forward_wide_reduced<scalar_t, kAct>(y, params_as(K_in, y.scalar_type()),
+                                               params_as(b, y.scalar_type()),
+                                               static_cast<float>(step), out, states, store, gamma);
         }
       });
     });
@@ -269,7 +274,14 @@ T2 resnet_forward_impl(const at::Tensor& y_in, const at::Tensor& K_in, const at:
 
 T3 resnet_backward_impl(const at::Tensor& gout_in, const at::Tensor& states_in,
                         const at::Tensor& K_in, double step, Act act, const double* gamma) {
+  if (in_float32_below(gout_in, K_in)) {  // tile.h: float32 parameters
+    auto [gy, gw, gb] =
+        resnet_backward_impl(up32(gout_in), up32(states_in), K_in, step, act, gamma);
+    return {down_to(gy, gout_in.scalar_type()), gw, gb};
+  }
   const at::Tensor gout = gout_in.contiguous(), states = states_in.contiguous();
+  // the parameters' gradients in the parameters' dtype (y's, or float32: tile.h)
+  const at::ScalarType param_type = K_in.scalar_type();
   const int64_t N = K_in.size(0), B = gout.size(0), d = gout.size(1);
   at::Tensor gy = at::empty({B, d}, gout.options());
   at::Tensor gw, gb;
@@ -286,22 +298,22 @@ T3 resnet_backward_impl(const at::Tensor& gout_in, const at::Tensor& states_in,
         });
       });
       if (!gamma) {
-        std::tie(gw, gb) = part.sum(chunks, gout.scalar_type());
+        std::tie(gw, gb) = part.sum(chunks, param_type);
         return {gy, gw, gb};
       }
       std::tie(gw, gb) = part.sum(chunks);
       gw = antisymmetric_weight(gw, 0.0);
-      return {gy, gw.to(gout.scalar_type()), gb.to(gout.scalar_type())};
+      return {gy, gw.to(param_type), gb.to(param_type)};
     }
     gw = empty_cached({N, d, d}, gout.options());
     gb = at::empty({N, d}, gout.options());
     AT_DISPATCH_REDUCED_FLOATING_TYPES(gout.scalar_type(), "resnet_backward_reduced", [&] {
       SN_DISPATCH_ACT(act, [&] {
-        backward_wide_reduced<scalar_t, kAct>(gout, states, K_in.contiguous(),
+        backward_wide_reduced<scalar_t, kAct>(gout, states, params_as(K_in, gout.scalar_type()),
                                               static_cast<float>(step), gy, gw, gb, gamma);
       });
     });
-    return {gy, gw, gb};
+    return {gy, gw.to(param_type), gb.to(param_type)};
   }
   const at::Tensor K = (gamma && narrow(d)) ? antisymmetric_weight(K_in, *gamma) : K_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(gout.scalar_type(), "resnet_backward", [&] {
@@ -330,7 +342,7 @@ namespace cpu {
 
 T2 resnet_forward(const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias,
                   double step, c10::string_view activation, bool store) {
-  check_stack(y, weight, bias);
+  check_stack(y, weight, bias, /*float32_params=*/true);
   check_step(step);
   return cpu_detail::resnet_forward_impl(y, weight, bias, step, parse_activation(activation),
                                          store, nullptr);
@@ -339,7 +351,7 @@ T2 resnet_forward(const at::Tensor& y, const at::Tensor& weight, const at::Tenso
 T3 resnet_backward(const at::Tensor& grad_out, const at::Tensor& states,
                    const at::Tensor& weight, const at::Tensor& bias, double step,
                    c10::string_view activation) {
-  check_stack(grad_out, weight, bias);
+  check_stack(grad_out, weight, bias, /*float32_params=*/true);
   check_states(states, 2, grad_out, weight);
   check_step(step);
   return cpu_detail::resnet_backward_impl(grad_out, states, weight, step,

@@ -25,12 +25,14 @@
 #include "block_cache.h"
 #include "stablenets/activation.h"
 #include "stablenets/checks.h"
+#include "stablenets/kernels.h"
+#include "stablenets/reduced_precision.h"
 
 namespace stablenets {
 namespace cpu_detail {
 
 constexpr int64_t kTile = 64;      // rows per tile: 8 AVX2 float vectors
-constexpr int64_t kNarrowMax = 32; // widest stack run by the tile kernels
+constexpr int64_t kNarrowMax = kCpuNarrowMax; // widest stack run by the tile kernels
 
 inline bool narrow(int64_t d) { return d <= kNarrowMax; }
 
@@ -562,6 +564,40 @@ inline bool wide_reduced_native(const at::Tensor& first) {
 // the kernel's checks.
 inline bool reduced_native(const at::Tensor& first) {
   return first.dim() != 2 || narrow(first.size(1)) || wide_reduced_native(first);
+}
+
+// ------------------------------------------- float32 parameters of a reduced stack
+//
+// torch.autocast on the CPU hands a stack its float32 weight and bias uncast
+// (csrc/autocast.cpp) with y in bfloat16/float16, and checks.h takes that mix on
+// the CPU. The parameters' gradients are returned in float32:
+// - narrow stacks read the parameters as float32 anyway (small_float), and their
+//   gradients are summed in float32 (Partials) and rounded nowhere;
+// - wide bfloat16 stacks take bfloat16 copies for their GEMMs (params_as) and widen
+//   the layer gradients they produce;
+// - wide float16 (no kernel of its own: reduced_native) runs in float32 throughout,
+//   and only its y-like outputs are rounded to float16 (in_float32_below).
+inline bool float32_params(const at::Tensor& y, const at::Tensor& weight) {
+  return is_reduced(y.scalar_type()) && weight.scalar_type() == at::kFloat;
+}
+
+// p in dtype t: p itself, or a copy (from the block cache: a wide weight is MBs).
+inline at::Tensor params_as(const at::Tensor& p, at::ScalarType t) {
+  if (p.scalar_type() == t) return p.contiguous();
+  at::Tensor o = empty_cached(p.sizes(), p.options().dtype(t));
+  o.copy_(p);
+  return o;
+}
+
+// Whether a call with float32 parameters runs on float32 copies of its reduced
+// tensors (then the caller calls itself on `up32(t)` of them and rounds its y-like
+// outputs back with `down_to`).
+inline bool in_float32_below(const at::Tensor& first, const at::Tensor& weight) {
+  return float32_params(first, weight) && !reduced_native(first);
+}
+inline at::Tensor up32(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+inline at::Tensor down_to(const at::Tensor& t, at::ScalarType s) {
+  return t.defined() ? t.to(s) : t;
 }
 
 // fn(std::bool_constant<a>{}, ...) for run-time flags a, b, c: one instantiation

@@ -389,8 +389,19 @@ template <bool Reversible>
 T6 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& states_in,
             const at::Tensor& y_in, const at::Tensor& z_in, const at::Tensor& K_in,
             const at::Tensor& b_in, double step, Act act) {
-  const at::Tensor gyc = gy_in.contiguous(), gzc = gz_in.contiguous(), K = K_in.contiguous(),
-                   b = b_in.contiguous();
+  if (in_float32_below(gy_in, K_in)) {  // tile.h: float32 parameters
+    const auto r = backward<Reversible>(up32(gy_in), up32(gz_in), up32(states_in), up32(y_in),
+                                        up32(z_in), K_in, b_in, step, act);
+    const at::ScalarType t = gy_in.scalar_type();
+    return {down_to(std::get<0>(r), t), down_to(std::get<1>(r), t), std::get<2>(r),
+            std::get<3>(r), down_to(std::get<4>(r), t), down_to(std::get<5>(r), t)};
+  }
+  // bfloat16 copies of float32 parameters for the wide bfloat16 GEMMs (tile.h)
+  const bool wide16 = wide_reduced_native(gy_in);
+  const at::Tensor gyc = gy_in.contiguous(), gzc = gz_in.contiguous(),
+                   K = wide16 ? params_as(K_in, at::kBFloat16) : K_in.contiguous(),
+                   b = wide16 ? params_as(b_in, at::kBFloat16) : b_in.contiguous();
+  const at::ScalarType param_type = K_in.scalar_type();  // of the parameters' gradients
   const at::Tensor states = Reversible ? at::Tensor() : states_in.contiguous();
   const int64_t N = K.size(0), B = gyc.size(0), d = gyc.size(1);
   at::Tensor gy = at::empty({B, d}, gyc.options()), gz = at::empty({B, d}, gyc.options());
@@ -399,7 +410,7 @@ T6 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& 
     ry = at::empty({B, d}, gyc.options());
     rz = at::empty({B, d}, gyc.options());
   }
-  if (wide_reduced_native(gyc)) {
+  if (wide16) {
     gw = empty_cached({N, d, d}, gyc.options());
     gb = at::empty({N, d}, gyc.options());
     SN_DISPATCH_ACT(act, [&] {
@@ -408,7 +419,7 @@ T6 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& 
           Reversible ? z_in.contiguous() : at::Tensor(), K, b, static_cast<float>(step), gy, gz,
           gw, gb, ry, rz);
     });
-    return {gy, gz, gw, gb, ry, rz};
+    return {gy, gz, gw.to(param_type), gb.to(param_type), ry, rz};
   }
   if (is_reduced(gyc.scalar_type()) && narrow(d)) {  // tile.h: reduced_native
     const std::vector<float> Kf = small_float(K), bf = small_float(b);
@@ -428,7 +439,7 @@ T6 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& 
             Reversible ? rz.data_ptr<scalar_t>() : nullptr, part);
       });
     });
-    std::tie(gw, gb) = part.sum(chunks, gyc.scalar_type());
+    std::tie(gw, gb) = part.sum(chunks, param_type);
     return {gy, gz, gw, gb, ry, rz};
   }
   AT_DISPATCH_FLOATING_TYPES(gyc.scalar_type(), "verlet_backward", [&] {
@@ -476,16 +487,24 @@ namespace cpu {
 T3 verlet_forward(const at::Tensor& y_in, const at::Tensor& z_in, const at::Tensor& weight,
                   const at::Tensor& bias, double step, c10::string_view activation, bool store) {
   using namespace cpu_detail;
-  check_stack(y_in, weight, bias);
+  check_stack(y_in, weight, bias, /*float32_params=*/true);
   check_like(z_in, "z", y_in);
   check_step(step);
+  if (in_float32_below(y_in, weight)) {  // tile.h: float32 parameters
+    const auto [oy, oz, s] =
+        verlet_forward(up32(y_in), up32(z_in), weight, bias, step, activation, store);
+    const at::ScalarType t = y_in.scalar_type();
+    return {down_to(oy, t), down_to(oz, t), down_to(s, t)};
+  }
   const Act act = parse_activation(activation);
-  const at::Tensor y = y_in.contiguous(), z = z_in.contiguous(), K = weight.contiguous(),
-                   b = bias.contiguous();
+  const bool wide16 = wide_reduced_native(y_in);  // bfloat16 GEMMs: bfloat16 parameters
+  const at::Tensor y = y_in.contiguous(), z = z_in.contiguous(),
+                   K = wide16 ? params_as(weight, at::kBFloat16) : weight.contiguous(),
+                   b = wide16 ? params_as(bias, at::kBFloat16) : bias.contiguous();
   const int64_t N = K.size(0), B = y.size(0), d = y.size(1);
   at::Tensor out_y = at::empty({B, d}, y.options()), out_z = at::empty({B, d}, y.options());
   at::Tensor states = empty_states(y, store ? N : 0, 4);
-  if (wide_reduced_native(y)) {
+  if (wide16) {
     SN_DISPATCH_ACT(act, [&] {
       forward_wide_reduced<at::BFloat16, kAct>(y, z, K, b, static_cast<float>(step), out_y,
                                                out_z, states, store);
@@ -526,7 +545,7 @@ T3 verlet_forward(const at::Tensor& y_in, const at::Tensor& z_in, const at::Tens
 T4 verlet_backward(const at::Tensor& grad_y, const at::Tensor& grad_z, const at::Tensor& states,
                    const at::Tensor& weight, const at::Tensor& bias, double step,
                    c10::string_view activation) {
-  check_stack(grad_y, weight, bias);
+  check_stack(grad_y, weight, bias, /*float32_params=*/true);
   check_like(grad_z, "grad_z", grad_y);
   check_states(states, 4, grad_y, weight);
   check_step(step);
@@ -538,7 +557,7 @@ T4 verlet_backward(const at::Tensor& grad_y, const at::Tensor& grad_z, const at:
 T6 verlet_backward_reversible(const at::Tensor& grad_y, const at::Tensor& grad_z,
                               const at::Tensor& y, const at::Tensor& z, const at::Tensor& weight,
                               const at::Tensor& bias, double step, c10::string_view activation) {
-  check_stack(grad_y, weight, bias);
+  check_stack(grad_y, weight, bias, /*float32_params=*/true);
   check_like(grad_z, "grad_z", grad_y);
   check_like(y, "y", grad_y);
   check_like(z, "z", grad_y);

@@ -44,9 +44,9 @@ inline void check_float_tensor(const at::Tensor& t, const char* name) {
 // Weight and bias against y, once their own shapes are checked: weight.size(1)
 // is y's `unit` count (features, or channels of a convolutional stack), bias is
 // (layers, unit), and both share y's dtype and device. float32_params: the op also
-// takes float32 weight and bias with a bfloat16/float16 y on the CPU (the conv
-// stacks, which torch.autocast on the CPU hands their float32 parameters uncast;
-// they return float32 parameter gradients).
+// takes float32 weight and bias with a bfloat16/float16 y on the CPU (every stack,
+// dense and conv: torch.autocast on the CPU hands them their float32 parameters
+// uncast; they return float32 parameter gradients).
 inline void check_params_like_y(const at::Tensor& y, const at::Tensor& weight,
                                 const at::Tensor& bias, const char* unit,
                                 bool float32_params = false) {
@@ -74,8 +74,10 @@ inline void check_params_like_y(const at::Tensor& y, const at::Tensor& weight,
                     weight.device(), " and ", bias.device());
 }
 
-// y (B, d), weight (N, d, d), bias (N, d): one stack's parameters.
-inline void check_stack(const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias) {
+// y (B, d), weight (N, d, d), bias (N, d): one stack's parameters. float32_params:
+// as check_params_like_y's (the CPU's dense kernels take them too, csrc/cpu/tile.h).
+inline void check_stack(const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias,
+                        bool float32_params = false) {
   check_float_tensor(y, "y");
   check_float_tensor(weight, "weight");
   check_float_tensor(bias, "bias");
@@ -85,7 +87,7 @@ inline void check_stack(const at::Tensor& y, const at::Tensor& weight, const at:
                     "weight: expected shape (layers, features, features), got ", weight.sizes());
   TORCH_CHECK_VALUE(weight.size(0) > 0, "weight: expected at least one layer, got shape ",
                     weight.sizes());
-  check_params_like_y(y, weight, bias, "features");
+  check_params_like_y(y, weight, bias, "features", float32_params);
 }
 
 // A second tensor that must match y exactly (a carried state or a gradient).
