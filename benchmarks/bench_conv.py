@@ -3,11 +3,13 @@ against stored mode.
 
     python benchmarks/bench_conv.py [--device cpu|cuda] [--threads 2]
         [--shape 64,16,28,28] [--layers 32] [--archs resnet,antisymmetric,leapfrog,verlet]
-        [--rev-layers 32,128] [--repeats 5] [--skip-speed] [--skip-reversible]
+        [--rev-layers 32,128] [--repeats 5] [--rounds 5] [--skip-speed] [--skip-reversible]
 
 Speed: median time of forward and of forward+backward (float32) for the fused
 op (``impl="fused"``) and the per-layer eager loop (``impl="reference"``:
-ATen convolutions, autograd storing every intermediate), and their ratio.
+ATen convolutions, autograd storing every intermediate), and their ratio, from
+``--rounds`` rounds that time both sides back to back (alternating which goes
+first), ``--repeats`` calls each.
 
 Reversible (leapfrog, Verlet): bytes autograd saves for the backward (every
 packed tensor except the parameters, counted with saved_tensors_hooks), peak
@@ -91,7 +93,8 @@ def step_fn(arch, y, w, b, impl, reversible=False, backward=True):
 
 def speed(args):
     print(f"\n## Fused vs per-layer eager loop, float32, {args.device}, threads={torch.get_num_threads()}, "
-          f"(B, C, H, W) = {args.shape}, N = {args.layers}, median of {args.repeats}, {args.clock} clock\n")
+          f"(B, C, H, W) = {args.shape}, N = {args.layers}, {args.rounds} interleaved rounds of "
+          f"{args.repeats} calls, {args.clock} clock\n")
     print("| arch | fused fwd ms | eager fwd ms | fwd ratio | fused fwd+bwd ms | eager fwd+bwd ms | fwd+bwd ratio |")
     print("|---|---|---|---|---|---|---|")
     # One untimed round first: the first stack measured otherwise pays for the
@@ -103,15 +106,25 @@ def speed(args):
     for arch in args.archs:
         y, w, b = make(arch, args.shape, args.layers, args.device)
         y.requires_grad_()
-        row = {}
-        for impl in ("fused", "reference"):
-            with torch.no_grad():
-                row[impl, "fwd"] = median_time(step_fn(arch, y, w, b, impl, backward=False), args.device, args.repeats)
-            row[impl, "bwd"] = median_time(step_fn(arch, y, w, b, impl), args.device, args.repeats)
-        f, e = row["fused", "fwd"], row["reference", "fwd"]
-        fb, eb = row["fused", "bwd"], row["reference", "bwd"]
-        print(f"| {arch} | {f * 1e3:.1f} | {e * 1e3:.1f} | {e / f:.2f}x | {fb * 1e3:.1f} | {eb * 1e3:.1f} | {eb / fb:.2f}x |",
-              flush=True)
+        # Rounds alternate which side runs first, and each round times both sides back
+        # to back: the machine's drift (other tenants, clocks, the allocator's state)
+        # then falls on both alike, where one block of fused calls followed by one block
+        # of eager calls let it fall on one side only. Each time is the median of
+        # `repeats` calls; each figure the median over rounds, each ratio the median of
+        # the rounds' ratios.
+        times = {(impl, kind): [] for impl in ("fused", "reference") for kind in ("fwd", "bwd")}
+        for r in range(args.rounds):
+            for impl in (("fused", "reference") if r % 2 == 0 else ("reference", "fused")):
+                with torch.no_grad():
+                    times[impl, "fwd"].append(
+                        median_time(step_fn(arch, y, w, b, impl, backward=False), args.device, args.repeats))
+                times[impl, "bwd"].append(median_time(step_fn(arch, y, w, b, impl), args.device, args.repeats))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ratio = {kind: statistics.median(e / f for f, e in zip(times["fused", kind], times["reference", kind]))
+                 for kind in ("fwd", "bwd")}
+        print(f"| {arch} | {med['fused', 'fwd'] * 1e3:.1f} | {med['reference', 'fwd'] * 1e3:.1f} | "
+              f"{ratio['fwd']:.2f}x | {med['fused', 'bwd'] * 1e3:.1f} | {med['reference', 'bwd'] * 1e3:.1f} | "
+              f"{ratio['bwd']:.2f}x |", flush=True)
 
 
 def saved_bytes(arch, y, w, b, reversible):
@@ -202,7 +215,9 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--archs", default="resnet,antisymmetric,leapfrog,verlet")
     p.add_argument("--rev-layers", default="32,128")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="calls timed per round (their median)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds of fused and eager calls (speed; median over rounds)")
     p.add_argument("--clock", choices=("wall", "process"), default="wall",
                    help="process: CPU time of this process (a rough guide on a busy machine, "
                         "where wall-clock ratios are noise; with threads > 1 it counts spinning)")
