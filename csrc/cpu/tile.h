@@ -600,6 +600,20 @@ inline at::Tensor down_to(const at::Tensor& t, at::ScalarType s) {
   return t.defined() ? t.to(s) : t;
 }
 
+// A pair stack's (leapfrog, Verlet) backward on float32 copies of its five activation-
+// sized arguments (undefined ones stay so): fn(a, c, states, y, y_other) is the backward
+// on them; its gradients of y, y_other and rebuilt pair are rounded to a's dtype, the
+// parameters' gradients stay float32.
+template <typename F>
+T6 pair_backward_in_float32(const F& fn, const at::Tensor& a, const at::Tensor& c,
+                            const at::Tensor& states, const at::Tensor& y,
+                            const at::Tensor& y_other) {
+  const T6 r = fn(up32(a), up32(c), up32(states), up32(y), up32(y_other));
+  const at::ScalarType t = a.scalar_type();
+  return {down_to(std::get<0>(r), t), down_to(std::get<1>(r), t), std::get<2>(r),
+          std::get<3>(r), down_to(std::get<4>(r), t), down_to(std::get<5>(r), t)};
+}
+
 // fn(std::bool_constant<a>{}, ...) for run-time flags a, b, c: one instantiation
 // per combination, so the flags are compile-time constants inside fn's loops.
 template <typename F>

@@ -390,11 +390,9 @@ T6 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& 
             const at::Tensor& y_in, const at::Tensor& z_in, const at::Tensor& K_in,
             const at::Tensor& b_in, double step, Act act) {
   if (in_float32_below(gy_in, K_in)) {  // tile.h: float32 parameters
-    const auto r = backward<Reversible>(up32(gy_in), up32(gz_in), up32(states_in), up32(y_in),
-                                        up32(z_in), K_in, b_in, step, act);
-    const at::ScalarType t = gy_in.scalar_type();
-    return {down_to(std::get<0>(r), t), down_to(std::get<1>(r), t), std::get<2>(r),
-            std::get<3>(r), down_to(std::get<4>(r), t), down_to(std::get<5>(r), t)};
+    return pair_backward_in_float32(
+        [&](const auto&... t) { return backward<Reversible>(t..., K_in, b_in, step, act); },
+        gy_in, gz_in, states_in, y_in, z_in);
   }
   // bfloat16 copies of float32 parameters for the wide bfloat16 GEMMs (tile.h)
   const bool wide16 = wide_reduced_native(gy_in);
