@@ -17,17 +17,15 @@
 //   state from: run in float32, only the returned tensors cast down.
 //
 // Every op on the CPU takes float32 parameters with bfloat16/float16 activations
-// and returns float32 parameter gradients. Two kinds get them uncast here (a
-// backward op then promotes only its other tensors among themselves):
-// - the conv ops (conv_stack.h casts the kernels while laying them out);
-// - the narrow dense stacks (features <= kCpuNarrowMax: the tile kernels read the
-//   parameters as float32 anyway and sum their gradients in float32, csrc/cpu/tile.h).
-// That saves a training step two casts and two cast gradients per stack, and the
-// parameters' gradients round once. Wide dense stacks get their parameters cast as
-// above: their GEMMs run in bfloat16, and the op's own copies would cast a wide weight
-// twice a step (forward and backward) where autocast's cached cast does it once
-// (measured at (256, 784, 16): 68 against 52 ms a step). On CUDA every op's parameters
-// are cast as above.
+// and returns float32 parameter gradients: there `weight` and `bias` are never
+// cast, and a backward op promotes only its other tensors among themselves. The
+// conv ops cast the kernels while laying them out (conv_stack.h); the narrow dense
+// stacks read the parameters as float32 anyway and sum their gradients in float32;
+// the wide ones cast the weight for their bfloat16 GEMMs into the kernels' block
+// cache and sum the bias gradient in float32 (csrc/cpu/tile.h). That saves a
+// training step the autograd nodes of two casts per stack, and the parameters'
+// gradients round once (the bias gradient of a wide stack not at all). On CUDA
+// the parameters are cast as above.
 //
 // float64 tensors are left alone, as autocast leaves them (a float64 stack
 // under autocast then refuses the cast parameters by name, as F.linear would).
@@ -44,8 +42,6 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <string_view>
-
-#include "stablenets/kernels.h"
 
 namespace stablenets {
 namespace autocast {
@@ -84,19 +80,8 @@ bool is_param(const c10::FunctionSchema& schema, size_t i) {
   return n == "weight" || n == "bias";
 }
 
-// Whether the op's float32 weight and bias pass uncast (see the top): conv ops and
-// narrow dense stacks on the CPU. args: the op's arguments on the stack.
-bool float32_params(std::string_view name, const c10::FunctionSchema& schema,
-                    const c10::IValue* args, c10::DeviceType dev) {
-  if (dev != c10::DeviceType::CPU) return false;
-  if (name.find("::conv_") != std::string_view::npos) return true;
-  for (size_t i = 0; i < schema.arguments().size(); ++i) {
-    if (schema.arguments()[i].name() != "weight" || !args[i].isTensor()) continue;
-    const at::Tensor& w = args[i].toTensor();
-    return w.dim() == 3 && w.size(1) <= kCpuNarrowMax;  // else the op's checks refuse it
-  }
-  return false;
-}
+// On the CPU every op's float32 weight and bias pass uncast (see the top).
+bool float32_params(c10::DeviceType dev) { return dev == c10::DeviceType::CPU; }
 
 // leapfrog/verlet forwards (dense or conv): the ones with a reversible mode.
 bool pair_forward(std::string_view name) {
@@ -112,7 +97,7 @@ void kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stac
 
   at::ScalarType target = at::ScalarType::Undefined;
   at::ScalarType outputs_to = at::ScalarType::Undefined;
-  const bool keep_params = float32_params(name, schema, &*args_begin, Dev);
+  const bool keep_params = float32_params(Dev);
   if (ends_with(name, "_forward")) {
     target = at::autocast::get_autocast_dtype(Dev);
     // The last argument of every forward is `store`.

@@ -12,16 +12,14 @@ tensor arguments are cast:
   cast when they agree, as they do when autograd calls them), so a
   ``loss.backward()`` run inside the autocast region differentiates in the
   precision the forward ran in;
-- on the CPU the conv ops and the narrow dense stacks (at most ``NARROW_MAX``
-  features) leave ``weight`` and ``bias`` in float32 (forward and backward: a
-  backward promotes its other tensors among themselves). The op returns float32
-  parameter gradients, each rounded once (the dense tile kernels read the parameters
-  as float32 and sum their gradients in float32; the conv ops cast the kernels while
-  laying them out for oneDNN), where autocast's cast parameters would get a bfloat16
-  gradient per use, summed in bfloat16; and a training step makes no cast of them,
-  nor of their gradients. Wide dense stacks get them cast (their GEMMs run in
-  bfloat16, and autocast's cached cast makes one cast a step where the op's own
-  copies would make two).
+- on the CPU every op leaves ``weight`` and ``bias`` in float32 (forward and
+  backward: a backward promotes its other tensors among themselves). The op returns
+  float32 parameter gradients, each rounded once (the narrow dense stacks read the
+  parameters as float32 and sum their gradients in float32; the wide ones cast the
+  weight for their bfloat16 GEMMs and sum the bias gradient in float32; the conv ops
+  cast the kernels while laying them out for oneDNN), where autocast's cast
+  parameters would get a bfloat16 gradient per use, summed in bfloat16; and a
+  training step makes no cast op of them, nor of their gradients.
 
 float64 tensors are left alone, as autocast leaves them (a float64 stack under
 autocast then refuses the cast parameters by name, as ``F.linear`` would).
@@ -74,27 +72,12 @@ def _cast(args, dtype, keep=frozenset()):
                  else a for i, a in enumerate(args))
 
 
-# The widest dense stack the CPU's tile kernels run (csrc/include/stablenets/kernels.h:
-# kCpuNarrowMax; python_tests/test_amp.py checks that both policies agree on each side).
-NARROW_MAX = 32
-
-
 def _param_positions(name, op, device_type):
-    """Positions of ``weight`` and ``bias`` where the op may take them in float32 under
-    autocast, uncast: every op on the CPU (which ones do: _keeps_params); else none."""
+    """Positions of ``weight`` and ``bias`` where the op takes them in float32 under
+    autocast, uncast: every op on the CPU (csrc/autocast.cpp); else none."""
     if device_type != "cpu":
         return frozenset()
     return frozenset(i for i, a in enumerate(op._schema.arguments) if a.name in ("weight", "bias"))
-
-
-def _keeps_params(name, op, args) -> bool:
-    """Whether this call's float32 weight and bias pass uncast (given _param_positions):
-    the conv ops' and the narrow dense stacks' (csrc/autocast.cpp)."""
-    if name.startswith("conv_"):
-        return True
-    i = next(i for i, a in enumerate(op._schema.arguments) if a.name == "weight")
-    w = args[i]
-    return isinstance(w, torch.Tensor) and w.dim() == 3 and w.shape[1] <= NARROW_MAX
 
 
 def _register_cpu_cast(lib) -> None:
@@ -127,10 +110,9 @@ def _widest(args, keep=frozenset()):
 
 
 def _make_kernel(name, op, device_type):
-    all_params = _param_positions(name, op, device_type)
+    params = _param_positions(name, op, device_type)
     if not name.endswith("_forward"):
         def backward_kernel(*args):
-            params = all_params if all_params and _keeps_params(name, op, args) else frozenset()
             dtype = _widest(args, params)
             keep = params if dtype != torch.float32 else frozenset()
             with torch.autocast(device_type, enabled=False):
@@ -144,7 +126,6 @@ def _make_kernel(name, op, device_type):
             with torch.autocast(device_type, enabled=False):
                 out = op(*_cast(args, torch.float32))
             return tuple(o.to(dtype) if _autocast_eligible(o) else o for o in out)
-        params = all_params if all_params and _keeps_params(name, op, args) else frozenset()
         with torch.autocast(device_type, enabled=False):
             return op(*_cast(args, dtype, params))
 

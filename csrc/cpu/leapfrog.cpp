@@ -373,7 +373,6 @@ void backward_wide_reduced(const at::Tensor& ga, const at::Tensor& gc, const at:
     }
   });
   std::vector<float> gb32(d);
-  T* gbp = gb.data_ptr<T>();
   for (int64_t j = N - 1; j >= 0; --j) {
     const T* bj = b.data_ptr<T>() + j * d;
     // Xa = A_j; sp: what act' reads (P_j + b_j for kStoresPre, else A_j).
@@ -410,7 +409,7 @@ void backward_wide_reduced(const at::Tensor& ga, const at::Tensor& gc, const at:
         xg[e] = round_to<T>(g);
         return g;
       });
-      for (int64_t c = 0; c < d; ++c) gbp[j * d + c] = round_to<T>(gb32[c]);
+      put_bias_grad<T>(gb, j, gb32.data());
     }
     at::mm_out(R, Reversible ? X : Xg, K[j]);
     at::Tensor gwj = gw[j];
@@ -470,13 +469,13 @@ T6 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& 
   }
   if (wide16) {
     gw = empty_cached({N, d, d}, ga.options());
-    gb = at::empty({N, d}, ga.options());
+    gb = at::empty({N, d}, ga.options().dtype(param_type));
     SN_DISPATCH_ACT(act, [&] {
       backward_wide_reduced<at::BFloat16, kAct, Reversible>(ga, gc, states, yhi, ylo, K, b,
                                                             static_cast<float>(step), gy, gyp,
                                                             gw, gb, ry, ryp);
     });
-    return {gy, gyp, gw.to(param_type), gb.to(param_type), ry, ryp};
+    return {gy, gyp, params_as(gw, param_type), gb, ry, ryp};
   }
   if (is_reduced(ga.scalar_type()) && narrow(d)) {  // tile.h: reduced_native
     const std::vector<float> Kf = small_float(K), bf = small_float(b);

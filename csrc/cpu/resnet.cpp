@@ -171,7 +171,6 @@ void backward_wide_reduced(const at::Tensor& gout, const at::Tensor& states, con
   at::Tensor wbuf = gamma ? at::empty({d, d}, K.options()) : at::Tensor();
   at::Tensor gwbuf = gamma ? at::empty({d, d}, K.options()) : at::Tensor();
   std::vector<float> gb32(d);
-  T* gbp = gb.data_ptr<T>();
   for (int64_t j = N - 1; j >= 0; --j) {
     const T* ap = slot(states, j, 1).data_ptr<T>();
     T* gp = G.data_ptr<T>();
@@ -180,7 +179,7 @@ void backward_wide_reduced(const at::Tensor& gout, const at::Tensor& states, con
       gp[e] = round_to<T>(g);
       return g;
     });
-    for (int64_t c = 0; c < d; ++c) gbp[j * d + c] = static_cast<T>(gb32[c]);
+    put_bias_grad<T>(gb, j, gb32.data());
     at::Tensor gwj = gw[j];
     if (gamma) {
       at::mm_out(gwbuf, G.t(), slot(states, j, 0));
@@ -306,14 +305,14 @@ T3 resnet_backward_impl(const at::Tensor& gout_in, const at::Tensor& states_in,
       return {gy, gw.to(param_type), gb.to(param_type)};
     }
     gw = empty_cached({N, d, d}, gout.options());
-    gb = at::empty({N, d}, gout.options());
+    gb = at::empty({N, d}, gout.options().dtype(param_type));
     AT_DISPATCH_REDUCED_FLOATING_TYPES(gout.scalar_type(), "resnet_backward_reduced", [&] {
       SN_DISPATCH_ACT(act, [&] {
         backward_wide_reduced<scalar_t, kAct>(gout, states, params_as(K_in, gout.scalar_type()),
                                               static_cast<float>(step), gy, gw, gb, gamma);
       });
     });
-    return {gy, gw.to(param_type), gb.to(param_type)};
+    return {gy, params_as(gw, param_type), gb};
   }
   const at::Tensor K = (gamma && narrow(d)) ? antisymmetric_weight(K_in, *gamma) : K_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(gout.scalar_type(), "resnet_backward", [&] {

@@ -320,7 +320,6 @@ void backward_wide_reduced(const at::Tensor& gy_in, const at::Tensor& gz_in,
     Wz.copy_(Z32);
   }
   std::vector<float> gb32(d);
-  T* gbp = gb.data_ptr<T>();
   T* xg = Xg.data_ptr<T>();
   T* wg = Wg.data_ptr<T>();
   const T* rp = R.data_ptr<T>();
@@ -357,7 +356,7 @@ void backward_wide_reduced(const at::Tensor& gy_in, const at::Tensor& gz_in,
         wg[e] = round_to<T>(g);
         return g;
       });
-      for (int64_t c = 0; c < d; ++c) gbp[j * d + c] = round_to<T>(gb32[c]);
+      put_bias_grad<T>(gb, j, gb32.data());
     }
     at::mm_out(R, Wg, K[j].t());  // ly += G1 K_j^T
     at::Tensor gwj = gw[j];
@@ -410,14 +409,14 @@ T6 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& 
   }
   if (wide16) {
     gw = empty_cached({N, d, d}, gyc.options());
-    gb = at::empty({N, d}, gyc.options());
+    gb = at::empty({N, d}, gyc.options().dtype(param_type));
     SN_DISPATCH_ACT(act, [&] {
       backward_wide_reduced<at::BFloat16, kAct, Reversible>(
           gyc, gzc, states, Reversible ? y_in.contiguous() : at::Tensor(),
           Reversible ? z_in.contiguous() : at::Tensor(), K, b, static_cast<float>(step), gy, gz,
           gw, gb, ry, rz);
     });
-    return {gy, gz, gw.to(param_type), gb.to(param_type), ry, rz};
+    return {gy, gz, params_as(gw, param_type), gb, ry, rz};
   }
   if (is_reduced(gyc.scalar_type()) && narrow(d)) {  // tile.h: reduced_native
     const std::vector<float> Kf = small_float(K), bf = small_float(b);

@@ -11,11 +11,6 @@
 
 namespace stablenets {
 
-// The widest dense stack the CPU's tile kernels run (csrc/cpu/tile.h: float32 tiles
-// whatever the storage dtype); wider ones run ATen GEMMs layer by layer.
-// csrc/autocast.cpp draws its float32-parameter line here too.
-constexpr int64_t kCpuNarrowMax = 32;
-
 using T2 = std::tuple<at::Tensor, at::Tensor>;
 using T3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using T4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
