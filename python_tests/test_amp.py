@@ -513,6 +513,35 @@ def test_compile_under_autocast():
     torch.testing.assert_close(got, f(x))
 
 
+@pytest.mark.filterwarnings("ignore:stablenets_ext conv stacks. double backward")
+@pytest.mark.parametrize("make,shape", [
+    (lambda: sn.LeapfrogStack(8, 3), (4, 8)),          # narrow dense
+    (lambda: sn.VerletStack(40, 2), (4, 40)),          # wide dense
+    (lambda: conv.ConvResNetStack(3, 2), (2, 3, 5, 5)),
+], ids=["leapfrog-narrow", "verlet-wide", "conv-resnet"])
+def test_double_backward_under_autocast_with_float32_parameters(make, shape):
+    """create_graph=True under CPU autocast, where the float32 parameters reach the ops
+    uncast: the differentiable backward (the reference recomputed in float32, its outputs
+    rounded to bf16 as the op's are) gives second-order gradients close to the float32
+    run's, float32 for the parameters."""
+    torch.manual_seed(0)
+    m, x = make(), torch.randn(*shape)
+
+    def second_order(autocast):
+        m.zero_grad()
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = m(xx)
+        g, = torch.autograd.grad(out.float().square().sum(), xx, create_graph=True)
+        g.square().sum().backward()
+        return g.detach(), m.weight.grad.clone()
+
+    g16, w16 = second_order(True)
+    g32, w32 = second_order(False)
+    assert w16.dtype == torch.float32
+    assert _rel(g16, g32.double()) < 0.05 and _rel(w16, w32.double()) < 0.05
+
+
 def test_autocast_casts_large_inputs_through_the_cache():
     """Under CPU autocast, a tensor of 1 MB and more that is cast (here the float32 input;
     the parameters are not cast on the CPU) goes through stablenets::cpu_cast (into the

@@ -397,7 +397,16 @@ if _C is not None:
         default ``y_prev = y``) gets its own partial derivative per slot."""
         with torch.enable_grad():
             leaves = [t.view_as(t) if n else t.detach() for t, n in zip(inputs, needs)]
-            outs = _reference_fn(arch, step, gamma, act)(*leaves)
+            fn = _reference_fn(arch, step, gamma, act)
+            low = {t.dtype for t in leaves} & {torch.bfloat16, torch.float16}
+            if low and any(t.dtype == torch.float32 for t in leaves):
+                # float32 parameters of a bf16/fp16 stack (the CPU ops take them, as CPU
+                # autocast hands them over): the reference in float32, as the op computes,
+                # its outputs rounded to the data's dtype, as the op's are
+                (low,) = low
+                outs = [o.to(low) for o in fn(*(t.float() for t in leaves))]
+            else:
+                outs = fn(*leaves)
             pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
             wanted = [t for t, n in zip(leaves, needs) if n]
             if not pairs or not wanted:
