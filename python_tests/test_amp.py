@@ -574,13 +574,17 @@ def test_opcheck_cpu_cast():
     torch.library.opcheck(torch.ops.stablenets.cpu_cast.default, (x.bfloat16(), torch.float32))
 
 
-def test_opcheck_bf16():
-    y = torch.randn(5, 8, dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(3, 8, 8) * 0.3).bfloat16().requires_grad_()
-    b = torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True)
-    torch.library.opcheck(torch.ops.stablenets.resnet_forward.default, (y, w, b, 0.1, "tanh", True),
-                          test_utils=("test_schema", "test_autograd_registration",
-                                      "test_faketensor"))
+@pytest.mark.parametrize("params", [torch.bfloat16, torch.float32])  # float32: the CPU's mix
+@pytest.mark.parametrize("d", [8, 40])
+def test_opcheck_bf16(params, d):
+    y = torch.randn(5, d, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(3, d, d) * 0.3).to(params).requires_grad_()
+    b = torch.randn(3, d, dtype=params, requires_grad=True)
+    for name, args in (("resnet_forward", (y, w, b, 0.1, "tanh", True)),
+                       ("verlet_forward", (y, y.detach().clone(), w, b, 0.1, "tanh", True))):
+        torch.library.opcheck(getattr(torch.ops.stablenets, name).default, args,
+                              test_utils=("test_schema", "test_autograd_registration",
+                                          "test_faketensor"))
 
 
 # ------------------------------------------------------------------- training
