@@ -26,6 +26,14 @@ CONV = {"resnet": conv.ConvResNetStack, "antisymmetric": conv.ConvAntisymmetricS
 CASES = [(a, False) for a in DENSE] + [("leapfrog", True), ("verlet", True)]
 
 
+@pytest.fixture(autouse=True)
+def bf16_gemms_at_every_size(monkeypatch):
+    """The wide stacks' bfloat16 GEMM kernels at the small sizes of these tests (by default
+    calls below about 2-3 M multiply-adds per layer run on float32 copies, as faster:
+    csrc/cpu/tile.h, bf16_gemm_min_work; test_small_bf16_gemms_run_in_float32 checks that)."""
+    monkeypatch.setenv("STABLENETS_BF16_GEMM_MIN", "0")
+
+
 def _stack(table, arch, reversible, *args, **kw):
     if arch in ("leapfrog", "verlet") and kw.get("impl") != "reference":
         kw["reversible"] = reversible  # the reference stores every state: no reversible mode
@@ -540,6 +548,31 @@ def test_double_backward_under_autocast_with_float32_parameters(make, shape):
     g32, w32 = second_order(False)
     assert w16.dtype == torch.float32
     assert _rel(g16, g32.double()) < 0.05 and _rel(w16, w32.double()) < 0.05
+
+
+@pytest.mark.parametrize("arch", ["resnet", "verlet"])
+def test_small_bf16_gemms_run_in_float32(monkeypatch, arch):
+    """A wide bfloat16 stack whose GEMMs are too small for bf16 to pay (B d^2 below
+    STABLENETS_BF16_GEMM_MIN, by default about 1 M per thread plus 1 M) runs on float32
+    copies: the float32 op's results rounded once; above the line, the bf16 GEMM kernels
+    (whose results differ). A bad value is refused by name."""
+    monkeypatch.delenv("STABLENETS_BF16_GEMM_MIN")
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(16, 48, generator=g).bfloat16()  # 16 * 48^2 = 37 k multiply-adds
+    w = (torch.randn(2, 48, 48, generator=g) * 0.2).bfloat16()
+    b = (torch.randn(2, 48, generator=g) * 0.1).bfloat16()
+    op = getattr(torch.ops.stablenets, f"{arch}_forward")
+    pair = (y,) if arch == "resnet" else (y, torch.zeros_like(y))
+    got = op(*pair, w, b, 0.1, "tanh", True)
+    f32 = op(*(t.float() for t in pair), w.float(), b.float(), 0.1, "tanh", True)
+    assert all(torch.equal(a, e.bfloat16()) for a, e in zip(got, f32))
+    monkeypatch.setenv("STABLENETS_BF16_GEMM_MIN", "0")
+    bf16 = op(*pair, w, b, 0.1, "tanh", True)
+    assert not torch.equal(bf16[0], got[0])  # the bf16 GEMMs round their inputs' products
+    assert _rel(bf16[0], f32[0].double()) < 0.02
+    monkeypatch.setenv("STABLENETS_BF16_GEMM_MIN", "lots")
+    with pytest.raises(ValueError, match="STABLENETS_BF16_GEMM_MIN: expected a whole number"):
+        op(*pair, w, b, 0.1, "tanh", True)
 
 
 def test_autocast_casts_large_inputs_through_the_cache():

@@ -452,7 +452,7 @@ T6 backward(const at::Tensor& ga_in, const at::Tensor& gc_in, const at::Tensor& 
         ga_in, gc_in, states_in, yhi_in, ylo_in);
   }
   // bfloat16 copies of float32 parameters for the wide bfloat16 GEMMs (tile.h)
-  const bool wide16 = wide_reduced_native(ga_in);
+  const bool wide16 = wide_bf16(ga_in);
   const at::Tensor ga = ga_in.contiguous(), gc = gc_in.contiguous(),
                    K = wide16 ? params_as(K_in, at::kBFloat16) : K_in.contiguous(),
                    b = wide16 ? params_as(b_in, at::kBFloat16) : b_in.contiguous();
@@ -543,7 +543,7 @@ T3 leapfrog_forward(const at::Tensor& y_in, const at::Tensor& yprev_in, const at
     return {down_to(o, t), down_to(op, t), down_to(s, t)};
   }
   const Act act = parse_activation(activation);
-  const bool wide16 = wide_reduced_native(y_in);  // bfloat16 GEMMs: bfloat16 parameters
+  const bool wide16 = wide_bf16(y_in);  // bfloat16 GEMMs: bfloat16 parameters
   const at::Tensor y = y_in.contiguous(), yprev = yprev_in.contiguous(),
                    K = wide16 ? params_as(weight, at::kBFloat16) : weight.contiguous(),
                    b = wide16 ? params_as(bias, at::kBFloat16) : bias.contiguous();

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cstdlib>
 #include <cstring>
 #include <cstdint>
 #include <type_traits>
@@ -554,14 +555,41 @@ void act_step(const at::Tensor& dst, const at::Tensor& src, const at::Tensor& p,
 // and the stored states. float16 is not served this way: this CPU has no float16
 // GEMM (ATen's runs 3-20x slower than float32), so a float16 call takes
 // reduced_precision.h's float32 copies instead.
-inline bool wide_reduced_native(const at::Tensor& first) {
+//
+// Small GEMMs are not served this way either: oneDNN's bfloat16 GEMM has a fixed cost
+// of about 17 us a call, so below about 1-2 M multiply-adds (B d^2) per thread it is
+// slower than float32's (1 thread: 64 x 64 x 64 18 us in bf16 against 8 us in float32,
+// 128 x 128 x 128 34 against 45 us; 2 threads: par at 2 M, 1.3x at 4 M), and a bf16
+// digits net (Verlet, 64 x 64, 8 layers, batch 64) trained 1.8x slower than in float32.
+// Below bf16_gemm_min_work() a bfloat16 wide stack runs on float32 copies.
+// STABLENETS_BF16_GEMM_MIN (multiply-adds, 0 or more) overrides the line; the tests set
+// it to 0 to run the bf16 GEMM kernels at small sizes.
+inline int64_t bf16_gemm_min_work() {
+  if (const char* v = std::getenv("STABLENETS_BF16_GEMM_MIN")) {
+    char* end = nullptr;
+    const long long n = std::strtoll(v, &end, 10);
+    TORCH_CHECK_VALUE(end != v && *end == '\0' && n >= 0,
+                      "STABLENETS_BF16_GEMM_MIN: expected a whole number >= 0 of "
+                      "multiply-adds, got '", v, "'");
+    return static_cast<int64_t>(n);
+  }
+  return (int64_t{1} << 20) * (at::get_num_threads() + 1);
+}
+
+// A wide bfloat16 stack's call (the kernels below serve it whatever its size).
+inline bool wide_bf16(const at::Tensor& first) {
   return first.scalar_type() == at::kBFloat16 && first.dim() == 2 && !narrow(first.size(1));
+}
+// ... and one large enough that they should (above).
+inline bool wide_reduced_native(const at::Tensor& first) {
+  return wide_bf16(first) &&
+         first.size(0) * first.size(1) * first.size(1) >= bf16_gemm_min_work();
 }
 
 // Whether a stack's kernel serves a reduced-dtype call itself: narrow stacks
 // always (float32 tiles over bf16/fp16 memory: the tile kernels' storage type
-// S), wide ones in bfloat16 (above). A malformed first argument goes straight to
-// the kernel's checks.
+// S), wide ones in bfloat16 where their GEMMs are large enough (above). A malformed
+// first argument goes straight to the kernel's checks.
 inline bool reduced_native(const at::Tensor& first) {
   return first.dim() != 2 || narrow(first.size(1)) || wide_reduced_native(first);
 }

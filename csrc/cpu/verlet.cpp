@@ -394,7 +394,7 @@ T6 backward(const at::Tensor& gy_in, const at::Tensor& gz_in, const at::Tensor& 
         gy_in, gz_in, states_in, y_in, z_in);
   }
   // bfloat16 copies of float32 parameters for the wide bfloat16 GEMMs (tile.h)
-  const bool wide16 = wide_reduced_native(gy_in);
+  const bool wide16 = wide_bf16(gy_in);
   const at::Tensor gyc = gy_in.contiguous(), gzc = gz_in.contiguous(),
                    K = wide16 ? params_as(K_in, at::kBFloat16) : K_in.contiguous(),
                    b = wide16 ? params_as(b_in, at::kBFloat16) : b_in.contiguous();
@@ -494,7 +494,7 @@ T3 verlet_forward(const at::Tensor& y_in, const at::Tensor& z_in, const at::Tens
     return {down_to(oy, t), down_to(oz, t), down_to(s, t)};
   }
   const Act act = parse_activation(activation);
-  const bool wide16 = wide_reduced_native(y_in);  // bfloat16 GEMMs: bfloat16 parameters
+  const bool wide16 = wide_bf16(y_in);  // bfloat16 GEMMs: bfloat16 parameters
   const at::Tensor y = y_in.contiguous(), z = z_in.contiguous(),
                    K = wide16 ? params_as(weight, at::kBFloat16) : weight.contiguous(),
                    b = wide16 ? params_as(bias, at::kBFloat16) : bias.contiguous();
