@@ -603,15 +603,16 @@ inline bool reduced_native(const at::Tensor& first) {
 //   gradients are summed in float32 (Partials) and rounded nowhere;
 // - wide bfloat16 stacks take bfloat16 copies for their GEMMs (params_as) and widen
 //   the layer gradients they produce;
-// - wide float16 (no kernel of its own: reduced_native) runs in float32 throughout,
-//   and only its y-like outputs are rounded to float16 (in_float32_below).
+// - wide calls no kernel serves (reduced_native: float16, and bfloat16 below
+//   bf16_gemm_min_work) run in float32 throughout, and only their y-like outputs are
+//   rounded to y's dtype (in_float32_below).
 inline bool float32_params(const at::Tensor& y, const at::Tensor& weight) {
   return is_reduced(y.scalar_type()) && weight.scalar_type() == at::kFloat;
 }
 
-// p in dtype t: p itself, or a copy (from the block cache: a wide weight is MBs).
-// float32 <-> bfloat16 through convert_run (AVX-512 BF16 where the CPU has it):
-// ATen's copy_ took 2.3 ms for a (16, 784, 784) weight, convert_run 2 threads ~1 ms.
+// p in dtype t: p itself, or a copy (from the block cache: a wide weight is MBs;
+// float32 <-> bfloat16 through convert_run, AVX-512 BF16 where the CPU has it, where
+// ATen's copy_ into a bf16 tensor took 2.3 ms for a (16, 784, 784) weight on 2 threads).
 inline at::Tensor params_as(const at::Tensor& p_in, at::ScalarType t) {
   if (p_in.scalar_type() == t) return p_in.contiguous();
   const at::Tensor p = p_in.contiguous();
