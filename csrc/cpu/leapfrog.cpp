@@ -537,10 +537,9 @@ T3 leapfrog_forward(const at::Tensor& y_in, const at::Tensor& yprev_in, const at
   check_like(yprev_in, "y_prev", y_in);
   check_step(step);
   if (in_float32_below(y_in, weight)) {  // tile.h: float32 parameters
-    const auto [o, op, s] =
-        leapfrog_forward(up32(y_in), up32(yprev_in), weight, bias, step, activation, store);
-    const at::ScalarType t = y_in.scalar_type();
-    return {down_to(o, t), down_to(op, t), down_to(s, t)};
+    using rp_detail::down, rp_detail::up;
+    return down(leapfrog_forward(up(y_in), up(yprev_in), weight, bias, step, activation, store),
+                y_in.scalar_type());
   }
   const Act act = parse_activation(activation);
   const bool wide16 = wide_bf16(y_in);  // bfloat16 GEMMs: bfloat16 parameters

@@ -227,8 +227,9 @@ static std::vector<float> narrow_weight_f32(const at::Tensor& K_in, const double
 T2 resnet_forward_impl(const at::Tensor& y_in, const at::Tensor& K_in, const at::Tensor& b_in,
                        double step, Act act, bool store, const double* gamma) {
   if (in_float32_below(y_in, K_in)) {  // tile.h: float32 parameters
-    auto [out, states] = resnet_forward_impl(up32(y_in), K_in, b_in, step, act, store, gamma);
-    return {down_to(out, y_in.scalar_type()), down_to(states, y_in.scalar_type())};
+    return rp_detail::down(
+        resnet_forward_impl(rp_detail::up(y_in), K_in, b_in, step, act, store, gamma),
+        y_in.scalar_type());
   }
   const at::Tensor y = y_in.contiguous(), b = b_in.contiguous();
   const int64_t N = K_in.size(0), B = y.size(0), d = y.size(1);
@@ -274,9 +275,9 @@ T2 resnet_forward_impl(const at::Tensor& y_in, const at::Tensor& K_in, const at:
 T3 resnet_backward_impl(const at::Tensor& gout_in, const at::Tensor& states_in,
                         const at::Tensor& K_in, double step, Act act, const double* gamma) {
   if (in_float32_below(gout_in, K_in)) {  // tile.h: float32 parameters
-    auto [gy, gw, gb] =
-        resnet_backward_impl(up32(gout_in), up32(states_in), K_in, step, act, gamma);
-    return {down_to(gy, gout_in.scalar_type()), gw, gb};
+    auto [gy, gw, gb] = resnet_backward_impl(rp_detail::up(gout_in), rp_detail::up(states_in),
+                                             K_in, step, act, gamma);
+    return {rp_detail::down(gy, gout_in.scalar_type()), gw, gb};
   }
   const at::Tensor gout = gout_in.contiguous(), states = states_in.contiguous();
   // the parameters' gradients in the parameters' dtype (y's, or float32: tile.h)

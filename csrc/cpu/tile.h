@@ -646,14 +646,10 @@ inline void put_bias_grad(const at::Tensor& gb, int64_t j, const float* sums) {
 }
 
 // Whether a call with float32 parameters runs on float32 copies of its reduced
-// tensors (then the caller calls itself on `up32(t)` of them and rounds its y-like
-// outputs back with `down_to`).
+// tensors (then the caller calls itself on rp_detail::up of them and rounds its y-like
+// outputs back with rp_detail::down, reduced_precision.h's own conversions).
 inline bool in_float32_below(const at::Tensor& first, const at::Tensor& weight) {
   return float32_params(first, weight) && !reduced_native(first);
-}
-inline at::Tensor up32(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
-inline at::Tensor down_to(const at::Tensor& t, at::ScalarType s) {
-  return t.defined() ? t.to(s) : t;
 }
 
 // A pair stack's (leapfrog, Verlet) backward on float32 copies of its five activation-
@@ -664,10 +660,11 @@ template <typename F>
 T6 pair_backward_in_float32(const F& fn, const at::Tensor& a, const at::Tensor& c,
                             const at::Tensor& states, const at::Tensor& y,
                             const at::Tensor& y_other) {
-  const T6 r = fn(up32(a), up32(c), up32(states), up32(y), up32(y_other));
+  using rp_detail::down, rp_detail::up;
+  const T6 r = fn(up(a), up(c), up(states), up(y), up(y_other));
   const at::ScalarType t = a.scalar_type();
-  return {down_to(std::get<0>(r), t), down_to(std::get<1>(r), t), std::get<2>(r),
-          std::get<3>(r), down_to(std::get<4>(r), t), down_to(std::get<5>(r), t)};
+  return {down(std::get<0>(r), t), down(std::get<1>(r), t), std::get<2>(r),
+          std::get<3>(r), down(std::get<4>(r), t), down(std::get<5>(r), t)};
 }
 
 // fn(std::bool_constant<a>{}, ...) for run-time flags a, b, c: one instantiation

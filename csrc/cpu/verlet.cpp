@@ -488,10 +488,9 @@ T3 verlet_forward(const at::Tensor& y_in, const at::Tensor& z_in, const at::Tens
   check_like(z_in, "z", y_in);
   check_step(step);
   if (in_float32_below(y_in, weight)) {  // tile.h: float32 parameters
-    const auto [oy, oz, s] =
-        verlet_forward(up32(y_in), up32(z_in), weight, bias, step, activation, store);
-    const at::ScalarType t = y_in.scalar_type();
-    return {down_to(oy, t), down_to(oz, t), down_to(s, t)};
+    using rp_detail::down, rp_detail::up;
+    return down(verlet_forward(up(y_in), up(z_in), weight, bias, step, activation, store),
+                y_in.scalar_type());
   }
   const Act act = parse_activation(activation);
   const bool wide16 = wide_bf16(y_in);  // bfloat16 GEMMs: bfloat16 parameters
