@@ -62,12 +62,8 @@ if _ops.compiled() and hasattr(torch.ops.stablenets, "conv_resnet_forward"):
         )
         torch._check(y.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16),
                      lambda: f"y: expected float32, float64, bfloat16 or float16, got {y.dtype}")
-        # float32 parameters of a bfloat16/float16 stack on the CPU (autocast's, kept uncast:
-        # stablenets_ext/autocast.py) are taken too, as by csrc/include/stablenets/checks.h
-        f32_params = (y.dtype in (torch.bfloat16, torch.float16) and y.device.type == "cpu"
-                      and weight.dtype == bias.dtype == torch.float32)
         torch._check(
-            (weight.dtype == y.dtype and bias.dtype == y.dtype) or f32_params,
+            _ops.params_dtype_ok(y, weight, bias),
             lambda: f"weight, bias: expected the dtype of y ({y.dtype}), got {weight.dtype} and {bias.dtype}",
         )
         torch._check(

@@ -139,6 +139,17 @@ def check_activation(activation) -> None:
     )
 
 
+def params_dtype_ok(y, weight, bias) -> bool:
+    """Whether an op takes ``weight`` and ``bias`` with ``y`` by dtype: both of y's dtype,
+    or both float32 with a bfloat16/float16 ``y`` on the CPU (autocast hands the float32
+    parameters over uncast: stablenets_ext/autocast.py), as csrc/include/stablenets/checks.h
+    rules for every op, dense and conv."""
+    if weight.dtype == y.dtype and bias.dtype == y.dtype:
+        return True
+    return (y.dtype in (torch.bfloat16, torch.float16) and y.device.type == "cpu"
+            and weight.dtype == bias.dtype == torch.float32)
+
+
 def _check_float_tensor(t, name):
     require(
         t.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16),
@@ -174,12 +185,8 @@ def _check_stack(y, weight, bias):
     require(bias.dim() == 2, bias_msg)
     require(bias.shape[0] == weight.shape[0], bias_msg)
     require(bias.shape[1] == weight.shape[1], bias_msg)
-    # float32 parameters of a bfloat16/float16 stack on the CPU (autocast's, kept uncast:
-    # stablenets_ext/autocast.py) are taken too, as by csrc/include/stablenets/checks.h
-    f32_params = (y.dtype in (torch.bfloat16, torch.float16) and y.device.type == "cpu"
-                  and weight.dtype == bias.dtype == torch.float32)
     require(
-        (weight.dtype == y.dtype and bias.dtype == y.dtype) or f32_params,
+        params_dtype_ok(y, weight, bias),
         lambda: f"weight, bias: expected the dtype of y ({y.dtype}), got {weight.dtype} and {bias.dtype}",
     )
     require(
