@@ -236,6 +236,9 @@ def main(argv=None):
     args.shape = tuple(int(s) for s in args.shape.split(","))
     args.archs = args.archs.split(",")
     args.rev_layers = [int(n) for n in args.rev_layers.split(",")]
+    for name in ("repeats", "rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name}: expected a positive integer, got {getattr(args, name)}")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device visible")
     if not conv._cops.has_kernel(args.device):
